@@ -1,0 +1,252 @@
+"""One typed configuration for the whole pipeline.
+
+Every command reads the same :class:`Config`: built-in defaults (the reference recipe of
+``METHOD.md``), then an optional YAML file, then repeated ``--set dotted.key=value``
+overrides. Unknown keys are refused with the list of valid ones, values are coerced to the
+declared field type, and the resolved config is written next to every run so that a result
+can always be traced back to the exact settings that produced it.
+
+Components never receive the whole object: each takes the one section it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be applied (message names the key)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Stage-1 network: encoder, optional feature fusion and the classifier head."""
+
+    backbone: str = "resnet50"
+    """torchvision model name (``resnet18``, ``resnet50``, ...) or ``timm:<name>``."""
+    weights: str = "none"
+    """``none``, a torchvision weights name (``IMAGENET1K_V2``; downloads), or a local file."""
+    head: str = "campar"
+    """``campar`` (shared + specific logits) or ``baseline`` (GAP + linear)."""
+    fusion: bool = True
+    """Multi-level channel-attention feature fusion over the last three stages."""
+    fusion_size: tuple[int, int] | None = None
+    """Spatial size of the fused map; ``None`` keeps the deepest level's size."""
+    predict_from: str = "specific"
+    """Logits used for prediction: ``specific`` (reference), ``shared`` or ``mean``."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are decoded and augmented."""
+
+    manifest: str = ""
+    """Parquet manifest (file, directory of shards, or URI)."""
+    image_size: tuple[int, int] = (256, 192)
+    """Network input size as ``[H, W]``."""
+    pad: int = 10
+    """Padding before the random crop (reference augmentation)."""
+    decode_concurrency: int = 1
+    """Ray Data tasks decoding images in parallel."""
+    prefetch_batches: int = 2
+    """Batches prefetched ahead of each training worker."""
+    decode_cpus: float = 0.5
+    """CPUs reserved by each decode task (fractional works on small machines)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage-1 optimisation and Ray Train scaling (reference recipe of the baseline [15])."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    """Per-worker batch size."""
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    scheduler: str = "plateau"
+    """``plateau`` (ReduceLROnPlateau on val mA) or ``cosine``."""
+    grad_clip: float = 10.0
+    loss: str = "bce"
+    """``bce`` or ``weighted_bce`` (positive-rate weighting of [15])."""
+    amp: bool = False
+    """Autocast (bf16 on CPU, fp16 on GPU)."""
+    channels_last: bool = False
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    """Logical CPUs reserved per training worker; fractions leave room for Ray Data."""
+    keep_checkpoints: int = 2
+    """Best-k checkpoints kept, ranked by validation mA."""
+    max_failures: int = 3
+    """Worker failures tolerated; each restart resumes from the latest checkpoint."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where a run's artefacts go."""
+
+    dir: str = "runs/default"
+    """Run directory (local path or URI); Ray's ``storage_path`` lives inside it."""
+
+
+@dataclass(frozen=True)
+class CfarConfig:
+    """Stage 2: implicit-feedback ALS, the attribute-set dictionary and fc2."""
+
+    alpha: float = 10.0
+    """Confidence slope: ``c = 1 + alpha * r``."""
+    lam: float = 0.1
+    """L2 regularisation of both factor matrices."""
+    factors: int = 16
+    """Latent dimension D."""
+    keys: int = 32
+    """Dictionary size K (k-means clusters on training ``r``)."""
+    threshold: float = 0.5
+    """p_t: ``p = 1[r >= p_t]``."""
+    lookup: str = "dictionary"
+    """``dictionary`` (nearest key) or ``fold-in`` (exact least-squares factor)."""
+    actors: int = 2
+    """Ray actors sharing the rows of ``r``."""
+    solver: str = "ray"
+    """``ray`` (sharded actors), ``local`` (NumPy) or ``implicit`` (reference library)."""
+    iterations: int = 15
+    tol: float = 1e-6
+    """Early stop when the relative objective change falls below this."""
+    fc2_lr: float = 1e-2
+    fc2_epochs: int = 200
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved configuration of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+    cfar: CfarConfig = field(default_factory=CfarConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def override(self, values: dict[str, Any]) -> Config:
+        """A copy with ``values`` (nested or dotted keys) applied and type-checked."""
+        return _apply(self, _flatten(values))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` override strings."""
+    config = Config()
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+        config = config.override(loaded)
+    return config.override(parse_overrides(overrides or []))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-3", "model.fusion=false"]`` -> dotted dict, values parsed as YAML."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return parsed
+
+
+def config_keys() -> list[str]:
+    """Every valid dotted key, in declaration order."""
+    return list(_leaf_types(Config))
+
+
+def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            keys.update(_leaf_types(kind, f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{f.name}"] = kind
+    return keys
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _apply(config: Config, flat: dict[str, Any]) -> Config:
+    types_by_key = _leaf_types(Config)
+    for key, value in flat.items():
+        if key not in types_by_key:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(types_by_key)}")
+        config = _replace_path(config, key.split("."), _coerce(key, value, types_by_key[key]))
+    return config
+
+
+def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
+    head, *rest = path
+    new_value = _replace_path(getattr(obj, head), rest, value) if rest else value
+    return dataclasses.replace(obj, **{head: new_value})
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Convert a YAML value to the declared type, or explain why it cannot be."""
+    options = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None and type(None) in options:
+            return None
+        (kind,) = [option for option in options if option is not type(None)]
+        options = typing.get_args(kind)
+    try:
+        if typing.get_origin(kind) is tuple:
+            if not isinstance(value, list | tuple) or len(value) != len(options):
+                raise TypeError(f"expected a list of {len(options)} values")
+            return tuple(_coerce(key, v, t) for v, t in zip(value, options, strict=True))
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError("expected true or false")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise TypeError("expected an integer")
+        if kind in (int, float) and isinstance(value, bool):
+            raise TypeError(f"expected a {kind.__name__}")
+        if kind is str and value is None:
+            return "none"
+        return kind(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"bad value {value!r} for {key}: {error}") from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
