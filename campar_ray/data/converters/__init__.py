@@ -1,0 +1,183 @@
+"""``prepare``: turn a raw dataset layout into a validated manifest, one registry of formats.
+
+Each format is a converter function plus the keyword options it takes, described by
+:class:`Option` (name, default, help, string parser) so the CLI can expose them as flags:
+
+========== ===================================================== ============================
+format     raw layout under ``root``                             options
+========== ===================================================== ============================
+pa100k     ``annotation.mat``, ``data/``                         (none; official split)
+rap1       ``RAP_annotation.mat``, ``RAP_dataset/``              partition, val_fraction,
+                                                                 uncertain
+rap2       ``RAP_annotation.mat``, ``RAP_dataset/``              partition, uncertain
+peta       ``PETA dataset/<subset>/archive/`` + ``Label.txt``    ratios, strict
+folder     images + a CSV ``image,<attr>,...``                   csv, ratios,
+                                                                 eval_attributes, name
+synthetic  (written here) ``images/``                            n, size, ratios
+========== ===================================================== ============================
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.compute as pc
+
+from campar_ray import storage
+from campar_ray.data.converters import folder, pa100k, peta, rap, synthetic
+from campar_ray.data.converters.common import Converted, DatasetError, Option
+from campar_ray.data.manifest import SPLITS, rebase_images, write_manifest
+from campar_ray.data.pack import pack_table
+from campar_ray.data.verify import VerifyReport, verify_manifest
+
+__all__ = [
+    "FORMATS",
+    "Converted",
+    "DatasetError",
+    "Format",
+    "Option",
+    "PrepareReport",
+    "get_format",
+    "prepare",
+    "resolve_options",
+]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A raw dataset layout: its converter and the options that converter takes."""
+
+    name: str
+    help: str
+    convert: Callable[..., Converted]
+    """``convert(root, seed, **options)`` with every option given."""
+    options: tuple[Option, ...] = ()
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("pa100k", "PA100K: annotation.mat and data/", pa100k.convert, pa100k.OPTIONS),
+        Format(
+            "rap1", "RAPv1: RAP_annotation.mat and RAP_dataset/", rap.convert_rap1, rap.RAP1_OPTIONS
+        ),
+        Format(
+            "rap2", "RAPv2: RAP_annotation.mat and RAP_dataset/", rap.convert_rap2, rap.RAP2_OPTIONS
+        ),
+        Format(
+            "peta",
+            "PETA: PETA dataset/<subset>/archive/ with Label.txt",
+            peta.convert,
+            peta.OPTIONS,
+        ),
+        Format(
+            "folder", "a folder of images plus a CSV of 0/1 labels", folder.convert, folder.OPTIONS
+        ),
+        Format(
+            "synthetic",
+            "procedural pedestrians, generated into root (default: the manifest's folder)",
+            synthetic.convert,
+            synthetic.OPTIONS,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """What ``prepare`` wrote, and everything it left out."""
+
+    path: str
+    dataset: str
+    rows: int
+    splits: dict[str, int]
+    attributes: int
+    eval_attributes: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    packed: bool = False
+    verify: VerifyReport | None = None
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{split} {self.splits.get(split, 0)}" for split in SPLITS)
+        lines = [
+            f"wrote {self.path}: {self.dataset}, {self.rows} images ({counts}), "
+            f"{self.attributes} attributes ({self.eval_attributes} evaluated)"
+            + (", images packed" if self.packed else "")
+        ]
+        lines += [f"  dropped: {reason}: {count}" for reason, count in self.dropped.items()]
+        if self.verify is not None:
+            lines.append(self.verify.summary())
+        return "\n".join(lines)
+
+
+def get_format(name: str) -> Format:
+    if name not in FORMATS:
+        raise ValueError(f"unknown dataset format {name!r}; valid formats: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def resolve_options(spec: Format, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of ``spec``: given ones (strings parsed), the rest at their defaults."""
+    valid = {option.name: option for option in spec.options}
+    unknown = [name for name in options if name not in valid]
+    if unknown:
+        raise ValueError(
+            f"format {spec.name!r} has no option {unknown[0]!r}; "
+            f"valid options: {', '.join(valid) or 'none'}"
+        )
+    resolved = {}
+    for name, option in valid.items():
+        value = options.get(name, option.default)
+        resolved[name] = option.parse(value) if isinstance(value, str) else value
+    return resolved
+
+
+def prepare(
+    fmt: str,
+    root: str,
+    out: str,
+    seed: int = 0,
+    *,
+    pack: bool = False,
+    verify: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> PrepareReport:
+    """Convert the dataset at ``root`` in format ``fmt`` into the manifest file ``out``.
+
+    An empty ``root`` means the folder of ``out`` (where ``synthetic`` then writes its images).
+
+    ``options`` are the format's own (see ``FORMATS[fmt].options``); the seed drives any
+    split the format does not fix. ``pack`` stores the encoded images in the manifest;
+    ``verify`` then decodes every image (``progress(done, total)`` reports on it).
+    """
+    spec = get_format(fmt)
+    resolved = resolve_options(spec, options)
+    if not storage.is_uri(out):
+        out = os.path.abspath(out)
+    folder_of_out = posixpath.dirname(out) if storage.is_uri(out) else os.path.dirname(out)
+    if not root:
+        root = folder_of_out
+    elif not storage.is_uri(root):
+        root = os.path.abspath(root)
+    converted = spec.convert(root, seed, **resolved)
+    table = rebase_images(converted.table, root, folder_of_out)
+    if pack:
+        table = pack_table(table, folder_of_out)
+    write_manifest(out, table, converted.info)
+    counts = pc.value_counts(table.column("split")).to_pylist()
+    return PrepareReport(
+        path=out,
+        dataset=converted.info.dataset,
+        rows=table.num_rows,
+        splits={item["values"]: item["counts"] for item in counts},
+        attributes=len(converted.info.attributes),
+        eval_attributes=len(converted.info.eval_attributes),
+        dropped=dict(converted.dropped),
+        packed=pack,
+        verify=verify_manifest(out, progress) if verify else None,
+    )

@@ -1,0 +1,83 @@
+"""The typed configuration: defaults, YAML, overrides, refusal of unknown keys."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from campar_ray.config import Config, ConfigError, config_keys, load_config
+
+ARCHITECTURE_KEYS = [
+    "model.backbone",
+    "model.weights",
+    "model.head",
+    "model.fusion",
+    "data.manifest",
+    "data.image_size",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "train.num_workers",
+    "train.use_gpu",
+    "run.dir",
+    "cfar.alpha",
+    "cfar.lam",
+    "cfar.factors",
+    "cfar.keys",
+    "cfar.threshold",
+    "cfar.lookup",
+    "cfar.actors",
+    "seed",
+]
+
+
+def test_every_documented_key_exists():
+    assert set(ARCHITECTURE_KEYS) <= set(config_keys())
+
+
+def test_defaults_are_the_reference_recipe():
+    config = Config()
+    assert config.model.backbone == "resnet50"
+    assert config.data.image_size == (256, 192)
+    assert (config.train.lr, config.train.weight_decay, config.train.batch_size) == (1e-4, 5e-4, 64)
+    assert config.train.epochs == 30
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 0.01, "epochs": 3}, "seed": 7}))
+    config = load_config(path, ["train.lr=0.5", "data.image_size=[64, 32]", "model.fusion=false"])
+    assert config.train.lr == 0.5
+    assert config.train.epochs == 3
+    assert config.seed == 7
+    assert config.data.image_size == (64, 32)
+    assert config.model.fusion is False
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    config = load_config(None, ["cfar.keys=5", "model.fusion_size=[8, 4]", "run.dir=/tmp/x"])
+    config.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_unknown_key_names_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'.*train\.lr"):
+        load_config(None, ["train.lrr=1"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.epochs=1.5", "model.fusion=3", "data.image_size=[1]", "train.lr=fast", "novalue"],
+)
+def test_bad_values_are_refused_with_the_key(override):
+    with pytest.raises(ConfigError):
+        load_config(None, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
