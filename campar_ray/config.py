@@ -41,6 +41,8 @@ class ModelConfig:
     """Spatial size of the fused map; ``None`` keeps the deepest level's size."""
     predict_from: str = "specific"
     """Logits used for prediction: ``specific`` (reference), ``shared`` or ``mean``."""
+    prior_bias: bool = True
+    """Start the classifier bias at logit(positive rate) (see ``init_bias_from_prior``)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,55 @@
+"""Stage-1 model: encoders with three taps, feature fusion, CAM-PAR/baseline heads, losses."""
+
+from campar_ray.model.angles import feature_weight_angles
+from campar_ray.model.backbone import (
+    Backbone,
+    WeightsError,
+    build_backbone,
+    load_weights,
+    read_state_dict,
+    torchvision_backbones,
+)
+from campar_ray.model.campar import (
+    HEADS,
+    PREDICT_FROM,
+    BaselineHead,
+    CamParHead,
+    ParModel,
+    ParOutput,
+    build_model,
+    class_activation_maps,
+    prediction_logits,
+)
+from campar_ray.model.fusion import MultiLevelFusion
+from campar_ray.model.losses import (
+    attribute_weights,
+    bce,
+    init_bias_from_prior,
+    positive_ratio,
+    stage1_loss,
+)
+
+__all__ = [
+    "HEADS",
+    "PREDICT_FROM",
+    "Backbone",
+    "BaselineHead",
+    "CamParHead",
+    "MultiLevelFusion",
+    "ParModel",
+    "ParOutput",
+    "WeightsError",
+    "attribute_weights",
+    "bce",
+    "build_backbone",
+    "build_model",
+    "class_activation_maps",
+    "feature_weight_angles",
+    "init_bias_from_prior",
+    "load_weights",
+    "positive_ratio",
+    "prediction_logits",
+    "read_state_dict",
+    "stage1_loss",
+    "torchvision_backbones",
+]

@@ -1,0 +1,1 @@
+"""Benchmark scripts; each writes ``bench/results/<script>.json`` through :mod:`bench.common`."""

@@ -1,0 +1,139 @@
+"""Stage-1 logits of every image by distributed batch inference (Ray Data, actor pool).
+
+One pass over the whole manifest: the same decode + resize as validation, then a fixed pool
+of actors that each load the checkpoint once and score batches. The driver only receives the
+logits (two ``M``-wide float rows per image, never pixels) and writes one logits file per
+split in manifest order.
+
+Images that cannot be decoded get no logits row: they are left out of the file, and listed
+(by manifest image reference) in the returned ``skipped`` mapping and in
+``<run.dir>/logits/skipped.json``, so every row of a logits file is a real prediction and
+the row count equals the number of decodable images.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from ray.data import ActorPoolStrategy
+
+from campar_ray import storage
+from campar_ray.config import DataConfig, TrainConfig
+from campar_ray.data.manifest import SPLITS, ManifestInfo, labels_matrix
+from campar_ray.data.ray_pipeline import build_dataset
+from campar_ray.data.transforms import normalize
+from campar_ray.train.logits import SplitLogits, logits_path, write_split_logits
+from campar_ray.train.loop import autocast
+
+
+class LogitsPredictor:
+    """A Ray Data actor: loads the checkpoint once, then turns decoded batches into logits."""
+
+    def __init__(self, checkpoint: str, *, use_gpu: bool, amp: bool, channels_last: bool):
+        from campar_ray.train.stage1 import load_stage1_checkpoint
+
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        model, _ = load_stage1_checkpoint(checkpoint)
+        self.model = model.to(self.device)
+        self.amp = amp
+        self.channels_last = channels_last
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        valid = np.asarray(batch["valid"], dtype=bool)
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"][valid])).to(self.device)
+        with torch.inference_mode(), autocast(self.device, self.amp):
+            output = self.model(normalize(images, channels_last=self.channels_last))
+        out = {"row": batch["row"], "valid": valid, "l_shared": self._scatter(output.shared, valid)}
+        if output.specific is not None:
+            out["l_specific"] = self._scatter(output.specific, valid)
+        return out
+
+    @staticmethod
+    def _scatter(logits: torch.Tensor, valid: np.ndarray) -> np.ndarray:
+        """Logits back on the batch's rows; NaN rows for images that could not be decoded."""
+        full = np.full((len(valid), logits.shape[1]), np.nan, dtype=np.float32)
+        full[valid] = logits.float().cpu().numpy()
+        return full
+
+
+def write_logits(
+    checkpoint: str,
+    table: pa.Table,
+    info: ManifestInfo,
+    run_dir: str,
+    data: DataConfig,
+    train: TrainConfig,
+    progress: bool = True,
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Score every manifest image with ``checkpoint``; write ``<run_dir>/logits/<split>.parquet``.
+
+    Returns the path of each split's file and the images each split left out. Decoding
+    follows ``data`` (as in validation); scoring uses ``train.num_workers`` actors with the
+    training workers' CPUs (and a GPU each when ``train.use_gpu``), ``train.batch_size``
+    images per call.
+    """
+    scored = build_dataset(table, info, None, data, train=False).map_batches(
+        LogitsPredictor,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "use_gpu": train.use_gpu,
+            "amp": train.amp,
+            "channels_last": train.channels_last,
+        },
+        batch_size=train.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=train.num_workers),
+        num_cpus=train.cpus_per_worker,
+        num_gpus=1 if train.use_gpu else 0,
+    )
+    columns = _collect(scored, table.num_rows)
+    labels = labels_matrix(table)
+    images = np.asarray(table.column("image").to_pylist(), dtype=object)
+    paths: dict[str, str] = {}
+    skipped: dict[str, list[str]] = {}
+    for split in SPLITS:
+        in_split = np.asarray(pc.equal(table.column("split"), split).to_numpy(zero_copy_only=False))
+        keep = in_split & columns["valid"]
+        skipped[split] = images[in_split & ~columns["valid"]].tolist()
+        paths[split] = logits_path(run_dir, split)
+        write_split_logits(
+            paths[split],
+            SplitLogits(
+                images=images[keep].tolist(),
+                labels=labels[keep],
+                shared=columns["l_shared"][keep],
+                specific=columns["l_specific"][keep] if "l_specific" in columns else None,
+                attributes=info.attributes,
+                eval_attributes=info.eval_attributes,
+            ),
+        )
+        if progress:
+            print(
+                f"[stage1] logits {split}: {int(keep.sum())} images -> {paths[split]}"
+                + (f" ({len(skipped[split])} undecodable left out)" if skipped[split] else ""),
+                flush=True,
+            )
+    storage.write_bytes(
+        storage.join(run_dir, "logits", "skipped.json"),
+        json.dumps(skipped, indent=1).encode(),
+    )
+    return paths, skipped
+
+
+def _collect(scored: Any, rows: int) -> dict[str, np.ndarray]:
+    """Stream the scored batches into manifest-ordered arrays (``valid`` False if unscored)."""
+    columns: dict[str, np.ndarray] = {"valid": np.zeros(rows, dtype=bool)}
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        index = batch["row"]
+        columns["valid"][index] = batch["valid"]
+        for name in ("l_shared", "l_specific"):
+            if name in batch:
+                if name not in columns:
+                    columns[name] = np.full((rows, batch[name].shape[1]), np.nan, np.float32)
+                columns[name][index] = batch[name]
+    return columns

@@ -1,0 +1,227 @@
+"""Stage-1 optimisation in plain PyTorch: the part of training that knows nothing of Ray.
+
+``train_one_epoch`` and ``evaluate`` take any iterable of batches (a Ray Data shard in the
+Ray Train worker, a list of dicts in the unit tests), any ``nn.Module`` and the loss and
+logits functions as callables, in the shape of torchvision's reference ``train.py``.
+
+A batch is a mapping with ``image`` (uint8 ``N x H x W x 3``), ``labels`` (``N x M``) and
+``valid`` (``N`` bools: False where the image could not be decoded). Rows that are not valid
+are dropped here and counted, so a corrupt image costs one row of one batch, never the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from campar_ray.data.transforms import normalize
+from campar_ray.metrics import par_metrics, summary
+
+Batch = Mapping[str, torch.Tensor]
+SCHEDULERS = ("plateau", "cosine")
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one worker saw during one training epoch."""
+
+    loss_sum: float
+    """Sum over images of the per-image loss (batch mean x batch size)."""
+    images: int
+    steps: int
+    seconds: float
+    data_seconds: float
+    """Time spent waiting for the next batch."""
+    skipped: int
+    """Rows dropped because their image could not be decoded."""
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.images, 1)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+    @property
+    def data_wait_fraction(self) -> float:
+        return self.data_seconds / max(self.seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Labels and probabilities of every valid image one worker evaluated."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    skipped: int
+
+
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam with L2 weight decay, the reference recipe's optimiser."""
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, name: str, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """``plateau``: cut the rate by 10x when validation mA stalls; ``cosine``: anneal to 0."""
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=4)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
+
+
+def step_scheduler(
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
+    val_ma: float,
+) -> None:
+    """Advance one epoch; the plateau scheduler watches validation mA."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_ma)
+    else:
+        scheduler.step()
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU (no scaler needed), fp16 on GPU (paired with a GradScaler)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def make_grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """A loss scaler that is active only for fp16 autocast (GPU); a no-op otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+
+
+def prepare_batch(
+    batch: Batch, device: torch.device, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Drop undecodable rows, normalise the images: ``(x, float targets, rows skipped)``."""
+    valid = batch["valid"].to(torch.bool)
+    images = batch["image"][valid.to(batch["image"].device)].to(device, non_blocking=True)
+    labels = batch["labels"][valid.to(batch["labels"].device)].to(device, non_blocking=True)
+    skipped = int(valid.numel() - valid.sum())
+    return normalize(images, channels_last=channels_last), labels.float(), skipped
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[object, torch.Tensor], torch.Tensor],
+    *,
+    device: torch.device,
+    grad_clip: float = 0.0,
+    amp: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+) -> EpochStats:
+    """One pass over ``batches``: forward, ``loss_fn(output, targets)``, backward, clip, step.
+
+    A batch left empty by undecodable images is skipped. Under DDP that leaves this rank one
+    step short of the others, which ``DistributedDataParallel.join`` absorbs (the uneven-
+    inputs protocol) instead of hanging in the gradient all-reduce.
+    """
+    model.train()
+    scaler = scaler or make_grad_scaler(device, amp=False)
+    loss_sum, images, steps, skipped, data_seconds = 0.0, 0, 0, 0, 0.0
+    join = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    start = time.perf_counter()
+    with join:
+        iterator = iter(batches)
+        while True:
+            fetch_start = time.perf_counter()
+            batch = next(iterator, None)
+            data_seconds += time.perf_counter() - fetch_start
+            if batch is None:
+                break
+            x, y, dropped = prepare_batch(batch, device, channels_last)
+            skipped += dropped
+            if len(x) == 0:
+                continue
+            with autocast(device, amp):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {steps + 1}")
+            loss_sum += value * len(x)
+            images += len(x)
+            steps += 1
+    return EpochStats(
+        loss_sum=loss_sum,
+        images=images,
+        steps=steps,
+        seconds=time.perf_counter() - start,
+        data_seconds=data_seconds,
+        skipped=skipped,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    logits_fn: Callable[[object], torch.Tensor],
+    *,
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> Predictions:
+    """Sigmoid of ``logits_fn(model(x))`` for every valid image, with its labels.
+
+    Pass the unwrapped module under DDP: evaluation shards may differ in length across
+    ranks, and a plain module issues no collective that could wait for a finished rank.
+    """
+    model.eval()
+    labels, probs, skipped = [], [], 0
+    for batch in batches:
+        x, y, dropped = prepare_batch(batch, device, channels_last)
+        skipped += dropped
+        if len(x) == 0:
+            continue
+        with autocast(device, amp):
+            logits = logits_fn(model(x))
+        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        labels.append(y.cpu().numpy().astype(np.int8))
+    if not probs:
+        return Predictions(np.zeros((0, 0), np.int8), np.zeros((0, 0), np.float32), skipped)
+    return Predictions(np.concatenate(labels), np.concatenate(probs), skipped)
+
+
+def merge_predictions(parts: Iterable[Predictions]) -> Predictions:
+    """One ``Predictions`` from every worker's share (shares without images are skipped)."""
+    parts = list(parts)
+    filled = [part for part in parts if len(part.probs)]
+    if not filled:
+        raise ValueError("no decodable validation image on any worker; cannot compute metrics")
+    return Predictions(
+        labels=np.concatenate([part.labels for part in filled]),
+        probs=np.concatenate([part.probs for part in filled]),
+        skipped=sum(part.skipped for part in parts),
+    )
+
+
+def validation_metrics(
+    labels: np.ndarray, probs: np.ndarray, eval_indices: np.ndarray | list[int]
+) -> dict[str, float]:
+    """``val_mA``, ``val_accuracy``, ... on the evaluated attributes at threshold 0.5."""
+    columns = np.asarray(eval_indices)
+    metrics = summary(par_metrics(labels[:, columns], probs[:, columns]))
+    return {f"val_{key}": value for key, value in metrics.items()}

@@ -1,0 +1,355 @@
+"""Stage-1 model: CAM-PAR identity, heads, fusion, backbones, weights, precision modes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from campar_ray.config import ModelConfig
+from campar_ray.model import (
+    BaselineHead,
+    CamParHead,
+    MultiLevelFusion,
+    ParOutput,
+    WeightsError,
+    build_model,
+    class_activation_maps,
+    feature_weight_angles,
+    prediction_logits,
+    stage1_loss,
+)
+
+M = 5
+SMALL = ModelConfig(backbone="resnet18", head="campar", fusion=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(head: str = "campar", fusion: bool = False, **changes) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(SMALL, head=head, fusion=fusion, **changes)
+    return build_model(cfg, M)
+
+
+def _grads(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+
+# --- CAM-PAR head: the cheap identity against eq. 11-12 as written --------------------------
+
+
+@pytest.mark.parametrize(
+    ("b", "c", "h", "w", "m"), [(2, 8, 4, 3, 5), (3, 16, 7, 5, 2), (1, 4, 1, 1, 3)]
+)
+def test_cheap_and_literal_specific_logits_and_gradients_agree(b, c, h, w, m):
+    torch.manual_seed(0)
+    cheap = CamParHead(c, m)
+    literal = CamParHead(c, m, literal=True)
+    literal.load_state_dict(cheap.state_dict())
+    f = torch.randn(b, c, h, w)
+    f_cheap, f_literal = f.clone().requires_grad_(), f.clone().requires_grad_()
+    out_cheap, out_literal = cheap(f_cheap), literal(f_literal)
+    assert (out_cheap.specific - out_literal.specific).abs().max() <= 1e-5
+    assert torch.equal(out_cheap.shared, out_literal.shared)
+    (out_cheap.specific.sin().sum()).backward()
+    (out_literal.specific.sin().sum()).backward()
+    assert (f_cheap.grad - f_literal.grad).abs().max() <= 1e-5
+    for g_cheap, g_literal in zip(_grads(cheap), _grads(literal), strict=True):
+        assert (g_cheap - g_literal).abs().max() <= 1e-5
+
+
+def test_literal_form_is_eq_11_12_and_shared_is_gap_linear():
+    torch.manual_seed(1)
+    head = CamParHead(6, 3)
+    f = torch.randn(2, 6, 3, 4)
+    out = head(f, return_cams=True)
+    weight, bias = head.classifier.weight.flatten(1), head.classifier.bias
+    for i in range(2):
+        for j in range(3):
+            disentangled = out.cams[i, j] * f[i]  # eq. 11: C x H x W
+            logit = weight[j] @ disentangled.mean((1, 2)) + bias[j]  # eq. 12
+            assert abs(out.specific[i, j] - logit) <= 1e-5
+    assert torch.allclose(out.shared, F.linear(f.mean((2, 3)), weight, bias), atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", [False, True])
+def test_cheap_and_literal_agree_inside_the_full_model(fusion):
+    model = _model(fusion=fusion, fusion_size=(4, 2) if fusion else None).eval()
+    x = torch.randn(2, 3, 64, 32)
+    outputs, grads = [], []
+    for literal in (False, True):
+        model.head.literal = literal
+        model.zero_grad()
+        out = model(x)
+        (out.specific.sum() + out.shared.sum()).backward()
+        outputs.append(out.specific.detach())
+        grads.append(_grads(model))
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-5
+    for g_cheap, g_literal in zip(*grads, strict=True):
+        torch.testing.assert_close(g_cheap, g_literal, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("literal", [False, True])
+@pytest.mark.parametrize("sign", [-1.0, 0.0])
+def test_all_negative_or_zero_activations_give_zero_cams_and_no_nan(literal, sign):
+    head = CamParHead(4, 3, literal=literal)
+    with torch.no_grad():
+        head.classifier.weight.fill_(sign)
+        head.classifier.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    f = torch.rand(2, 4, 3, 3).requires_grad_()  # non-negative, so A = sign * sum(f) <= 0
+    out = head(f, return_cams=True)
+    assert torch.equal(out.cams, torch.zeros_like(out.cams))
+    assert torch.equal(out.specific, head.classifier.bias.expand(2, 3))
+    (out.specific.sum() + out.shared.sum()).backward()
+    assert all(torch.isfinite(g).all() for g in [f.grad, *_grads(head)])
+
+
+def test_cams_are_normalised_to_one_at_their_peak():
+    cams = class_activation_maps(torch.randn(3, 4, 5, 6) + 0.5)
+    assert cams.min() >= 0
+    assert torch.allclose(cams.amax((2, 3)), torch.ones(3, 4), atol=1e-5)
+
+
+def test_specific_logits_never_fall_below_the_bias():
+    head = CamParHead(8, 4)
+    out = head(torch.randn(16, 8, 3, 2))
+    assert (out.specific >= head.classifier.bias - 1e-7).all()
+
+
+# --- Heads, fusion, prediction -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "fusion"),
+    [("baseline", False), ("baseline", True), ("campar", False), ("campar", True)],
+)
+def test_each_ablation_row_overfits_a_fixed_batch(head, fusion):
+    model = _model(head=head, fusion=fusion)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 32, 16, generator=generator)
+    y = (torch.rand(4, M, generator=generator) > 0.5).float()
+    bias = model.head.classifier.bias
+    others = [p for p in model.parameters() if p is not bias]
+    # CAM-PAR's specific logits of negatives cannot go below the bias (l_specific >= b), so
+    # the bias must travel a few units, which Adam at 1e-3 cannot do in 15 steps: a larger
+    # bias step stands in for the many steps of real training.
+    optimizer = torch.optim.Adam([{"params": others}, {"params": [bias], "lr": 0.3}], lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = stage1_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] <= losses[0] / 10, losses
+
+
+def test_baseline_head_gives_shared_logits_only_and_optional_cams():
+    model = _model(head="baseline")
+    out = model(torch.randn(2, 3, 64, 32), return_cams=True)
+    assert isinstance(model.head, BaselineHead)
+    assert out.specific is None
+    assert out.shared.shape == (2, M)
+    assert out.cams.shape == (2, M, 2, 1)
+    assert model(torch.randn(2, 3, 64, 32)).cams is None
+
+
+def test_fusion_keeps_the_deepest_width_and_the_requested_size():
+    fusion = MultiLevelFusion((8, 16, 32))
+    levels = [torch.randn(2, 8, 16, 12), torch.randn(2, 16, 8, 6), torch.randn(2, 32, 4, 3)]
+    assert fusion(levels).shape == (2, 32, 4, 3)
+    for size in [(8, 6), (2, 2), (6, 2)]:
+        assert MultiLevelFusion((8, 16, 32), size=size)(levels).shape == (2, 32, *size)
+
+
+def test_fused_map_keeps_unit_scale_at_initialisation():
+    torch.manual_seed(0)
+    fusion = MultiLevelFusion((64, 128, 256))
+    levels = [torch.rand(8, 64, 16, 12) * 5, torch.rand(8, 128, 8, 6) * 5, torch.rand(8, 256, 4, 3)]
+    second_moment = fusion(levels).pow(2).mean().item()
+    assert 0.3 < second_moment < 3.0
+
+
+def test_model_features_come_from_fusion_when_enabled():
+    plain, fused = _model(fusion=False), _model(fusion=True, fusion_size=(4, 2))
+    x = torch.randn(2, 3, 64, 32)
+    assert plain.fusion is None and plain.features(x).shape == (2, 512, 2, 1)
+    assert isinstance(fused.fusion, MultiLevelFusion) and fused.features(x).shape == (2, 512, 4, 2)
+
+
+def test_prediction_logits_choice():
+    shared, specific = torch.tensor([[1.0, -2.0]]), torch.tensor([[3.0, 0.0]])
+    out = ParOutput(shared, specific, None)
+    assert torch.equal(prediction_logits(out, "specific"), specific)
+    assert torch.equal(prediction_logits(out, "shared"), shared)
+    assert torch.equal(prediction_logits(out, "mean"), torch.tensor([[2.0, -1.0]]))
+    baseline = ParOutput(shared, None, None)
+    assert all(torch.equal(prediction_logits(baseline, p), shared) for p in ("specific", "mean"))
+    with pytest.raises(ValueError, match="valid: specific, shared, mean"):
+        prediction_logits(out, "max")
+
+
+def test_channels_last_and_bf16_autocast_match_fp32():
+    model = _model(fusion=True).eval()
+    x = torch.randn(2, 3, 64, 32)
+    y = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 1, 0, 1]])
+    reference = model(x)
+    model = model.to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x.contiguous(memory_format=torch.channels_last))
+        loss = stage1_loss(out, y)
+    assert torch.isfinite(loss)
+    for ref, low in [(reference.shared, out.shared), (reference.specific, out.specific)]:
+        assert low.dtype == torch.float32
+        assert (low - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-3
+    loss.backward()
+    assert all(torch.isfinite(g).all() for g in _grads(model))
+
+
+# --- Angles (paper Fig. 7) ---------------------------------------------------------------
+
+
+def _angles_by_hand(vectors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    cosine = (vectors * weight).sum(-1) / (vectors.norm(dim=-1) * weight.norm(dim=-1))
+    return torch.rad2deg(torch.arccos(cosine.clamp(-1, 1)))
+
+
+@pytest.mark.parametrize("head", ["baseline", "campar"])
+def test_feature_weight_angles_cover_positive_pairs_and_match_definition(head):
+    model = _model(head=head)
+    x = torch.randn(3, 3, 64, 32)
+    labels = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    angles = feature_weight_angles(model, x, labels)
+    assert angles.shape == (7,)
+    assert model.training  # mode restored
+    with torch.no_grad():
+        model.eval()
+        f = model.features(x)
+        weight = model.head.classifier.weight.flatten(1)
+        if head == "campar":
+            cams = model(x, return_cams=True).cams
+            vectors = (cams.unsqueeze(2) * f.unsqueeze(1)).mean((3, 4))  # eq. 11 + GAP
+        else:
+            vectors = f.mean((2, 3)).unsqueeze(1).expand(-1, M, -1)
+        expected = _angles_by_hand(vectors, weight)[labels > 0].numpy()
+    np.testing.assert_allclose(angles, expected, atol=1e-3)
+
+
+# --- Backbones and weights ---------------------------------------------------------------
+
+
+def test_convnext_widths_are_read_from_the_network():
+    model = build_model(ModelConfig(backbone="convnext_tiny", head="campar", fusion=True), M)
+    assert model.backbone.channels == (192, 384, 768)
+    out = model(torch.randn(1, 3, 64, 32))
+    assert out.specific.shape == (1, M)
+
+
+def test_timm_backbone_widths_come_from_feature_info():
+    timm = pytest.importorskip("timm")
+    model = build_model(ModelConfig(backbone="timm:test_resnet", head="campar", fusion=True), M)
+    info = timm.create_model("test_resnet", features_only=True, out_indices=(-3, -2, -1))
+    assert model.backbone.channels == tuple(info.feature_info.channels())
+    assert model.head.classifier.in_channels == model.backbone.channels[-1]
+    assert model(torch.randn(2, 3, 64, 32)).specific.shape == (2, M)
+
+
+def test_timm_model_without_spatial_features_is_refused(monkeypatch):
+    timm = pytest.importorskip("timm")
+    real = timm.create_model
+
+    def flat_features(*args, **kwargs):
+        body = real(*args, **kwargs)
+        forward = body.forward
+        body.forward = lambda x: [level.mean((2, 3)) for level in forward(x)]
+        return body
+
+    monkeypatch.setattr(timm, "create_model", flat_features)
+    with pytest.raises(ValueError, match="needs spatial features"):
+        build_model(ModelConfig(backbone="timm:test_resnet"), M)
+
+
+def test_unknown_timm_model_error_names_it():
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="no_such_net"):
+        build_model(ModelConfig(backbone="timm:no_such_net"), M)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"backbone": "resnet5"}, r"unknown backbone 'resnet5'; valid: .*convnext_tiny.*resnet50"),
+        ({"backbone": "vgg11"}, r"'vgg11' \(VGG\) has no stage taps.*valid: .*resnet18"),
+        ({"head": "transformer"}, "unknown model.head 'transformer'; valid: campar, baseline"),
+        ({"predict_from": "max"}, "valid: specific, shared, mean"),
+        ({"fusion": False, "fusion_size": (4, 2)}, "needs model.fusion=true"),
+        ({"weights": "IMAGENET1K_V9"}, "IMAGENET1K_V1, DEFAULT"),
+    ],
+)
+def test_bad_model_config_errors_list_valid_options(changes, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(dataclasses.replace(SMALL, **changes), M)
+
+
+def _saved(tmp_path, payload, name="weights.pt") -> str:
+    path = tmp_path / name
+    torch.save(payload, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+def test_local_weights_file_round_trip(tmp_path, wrap):
+    torch.manual_seed(3)
+    source = torchvision.models.resnet18().state_dict()  # includes fc.*, which is ignored
+    path = _saved(tmp_path, source if wrap is None else {wrap: source, "epoch": 3})
+    model = build_model(dataclasses.replace(SMALL, weights=path), M)
+    loaded = model.backbone.state_dict()
+    assert set(loaded) == {key for key in source if not key.startswith("fc.")}
+    assert all(torch.equal(loaded[key], source[key]) for key in loaded)
+
+
+def test_weights_of_another_architecture_are_refused_with_the_keys(tmp_path):
+    path = _saved(tmp_path, torchvision.models.resnet34().state_dict())
+    with pytest.raises(WeightsError, match=r"unexpected key\(s\): layer1\.2\.conv1\.weight"):
+        build_model(dataclasses.replace(SMALL, weights=path), M)
+
+
+def test_weights_with_wrong_shapes_or_missing_keys_are_refused(tmp_path):
+    state = torchvision.models.resnet18().state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    del state["layer4.1.bn2.running_var"]
+    path = _saved(tmp_path, state)
+    with pytest.raises(WeightsError) as error:
+        build_model(dataclasses.replace(SMALL, weights=path), M)
+    assert "layer1.0.conv1.weight (64, 64, 1, 1) vs (64, 64, 3, 3)" in str(error.value)
+    assert "1 missing key(s): layer4.1.bn2.running_var" in str(error.value)
+
+
+def test_weights_file_matching_nothing_is_an_error(tmp_path):
+    path = _saved(tmp_path, {"encoder.conv.weight": torch.zeros(3), "fc.weight": torch.zeros(2)})
+    with pytest.raises(WeightsError, match=r"matches none of the .* backbone keys"):
+        build_model(dataclasses.replace(SMALL, weights=path), M)
+
+
+def test_weights_file_without_a_state_dict_is_an_error(tmp_path):
+    path = _saved(tmp_path, {"epoch": 3, "lr": 0.1})
+    with pytest.raises(WeightsError, match="holds no state dict"):
+        build_model(dataclasses.replace(SMALL, weights=path), M)
+
+
+def test_unreadable_weights_file_is_an_error(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read weights file"):
+        build_model(dataclasses.replace(SMALL, weights=str(path)), M)

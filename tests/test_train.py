@@ -1,0 +1,320 @@
+"""Stage 1: the plain PyTorch loops (no Ray) and the Ray Train driver on a real local cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import ray._private.state as ray_state
+import torch
+from torch import nn
+
+from campar_ray.config import Config, ConfigError, load_config
+from campar_ray.data import decode_image, generate_synthetic, load_image_bytes, read_manifest
+from campar_ray.data.manifest import resolve_image
+from campar_ray.data.ray_pipeline import data_execution_options
+from campar_ray.data.transforms import normalize, resize
+from campar_ray.train.logits import read_split_logits
+from campar_ray.train.loop import (
+    Predictions,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    merge_predictions,
+    step_scheduler,
+    train_one_epoch,
+    validation_metrics,
+)
+from campar_ray.train.stage1 import (
+    Stage1Result,
+    load_stage1_checkpoint,
+    resolve_config,
+    train_stage1,
+)
+
+CPU = torch.device("cpu")
+
+
+class TinyNet(nn.Module):
+    """Conv + GAP + linear: small enough for unit tests, shaped like an image classifier."""
+
+    def __init__(self, attributes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, attributes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+
+
+def _batches(count: int = 4, size: int = 16, seed: int = 0, invalid: int = 0) -> list[dict]:
+    """Attribute j is on when channel j is bright: a task a tiny CNN learns in a few epochs."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        labels = rng.integers(0, 2, (size, 3))
+        images = rng.integers(0, 60, (size, 8, 6, 3)) + 180 * labels[:, None, None, :]
+        valid = np.ones(size, dtype=bool)
+        valid[:invalid] = False
+        batches.append(
+            {
+                "image": torch.from_numpy(images.astype(np.uint8)),
+                "labels": torch.from_numpy(labels.astype(np.int8)),
+                "valid": torch.from_numpy(valid),
+            }
+        )
+    return batches
+
+
+def test_train_one_epoch_learns_and_counts_images():
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = build_optimizer(model, lr=3e-2, weight_decay=0.0)
+    data = _batches()
+    first = train_one_epoch(model, data, optimizer, _bce, device=CPU, grad_clip=10.0)
+    for _ in range(8):
+        last = train_one_epoch(model, data, optimizer, _bce, device=CPU, grad_clip=10.0)
+    assert first.images == last.images == 64 and first.steps == 4 and first.skipped == 0
+    assert last.loss < 0.5 * first.loss
+    assert 0 <= last.data_wait_fraction <= 1 and last.images_per_s > 0
+    predictions = evaluate(model, _batches(seed=1), lambda out: out, device=CPU)
+    metrics = validation_metrics(predictions.labels, predictions.probs, [0, 1, 2])
+    assert metrics["val_mA"] > 0.9
+
+
+def test_undecodable_rows_are_dropped_and_counted_and_empty_batches_skip_the_step():
+    model = TinyNet()
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    stats = train_one_epoch(model, _batches(invalid=3), optimizer, _bce, device=CPU)
+    assert (stats.images, stats.skipped, stats.steps) == (4 * 13, 12, 4)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_one_epoch(model, _batches(count=2, invalid=16), optimizer, _bce, device=CPU)
+    assert (stats.images, stats.skipped, stats.steps) == (0, 32, 0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+    predictions = evaluate(model, _batches(invalid=5), lambda out: out, device=CPU)
+    assert predictions.probs.shape == (4 * 11, 3) and predictions.skipped == 20
+
+
+def test_gradient_clipping_bounds_the_gradient_norm():
+    model = TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def huge_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return 1e6 * _bce(logits, targets)
+
+    train_one_epoch(model, _batches(count=1), optimizer, huge_loss, device=CPU, grad_clip=0.5)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert norm == pytest.approx(0.5, rel=1e-4)
+
+
+def test_bf16_autocast_on_cpu_trains_with_finite_loss():
+    model = TinyNet()
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=5e-4)
+    stats = train_one_epoch(model, _batches(), optimizer, _bce, device=CPU, amp=True)
+    assert np.isfinite(stats.loss) and stats.steps == 4
+    predictions = evaluate(model, _batches(), lambda out: out, device=CPU, amp=True)
+    assert predictions.probs.dtype == np.float32
+
+
+def test_non_finite_loss_stops_training_with_a_named_error():
+    model = TinyNet()
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
+
+    def nan_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return logits.sum() * float("nan")
+
+    with pytest.raises(FloatingPointError, match="step 1"):
+        train_one_epoch(model, _batches(), optimizer, nan_loss, device=CPU)
+
+
+def test_schedulers_plateau_on_val_ma_and_cosine_anneal():
+    model = TinyNet()
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.0)
+    plateau = build_scheduler(optimizer, name="plateau", epochs=30)
+    for value in (0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6):
+        step_scheduler(plateau, value)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.0)
+    cosine = build_scheduler(optimizer, name="cosine", epochs=4)
+    for _ in range(4):
+        optimizer.step()
+        step_scheduler(cosine, 0.0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+    with pytest.raises(ValueError, match="plateau, cosine"):
+        build_scheduler(optimizer, name="step", epochs=4)
+
+
+def test_validation_metrics_use_only_the_evaluated_attributes():
+    labels = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=np.int8)
+    probs = labels.astype(np.float32)
+    probs[:, 1] = 1 - probs[:, 1]  # attribute 1 is always wrong
+    assert validation_metrics(labels, probs, [0, 2])["val_mA"] == pytest.approx(1.0)
+    assert validation_metrics(labels, probs, [0, 1, 2])["val_mA"] == pytest.approx(2 / 3)
+
+
+def test_merge_predictions_concatenates_shares_and_sums_skips():
+    a = Predictions(np.ones((2, 3), np.int8), np.full((2, 3), 0.9, np.float32), skipped=1)
+    empty = Predictions(np.zeros((0, 0), np.int8), np.zeros((0, 0), np.float32), skipped=2)
+    merged = merge_predictions([a, empty, a])
+    assert merged.probs.shape == (4, 3) and merged.skipped == 4
+    with pytest.raises(ValueError, match="no decodable validation image"):
+        merge_predictions([empty])
+
+
+# --- Ray Train integration ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> tuple[str, str]:
+    """200 synthetic 64 x 32 images; the first training image is overwritten with garbage."""
+    manifest = generate_synthetic(str(tmp_path_factory.mktemp("synthetic")), n=200, size=(64, 32))
+    table, info = read_manifest(manifest)
+    corrupt = table.filter(pc.equal(table.column("split"), "train")).column("image")[0].as_py()
+    with open(resolve_image(corrupt, info.root), "wb") as handle:
+        handle.write(b"not an image")
+    return manifest, corrupt
+
+
+def _config(manifest: str, run_dir: Path, **train: object) -> Config:
+    return Config().override(
+        {
+            "model": {"backbone": "resnet18", "fusion": False},
+            "data": {
+                "manifest": manifest,
+                "image_size": [64, 32],
+                "pad": 4,
+                "decode_concurrency": 2,
+            },
+            "train": {"epochs": 2, "batch_size": 32, "num_workers": 2, "cpus_per_worker": 0.5}
+            | {"lr": 1e-3, **train},
+            "run": {"dir": str(run_dir)},
+        }
+    )
+
+
+def _checkpoint_epochs(run_dir: Path) -> list[int]:
+    metas = (run_dir / "ray" / "stage1").glob("checkpoint_*/meta.json")
+    return sorted(json.loads(meta.read_text())["epoch"] for meta in metas)
+
+
+def _split_sizes(manifest: str) -> dict[str, int]:
+    splits = read_manifest(manifest)[0].column("split").to_pylist()
+    return {split: splits.count(split) for split in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_cluster, synthetic, tmp_path_factory) -> tuple[Config, Stage1Result, dict]:
+    """Two workers, two epochs; one worker is SIGKILLed once epoch 1's checkpoint is registered.
+
+    Shared by the integration tests below: one Ray Train run is the expensive part.
+    """
+    run_dir = tmp_path_factory.mktemp("stage1") / "run"
+    config = _config(synthetic[0], run_dir, max_failures=2)
+    killed: dict[str, int] = {}
+
+    def kill_a_worker_after_the_first_checkpoint() -> None:
+        snapshot = run_dir / "ray" / "stage1" / "checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + 600
+        while not snapshot.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [
+            actor["Pid"]
+            for actor in ray_state.actors().values()
+            if actor["ActorClassName"] == "RayTrainWorker" and actor["State"] == "ALIVE"
+        ]
+        killed["checkpoints"] = len(_checkpoint_epochs(run_dir))
+        killed["pid"] = workers[-1]
+        os.kill(workers[-1], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    result = train_stage1(config, progress=False)
+    killer.join(timeout=5)
+    return config, result, killed
+
+
+@pytest.mark.ray
+def test_a_killed_worker_resumes_at_the_next_epoch_without_losing_or_redoing_one(killed_run):
+    config, result, killed = killed_run
+    assert killed["checkpoints"] == 1  # killed during epoch 2, after epoch 1 was saved
+    assert [m["epoch"] for m in result.history] == [1, 2]
+    # Every epoch was checkpointed exactly once: a restart from scratch would add epoch 1 again.
+    assert _checkpoint_epochs(Path(config.run.dir)) == [1, 2]
+
+
+@pytest.mark.ray
+def test_run_reports_metrics_checkpoints_and_logits_then_resumes(killed_run, synthetic):
+    config, result, _ = killed_run
+    manifest, corrupt = synthetic
+    run_dir = Path(config.run.dir)
+    sizes = _split_sizes(manifest)
+    for metrics in result.history:
+        assert 0 <= metrics["val_mA"] <= 1 and 0 <= metrics["val_f1"] <= 1
+        assert metrics["skipped_images"] == metrics["train_skipped_images"] == 1
+        assert metrics["val_images"] == sizes["val"]  # evaluation shards drop no image
+        assert metrics["images_per_s"] > 0 and 0 <= metrics["data_wait_fraction"] <= 1
+    assert result.metrics["val_mA"] == max(m["val_mA"] for m in result.history)
+    assert load_config(run_dir / "config.yaml") == resolve_config(config)
+
+    assert result.skipped == {"train": [corrupt], "val": [], "test": []}
+    info = read_manifest(manifest)[1]
+    for split, path in result.logits.items():
+        logits = read_split_logits(path)
+        assert len(logits.images) == sizes[split] - len(result.skipped[split])
+        assert logits.specific is not None and logits.shared.shape == logits.specific.shape
+        assert logits.attributes == info.attributes
+    assert corrupt not in read_split_logits(result.logits["train"]).images
+
+    # The best checkpoint loads without Ray and reproduces the logits that were written.
+    model, meta = load_stage1_checkpoint(result.checkpoint)
+    val = read_split_logits(result.logits["val"])
+    pixels = [
+        resize(decode_image(load_image_bytes(image, info.root)), (64, 32))
+        for image in val.images[:8]
+    ]
+    with torch.no_grad():
+        output = model(normalize(torch.from_numpy(np.stack(pixels))))
+    assert np.allclose(output.specific.numpy(), val.specific[:8], atol=1e-4)
+    assert meta["attributes"] == list(info.attributes)
+
+    # Re-running the same run directory continues at epoch 3 instead of starting over.
+    resumed = train_stage1(config.override({"train.epochs": 3}), progress=False)
+    assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == result.history
+
+
+def test_resolve_config_names_bad_values_and_makes_paths_absolute():
+    with pytest.raises(ConfigError, match=r"data\.manifest"):
+        resolve_config(Config())
+    base = Config().override({"data.manifest": "m.parquet", "run.dir": "runs/x"})
+    resolved = resolve_config(base)
+    assert os.path.isabs(resolved.data.manifest) and os.path.isabs(resolved.run.dir)
+    with pytest.raises(ConfigError, match="bce, weighted_bce"):
+        resolve_config(base.override({"train.loss": "focal"}))
+    with pytest.raises(ConfigError, match="plateau, cosine"):
+        resolve_config(base.override({"train.scheduler": "step"}))
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        resolve_config(base.override({"train.epochs": 0}))
+
+
+@pytest.mark.ray
+def test_data_gets_the_cpus_training_leaves_and_an_error_when_none_are_left(ray_cluster):
+    total = ray_cluster.cluster_resources()["CPU"]
+    assert data_execution_options(1.0).resource_limits.cpu == total - 1.0
+    with pytest.raises(ValueError, match=r"train\.cpus_per_worker"):
+        data_execution_options(total)
