@@ -167,7 +167,253 @@ def _prepare(args: argparse.Namespace, config: Config) -> int:
     return 1 if report.verify is not None and report.verify.bad else 0
 
 
+# --- train ---------------------------------------------------------------------------------
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _shorthand(parser, "--manifest", "data.manifest", metavar="M")
+    _shorthand(parser, "--run-dir", "run.dir", metavar="D")
+    _shorthand(parser, "--num-workers", "train.num_workers", type=int, metavar="N")
+    _shorthand(parser, "--epochs", "train.epochs", type=int, metavar="E")
+    parser.add_argument("--gpu", action="store_true", help="train on GPUs (train.use_gpu=true)")
+    _address_argument(parser)
+
+
+def _train(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.runtime import init_ray
+    from campar_ray.train.stage1 import train_stage1
+
+    if args.gpu:
+        config = config.override({"train.use_gpu": True})
+    init_ray(args.address)
+    result = train_stage1(config)
+    print(f"best checkpoint: {result.checkpoint}")
+    return 0
+
+
+# --- fit-cfar ------------------------------------------------------------------------------
+
+
+def _fit_cfar_arguments(parser: argparse.ArgumentParser) -> None:
+    _shorthand(parser, "--run-dir", "run.dir", metavar="D")
+    _shorthand(parser, "--alpha", "cfar.alpha", type=float)
+    _shorthand(parser, "--lam", "cfar.lam", type=float)
+    _shorthand(parser, "--factors", "cfar.factors", type=int, metavar="D")
+    _shorthand(parser, "--keys", "cfar.keys", type=int, metavar="K")
+    _shorthand(parser, "--threshold", "cfar.threshold", type=float, metavar="P_T")
+    _shorthand(parser, "--lookup", "cfar.lookup", choices=["dictionary", "fold-in"])
+    _shorthand(parser, "--actors", "cfar.actors", type=int, metavar="N")
+    _shorthand(parser, "--solver", "cfar.solver", choices=["ray", "local", "implicit"])
+    _address_argument(parser)
+
+
+def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.cfar.fit import fit_cfar
+    from campar_ray.runtime import init_ray
+
+    if config.cfar.solver == "ray":
+        init_ray(args.address)
+    result = fit_cfar(config.run.dir, config.cfar, seed=config.seed, progress=_log_progress)
+    _print_cfar_metrics(result.metrics)
+    print(f"artefacts: {result.output_dir}")
+    return 0
+
+
+# --- tune ----------------------------------------------------------------------------------
+
+
+def _tune_arguments(parser: argparse.ArgumentParser) -> None:
+    _shorthand(parser, "--manifest", "data.manifest", metavar="M")
+    _shorthand(parser, "--run-dir", "run.dir", metavar="D")
+    parser.add_argument("--scope", choices=["cfar", "full"], default="cfar")
+    parser.add_argument("--num-samples", type=int, default=16, help="trials to run")
+    parser.add_argument("--search-space", default=None, help="YAML space (default: built-in)")
+    parser.add_argument("--metric", default="val_mA", help="validation metric to maximise")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    _address_argument(parser)
+
+
+def _tune(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.runtime import init_ray
+    from campar_ray.tune import run_search
+
+    init_ray(args.address)
+    result = run_search(
+        config,
+        run_dir=config.run.dir,
+        scope=args.scope,
+        num_samples=args.num_samples,
+        search_space=args.search_space,
+        metric=args.metric,
+        resume=args.resume,
+    )
+    print(result.summary())
+    return 0
+
+
+# --- evaluate / compare ---------------------------------------------------------------------
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    _shorthand(parser, "--run-dir", "run.dir", metavar="D")
+    parser.add_argument("--split", choices=["val", "test"], default="test")
+    parser.add_argument("--out", default=None, help="report folder (default: RUN/report/SPLIT)")
+    parser.add_argument("--baseline-run", default=None, help="baseline run for the angle plot")
+    parser.add_argument("--threshold", type=float, default=None, help="fixed threshold")
+    parser.add_argument("--angle-images", type=int, default=256, help="images for Fig. 7")
+    parser.add_argument("--cam-images", type=int, default=4, help="images in the CAM grid")
+
+
+def _evaluate(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.evaluate import evaluate
+
+    evaluate(
+        config.run.dir,
+        args.split,
+        args.out,
+        baseline_run=args.baseline_run,
+        threshold=args.threshold,
+        angle_images=args.angle_images,
+        cam_images=args.cam_images,
+    )
+    return 0
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="runs to put side by side")
+    parser.add_argument("--out", required=True, help="folder for compare.md/.csv and the plot")
+    parser.add_argument("--split", choices=["val", "test"], default="test")
+    parser.add_argument("--angle-images", type=int, default=256, help="images for Fig. 7")
+
+
+def _compare(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.evaluate import compare_runs, markdown_table
+
+    print(
+        markdown_table(
+            compare_runs(args.runs, args.out, args.split, angle_images=args.angle_images)
+        )
+    )
+    return 0
+
+
+# --- bundle / predict / export --------------------------------------------------------------
+
+
+def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    _shorthand(parser, "--run-dir", "run.dir", metavar="D")
+    parser.add_argument("--out", required=True, help="bundle directory to write")
+
+
+def _bundle(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.bundle import save_bundle
+
+    print(f"bundle: {save_bundle(config.run.dir, args.out)}")
+    return 0
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="bundle (or run) directory")
+    parser.add_argument("--input", required=True, help="folder, glob or manifest of images")
+    parser.add_argument("--out", required=True, help="predictions .parquet or .csv")
+    parser.add_argument("--gpu", action="store_true", help="run the model on GPUs")
+    parser.add_argument("--actors", type=int, default=1, help="model replicas (actor pool)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    _address_argument(parser)
+
+
+def _predict(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.predict import predict
+    from campar_ray.runtime import init_ray
+
+    init_ray(args.address)
+    result = predict(
+        args.model,
+        args.input,
+        args.out,
+        gpu=args.gpu,
+        actors=args.actors,
+        batch_size=args.batch_size,
+    )
+    print(result)
+    return 0
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="bundle (or run) directory")
+    parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    parser.add_argument("--out", required=True, help="file to write")
+    parser.add_argument(
+        "--check-images", default=None, metavar="GLOB", help="real images for parity"
+    )
+
+
+def _export(args: argparse.Namespace, config: Config) -> int:
+    import glob
+
+    from campar_ray.export import export_model
+
+    images = sorted(glob.glob(args.check_images)) if args.check_images else None
+    print(export_model(args.model, args.format, args.out, images=images))
+    return 0
+
+
+# --- demo ---------------------------------------------------------------------------------
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        default="synthetic",
+        help="synthetic, peta (../shared/datasets/peta) or a manifest",
+    )
+    parser.add_argument("--out", default="runs/demo", help="folder for data, run and report")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    parser.add_argument("--trials", type=int, default=8, help="CFAR-scope search trials")
+    parser.add_argument("--images", type=int, default=2000, help="synthetic images to generate")
+    _address_argument(parser)
+
+
+def _demo(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.demo import run_demo
+    from campar_ray.runtime import init_ray
+
+    init_ray(args.address)
+    result = run_demo(
+        args.data,
+        args.out,
+        fresh=args.fresh,
+        overrides=args.overrides,
+        trials=args.trials,
+        images=args.images,
+    )
+    print(result.summary())
+    return 0
+
+
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)"
+    )
+
+
+def _print_cfar_metrics(metrics: dict) -> None:
+    """Stage 1 alone vs stage 1 + CFAR, val and test, at validation-chosen thresholds."""
+    keys = ("mA", "accuracy", "precision", "recall", "f1")
+    for split in ("val", "test"):
+        print(f"{split:<24}" + "".join(f"{key:>10}" for key in keys))
+        for column, values in metrics[split].items():
+            print(f"  {column:<22}" + "".join(f"{100 * values[key]:10.2f}" for key in keys))
+
+
+def _log_progress(stage: str, values: dict) -> None:
+    details = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+    )
+    print(f"[{stage}] {details}", file=sys.stderr)
 
 
 def _counter(label: str) -> Callable[[int, int], None]:
@@ -180,6 +426,15 @@ def _counter(label: str) -> Callable[[int, int], None]:
 
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Handler]] = [
     ("prepare", "convert a dataset into a Parquet manifest", _prepare_arguments, _prepare),
+    ("demo", "the whole pipeline on built-in data, with a report", _demo_arguments, _demo),
+    ("train", "train stage 1 (CAM-PAR) on Ray Train", _train_arguments, _train),
+    ("fit-cfar", "fit stage 2 (CFAR) on a run's logits", _fit_cfar_arguments, _fit_cfar),
+    ("tune", "search hyperparameters with Ray Tune + Optuna", _tune_arguments, _tune),
+    ("evaluate", "metrics and report of a run", _evaluate_arguments, _evaluate),
+    ("compare", "ablation table of several runs", _compare_arguments, _compare),
+    ("bundle", "package a run as a model bundle", _bundle_arguments, _bundle),
+    ("predict", "batch prediction over images", _predict_arguments, _predict),
+    ("export", "export a bundle to TorchScript or ONNX", _export_arguments, _export),
     ("config", "print the resolved configuration", _config_arguments, _config),
 ]
 

@@ -1,0 +1,342 @@
+"""A trained model as one directory that plain Python can load: no Ray, no run directory.
+
+A bundle holds what inference needs and nothing else:
+
+- ``model.pt``: the stage-1 state dict (``torch.save``, loaded with ``weights_only=True``);
+- ``config.yaml``: the resolved config of the checkpoint (backbone, head, input size, ...);
+- ``attributes.json``: attribute names and the evaluated ones;
+- ``threshold.json``: the decision threshold and where it came from (validation data);
+- ``cfar/``: the run's stage-2 artefacts (``.npz`` + ``cfar.json``), when it has them;
+- ``samples.npz``: a few resized validation images (uint8), so that export can check
+  parity on real inputs without the data set.
+
+:func:`load_model` opens a bundle *or* a run directory (its best stage-1 checkpoint, its CFAR
+artefacts) and returns the same :class:`ParPredictor`, so evaluation, prediction and export
+share one inference path. Everything is read through :mod:`campar_ray.storage`, so bundles and
+runs may live in object stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import torch
+import yaml
+from torch import Tensor
+
+from campar_ray import storage
+from campar_ray.cfar.fit import CFAR_DIR, CfarPredictor, eval_columns, load_cfar
+from campar_ray.config import Config
+from campar_ray.data.images import decode_image, load_image_bytes
+from campar_ray.data.manifest import read_manifest
+from campar_ray.data.transforms import normalize, resize
+from campar_ray.metrics import choose_threshold
+from campar_ray.model import ParModel, ParOutput, build_model, prediction_logits
+from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.yaml"
+ATTRIBUTES_FILE = "attributes.json"
+THRESHOLD_FILE = "threshold.json"
+SAMPLES_FILE = "samples.npz"
+CHECKPOINT_ROOT = ("ray", "stage1")
+"""Where stage 1 keeps its Ray Train checkpoints inside a run directory."""
+META_FILE = "meta.json"
+
+Image = np.ndarray | str | os.PathLike
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A decision threshold on the final probabilities and how it was obtained."""
+
+    value: float
+    source: str
+
+
+def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every stage-1 checkpoint folder of a run with its ``meta.json``, oldest epoch first."""
+    root = storage.join(run_dir, *CHECKPOINT_ROOT)
+    filesystem, inner = storage.resolve(root)
+    if filesystem.get_file_info(inner).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no stage-1 checkpoints in {run_dir} (expected {root})")
+    found = []
+    for info in filesystem.get_file_info(pafs.FileSelector(inner)):
+        meta_path = storage.join(root, info.base_name, META_FILE)
+        if info.type == pafs.FileType.Directory and storage.exists(meta_path):
+            path = storage.join(root, info.base_name)
+            found.append((path, json.loads(storage.read_bytes(meta_path))))
+    if not found:
+        raise FileNotFoundError(f"no stage-1 checkpoint with {META_FILE} under {root}")
+    return sorted(found, key=lambda item: item[1]["epoch"])
+
+
+def best_checkpoint(run_dir: str) -> str:
+    """The checkpoint with the highest validation mA (the one stage 1 wrote the logits with).
+
+    Ties go to the earlier epoch, as a strict "better than" comparison keeps it.
+    """
+    checkpoints = stage1_checkpoints(run_dir)
+    return max(checkpoints, key=lambda item: (item[1]["metrics"]["val_mA"], -item[1]["epoch"]))[0]
+
+
+def training_history(run_dir: str) -> list[dict[str, float]]:
+    """Per-epoch metrics of the whole run (the latest checkpoint carries all of them)."""
+    return stage1_checkpoints(run_dir)[-1][1]["history"]
+
+
+def stage1_probabilities(logits: SplitLogits, predict_from: str) -> np.ndarray:
+    """sigmoid of the stage-1 prediction logits of stored logits, as the network computes it."""
+    output = ParOutput(
+        torch.from_numpy(logits.shared),
+        None if logits.specific is None else torch.from_numpy(logits.specific),
+        None,
+    )
+    return torch.sigmoid(prediction_logits(output, predict_from)).numpy()
+
+
+def validation_threshold(run_dir: str, predict_from: str, cfar: CfarPredictor | None) -> Threshold:
+    """The threshold of the final prediction: CFAR's own, else the stage-1 one chosen on val.
+
+    Both are chosen the same way (:func:`campar_ray.metrics.choose_threshold`, maximising mA
+    over the evaluated attributes of the validation split); never on test data.
+    """
+    if cfar is not None:
+        return Threshold(cfar.threshold, "val: maximises mA of stage 1 + CFAR (fit-cfar)")
+    val = read_split_logits(logits_path(run_dir, "val"))
+    columns = eval_columns(val)
+    probs = stage1_probabilities(val, predict_from)
+    value = float(choose_threshold(val.labels[:, columns], probs[:, columns]))
+    return Threshold(value, f"val: maximises mA of stage 1 ({predict_from} logits)")
+
+
+class ParPredictor:
+    """A trained network (+ CFAR) that turns images into attribute probabilities.
+
+    ``predict_proba`` takes decoded images (``H x W x 3`` uint8 arrays of any size) or paths
+    and URIs; they are resized and normalised exactly as in training. Lower-level pieces
+    (``stage1`` on a normalised batch, ``probabilities`` of its output) serve evaluation
+    and export, which need the CAMs or a traced module.
+    """
+
+    def __init__(
+        self,
+        model: ParModel,
+        config: Config,
+        attributes: Sequence[str],
+        eval_attributes: Sequence[str],
+        threshold: Threshold,
+        cfar: CfarPredictor | None,
+    ):
+        self.model = model.eval()
+        self.config = config
+        self.attributes = tuple(attributes)
+        self.eval_attributes = tuple(eval_attributes)
+        self.threshold = threshold.value
+        self.threshold_source = threshold.source
+        self.cfar = cfar
+        self.device = torch.device("cpu")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.config.data.image_size)
+
+    @property
+    def predict_from(self) -> str:
+        return self.config.model.predict_from
+
+    def to(self, device: str | torch.device) -> ParPredictor:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    def prepare(self, images: Sequence[Image]) -> Tensor:
+        """Decode (paths) and resize every image: uint8 ``N x H x W x 3`` on the CPU."""
+        batch = np.zeros((len(images), *self.image_size, 3), dtype=np.uint8)
+        for index, image in enumerate(images):
+            if isinstance(image, np.ndarray):
+                if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                    raise ValueError(
+                        f"image {index} must be an H x W x 3 uint8 array, got "
+                        f"{image.dtype} {image.shape}"
+                    )
+                pixels = image
+            else:
+                pixels = decode_image(load_image_bytes(os.fspath(image), ""))
+            batch[index] = resize(pixels, self.image_size)
+        return torch.from_numpy(batch)
+
+    @torch.no_grad()
+    def stage1(self, x: Tensor, return_cams: bool = False) -> ParOutput:
+        """The network on a normalised ``N x 3 x H x W`` batch (eval mode, no gradients)."""
+        return self.model(x.to(self.device), return_cams=return_cams)
+
+    def cfar_input(self, output: ParOutput) -> Tensor:
+        """The logits CFAR was fitted on: specific for CAM-PAR, shared for the baseline."""
+        return output.shared if output.specific is None else output.specific
+
+    def probabilities(self, output: ParOutput) -> np.ndarray:
+        """Final probabilities (N x M float32): stage 1 + CFAR when present, else stage 1."""
+        if self.cfar is not None:
+            return self.cfar.probabilities(self.cfar_input(output).float().cpu().numpy())
+        logits = prediction_logits(output, self.predict_from)
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+    def predict_proba(self, images: Sequence[Image], batch_size: int = 32) -> np.ndarray:
+        """Probabilities of every attribute (N x M, in ``attributes`` order)."""
+        chunks = [np.zeros((0, len(self.attributes)), dtype=np.float32)]
+        for start in range(0, len(images), batch_size):
+            pixels = self.prepare(images[start : start + batch_size])
+            chunks.append(self.probabilities(self.stage1(normalize(pixels))))
+        return np.concatenate(chunks)
+
+    def predict(self, images: Sequence[Image], batch_size: int = 32) -> list[list[str]]:
+        """Names of the attributes predicted present (probability >= ``threshold``)."""
+        probs = self.predict_proba(images, batch_size)
+        return [
+            [self.attributes[j] for j in np.flatnonzero(row >= self.threshold)] for row in probs
+        ]
+
+
+def load_model(path: str) -> ParPredictor:
+    """Open a bundle (from :func:`save_bundle`) or a run directory, on the CPU.
+
+    Needs neither Ray nor a data set. A run directory gives its best stage-1 checkpoint,
+    its CFAR artefacts when ``fit-cfar`` ran, and the threshold chosen on its val logits.
+    """
+    if storage.exists(storage.join(path, MODEL_FILE)):
+        return _load_bundle(path)
+    if storage.exists(storage.join(path, *CHECKPOINT_ROOT)):
+        return _load_run(path)
+    raise FileNotFoundError(
+        f"{path} is neither a model bundle (no {MODEL_FILE}) nor a run directory "
+        f"(no {'/'.join(CHECKPOINT_ROOT)}); make a bundle with save_bundle(run_dir, out)"
+    )
+
+
+def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
+    """Write the bundle of a run (best checkpoint, threshold, CFAR) to ``out``; return ``out``.
+
+    ``samples`` resized validation images go into ``samples.npz`` when the run's manifest
+    is still readable (0 to leave them out).
+    """
+    checkpoint = best_checkpoint(run_dir)
+    meta = json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE)))
+    config = Config().override(meta["config"])
+    cfar = load_cfar_if_fitted(run_dir)
+    threshold = validation_threshold(run_dir, config.model.predict_from, cfar)
+    storage.write_bytes(
+        storage.join(out, MODEL_FILE), storage.read_bytes(storage.join(checkpoint, MODEL_FILE))
+    )
+    storage.write_bytes(
+        storage.join(out, CONFIG_FILE), yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
+    )
+    attributes = {"attributes": meta["attributes"], "eval_attributes": meta["eval_attributes"]}
+    _write_json(storage.join(out, ATTRIBUTES_FILE), attributes)
+    _write_json(storage.join(out, THRESHOLD_FILE), dataclasses.asdict(threshold))
+    if cfar is not None:
+        _copy_folder(storage.join(run_dir, CFAR_DIR), storage.join(out, CFAR_DIR))
+    if samples > 0:
+        images = sample_images(config, "val", samples)
+        if len(images):
+            buffer = io.BytesIO()
+            np.savez(buffer, images=images)
+            storage.write_bytes(storage.join(out, SAMPLES_FILE), buffer.getvalue())
+    return out
+
+
+def load_samples(path: str) -> np.ndarray | None:
+    """The bundle's real sample images (uint8 ``N x H x W x 3``), or None when it has none."""
+    samples = storage.join(path, SAMPLES_FILE)
+    if not storage.exists(samples):
+        return None
+    with np.load(io.BytesIO(storage.read_bytes(samples)), allow_pickle=False) as archive:
+        return archive["images"]
+
+
+def sample_images(config: Config, split: str, count: int) -> np.ndarray:
+    """The first ``count`` decodable images of a split, resized (empty if none can be read)."""
+    empty = np.zeros((0, *config.data.image_size, 3), dtype=np.uint8)
+    if not config.data.manifest:
+        return empty
+    try:
+        table, info = read_manifest(config.data.manifest)
+    except (FileNotFoundError, ValueError):
+        return empty
+    rows = table.filter(pc.equal(table.column("split"), split))
+    column = "binary" if "binary" in rows.column_names else "image"
+    images = []
+    for source in rows.column(column).to_pylist():
+        if len(images) == count:
+            break
+        try:
+            pixels = decode_image(load_image_bytes(source, info.root))
+        except (ValueError, OSError):
+            continue
+        images.append(resize(pixels, tuple(config.data.image_size)))
+    return np.stack(images) if images else empty
+
+
+def _load_bundle(path: str) -> ParPredictor:
+    config = Config().override(yaml.safe_load(storage.read_bytes(storage.join(path, CONFIG_FILE))))
+    names = json.loads(storage.read_bytes(storage.join(path, ATTRIBUTES_FILE)))
+    threshold = Threshold(**json.loads(storage.read_bytes(storage.join(path, THRESHOLD_FILE))))
+    model = _build(config, len(names["attributes"]), storage.join(path, MODEL_FILE))
+    return ParPredictor(
+        model,
+        config,
+        names["attributes"],
+        names["eval_attributes"],
+        threshold,
+        load_cfar_if_fitted(path),
+    )
+
+
+def _load_run(run_dir: str) -> ParPredictor:
+    checkpoint = best_checkpoint(run_dir)
+    meta = json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE)))
+    config = Config().override(meta["config"])
+    model = _build(config, len(meta["attributes"]), storage.join(checkpoint, MODEL_FILE))
+    cfar = load_cfar_if_fitted(run_dir)
+    threshold = validation_threshold(run_dir, config.model.predict_from, cfar)
+    return ParPredictor(model, config, meta["attributes"], meta["eval_attributes"], threshold, cfar)
+
+
+def _build(config: Config, attributes: int, weights: str) -> ParModel:
+    """The network of ``config`` with the saved weights (pretrained weights never download)."""
+    model = build_model(dataclasses.replace(config.model, weights="none"), attributes)
+    state = torch.load(
+        io.BytesIO(storage.read_bytes(weights)), map_location="cpu", weights_only=True
+    )
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_cfar_if_fitted(path: str) -> CfarPredictor | None:
+    """The CFAR predictor of a run or bundle, or None when ``fit-cfar`` has not run."""
+    if storage.exists(storage.join(path, CFAR_DIR, "cfar.json")):
+        return load_cfar(path)
+    return None
+
+
+def _copy_folder(source: str, target: str) -> None:
+    filesystem, inner = storage.resolve(source)
+    for info in filesystem.get_file_info(pafs.FileSelector(inner, recursive=True)):
+        if info.type == pafs.FileType.File:
+            relative = os.path.relpath(info.path, inner).replace(os.sep, "/")
+            storage.write_bytes(
+                storage.join(target, relative), storage.read_bytes(storage.join(source, relative))
+            )
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    storage.write_bytes(path, json.dumps(payload, indent=1).encode())

@@ -1,0 +1,481 @@
+"""Implicit-feedback ALS for CFAR (eq. 17-18): NumPy kernels, the local solver, the facade.
+
+Every entry of the N x M confidence matrix is observed, so each half-step is an exact D x D
+solve per row (no sparse tricks, no conjugate gradient). Both half-steps are written in the
+shape that shards: a kernel takes a slice of image rows plus a small statistic of the other
+side (``Y`` and its Gram matrix) and returns the slice's image factors, or the slice's
+additive share of the M attribute systems. The local solver runs the kernels on one shard,
+:mod:`campar_ray.cfar.ray_als` on one shard per Ray actor, and ``solver="implicit"`` hands
+the same problem to the ``implicit`` library, the reference the tests compare against.
+
+The objective is read off the attribute-step statistics (``objective_from_stats``), so
+monitoring convergence costs O(M D^2) per iteration instead of another pass over r.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import expit
+from threadpoolctl import threadpool_limits
+
+from campar_ray.train.logits import read_split_logits
+
+SOLVERS = ("ray", "local", "implicit")
+CHUNK_ROWS = 2048
+
+AlsCallback = Callable[[int, float, float, float], None]
+"""``callback(iteration, objective, relative_change, elapsed_seconds)`` after each iteration;
+``iteration`` counts from 0 and ``relative_change`` is ``inf`` on the first one."""
+
+
+class AlsDivergedError(FloatingPointError):
+    """The factors or the objective stopped being finite (NaN or inf)."""
+
+
+@dataclass(frozen=True)
+class AlsResult:
+    """Factors after the last iteration and the objective (eq. 18) after each one.
+
+    ``X`` is the image step's solution given the ``Y`` of the previous iteration and ``Y`` the
+    attribute step's given that ``X``: the pair whose objective is ``objectives[-1]``.
+    """
+
+    X: np.ndarray
+    Y: np.ndarray
+    objectives: list[float]
+    iterations: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class AttributeStats:
+    """One shard's additive share of the attribute step and of the objective.
+
+    ``lhs[j] = X^T C_j X`` (M x D x D), ``rhs[j] = X^T C_j p_j`` (M x D), ``targets[j] =
+    sum_i c_ij p_ij^2`` (M) and ``factor_norm = |X|^2`` over the shard's rows. Shares of
+    disjoint row sets add up to the statistics of their union.
+    """
+
+    lhs: np.ndarray
+    rhs: np.ndarray
+    targets: np.ndarray
+    factor_norm: float
+
+    def __add__(self, other: AttributeStats) -> AttributeStats:
+        return AttributeStats(
+            self.lhs + other.lhs,
+            self.rhs + other.rhs,
+            self.targets + other.targets,
+            self.factor_norm + other.factor_norm,
+        )
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """r = sigmoid(logits) in float32, the precision the logits are stored in."""
+    return expit(np.asarray(logits, dtype=np.float32))
+
+
+def targets(r: np.ndarray, alpha: float, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Preferences ``p = 1[r >= p_t]`` and confidences ``c = 1 + alpha * r`` (float64)."""
+    r = np.asarray(r)
+    return (r >= threshold).astype(np.float64), 1.0 + alpha * r.astype(np.float64)
+
+
+def gram(factors: np.ndarray) -> np.ndarray:
+    """``F^T F``: the D x D statistic every row system of the other side starts from."""
+    return factors.T @ factors
+
+
+def initial_attribute_factors(attributes: int, factors: int, seed: int) -> np.ndarray:
+    """Seeded starting ``Y`` (M x D). ``X`` needs none: the first half-step solves it from Y."""
+    return np.random.default_rng(seed).normal(scale=0.1, size=(attributes, factors))
+
+
+def solve_image_factors(
+    r: np.ndarray,
+    Y: np.ndarray,
+    YtY: np.ndarray,
+    *,
+    alpha: float,
+    threshold: float,
+    lam: float,
+    chunk_rows: int = CHUNK_ROWS,
+) -> np.ndarray:
+    """Image step for rows ``r``: ``x_i = (Y^T C_i Y + lam I)^-1 Y^T C_i p_i`` for every row.
+
+    ``Y^T C_i Y = YtY + sum_j (c_ij - 1) y_j y_j^T``, so a single GEMM of a chunk's ``c - 1``
+    against the M flattened outer products builds all of the chunk's systems, which one
+    batched ``np.linalg.solve`` then solves exactly. Working memory beyond r and X is about
+    ``chunk_rows * (D*D + 3*M + D) * 8`` bytes (19 MB for 2048 rows, M = 51, D = 32).
+    """
+    n, m = r.shape
+    d = Y.shape[1]
+    outer = (Y[:, :, None] * Y[:, None, :]).reshape(m, d * d)
+    base = YtY + lam * np.eye(d)
+    X = np.empty((n, d))
+    for start in range(0, n, chunk_rows):
+        p, c = targets(r[start : start + chunk_rows], alpha, threshold)
+        lhs = ((c - 1.0) @ outer).reshape(-1, d, d) + base
+        rhs = (c * p) @ Y
+        X[start : start + len(p)] = np.linalg.solve(lhs, rhs[..., None])[..., 0]
+    return X
+
+
+def attribute_stats(
+    r: np.ndarray,
+    X: np.ndarray,
+    *,
+    alpha: float,
+    threshold: float,
+    chunk_rows: int = CHUNK_ROWS,
+) -> AttributeStats:
+    """The attribute-step statistics of rows ``r`` with image factors ``X``.
+
+    ``X^T C_j X`` for all j at once: ``c^T`` times the rows' flattened outer products ``x_i
+    x_i^T``. Working memory about ``chunk_rows * (D*D + 3*M) * 8`` bytes plus M*D*D*8.
+    """
+    m = r.shape[1]
+    d = X.shape[1]
+    lhs = np.zeros((m, d * d))
+    rhs = np.zeros((m, d))
+    weighted_targets = np.zeros(m)
+    for start in range(0, len(r), chunk_rows):
+        p, c = targets(r[start : start + chunk_rows], alpha, threshold)
+        x = X[start : start + chunk_rows]
+        lhs += c.T @ (x[:, :, None] * x[:, None, :]).reshape(-1, d * d)
+        rhs += (c * p).T @ x
+        weighted_targets += (c * p * p).sum(0)
+    return AttributeStats(lhs.reshape(m, d, d), rhs, weighted_targets, float(np.sum(X * X)))
+
+
+def solve_attribute_factors(stats: AttributeStats, lam: float) -> np.ndarray:
+    """Attribute step: ``y_j = (X^T C_j X + lam I)^-1 X^T C_j p_j`` for the M attributes."""
+    d = stats.rhs.shape[1]
+    return np.linalg.solve(stats.lhs + lam * np.eye(d), stats.rhs[..., None])[..., 0]
+
+
+def objective_from_stats(stats: AttributeStats, Y: np.ndarray, lam: float) -> float:
+    """Eq. 18 from the statistics: ``sum_ij c (p - x^T y)^2`` expands per attribute to
+    ``sum_i c p^2 - 2 y^T X^T C p + y^T X^T C X y``, all of which ``stats`` holds."""
+    fit = (
+        stats.targets.sum()
+        - 2.0 * np.einsum("jd,jd->", Y, stats.rhs)
+        + np.einsum("jd,jde,je->", Y, stats.lhs, Y)
+    )
+    return float(fit + lam * (stats.factor_norm + np.sum(Y * Y)))
+
+
+def objective(
+    r: np.ndarray,
+    X: np.ndarray,
+    Y: np.ndarray,
+    *,
+    alpha: float,
+    threshold: float,
+    lam: float,
+    chunk_rows: int = CHUNK_ROWS,
+) -> float:
+    """Eq. 18 computed directly, entry by entry (the obviously-correct reference)."""
+    total = 0.0
+    for start in range(0, len(r), chunk_rows):
+        p, c = targets(r[start : start + chunk_rows], alpha, threshold)
+        total += float(np.sum(c * (p - X[start : start + chunk_rows] @ Y.T) ** 2))
+    return total + lam * float(np.sum(X * X) + np.sum(Y * Y))
+
+
+class Shard:
+    """Rows of r held by one worker, and their image factors from the latest step."""
+
+    def __init__(
+        self,
+        r: np.ndarray,
+        *,
+        alpha: float,
+        threshold: float,
+        lam: float,
+        chunk_rows: int = CHUNK_ROWS,
+    ) -> None:
+        self.r = check_probabilities(r)
+        self.alpha, self.threshold, self.lam, self.chunk_rows = alpha, threshold, lam, chunk_rows
+        self.X: np.ndarray | None = None
+
+    def solve(self, Y: np.ndarray, YtY: np.ndarray) -> np.ndarray:
+        """Image step for this shard; keeps and returns X."""
+        self.X = solve_image_factors(
+            self.r,
+            Y,
+            YtY,
+            alpha=self.alpha,
+            threshold=self.threshold,
+            lam=self.lam,
+            chunk_rows=self.chunk_rows,
+        )
+        return self.X
+
+    def step(self, Y: np.ndarray, YtY: np.ndarray) -> AttributeStats:
+        """Image step, then this shard's share of the attribute step."""
+        X = self.solve(Y, YtY)
+        return attribute_stats(
+            self.r, X, alpha=self.alpha, threshold=self.threshold, chunk_rows=self.chunk_rows
+        )
+
+
+def check_probabilities(r: np.ndarray) -> np.ndarray:
+    """r as a float32 N x M array of finite values in [0, 1], or a ValueError saying why not."""
+    r = np.asarray(r, dtype=np.float32)
+    if r.ndim != 2 or r.shape[1] == 0:
+        raise ValueError(f"r must be an N x M array with M >= 1, got shape {r.shape}")
+    if not np.isfinite(r).all():
+        raise ValueError("r holds NaN or inf: check the stage-1 logits")
+    if r.size and (r.min() < 0 or r.max() > 1):
+        raise ValueError(f"r must lie in [0, 1] (sigmoid of logits), got [{r.min()}, {r.max()}]")
+    return r
+
+
+class Monitor:
+    """Objective bookkeeping shared by every solver: NaN check, callback, early stop."""
+
+    def __init__(self, tol: float, callback: AlsCallback | None) -> None:
+        self.tol, self.callback = tol, callback
+        self.objectives: list[float] = []
+        self.converged = False
+
+    def record(self, iteration: int, value: float, elapsed: float, *factors: np.ndarray) -> bool:
+        """Log one iteration; True when the relative objective change fell below ``tol``."""
+        if not math.isfinite(value) or not all(np.isfinite(f).all() for f in factors):
+            raise AlsDivergedError(
+                f"ALS diverged at iteration {iteration}: objective {value} or the factors are "
+                "not finite (NaN/inf in the inputs or starting factors, or an ill-conditioned "
+                "problem: lower alpha or raise lam)"
+            )
+        previous = self.objectives[-1] if self.objectives else None
+        change = math.inf if previous is None else abs(previous - value) / abs(previous)
+        self.objectives.append(value)
+        if self.callback is not None:
+            self.callback(iteration, value, change, elapsed)
+        self.converged = change < self.tol
+        return self.converged
+
+
+def alternate(
+    step: Callable[[np.ndarray], AttributeStats],
+    Y: np.ndarray,
+    *,
+    lam: float,
+    iterations: int,
+    tol: float,
+    callback: AlsCallback | None = None,
+) -> tuple[np.ndarray, Monitor]:
+    """The ALS loop around ``step(Y)`` (image step + attribute statistics, on any shards).
+
+    Returns the final Y and the monitor holding the objective after each iteration.
+    """
+    monitor = Monitor(tol, callback)
+    start = time.perf_counter()
+    for iteration in range(iterations):
+        stats = step(Y)
+        Y = solve_attribute_factors(stats, lam)
+        value = objective_from_stats(stats, Y, lam)
+        if monitor.record(iteration, value, time.perf_counter() - start, Y):
+            break
+    return Y, monitor
+
+
+def fit_local(
+    r: np.ndarray,
+    Y0: np.ndarray,
+    *,
+    alpha: float,
+    lam: float,
+    threshold: float,
+    iterations: int,
+    tol: float,
+    callback: AlsCallback | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> AlsResult:
+    """ALS in this process on an in-memory r (one shard)."""
+    shard = Shard(r, alpha=alpha, threshold=threshold, lam=lam, chunk_rows=chunk_rows)
+    Y, monitor = alternate(
+        lambda Y: shard.step(Y, gram(Y)),
+        Y0,
+        lam=lam,
+        iterations=iterations,
+        tol=tol,
+        callback=callback,
+    )
+    return AlsResult(shard.X, Y, monitor.objectives, len(monitor.objectives), monitor.converged)
+
+
+def confidence_matrix(r: np.ndarray, alpha: float, threshold: float) -> sp.csr_matrix:
+    """Eq. 17 in ``implicit``'s convention, as a CSR matrix with every entry stored.
+
+    A stored ``v > 0`` means p = 1 with confidence v, ``v < 0`` p = 0 with confidence |v|,
+    so ``where(p, 1, -1) * (1 + alpha * r)`` states eq. 18 exactly. Built from the flat
+    arrays directly, never through a dense float64 copy.
+    """
+    n, m = r.shape
+    confidence = (1.0 + alpha * np.asarray(r, dtype=np.float32)).astype(np.float32)
+    data = np.where(np.asarray(r) >= threshold, confidence, -confidence).ravel()
+    indices = np.tile(np.arange(m, dtype=np.int32), n)
+    indptr = np.arange(0, n * m + 1, m, dtype=np.int64)
+    return sp.csr_matrix((data, indices, indptr), shape=(n, m))
+
+
+class _Converged(Exception):
+    """Raised from implicit's per-iteration callback to stop its loop early."""
+
+
+def fit_implicit(
+    r: np.ndarray,
+    Y0: np.ndarray,
+    *,
+    alpha: float,
+    lam: float,
+    threshold: float,
+    iterations: int,
+    tol: float,
+    threads: int = 1,
+    callback: AlsCallback | None = None,
+    dtype: type = np.float32,
+) -> AlsResult:
+    """The same fit with ``implicit.cpu.als.AlternatingLeastSquares`` (the reference).
+
+    implicit's own ``alpha`` stays 1.0 (the confidences are in the matrix), ``regularization
+    = lam`` unscaled, ``use_cg=False`` for exact solves. Pre-set ``user_factors`` and
+    ``item_factors`` are kept by ``fit`` (it only draws random ones when they are None) and
+    keep their dtype; the matrix is always float32 inside implicit. ``elapsed`` passed to the
+    callback is implicit's own time, excluding the objective computed here for monitoring.
+    BLAS is pinned to one thread so that ``threads`` OpenMP threads are all it uses.
+    """
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    r = check_probabilities(r)
+    matrix = confidence_matrix(r, alpha, threshold)
+    monitor = Monitor(tol, callback)
+    elapsed = 0.0
+    with threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(
+            factors=Y0.shape[1],
+            regularization=lam,
+            alpha=1.0,
+            dtype=dtype,
+            use_cg=False,
+            iterations=iterations,
+            num_threads=threads,
+        )
+        model.user_factors = np.zeros((len(r), Y0.shape[1]), dtype=dtype)
+        model.item_factors = Y0.astype(dtype)
+
+        def on_iteration(iteration: int, seconds: float, _loss: float | None) -> None:
+            nonlocal elapsed
+            elapsed += seconds
+            X, Y = model.user_factors, model.item_factors
+            value = objective(r, X, Y, alpha=alpha, threshold=threshold, lam=lam)
+            if monitor.record(iteration, value, elapsed, X, Y):
+                raise _Converged
+
+        with contextlib.suppress(_Converged):
+            model.fit(matrix, show_progress=False, callback=on_iteration)
+    return AlsResult(
+        model.user_factors.astype(np.float64),
+        model.item_factors.astype(np.float64),
+        monitor.objectives,
+        len(monitor.objectives),
+        monitor.converged,
+    )
+
+
+def check_als_params(
+    *,
+    alpha: float,
+    lam: float,
+    factors: int,
+    threshold: float,
+    iterations: int,
+    tol: float,
+    solver: str,
+    actors: int,
+) -> None:
+    """Raise a ValueError naming the first bad ALS setting and the values it may take."""
+    checks = [
+        (solver in SOLVERS, f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}"),
+        (0 <= alpha < math.inf, f"alpha must be finite and >= 0, got {alpha}"),
+        (
+            0 < lam < math.inf,
+            f"lam must be finite and > 0 (keeps every D x D system invertible), got {lam}",
+        ),
+        (factors >= 1, f"factors must be >= 1, got {factors}"),
+        (0 < threshold < 1, f"threshold p_t must lie in (0, 1), got {threshold}"),
+        (iterations >= 1, f"iterations must be >= 1, got {iterations}"),
+        (tol >= 0, f"tol must be >= 0, got {tol}"),
+        (actors >= 1, f"actors must be >= 1, got {actors}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def fit_als(
+    source: np.ndarray | str,
+    *,
+    alpha: float,
+    lam: float,
+    factors: int,
+    threshold: float,
+    iterations: int = 15,
+    tol: float = 1e-6,
+    solver: str = "ray",
+    actors: int = 2,
+    seed: int = 0,
+    callback: AlsCallback | None = None,
+) -> AlsResult:
+    """Fit eq. 18 on r with one of three solvers that solve the same problem from the same start.
+
+    ``source`` is r itself (N x M, in [0, 1]) or the path/URI of a stage-1 logits Parquet
+    file, from which r = sigmoid(prediction logits). ``solver``:
+
+    - ``"ray"``: rows sharded over ``actors`` Ray actors that read their own rows of the file
+      (needs the path; the driver never holds r).
+    - ``"local"``: NumPy in this process.
+    - ``"implicit"``: the ``implicit`` library with ``actors`` threads (same core budget).
+
+    D > M is allowed: ``lam > 0`` keeps every system positive definite, although ``X Y^T``
+    cannot have rank above M, so the extra dimensions add nothing. Stops early when the
+    relative objective change falls below ``tol``; raises AlsDivergedError on NaN.
+    """
+    check_als_params(
+        alpha=alpha,
+        lam=lam,
+        factors=factors,
+        threshold=threshold,
+        iterations=iterations,
+        tol=tol,
+        solver=solver,
+        actors=actors,
+    )
+    common = dict(alpha=alpha, lam=lam, threshold=threshold, iterations=iterations, tol=tol)
+    if solver == "ray":
+        if not isinstance(source, str):
+            raise TypeError(
+                "solver='ray' needs the logits Parquet path (its actors read their own rows); "
+                "pass the path, or use solver='local' for an in-memory r"
+            )
+        from campar_ray.cfar.ray_als import fit_ray
+
+        return fit_ray(
+            source, factors=factors, actors=actors, seed=seed, callback=callback, **common
+        )
+    r = check_probabilities(
+        probabilities(read_split_logits(source).prediction) if isinstance(source, str) else source
+    )
+    Y0 = initial_attribute_factors(r.shape[1], factors, seed)
+    if solver == "local":
+        return fit_local(r, Y0, callback=callback, **common)
+    return fit_implicit(r, Y0, threads=actors, callback=callback, **common)

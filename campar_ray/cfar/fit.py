@@ -1,0 +1,320 @@
+"""Stage 2 end to end: stage-1 logits -> ALS -> dictionary -> fc2 -> metrics -> artefacts.
+
+Reads ``<run_dir>/logits/{train,val,test}.parquet`` (r = sigmoid of the prediction logits:
+``l_specific`` for the CAM-PAR head, ``l_shared`` for the baseline head) and writes, through
+:mod:`campar_ray.storage` so that run directories may be URIs, into ``<run_dir>/cfar/``:
+
+- ``factors.npz`` (X, Y), ``dictionary.npz`` (keys, values), ``fc2.npz`` (weight, bias),
+  all plain arrays loaded with ``allow_pickle=False``;
+- ``cfar.json``: the config used, the ALS objective per iteration, fc2's selection and the
+  final decision threshold;
+- ``metrics.json``: stage 1 alone (shared and specific logits) next to stage 1 + CFAR with
+  either lookup, on val and test, over the evaluated attributes.
+
+fc2 is trained once per lookup (it takes seconds), so metrics compare the dictionary with
+fold-in; the configured ``cfg.lookup`` is the one saved and loaded by :func:`load_cfar`.
+Every decision threshold is chosen on validation data only, one per column, by mA.
+
+With ``solver="ray"`` the ALS actors read their own rows of the training logits; this driver
+still reads the whole training split once (N x M float32) for k-means and fc2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from campar_ray import storage
+from campar_ray.cfar.als import AlsResult, check_als_params, fit_als, probabilities
+from campar_ray.cfar.dictionary import (
+    LOOKUPS,
+    AttributeSetDictionary,
+    ConfidenceEstimator,
+    build_dictionary,
+)
+from campar_ray.cfar.head import Fc2, Fc2Fit, Fc2Split, train_fc2
+from campar_ray.config import CfarConfig, ConfigError
+from campar_ray.metrics import choose_threshold, par_metrics, summary
+from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits
+
+CFAR_DIR = "cfar"
+SPLITS = ("train", "val", "test")
+REPORTED = ("val", "test")
+
+Progress = Callable[[str, dict[str, Any]], None]
+"""``progress(stage, values)``: stage ``als`` after each ALS iteration (iteration,
+objective, relative_change, elapsed), then ``dictionary`` (keys) and ``fc2`` (lookup,
+best_epoch, epochs_run, val_mA)."""
+
+
+@dataclass(frozen=True)
+class CfarPredictor:
+    """Stage-1 prediction logits in, CFAR probabilities out (no Ray, no stage-1 network)."""
+
+    estimator: ConfidenceEstimator
+    head: Fc2
+    threshold: float
+    """Decision threshold on :meth:`probabilities`, chosen on validation data."""
+    attributes: tuple[str, ...]
+
+    def probabilities(self, prediction_logits: np.ndarray) -> np.ndarray:
+        """sigmoid(fc2(concat(r_hat, l))) for stage-1 prediction logits l (N x M)."""
+        logits = np.asarray(prediction_logits, dtype=np.float32)
+        r_hat = self.estimator.reconstruct(probabilities(logits))
+        return self.head.probabilities(r_hat, logits)
+
+
+@dataclass(frozen=True)
+class CfarResult:
+    """What :func:`fit_cfar` wrote (``output_dir``) and the in-memory results behind it."""
+
+    output_dir: str
+    als: AlsResult
+    predictor: CfarPredictor
+    metrics: dict[str, Any]
+
+
+def check_cfar_config(cfg: CfarConfig) -> None:
+    """Raise a ConfigError naming the first bad ``cfar`` value and what it may be."""
+    try:
+        check_als_params(
+            alpha=cfg.alpha,
+            lam=cfg.lam,
+            factors=cfg.factors,
+            threshold=cfg.threshold,
+            iterations=cfg.iterations,
+            tol=cfg.tol,
+            solver=cfg.solver,
+            actors=cfg.actors,
+        )
+    except ValueError as error:
+        raise ConfigError(f"cfar: {error}") from None
+    checks = [
+        (cfg.keys >= 1, f"keys must be >= 1, got {cfg.keys}"),
+        (cfg.lookup in LOOKUPS, f"lookup must be one of {', '.join(LOOKUPS)}, got {cfg.lookup!r}"),
+        (cfg.fc2_lr > 0, f"fc2_lr must be > 0, got {cfg.fc2_lr}"),
+        (cfg.fc2_epochs >= 0, f"fc2_epochs must be >= 0, got {cfg.fc2_epochs}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"cfar: {message}")
+
+
+def fit_cfar(
+    run_dir: str, cfg: CfarConfig, seed: int = 0, progress: Progress | None = None
+) -> CfarResult:
+    """Fit stage 2 on a run's stage-1 logits and write its artefacts (see module doc)."""
+    check_cfar_config(cfg)
+    report = progress or (lambda stage, values: None)
+    splits = {name: read_split_logits(logits_path(run_dir, name)) for name in SPLITS}
+    train = splits["train"]
+    _check_same_attributes(splits)
+    columns = eval_columns(train)
+    r_train = probabilities(train.prediction)
+
+    als = fit_als(
+        logits_path(run_dir, "train") if cfg.solver == "ray" else r_train,
+        alpha=cfg.alpha,
+        lam=cfg.lam,
+        factors=cfg.factors,
+        threshold=cfg.threshold,
+        iterations=cfg.iterations,
+        tol=cfg.tol,
+        solver=cfg.solver,
+        actors=cfg.actors,
+        seed=seed,
+        callback=lambda iteration, value, change, elapsed: report(
+            "als",
+            {
+                "iteration": iteration,
+                "objective": value,
+                "relative_change": change,
+                "elapsed": elapsed,
+            },
+        ),
+    )
+    dictionary = build_dictionary(r_train, als.X, cfg.keys, seed)
+    report("dictionary", {"keys": len(dictionary.keys)})
+
+    predictors, fits = {}, {}
+    for lookup in LOOKUPS:
+        estimator = ConfidenceEstimator(
+            als.Y, dictionary, lookup, cfg.alpha, cfg.threshold, cfg.lam
+        )
+        predictors[lookup], fits[lookup] = _fit_predictor(estimator, splits, cfg, columns)
+        report("fc2", {"lookup": lookup, **_fit_summary(fits[lookup])})
+    predictor = predictors[cfg.lookup]
+    metrics = _metrics(splits, predictors, columns, selected=cfg.lookup)
+
+    output_dir = storage.join(run_dir, CFAR_DIR)
+    _write_npz(storage.join(output_dir, "factors.npz"), X=als.X, Y=als.Y)
+    _write_npz(
+        storage.join(output_dir, "dictionary.npz"), keys=dictionary.keys, values=dictionary.values
+    )
+    _write_npz(storage.join(output_dir, "fc2.npz"), **predictor.head.arrays())
+    _write_json(
+        storage.join(output_dir, "cfar.json"),
+        {
+            "config": dataclasses.asdict(cfg),
+            "seed": seed,
+            "attributes": list(train.attributes),
+            "prediction_logits": "shared" if train.specific is None else "specific",
+            "als": {
+                "objectives": als.objectives,
+                "iterations": als.iterations,
+                "converged": als.converged,
+            },
+            "keys_used": len(dictionary.keys),
+            "fc2": {lookup: _fit_summary(fit) for lookup, fit in fits.items()},
+            "threshold": predictor.threshold,
+        },
+    )
+    _write_json(storage.join(output_dir, "metrics.json"), metrics)
+    return CfarResult(output_dir, als, predictor, metrics)
+
+
+def load_cfar(run_dir: str) -> CfarPredictor:
+    """The saved stage-2 predictor of a run (the configured lookup, fc2, threshold)."""
+    directory = storage.join(run_dir, CFAR_DIR)
+    meta = json.loads(storage.read_bytes(storage.join(directory, "cfar.json")))
+    cfg = meta["config"]
+    factors = _read_npz(storage.join(directory, "factors.npz"))
+    entries = _read_npz(storage.join(directory, "dictionary.npz"))
+    fc2 = _read_npz(storage.join(directory, "fc2.npz"))
+    estimator = ConfidenceEstimator(
+        factors["Y"],
+        AttributeSetDictionary(entries["keys"], entries["values"]),
+        cfg["lookup"],
+        cfg["alpha"],
+        cfg["threshold"],
+        cfg["lam"],
+    )
+    return CfarPredictor(
+        estimator,
+        Fc2.from_arrays(fc2["weight"], fc2["bias"]),
+        float(meta["threshold"]),
+        tuple(meta["attributes"]),
+    )
+
+
+def eval_columns(logits: SplitLogits) -> np.ndarray:
+    """Indices of the evaluated attributes within all attributes (all when none are named)."""
+    if not logits.eval_attributes:
+        return np.arange(len(logits.attributes))
+    unknown = sorted(set(logits.eval_attributes) - set(logits.attributes))
+    if unknown:
+        raise ValueError(f"evaluated attributes {unknown} are not among {logits.attributes}")
+    return np.array([logits.attributes.index(name) for name in logits.eval_attributes])
+
+
+def _check_same_attributes(splits: dict[str, SplitLogits]) -> None:
+    reference = splits["train"].attributes
+    for name, split in splits.items():
+        if split.attributes != reference:
+            raise ValueError(
+                f"the {name} logits have attributes {split.attributes}, train has {reference}"
+            )
+
+
+def _fit_predictor(
+    estimator: ConfidenceEstimator,
+    splits: dict[str, SplitLogits],
+    cfg: CfarConfig,
+    columns: np.ndarray,
+) -> tuple[CfarPredictor, Fc2Fit]:
+    """fc2 on train (selected on val), then its decision threshold on val."""
+
+    def fc2_inputs(split: SplitLogits) -> Fc2Split:
+        r_hat = estimator.reconstruct(probabilities(split.prediction))
+        return Fc2Split(r_hat, split.prediction, split.labels)
+
+    val = splits["val"]
+    fit = train_fc2(
+        fc2_inputs(splits["train"]),
+        fc2_inputs(val),
+        lr=cfg.fc2_lr,
+        epochs=cfg.fc2_epochs,
+        columns=columns,
+    )
+    predictor = CfarPredictor(estimator, fit.head, 0.5, splits["train"].attributes)
+    probs = predictor.probabilities(val.prediction)
+    threshold = choose_threshold(val.labels[:, columns], probs[:, columns])
+    return dataclasses.replace(predictor, threshold=float(threshold)), fit
+
+
+def _fit_summary(fit: Fc2Fit) -> dict[str, float]:
+    return {
+        "best_epoch": fit.best_epoch,
+        "epochs_run": fit.epochs_run,
+        "val_mA": fit.val_mA,
+        "val_loss": fit.val_loss,
+    }
+
+
+def _metrics(
+    splits: dict[str, SplitLogits],
+    predictors: dict[str, CfarPredictor],
+    columns: np.ndarray,
+    selected: str,
+) -> dict[str, Any]:
+    """Each column at 0.5 and at its own validation-chosen threshold, on val and test."""
+    labels = {name: splits[name].labels[:, columns] for name in REPORTED}
+    probs: dict[str, dict[str, np.ndarray]] = {}
+    for column, field in (("stage1_shared", "shared"), ("stage1_specific", "specific")):
+        if getattr(splits["train"], field) is not None:
+            probs[column] = {
+                name: probabilities(getattr(splits[name], field))[:, columns] for name in REPORTED
+            }
+    thresholds = {
+        column: float(choose_threshold(labels["val"], by_split["val"]))
+        for column, by_split in probs.items()
+    }
+    for lookup, predictor in predictors.items():
+        probs[_column(lookup)] = {
+            name: predictor.probabilities(splits[name].prediction)[:, columns] for name in REPORTED
+        }
+        thresholds[_column(lookup)] = predictor.threshold
+
+    result: dict[str, Any] = {
+        "selected": _column(selected),
+        "eval_attributes": [splits["train"].attributes[i] for i in columns],
+        "thresholds": thresholds,
+    }
+    for name in REPORTED:
+        for tag, chosen in (("", thresholds), ("_at_0.5", dict.fromkeys(thresholds, 0.5))):
+            result[f"{name}{tag}"] = {
+                column: summary(par_metrics(labels[name], by_split[name], chosen[column]))
+                for column, by_split in probs.items()
+            }
+    result["test_attr_mA"] = {
+        column: par_metrics(labels["test"], by_split["test"], thresholds[column])[
+            "attr_accuracy"
+        ].tolist()
+        for column, by_split in probs.items()
+    }
+    return result
+
+
+def _column(lookup: str) -> str:
+    return "cfar_" + lookup.replace("-", "_")
+
+
+def _write_npz(path: str, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    storage.write_bytes(path, buffer.getvalue())
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    storage.write_bytes(path, json.dumps(payload, indent=2).encode())

@@ -1,0 +1,127 @@
+"""fc2 (eq. 20): the linear layer that combines CFAR's r_hat with the stage-1 logits.
+
+Stage 1 stays frozen: fc2 needs only the stored logits, so it trains full-batch in seconds.
+It starts *as* the stage-1 prediction (weights ``[0 | I]`` on ``concat(r_hat, logits)``, bias
+0), and the epoch kept is the one with the best validation mA, epoch 0 included. So on the
+validation data that selects it, CFAR is never worse than stage 1 at the selection threshold:
+it can only move away from stage 1 where that helps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.functional import binary_cross_entropy_with_logits
+
+from campar_ray.metrics import par_metrics
+
+PATIENCE = 20
+"""Epochs without a lower validation loss before training stops."""
+
+
+class Fc2(nn.Module):
+    """``logits = W concat(r_hat, l) + b``, 2M -> M, initialised to return ``l``."""
+
+    def __init__(self, attributes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2 * attributes, attributes)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.weight[:, attributes:] = torch.eye(attributes)
+            self.linear.bias.zero_()
+
+    def forward(self, r_hat: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([r_hat, logits], dim=1))
+
+    @classmethod
+    def from_arrays(cls, weight: np.ndarray, bias: np.ndarray) -> Fc2:
+        """Rebuild from saved weights (M x 2M and M)."""
+        head = cls(len(bias))
+        head.linear.load_state_dict(
+            {"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)}
+        )
+        return head.eval()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().numpy().copy() for k, v in self.linear.state_dict().items()}
+
+    def probabilities(self, r_hat: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """sigmoid(fc2(.)) as a float32 NumPy array."""
+        with torch.no_grad():
+            out = self(_tensor(r_hat), _tensor(logits))
+        return torch.sigmoid(out).numpy()
+
+
+@dataclass(frozen=True)
+class Fc2Split:
+    """Inputs and targets of fc2 for one split: r_hat, prediction logits, labels (N x M)."""
+
+    r_hat: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Fc2Fit:
+    head: Fc2
+    best_epoch: int
+    epochs_run: int
+    val_mA: float
+    val_loss: float
+
+
+def train_fc2(
+    train: Fc2Split,
+    val: Fc2Split,
+    *,
+    lr: float,
+    epochs: int,
+    columns: np.ndarray | None = None,
+    patience: int = PATIENCE,
+) -> Fc2Fit:
+    """Full-batch Adam on the training BCE, stopped early on the validation loss.
+
+    The epoch kept is the one with the best validation mA (epoch 0, the stage-1 prediction,
+    included; ties go to the lower validation loss), computed at threshold 0.5 over
+    ``columns`` (the evaluated attributes; all when None). Training stops after ``patience``
+    epochs without a lower validation loss, or after ``epochs``. Deterministic: no random
+    initialisation, no sampling.
+    """
+    head = Fc2(train.logits.shape[1])
+    optimiser = torch.optim.Adam(head.parameters(), lr=lr)
+    inputs = (_tensor(train.r_hat), _tensor(train.logits))
+    target = _tensor(train.labels > 0)
+    val_inputs = (_tensor(val.r_hat), _tensor(val.logits))
+    val_target = _tensor(val.labels > 0)
+    columns = np.arange(train.logits.shape[1]) if columns is None else columns
+
+    def validate() -> tuple[float, float]:
+        with torch.no_grad():
+            out = head(*val_inputs)
+            loss = float(binary_cross_entropy_with_logits(out, val_target))
+        probs = torch.sigmoid(out).numpy()
+        return par_metrics(val.labels[:, columns], probs[:, columns])["mA"], loss
+
+    best_epoch, (best_mA, best_loss), best_state = 0, validate(), head.arrays()
+    lowest_loss, lowest_epoch = best_loss, 0
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        optimiser.zero_grad()
+        binary_cross_entropy_with_logits(head(*inputs), target).backward()
+        optimiser.step()
+        mA, loss = validate()
+        if (mA, -loss) > (best_mA, -best_loss):
+            best_epoch, best_mA, best_loss, best_state = epoch, mA, loss, head.arrays()
+        if loss < lowest_loss:
+            lowest_loss, lowest_epoch = loss, epoch
+        elif epoch - lowest_epoch >= patience:
+            break
+    kept = Fc2.from_arrays(best_state["weight"], best_state["bias"])
+    return Fc2Fit(kept, best_epoch, epoch, best_mA, best_loss)
+
+
+def _tensor(values: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.float32))

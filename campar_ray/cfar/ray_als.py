@@ -1,0 +1,193 @@
+"""The ALS of :mod:`campar_ray.cfar.als` with the image rows sharded over Ray actors.
+
+Each actor reads its own rows of the stage-1 logits Parquet file (the driver never holds r)
+and keeps their image factors. Per iteration the driver puts ``(Y, Y^T Y)`` in the object
+store once; every actor runs the image step on its rows and returns its additive share of the
+M attribute systems (M x D x D + M x D + M + 1 numbers); the driver adds the shares, solves
+the M systems for Y and reads the objective off the same sums. Traffic per actor and
+iteration is O(M D^2), whatever the number of rows.
+
+Failures: an actor that dies is restarted (``max_restarts``) by rerunning its constructor,
+which reloads its shard; an in-flight call is retried (``max_task_retries``). The lost X needs
+no checkpoint, because a step computes X from Y alone: a retried step recomputes it, and the
+final fetch of X recomputes it from the Y it was solved against when the actor restarted
+after its last step. A restarted fit therefore reaches the same factors as an undisturbed one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import resource
+
+import numpy as np
+import ray
+from threadpoolctl import threadpool_limits
+
+from campar_ray.cfar.als import (
+    AlsCallback,
+    AlsResult,
+    AttributeStats,
+    Shard,
+    alternate,
+    gram,
+    initial_attribute_factors,
+    probabilities,
+)
+from campar_ray.train.logits import count_rows, read_split_logits
+
+MAX_RESTARTS = 3
+"""Restarts per actor (and retries per call) before a fit gives up with RayActorError."""
+
+
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+class ShardActor:
+    """Rows ``[start, stop)`` of one logits file, loaded by the actor itself."""
+
+    def __init__(
+        self,
+        path: str,
+        start: int,
+        stop: int,
+        *,
+        alpha: float,
+        threshold: float,
+        lam: float,
+        threads: int,
+    ) -> None:
+        threadpool_limits(threads)
+        logits = read_split_logits(path, start, stop)
+        self._shard = Shard(
+            probabilities(logits.prediction), alpha=alpha, threshold=threshold, lam=lam
+        )
+        self._step: int | None = None
+
+    def step(self, side: tuple[np.ndarray, np.ndarray], step: int) -> AttributeStats:
+        """Image step from ``side = (Y, Y^T Y)``, then this shard's attribute statistics."""
+        stats = self._shard.step(*side)
+        self._step = step
+        return stats
+
+    def image_factors(self, side: tuple[np.ndarray, np.ndarray], step: int) -> np.ndarray:
+        """X of step ``step``, recomputed from that step's ``side`` if a restart lost it."""
+        if self._step != step:
+            self._shard.solve(*side)
+            self._step = step
+        return self._shard.X
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def usage(self) -> dict[str, float]:
+        """This actor process's peak resident memory (bytes; Linux counts ru_maxrss in KiB)
+        and the CPU seconds it has used."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {"peak_rss": usage.ru_maxrss * 1024, "cpu_seconds": usage.ru_utime + usage.ru_stime}
+
+
+class ShardedAls:
+    """Actors holding the row shards of one logits file; ``fit`` may be called repeatedly.
+
+    ``cpus_per_actor`` may be fractional (0.5 lets two actors share a core on a laptop);
+    each actor pins its BLAS to ``max(1, floor(cpus_per_actor))`` threads.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        actors: int,
+        alpha: float,
+        lam: float,
+        threshold: float,
+        cpus_per_actor: float = 0.5,
+    ) -> None:
+        rows = count_rows(path)
+        if actors > rows:
+            raise ValueError(f"actors={actors} exceeds the {rows} rows of {path}")
+        self.rows = rows
+        self.attributes = len(read_split_logits(path, 0, 0).attributes)
+        self.lam = lam
+        bounds = np.linspace(0, rows, actors + 1).astype(int)
+        options = ShardActor.options(num_cpus=cpus_per_actor)
+        self.actors = [
+            options.remote(
+                path,
+                int(start),
+                int(stop),
+                alpha=alpha,
+                threshold=threshold,
+                lam=lam,
+                threads=max(1, math.floor(cpus_per_actor)),
+            )
+            for start, stop in itertools.pairwise(bounds)
+        ]
+
+    def fit(
+        self,
+        Y0: np.ndarray,
+        *,
+        iterations: int,
+        tol: float,
+        callback: AlsCallback | None = None,
+    ) -> AlsResult:
+        """ALS from ``Y0``; the actors keep their shards for the next fit."""
+        side, number = None, -1
+
+        def step(Y: np.ndarray) -> AttributeStats:
+            nonlocal side, number
+            side, number = ray.put((Y, gram(Y))), number + 1
+            shares = ray.get([actor.step.remote(side, number) for actor in self.actors])
+            return sum(shares[1:], shares[0])
+
+        Y, monitor = alternate(
+            step, Y0, lam=self.lam, iterations=iterations, tol=tol, callback=callback
+        )
+        parts = [actor.image_factors.remote(side, number) for actor in self.actors]
+        X = np.concatenate(ray.get(parts))
+        return AlsResult(X, Y, monitor.objectives, len(monitor.objectives), monitor.converged)
+
+    def pids(self) -> list[int]:
+        return ray.get([actor.pid.remote() for actor in self.actors])
+
+    def usage(self) -> list[dict[str, float]]:
+        """Each actor's peak memory and CPU time (for benchmarks and capacity planning)."""
+        return ray.get([actor.usage.remote() for actor in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def __enter__(self) -> ShardedAls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fit_ray(
+    path: str,
+    *,
+    factors: int,
+    alpha: float,
+    lam: float,
+    threshold: float,
+    iterations: int,
+    tol: float,
+    actors: int,
+    seed: int = 0,
+    callback: AlsCallback | None = None,
+    cpus_per_actor: float = 0.5,
+) -> AlsResult:
+    """One ALS fit on Ray actors; they are released afterwards."""
+    with ShardedAls(
+        path,
+        actors=actors,
+        alpha=alpha,
+        lam=lam,
+        threshold=threshold,
+        cpus_per_actor=cpus_per_actor,
+    ) as solver:
+        Y0 = initial_attribute_factors(solver.attributes, factors, seed)
+        return solver.fit(Y0, iterations=iterations, tol=tol, callback=callback)

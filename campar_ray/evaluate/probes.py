@@ -1,0 +1,125 @@
+"""What the trained network does on real images: Fig. 7 angles and CAM overlays.
+
+Both need pixels, so they read the run's manifest and decode a bounded number of images of
+the split (evenly spaced in manifest order, so the sample is the same every time) with the
+same decode + resize + normalise as training. They run locally in plain PyTorch: a report
+needs hundreds of images, not the whole split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+
+from campar_ray.bundle import ParPredictor
+from campar_ray.data.images import decode_image, load_image_bytes
+from campar_ray.data.manifest import BINARY_COLUMN, labels_matrix, read_manifest
+from campar_ray.data.transforms import normalize, resize
+from campar_ray.model import feature_weight_angles
+
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class SplitImages:
+    """Decoded, resized images of a split with their labels (all attributes) and names."""
+
+    names: list[str]
+    pixels: np.ndarray
+    """uint8 N x H x W x 3."""
+    labels: np.ndarray
+
+    def first(self, count: int) -> SplitImages:
+        return SplitImages(self.names[:count], self.pixels[:count], self.labels[:count])
+
+
+@dataclass(frozen=True)
+class CamSample:
+    """One image of the CAM grid: pixels, final probabilities, labels and upsampled CAMs."""
+
+    name: str
+    pixels: np.ndarray
+    probs: np.ndarray
+    labels: np.ndarray
+    cams: np.ndarray
+    """M x H x W in [0, 1], at the network's input size."""
+
+
+def load_split_images(manifest: str, split: str, size: tuple[int, int], limit: int) -> SplitImages:
+    """Up to ``limit`` decodable images of ``split``, evenly spaced over the split."""
+    if not manifest:
+        raise FileNotFoundError("the run's config names no manifest (data.manifest is empty)")
+    table, info = read_manifest(manifest)
+    rows = table.filter(pc.equal(table.column("split"), split))
+    if rows.num_rows == 0:
+        raise ValueError(f"manifest {manifest} has no {split!r} images")
+    picked = np.unique(np.linspace(0, rows.num_rows - 1, min(limit, rows.num_rows)).astype(int))
+    rows = rows.take(picked)
+    sources = rows.column(BINARY_COLUMN if BINARY_COLUMN in rows.column_names else "image")
+    names, pixels, keep = [], [], []
+    for index, (name, source) in enumerate(
+        zip(rows.column("image").to_pylist(), sources.to_pylist(), strict=True)
+    ):
+        try:
+            pixels.append(resize(decode_image(load_image_bytes(source, info.root)), size))
+        except (ValueError, OSError):
+            continue
+        names.append(name)
+        keep.append(index)
+    labels = labels_matrix(rows)[keep]
+    empty = np.zeros((0, *size, 3), dtype=np.uint8)
+    return SplitImages(names, np.stack(pixels) if pixels else empty, labels)
+
+
+def eval_mask(predictor: ParPredictor) -> np.ndarray:
+    """Boolean mask of the evaluated attributes among all attributes."""
+    evaluated = set(predictor.eval_attributes)
+    return np.array([name in evaluated for name in predictor.attributes])
+
+
+def angles(predictor: ParPredictor, images: SplitImages) -> np.ndarray:
+    """Fig. 7: angle (degrees) between feature vector and classifier weight for every
+    (image, present evaluated attribute) pair."""
+    labels = images.labels * eval_mask(predictor)
+    chunks = [np.zeros(0, dtype=np.float32)]
+    for start in range(0, len(images.names), BATCH):
+        x = normalize(torch.from_numpy(images.pixels[start : start + BATCH]))
+        y = torch.from_numpy(labels[start : start + BATCH])
+        chunks.append(feature_weight_angles(predictor.model, x.to(predictor.device), y))
+    return np.concatenate(chunks)
+
+
+def cam_samples(predictor: ParPredictor, images: SplitImages, count: int) -> list[CamSample]:
+    """CAMs and final probabilities of the first ``count`` images, upsampled to input size."""
+    pixels = images.pixels[:count]
+    if len(pixels) == 0:
+        return []
+    output = predictor.stage1(normalize(torch.from_numpy(pixels)), return_cams=True)
+    probs = predictor.probabilities(output)
+    cams = F.interpolate(
+        output.cams.float(), size=pixels.shape[1:3], mode="bilinear", align_corners=False
+    )
+    cams = cams.clamp(0, 1).cpu().numpy()
+    return [
+        CamSample(images.names[i], pixels[i], probs[i], images.labels[i], cams[i])
+        for i in range(len(pixels))
+    ]
+
+
+def angle_summary(values: np.ndarray) -> dict[str, float]:
+    """Count, quartiles, mean and the share of pairs on the right side of 90 degrees."""
+    if len(values) == 0:
+        return {"count": 0}
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {
+        "count": len(values),
+        "mean": float(values.mean()),
+        "median": float(median),
+        "q1": float(q1),
+        "q3": float(q3),
+        "below_90": float(np.mean(values < 90.0)),
+    }

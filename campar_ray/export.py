@@ -1,0 +1,251 @@
+"""Export a trained model (stage 1, plus CFAR when present) as one TorchScript or ONNX file.
+
+The exported module takes a *normalised* image batch (``N x 3 x H x W`` float32, ImageNet
+mean/std, the bundle's input size; the batch axis is dynamic) and returns the final
+probabilities (``N x M``). Stage 2 is rebuilt from its arrays as tensor operations:
+
+- ``dictionary`` lookup: nearest of K keys by squared distance to ``r = sigmoid(l)``, then
+  ``r_hat`` is a row of the precomputed K x M table ``values @ Y^T``;
+- ``fold-in``: ``x = (Y^T C Y + lam I)^-1 Y^T C p`` per image with ``torch.linalg.solve`` in
+  float64 (as the NumPy reference solves it), then ``r_hat = x @ Y^T``. TorchScript only: ONNX
+  has no linear-solve operator, so an ONNX export of a fold-in model is refused;
+- ``fc2`` on ``concat(r_hat, l)``, then sigmoid.
+
+Every export is checked against the PyTorch predictor on random inputs and on real images
+(given by the caller, else the bundle's ``samples.npz``); the largest absolute difference is
+printed and must not exceed the tolerance. The file (a local path) carries its own
+description (attributes, threshold, input size, normalisation) as TorchScript extra files or
+ONNX metadata. ONNX needs the optional extra ``campar-ray[onnx]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from campar_ray.bundle import Image, ParPredictor, load_model, load_samples
+from campar_ray.cfar.fit import CfarPredictor
+from campar_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from campar_ray.model import ParModel, prediction_logits
+
+FORMATS = ("torchscript", "onnx")
+TOLERANCE = 1e-4
+METADATA_NAME = "campar.json"
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+ONNX_EXTRA = "pip install 'campar-ray[onnx]' (onnx, onnxscript, onnxruntime)"
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be made, or whose output disagrees with PyTorch."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: str
+    format: str
+    max_abs_diff: dict[str, float]
+    """Input kind (``random``, ``real``) -> largest |exported - PyTorch| probability."""
+
+
+class CfarModule(nn.Module):
+    """CFAR (dictionary or fold-in lookup, then fc2) on stage-1 prediction logits, in torch."""
+
+    def __init__(self, cfar: CfarPredictor):
+        super().__init__()
+        estimator = cfar.estimator
+        self.lookup = estimator.lookup
+        self.alpha = float(estimator.alpha)
+        self.p_t = float(estimator.threshold)
+        self.lam = float(estimator.lam)
+        y = np.asarray(estimator.Y, dtype=np.float64)
+        self.register_buffer(
+            "keys", torch.as_tensor(estimator.dictionary.keys, dtype=torch.float32)
+        )
+        table = np.asarray(estimator.dictionary.values, dtype=np.float64) @ y.T
+        self.register_buffer("table", torch.as_tensor(table, dtype=torch.float32))
+        self.register_buffer("Y", torch.as_tensor(y))
+        self.fc2 = nn.Linear(2 * y.shape[0], y.shape[0])
+        self.fc2.load_state_dict(cfar.head.linear.state_dict())
+
+    def reconstruct(self, r: Tensor) -> Tensor:
+        """r_hat (N x M) for confidences r (N x M)."""
+        if self.lookup == "dictionary":
+            distance = (r.unsqueeze(1) - self.keys.unsqueeze(0)).pow(2).sum(-1)  # N x K
+            return self.table[distance.argmin(dim=1)]
+        r64 = r.double()
+        p = (r >= self.p_t).double()
+        c = 1.0 + self.alpha * r64
+        eye = torch.eye(self.Y.shape[1], dtype=torch.float64, device=r.device)
+        lhs = torch.einsum("nm,md,me->nde", c, self.Y, self.Y) + self.lam * eye
+        rhs = (c * p) @ self.Y
+        factors = torch.linalg.solve(lhs, rhs.unsqueeze(-1)).squeeze(-1)
+        return (factors @ self.Y.T).float()
+
+    def forward(self, logits: Tensor) -> Tensor:
+        r_hat = self.reconstruct(torch.sigmoid(logits))
+        return torch.sigmoid(self.fc2(torch.cat([r_hat, logits], dim=1)))
+
+
+class ExportedPredictor(nn.Module):
+    """Normalised images in, final probabilities out: the whole predictor as one module."""
+
+    def __init__(self, model: ParModel, predict_from: str, cfar: CfarPredictor | None):
+        super().__init__()
+        self.model = model
+        self.predict_from = predict_from
+        self.cfar = None if cfar is None else CfarModule(cfar)
+
+    def forward(self, images: Tensor) -> Tensor:
+        output = self.model(images)
+        if self.cfar is None:
+            return torch.sigmoid(prediction_logits(output, self.predict_from))
+        return self.cfar(output.shared if output.specific is None else output.specific)
+
+
+def export_model(
+    model: str,
+    format: str,
+    out: str,
+    *,
+    images: Sequence[Image] | np.ndarray | None = None,
+    tolerance: float = TOLERANCE,
+    progress: bool = True,
+) -> ExportReport:
+    """Export the bundle or run at ``model`` to the file ``out`` and check its parity.
+
+    ``images`` (uint8 ``H x W x 3`` arrays of any size, or image paths) are the real inputs
+    of the check; by default the bundle's own ``samples.npz`` serves. Raises
+    :class:`ExportError` when the exported output differs from PyTorch by more than
+    ``tolerance``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+    predictor = load_model(model)
+    if format == "onnx":
+        _require_onnx(predictor)
+    module = ExportedPredictor(predictor.model, predictor.predict_from, predictor.cfar).eval()
+    height, width = predictor.image_size
+    example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    metadata = describe(predictor)
+    if format == "torchscript":
+        run = _export_torchscript(module, example, out, metadata)
+    else:
+        run = _export_onnx(module, example, out, metadata)
+    inputs = _check_inputs(predictor, model, images)
+    diffs = {name: parity(run, predictor, x) for name, x in inputs.items()}
+    if progress:
+        for name, diff in diffs.items():
+            print(f"[export] {format} parity on {name} inputs: max abs diff {diff:.2e}", flush=True)
+    worst = max(diffs.values())
+    if not worst <= tolerance:
+        raise ExportError(
+            f"{format} export {out} differs from PyTorch by {worst:.3e} (> {tolerance:g})"
+        )
+    return ExportReport(out, format, diffs)
+
+
+def describe(predictor: ParPredictor) -> dict[str, Any]:
+    """What a consumer of the exported file needs to feed it and read its output."""
+    return {
+        "attributes": list(predictor.attributes),
+        "eval_attributes": list(predictor.eval_attributes),
+        "threshold": predictor.threshold,
+        "threshold_source": predictor.threshold_source,
+        "input": "float32 N x 3 x H x W, RGB scaled to [0, 1], minus mean, divided by std",
+        "image_size": list(predictor.image_size),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "output": "float32 N x M probabilities, attributes in the order above",
+        "cfar": None if predictor.cfar is None else predictor.cfar.estimator.lookup,
+        "predict_from": predictor.predict_from,
+    }
+
+
+def parity(run: Callable[[Tensor], np.ndarray], predictor: ParPredictor, x: Tensor) -> float:
+    """Largest absolute difference between an exported module and the PyTorch predictor."""
+    expected = predictor.probabilities(predictor.stage1(x))
+    return float(np.max(np.abs(run(x) - expected)))
+
+
+def _check_inputs(
+    predictor: ParPredictor, model: str, images: Sequence[Image] | np.ndarray | None
+) -> dict[str, Tensor]:
+    """A random batch (3 images: not the traced batch size) and real images when available."""
+    height, width = predictor.image_size
+    generator = torch.Generator().manual_seed(1)
+    inputs = {"random": torch.randn(3, 3, height, width, generator=generator)}
+    real = load_samples(model) if images is None else images
+    if real is not None and len(real):
+        inputs["real"] = normalize(predictor.prepare(list(real)))
+    return inputs
+
+
+def _export_torchscript(
+    module: nn.Module, example: Tensor, out: str, metadata: dict[str, Any]
+) -> Callable[[Tensor], np.ndarray]:
+    with warnings.catch_warnings():
+        # PyTorch marks TorchScript deprecated in favour of torch.export; the format is still
+        # what libtorch (C++) and most serving stacks load, and the one asked for here.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        # Tracing freezes the Python branches on H x W (fusion's resizing): the exported file
+        # takes the bundle's input size only, as documented; the batch axis stays dynamic.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        with torch.no_grad():
+            traced = torch.jit.trace(module, example, check_trace=False)
+        torch.jit.save(traced, out, _extra_files={METADATA_NAME: json.dumps(metadata)})
+        loaded = torch.jit.load(out, map_location="cpu")
+
+    def run(x: Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return loaded(x).numpy()
+
+    return run
+
+
+def _require_onnx(predictor: ParPredictor) -> None:
+    if predictor.cfar is not None and predictor.cfar.estimator.lookup == "fold-in":
+        raise ExportError(
+            "ONNX has no linear-solve operator, so CFAR fold-in cannot be exported to ONNX; "
+            "export with format 'torchscript', or fit CFAR with cfar.lookup=dictionary"
+        )
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"ONNX export needs {', '.join(missing)}: {ONNX_EXTRA}")
+
+
+def _export_onnx(
+    module: nn.Module, example: Tensor, out: str, metadata: dict[str, Any]
+) -> Callable[[Tensor], np.ndarray]:
+    import onnx
+    import onnxruntime
+
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(
+        module,
+        (example,),
+        out,
+        input_names=["images"],
+        output_names=["probabilities"],
+        dynamic_shapes={"images": {0: batch}},
+        dynamo=True,
+        external_data=False,
+    )
+    proto = onnx.load(out)
+    onnx.helper.set_model_props(proto, {METADATA_NAME: json.dumps(metadata)})
+    onnx.save(proto, out)
+    session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
+
+    def run(x: Tensor) -> np.ndarray:
+        return session.run(None, {"images": x.numpy()})[0]
+
+    return run

@@ -1,0 +1,229 @@
+"""Batch inference over folders, globs and manifests with Ray Data (an actor pool).
+
+``list -> decode + resize (tasks) -> predict (actors, each loading the bundle once)``, streamed
+block by block, so any number of images runs in bounded memory and on as many actors (and
+GPUs) as the cluster offers. The driver receives only probabilities, never pixels, and
+writes one row per input in input order: ``path``, ``error`` (null when the image was read),
+``prob_<attribute>`` for every attribute and ``predicted`` (the attribute names at or above
+the bundle's threshold). An image that cannot be read or decoded gets its error message and
+null probabilities; the run goes on. Images of any size are resized as in training.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+from campar_ray import storage
+from campar_ray.bundle import load_model
+from campar_ray.data.images import decode_image, load_image_bytes
+from campar_ray.data.manifest import BINARY_COLUMN, read_manifest
+from campar_ray.data.transforms import normalize, resize
+from campar_ray.runtime import init_ray
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+OUTPUT_SUFFIXES = (".parquet", ".csv")
+BLOCK_ROWS = 64
+PROB_PREFIX = "prob_"
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    path: str
+    images: int
+    errors: int
+    table: pa.Table
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What to predict: one row per image (``image`` reference, optional encoded bytes)."""
+
+    table: pa.Table
+    root: str
+    """Folder that relative references resolve against ('' when they are absolute)."""
+
+
+def list_inputs(source: str) -> Inputs:
+    """The images named by a manifest (``.parquet``), a folder (recursive) or a glob pattern."""
+    if source.endswith(".parquet"):
+        table, info = read_manifest(source)
+        columns = ["image", *([BINARY_COLUMN] if BINARY_COLUMN in table.column_names else [])]
+        return Inputs(table.select(columns), info.root)
+    if any(char in source for char in "*?["):
+        if storage.is_uri(source):
+            raise ValueError(f"glob patterns work on local paths only, got {source!r}")
+        paths = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+    else:
+        paths = _folder_images(source)
+    if not paths:
+        raise FileNotFoundError(
+            f"no images found at {source!r} (give a folder, a glob or a .parquet manifest; "
+            f"image files end with {', '.join(IMAGE_SUFFIXES)})"
+        )
+    return Inputs(pa.table({"image": pa.array(paths, pa.string())}), "")
+
+
+def _folder_images(folder: str) -> list[str]:
+    filesystem, inner = storage.resolve(folder)
+    if filesystem.get_file_info(inner).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"input {folder!r} is not a folder, a glob or a .parquet manifest")
+    found = []
+    for info in filesystem.get_file_info(pafs.FileSelector(inner, recursive=True)):
+        if info.type == pafs.FileType.File and info.path.lower().endswith(IMAGE_SUFFIXES):
+            relative = os.path.relpath(info.path, inner).replace(os.sep, "/")
+            found.append(storage.join(folder, relative))
+    return sorted(found)
+
+
+def decode_for_prediction(
+    batch: dict[str, np.ndarray], *, root: str, size: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """Read, decode and resize each image; record why one failed instead of raising."""
+    sources = batch[BINARY_COLUMN] if BINARY_COLUMN in batch else batch["image"]
+    images = np.zeros((len(sources), *size, 3), dtype=np.uint8)
+    errors = []
+    for index, source in enumerate(sources):
+        try:
+            images[index] = resize(decode_image(load_image_bytes(source, root)), size)
+            errors.append("")
+        except Exception as error:  # one unreadable image must never fail its whole batch
+            errors.append(f"{type(error).__name__}: {error}")
+    return {"row": batch["row"], "image": images, "error": np.array(errors, dtype=str)}
+
+
+class BatchPredictor:
+    """A Ray Data actor: loads the bundle once, then scores decoded batches."""
+
+    def __init__(self, model: str, use_gpu: bool):
+        self.predictor = load_model(model).to("cuda" if use_gpu else "cpu")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        valid = batch["error"] == ""
+        probs = np.full((len(valid), len(self.predictor.attributes)), np.nan, dtype=np.float32)
+        if valid.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][valid]))
+            output = self.predictor.stage1(normalize(pixels.to(self.predictor.device)))
+            probs[valid] = self.predictor.probabilities(output)
+        return {"row": batch["row"], "error": batch["error"], "probs": probs}
+
+
+def predict(
+    model: str,
+    source: str,
+    out: str,
+    *,
+    gpu: bool = False,
+    actors: int = 1,
+    batch_size: int = 64,
+    decode_concurrency: int = 1,
+    cpus_per_actor: float = 1.0,
+) -> PredictResult:
+    """Predict every image of ``source`` with the bundle (or run) ``model``; write ``out``.
+
+    ``out`` ends with ``.parquet`` (``predicted`` as a list) or ``.csv`` (names joined by
+    ``;``). Connects to the Ray cluster (or starts a local one) if none is connected.
+    """
+    if not out.endswith(OUTPUT_SUFFIXES):
+        raise ValueError(f"output {out!r} must end with one of {', '.join(OUTPUT_SUFFIXES)}")
+    if actors < 1 or batch_size < 1 or decode_concurrency < 1:
+        raise ValueError(
+            f"actors ({actors}), batch_size ({batch_size}) and decode_concurrency "
+            f"({decode_concurrency}) must all be at least 1"
+        )
+    predictor = load_model(model)
+    inputs = list_inputs(source)
+    init_ray()
+    if gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise ValueError("--gpu asks for GPU actors but the Ray cluster has no GPU")
+    rows = inputs.table.append_column(
+        "row", pa.array(np.arange(inputs.table.num_rows, dtype=np.int64))
+    )
+    blocks = [rows.slice(start, BLOCK_ROWS) for start in range(0, rows.num_rows, BLOCK_ROWS)]
+    scored = (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            decode_for_prediction,
+            fn_kwargs={"root": inputs.root, "size": predictor.image_size},
+            batch_format="numpy",
+            batch_size=None,
+            compute=TaskPoolStrategy(size=decode_concurrency),
+            num_cpus=0.5,
+        )
+        .map_batches(
+            BatchPredictor,
+            fn_constructor_kwargs={"model": model, "use_gpu": gpu},
+            batch_format="numpy",
+            batch_size=batch_size,
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=1 if gpu else 0,
+        )
+    )
+    count = rows.num_rows
+    probs = np.full((count, len(predictor.attributes)), np.nan, dtype=np.float32)
+    errors = np.full(count, "", dtype=object)
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        probs[batch["row"]] = batch["probs"]
+        errors[batch["row"]] = batch["error"]
+    table = prediction_table(
+        inputs.table.column("image").to_pylist(), errors, probs, predictor.attributes,
+        predictor.threshold,
+    )  # fmt: skip
+    write_predictions(out, table)
+    failed = int(sum(1 for error in errors if error))
+    return PredictResult(out, count, failed, table)
+
+
+def prediction_table(
+    paths: list[str],
+    errors: np.ndarray,
+    probs: np.ndarray,
+    attributes: tuple[str, ...],
+    threshold: float,
+) -> pa.Table:
+    """The output rows: path, error (null if none), one probability column per attribute,
+    and the names of the predicted attributes (null where the image failed)."""
+    failed = np.array([bool(error) for error in errors], dtype=bool)
+    names = np.asarray(attributes, dtype=object)
+    predicted = [
+        None if bad else names[row >= threshold].tolist()
+        for row, bad in zip(probs, failed, strict=True)
+    ]
+    columns = {
+        "path": pa.array(paths, pa.string()),
+        "error": pa.array([error or None for error in errors], pa.string()),
+    }
+    for index, name in enumerate(attributes):
+        columns[PROB_PREFIX + name] = pa.array(probs[:, index], pa.float32(), mask=failed)
+    columns["predicted"] = pa.array(predicted, pa.list_(pa.string()))
+    return pa.table(columns).replace_schema_metadata({"threshold": str(threshold)})
+
+
+def write_predictions(out: str, table: pa.Table) -> None:
+    """Parquet as is; CSV with the predicted names joined by ``;`` (CSV has no lists)."""
+    buffer = io.BytesIO()
+    if out.endswith(".parquet"):
+        pq.write_table(table, buffer)
+    else:
+        joined = pa.array(
+            [
+                None if names is None else ";".join(names)
+                for names in table["predicted"].to_pylist()
+            ],
+            pa.string(),
+        )
+        flat = table.set_column(table.schema.get_field_index("predicted"), "predicted", joined)
+        pacsv.write_csv(flat, buffer)
+    storage.write_bytes(out, buffer.getvalue())

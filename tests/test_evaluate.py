@@ -1,0 +1,322 @@
+"""Evaluation report, ablation table and the run-directory side of bundles, on tiny real runs.
+
+The runs are trained here without Ray (the plain loops of ``campar_ray.train.loop``, two
+epochs of a ResNet-18 on 32 x 16 synthetic images), checkpointed in stage 1's format and
+layout, with logits written by the best checkpoint: the artefacts ``train_stage1`` leaves, in
+seconds instead of minutes.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import html.parser
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from campar_ray.bundle import best_checkpoint, load_model, save_bundle, stage1_probabilities
+from campar_ray.cfar.fit import fit_cfar
+from campar_ray.config import CfarConfig, Config
+from campar_ray.data.manifest import labels_matrix, read_manifest
+from campar_ray.data.ray_pipeline import decode_batch, split_rows
+from campar_ray.data.synthetic import generate_synthetic
+from campar_ray.data.transforms import normalize
+from campar_ray.evaluate import compare_runs, evaluate
+from campar_ray.metrics import par_metrics
+from campar_ray.model import build_model, prediction_logits, stage1_loss
+from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits, write_split_logits
+from campar_ray.train.loop import (
+    build_optimizer,
+    build_scheduler,
+    make_grad_scaler,
+    train_one_epoch,
+    validation_metrics,
+)
+from campar_ray.train.loop import evaluate as evaluate_epoch
+from campar_ray.train.stage1 import load_stage1_checkpoint, save_checkpoint
+
+SIZE = (32, 16)
+CPU = torch.device("cpu")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _batches(manifest: str, split: str, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+    """Decoded batches of one split, through the training pipeline's own decode function."""
+    table, info = read_manifest(manifest)
+    rows = split_rows(table, split)
+    decoded = decode_batch(
+        {
+            "row": rows.column("row").to_numpy().copy(),
+            "image": np.asarray(rows.column("image").to_pylist(), dtype=object),
+            "labels": labels_matrix(rows),
+        },
+        root=info.root,
+        size=SIZE,
+    )
+    return [
+        {key: torch.from_numpy(value[start : start + batch_size]) for key, value in decoded.items()}
+        for start in range(0, len(decoded["row"]), batch_size)
+    ]
+
+
+def train_tiny_run(run_dir: Path, manifest: str, head: str, epochs: int = 2) -> Path:
+    """A stage-1 run directory as ``train_stage1`` lays it out, trained without Ray."""
+    torch.manual_seed(0)
+    config = Config().override(
+        {
+            "data.manifest": manifest,
+            "data.image_size": list(SIZE),
+            "model.backbone": "resnet18",
+            "model.head": head,
+            "model.fusion": False,
+            "train.epochs": epochs,
+            "run.dir": str(run_dir),
+        }
+    )
+    _, info = read_manifest(manifest)
+    model = build_model(config.model, len(info.attributes))
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.0)
+    scheduler = build_scheduler(optimizer, name="plateau", epochs=epochs)
+    logits_fn = functools.partial(prediction_logits, predict_from=config.model.predict_from)
+    train, val = _batches(manifest, "train"), _batches(manifest, "val")
+    history = []
+    for epoch in range(1, epochs + 1):
+        stats = train_one_epoch(model, train, optimizer, stage1_loss, device=CPU)
+        predictions = evaluate_epoch(model, val, logits_fn, device=CPU)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": stats.loss,
+            **validation_metrics(predictions.labels, predictions.probs, info.eval_indices()),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(metrics)
+        folder = run_dir / "ray" / "stage1" / f"checkpoint_{epoch:06d}"
+        folder.mkdir(parents=True)
+        meta = {
+            "epoch": epoch,
+            "attributes": list(info.attributes),
+            "eval_attributes": list(info.eval_attributes),
+            "config": config.to_dict(),
+            "metrics": metrics,
+            "history": history,
+        }
+        save_checkpoint(
+            str(folder), model, optimizer, scheduler, make_grad_scaler(CPU, False), meta
+        )
+    config.save(run_dir / "config.yaml")
+    best, _ = load_stage1_checkpoint(best_checkpoint(str(run_dir)))
+    table, _ = read_manifest(manifest)
+    for split in ("train", "val", "test"):
+        batches = _batches(manifest, split)
+        with torch.no_grad():
+            outputs = [best(normalize(batch["image"])) for batch in batches]
+        rows = split_rows(table, split)
+        write_split_logits(
+            logits_path(str(run_dir), split),
+            SplitLogits(
+                images=rows.column("image").to_pylist(),
+                labels=labels_matrix(rows),
+                shared=torch.cat([o.shared for o in outputs]).numpy(),
+                specific=None
+                if head == "baseline"
+                else torch.cat([o.specific for o in outputs]).numpy(),
+                attributes=info.attributes,
+                eval_attributes=info.eval_attributes,
+            ),
+        )
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A CAM-PAR run, the same run with CFAR, and a baseline-head run."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("evaluate")
+    manifest = generate_synthetic(str(root / "data"), n=80, size=SIZE, seed=0)
+    campar = train_tiny_run(root / "campar", manifest, "campar")
+    baseline = train_tiny_run(root / "baseline", manifest, "baseline")
+    with_cfar = root / "campar_cfar"
+    shutil.copytree(campar, with_cfar)
+    fit_cfar(str(with_cfar), CfarConfig(solver="local", factors=4, keys=6, fc2_epochs=30))
+    return {"campar": campar, "baseline": baseline, "cfar": with_cfar, "manifest": Path(manifest)}
+
+
+@pytest.fixture(scope="module")
+def report(runs) -> dict:
+    return evaluate(str(runs["cfar"]), "test", baseline_run=str(runs["baseline"]), angle_images=48)
+
+
+def test_every_figure_is_a_valid_png(report):
+    figures = [path for name, path in report["files"].items() if name.endswith(".png")]
+    assert sorted(os.path.basename(p) for p in figures) == [
+        "angles.png", "cams.png", "per_attribute.png", "training.png",
+    ]  # fmt: skip
+    for path in figures:
+        data = Path(path).read_bytes()
+        assert data.startswith(PNG_SIGNATURE), path
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+
+
+class _Links(html.parser.HTMLParser):
+    """Collects every src/href and counts images; fails on malformed nesting of tables."""
+
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.images = 0
+        self.open_tables = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for name, value in attrs if name in ("src", "href")]
+        self.images += tag == "img"
+        self.open_tables += tag == "table"
+
+    def handle_endtag(self, tag):
+        self.open_tables -= tag == "table"
+
+
+def test_html_is_one_self_contained_page(report):
+    page = Path(report["files"]["html"]).read_text()
+    parser = _Links()
+    parser.feed(page)
+    parser.close()
+    assert parser.images == 4 and parser.open_tables == 0
+    assert parser.links and all(link.startswith("data:image/png;base64,") for link in parser.links)
+    assert "<link" not in page and "@import" not in page and "url(" not in page
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"headless Chromium not installed at {CHROMIUM}"
+)
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+         "file://" + report["files"]["html"]],
+        check=True, timeout=60, capture_output=True,
+    )  # fmt: skip
+    assert shot.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def _table_rows(markdown: str, heading: str) -> list[list[str]]:
+    """Body rows of the first table after ``## heading``."""
+    section = markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
+def test_report_numbers_equal_metrics_json(report):
+    metrics = json.loads(Path(report["files"]["metrics"]).read_text())
+    markdown = Path(report["files"]["markdown"]).read_text()
+    overall = _table_rows(markdown, "Overall metrics")
+    assert len(overall) == len(metrics["sources"]) == 3
+    for row, source in zip(overall, metrics["sources"].values(), strict=True):
+        assert row[0].startswith(source["label"])
+        assert float(row[1]) == pytest.approx(source["threshold"], abs=0.005)
+        expected = [source[k] for k in ("mA", "accuracy", "precision", "recall", "f1")]
+        assert [float(cell) for cell in row[3:]] == pytest.approx(
+            [100 * value for value in expected], abs=0.005
+        )
+    final = metrics["sources"][metrics["final"]]
+    attribute_rows = _table_rows(markdown, "Per attribute")
+    assert [row[0] for row in attribute_rows] == sorted(
+        final["attributes"], key=lambda name: final["attributes"][name]["accuracy"]
+    )
+    for row in attribute_rows:
+        values = final["attributes"][row[0]]
+        assert float(row[1]) == pytest.approx(100 * values["accuracy"], abs=0.005)
+        assert float(row[6]) == pytest.approx(100 * values["f1"], abs=0.005)
+    page = Path(report["files"]["html"]).read_text()
+    assert all(f"<td>{cell}</td>" in page for row in overall for cell in row[3:])
+
+
+def test_sources_thresholds_and_cfar(report, runs):
+    metrics = report
+    assert list(metrics["sources"]) == ["stage1_shared", "stage1_specific", "stage1_cfar"]
+    assert metrics["final"] == "stage1_cfar" and metrics["cfar"] is True
+    cfar_json = json.loads((runs["cfar"] / "cfar" / "cfar.json").read_text())
+    assert metrics["sources"]["stage1_cfar"]["threshold"] == cfar_json["threshold"]
+    assert all(s["threshold_source"].startswith("val") for s in metrics["sources"].values())
+    assert len(metrics["eval_attributes"]) == 15 and metrics["images"] > 0
+
+
+def test_fixed_threshold_metrics_are_par_metrics_of_the_logits(runs, tmp_path):
+    result = evaluate(str(runs["campar"]), "val", str(tmp_path), threshold=0.5, angle_images=8)
+    logits = read_split_logits(logits_path(str(runs["campar"]), "val"))
+    columns = [logits.attributes.index(name) for name in logits.eval_attributes]
+    probs = 1 / (1 + np.exp(-logits.specific.astype(np.float64)))
+    expected = par_metrics(logits.labels[:, columns], probs[:, columns], 0.5)
+    specific = result["sources"]["stage1_specific"]
+    assert specific["threshold"] == 0.5 and result["final"] == "stage1_specific"
+    for key in ("mA", "accuracy", "precision", "recall", "f1"):
+        assert specific[key] == pytest.approx(expected[key], abs=1e-6)
+    assert "stage1_cfar" not in result["sources"]
+
+
+def test_fig7_angles_baseline_next_to_campar(report, runs):
+    assert len(report["angles"]) == 2
+    labels = list(report["angles"])
+    assert labels[0].startswith("CAM-PAR") and labels[1].startswith("baseline")
+    table, info = read_manifest(str(runs["manifest"]))
+    test_labels = labels_matrix(split_rows(table, "test"))[:48]
+    positives = int(test_labels[:, info.eval_indices()].sum())
+    for stats in report["angles"].values():
+        assert stats["count"] == positives
+        assert 0 <= stats["q1"] <= stats["median"] <= stats["q3"] <= 180
+
+
+def test_predictor_of_a_run_reproduces_its_logits(runs, tmp_path):
+    logits = read_split_logits(logits_path(str(runs["campar"]), "test"))
+    images = [str(runs["manifest"].parent / name) for name in logits.images[:6]]
+    predictor = load_model(str(runs["campar"]))
+    expected = stage1_probabilities(logits, "specific")[:6]
+    np.testing.assert_allclose(predictor.predict_proba(images), expected, atol=1e-5)
+    bundle = load_model(save_bundle(str(runs["campar"]), str(tmp_path / "bundle")))
+    np.testing.assert_allclose(bundle.predict_proba(images), expected, atol=1e-5)
+    assert bundle.threshold == predictor.threshold and bundle.attributes == logits.attributes
+
+
+def test_compare_runs_writes_the_ablation_table(runs, tmp_path):
+    rows = compare_runs([str(runs["baseline"]), str(runs["cfar"])], str(tmp_path), angle_images=16)
+    assert [(r["head"], r["CFAR"]) for r in rows] == [
+        ("baseline", False), ("campar", False), ("campar", True),
+    ]  # fmt: skip
+    cfar_metrics = json.loads((runs["cfar"] / "cfar" / "metrics.json").read_text())
+    assert rows[2]["mA"] == pytest.approx(cfar_metrics["test"]["cfar_dictionary"]["mA"])
+    with open(tmp_path / "compare.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [float(r["mA"]) for r in table] == pytest.approx([100 * r["mA"] for r in rows], abs=1e-3)
+    markdown = (tmp_path / "compare.md").read_text()
+    assert re.search(r"\| campar_cfar \| campar \| no \| yes \| \d+\.\d\d \|", markdown)
+    assert (tmp_path / "angles.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_report_without_images_still_has_the_numbers(runs, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(runs["campar"], moved)
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    config["data"]["manifest"] = str(tmp_path / "gone" / "manifest.parquet")
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    result = evaluate(str(moved), "test")
+    markdown = Path(result["files"]["markdown"]).read_text()
+    assert markdown.count("Skipped: the run's images cannot be read") == 2
+    assert "angles" not in result and Path(result["files"]["training.png"]).exists()
+
+
+def test_unknown_split_is_refused_with_the_valid_ones(runs):
+    with pytest.raises(ValueError, match="'train'; valid: val, test"):
+        evaluate(str(runs["campar"]), "train")

@@ -1,0 +1,173 @@
+"""Model bundles in plain Python, input listing, and Ray Data batch prediction.
+
+The bundle is written by hand in the documented format (a fresh ResNet-18 on 32 x 16
+inputs), so these tests pin the format itself; bundles saved from runs are covered in
+``test_evaluate.py`` and ``test_export.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from campar_ray.bundle import load_model
+from campar_ray.config import Config
+from campar_ray.data.manifest import ManifestInfo, manifest_table, write_manifest
+from campar_ray.data.synthetic import render, sample_person
+from campar_ray.data.transforms import normalize, resize
+from campar_ray.model import build_model
+from campar_ray.predict import (
+    decode_for_prediction,
+    list_inputs,
+    predict,
+    prediction_table,
+    write_predictions,
+)
+
+SIZE = (32, 16)
+ATTRIBUTES = ("hat", "bag", "skirt", "jeans")
+THRESHOLD = 0.5
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("bundle")
+    config = Config().override(
+        {"data.image_size": list(SIZE), "model.backbone": "resnet18", "model.fusion": False}
+    )
+    torch.save(build_model(config.model, len(ATTRIBUTES)).state_dict(), folder / "model.pt")
+    config.save(folder / "config.yaml")
+    names = {"attributes": list(ATTRIBUTES), "eval_attributes": list(ATTRIBUTES[:3])}
+    (folder / "attributes.json").write_text(json.dumps(names))
+    (folder / "threshold.json").write_text(json.dumps({"value": THRESHOLD, "source": "test"}))
+    return folder
+
+
+def _image(seed: int, size: tuple[int, int]) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return render(sample_person(rng), rng, size)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Five readable images of different sizes (one in a subfolder), a corrupt and a
+    truncated one, and a file that is not an image."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "sub").mkdir()
+    for index, (name, size) in enumerate(
+        [("a.png", (40, 20)), ("b.jpg", (64, 32)), ("c.png", (32, 16)),
+         ("d.bmp", (50, 30)), ("sub/e.png", (128, 64))]
+    ):  # fmt: skip
+        Image.fromarray(_image(index, size)).save(root / name)
+    (root / "broken.jpg").write_bytes(b"this is not a JPEG")
+    whole = io.BytesIO()
+    Image.fromarray(_image(9, (64, 32))).save(whole, format="PNG")
+    (root / "truncated.png").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_bundle_predicts_like_the_network_on_resized_inputs(bundle, folder):
+    predictor = load_model(str(bundle))
+    assert predictor.attributes == ATTRIBUTES and predictor.threshold == THRESHOLD
+    assert predictor.image_size == SIZE and predictor.cfar is None
+    arrays = [_image(0, (40, 20)), _image(1, (64, 32))]
+    model = build_model(predictor.config.model, len(ATTRIBUTES))
+    model.load_state_dict(torch.load(bundle / "model.pt", weights_only=True))
+    x = normalize(torch.from_numpy(np.stack([resize(a, SIZE) for a in arrays])))
+    with torch.no_grad():
+        expected = torch.sigmoid(model.eval()(x).specific).numpy()
+    probs = predictor.predict_proba(arrays)
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    names = predictor.predict(arrays)
+    assert names == [
+        [a for a, p in zip(ATTRIBUTES, row, strict=True) if p >= THRESHOLD] for row in probs
+    ]
+    from_paths = predictor.predict_proba([folder / "a.png", str(folder / "b.jpg")])
+    assert from_paths.shape == (2, len(ATTRIBUTES)) and np.all((from_paths > 0) & (from_paths < 1))
+
+
+def test_bundle_input_errors_name_the_problem(bundle, tmp_path):
+    predictor = load_model(str(bundle))
+    with pytest.raises(ValueError, match=r"image 1 must be an H x W x 3 uint8 array"):
+        predictor.predict_proba([_image(0, SIZE), np.zeros((32, 16), np.uint8)])
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
+        predictor.predict_proba([tmp_path / "missing.png"])
+    with pytest.raises(FileNotFoundError, match="neither a model bundle"):
+        load_model(str(tmp_path))
+
+
+def test_inputs_from_folder_glob_and_manifest(folder, tmp_path):
+    listed = list_inputs(str(folder)).table.column("image").to_pylist()
+    assert [Path(p).relative_to(folder).as_posix() for p in listed] == [
+        "a.png", "b.jpg", "broken.jpg", "c.png", "d.bmp", "sub/e.png", "truncated.png",
+    ]  # fmt: skip
+    globbed = list_inputs(str(folder / "*.png")).table.column("image").to_pylist()
+    assert [Path(p).name for p in globbed] == ["a.png", "c.png", "truncated.png"]
+    table = manifest_table(
+        ["a.png", "c.png"], np.zeros((2, 4), np.int8), ["test"] * 2, ["p0", "p1"], ["s"] * 2
+    )
+    write_manifest(str(folder / "m.parquet"), table, ManifestInfo("t", ATTRIBUTES, ATTRIBUTES))
+    inputs = list_inputs(str(folder / "m.parquet"))
+    assert inputs.table.column("image").to_pylist() == ["a.png", "c.png"]
+    assert inputs.root == str(folder)
+    with pytest.raises(FileNotFoundError, match="no images found"):
+        list_inputs(str(tmp_path / "*.png"))
+
+
+def test_decoding_records_errors_instead_of_raising(folder):
+    batch = {
+        "row": np.arange(3),
+        "image": np.array(["a.png", "missing.png", "broken.jpg"], dtype=object),
+    }
+    decoded = decode_for_prediction(batch, root=str(folder), size=SIZE)
+    assert decoded["image"].shape == (3, *SIZE, 3)
+    assert decoded["error"][0] == ""
+    assert decoded["error"][1].startswith("FileNotFoundError: image not found")
+    assert decoded["error"][2].startswith("ImageDecodeError")
+
+
+def test_csv_output_joins_names_and_leaves_failures_empty(tmp_path):
+    probs = np.array([[0.9, 0.1, 0.6, 0.2], [np.nan] * 4], dtype=np.float32)
+    table = prediction_table(["x.png", "y.png"], np.array(["", "bad"]), probs, ATTRIBUTES, 0.5)
+    write_predictions(str(tmp_path / "p.csv"), table)
+    options = pacsv.ConvertOptions(strings_can_be_null=True)
+    rows = pacsv.read_csv(tmp_path / "p.csv", convert_options=options).to_pylist()
+    assert rows[0]["predicted"] == "hat;skirt" and rows[0]["error"] is None
+    assert rows[1]["error"] == "bad" and rows[1]["prob_hat"] is None
+
+
+def test_output_suffix_is_checked_first(bundle, folder, tmp_path):
+    with pytest.raises(ValueError, match=r"must end with one of \.parquet, \.csv"):
+        predict(str(bundle), str(folder), str(tmp_path / "preds.json"))
+
+
+@pytest.mark.ray
+def test_predict_folder_keeps_every_row_and_records_errors(ray_cluster, bundle, folder, tmp_path):
+    out = tmp_path / "preds.parquet"
+    result = predict(str(bundle), str(folder), str(out), batch_size=3)
+    assert (result.images, result.errors) == (7, 2)
+    table = pq.read_table(out)
+    rows = table.to_pylist()
+    names = [Path(row["path"]).name for row in rows]
+    assert names == ["a.png", "b.jpg", "broken.jpg", "c.png", "d.bmp", "e.png", "truncated.png"]
+    failed = {Path(r["path"]).name: r for r in rows if r["error"] is not None}
+    assert set(failed) == {"broken.jpg", "truncated.png"}
+    assert all(r["predicted"] is None and r["prob_hat"] is None for r in failed.values())
+    good = [row for row in rows if row["error"] is None]
+    expected = load_model(str(bundle)).predict_proba([row["path"] for row in good])
+    got = np.array([[row[f"prob_{a}"] for a in ATTRIBUTES] for row in good])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    for row, probs in zip(good, expected, strict=True):
+        assert row["predicted"] == [
+            a for a, p in zip(ATTRIBUTES, probs, strict=True) if p >= THRESHOLD
+        ]
