@@ -72,7 +72,9 @@ def choose_threshold(
     One global value by default; ``per_attribute=True`` picks each attribute's threshold by
     its own balanced accuracy (the mA term), which is what mA rewards.
     """
-    grid = np.linspace(0.05, 0.95, 19) if candidates is None else np.asarray(candidates)
+    grid = (
+        np.round(np.linspace(0.05, 0.95, 19), 2) if candidates is None else np.asarray(candidates)
+    )
     if not per_attribute:
         scores = [par_metrics(labels, probs, t)[metric] for t in grid]
         return float(grid[int(np.argmax(scores))])

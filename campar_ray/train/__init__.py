@@ -5,30 +5,7 @@
 - :mod:`~campar_ray.train.stage1`: the ``TorchTrainer`` driver, the worker loop, checkpoints;
 - :mod:`~campar_ray.train.inference`: logits of every image by Ray Data batch inference;
 - :mod:`~campar_ray.train.logits`: the logits Parquet format.
+
+Nothing is imported here: a process that only reads logits (an ALS actor) must not pay for
+torch and Ray Train (about 750 MiB per process).
 """
-
-from campar_ray.train.logits import (
-    SplitLogits,
-    count_rows,
-    logits_path,
-    read_split_logits,
-    write_split_logits,
-)
-from campar_ray.train.stage1 import (
-    Stage1Result,
-    load_stage1_checkpoint,
-    resolve_config,
-    train_stage1,
-)
-
-__all__ = [
-    "SplitLogits",
-    "Stage1Result",
-    "count_rows",
-    "load_stage1_checkpoint",
-    "logits_path",
-    "read_split_logits",
-    "resolve_config",
-    "train_stage1",
-    "write_split_logits",
-]
