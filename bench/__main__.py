@@ -1,5 +1,7 @@
 """``python -m bench`` (or ``make bench``): every benchmark, one after another.
 
+``bench.peta_ablation`` (the paper's Table 2 on PETA, hours on a CPU) is left out: run it
+alone, in the background; it saves each finished row and continues where it stopped.
 Each script also runs alone (``python -m bench.<name>``); each writes
 ``bench/results/<name>.json`` and prints its ratios. ``python -m bench NAME ...`` runs a subset.
 """
@@ -9,7 +11,13 @@ from __future__ import annotations
 import runpy
 import sys
 
-SCRIPTS = ("head_overhead", "data_throughput", "als_scaling", "demo_timing")
+SCRIPTS = (
+    "head_overhead",
+    "data_throughput",
+    "als_scaling",
+    "stage1_scaling",
+    "demo_timing",
+)
 
 
 def main(names: list[str]) -> None:

@@ -256,7 +256,12 @@ class Monitor:
                 "problem: lower alpha or raise lam)"
             )
         previous = self.objectives[-1] if self.objectives else None
-        change = math.inf if previous is None else abs(previous - value) / abs(previous)
+        if previous is None:
+            change = math.inf
+        else:  # an objective of 0 (p_t above every r: nothing to fit) has converged
+            change = (
+                0.0 if previous == value else abs(previous - value) / max(abs(previous), 1e-300)
+            )
         self.objectives.append(value)
         if self.callback is not None:
             self.callback(iteration, value, change, elapsed)

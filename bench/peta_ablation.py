@@ -1,0 +1,426 @@
+"""The paper's Table 2 on real PETA: each component of CAM-PAR + CFAR against the baseline.
+
+Rows, all trained with the same seed, split and epoch budget from scratch:
+
+========================== ============ ========= ==============================
+row                        model.head   fusion    prediction
+========================== ============ ========= ==============================
+baseline                   baseline     no        stage 1
+fusion                     baseline     yes       stage 1
+campar                     campar       no        stage 1 (specific logits)
+campar_fusion              campar       yes       stage 1 (specific logits)
+campar_fusion_cfar         campar       yes       stage 1 + CFAR, dictionary lookup
+campar_fusion_cfar_foldin  campar       yes       stage 1 + CFAR, fold-in lookup
+========================== ============ ========= ==============================
+
+The two CFAR rows reuse the ``campar_fusion`` run's logits: :func:`fit_cfar` fits fc2 for
+both lookups and reports both in ``cfar/metrics.json``, so one fit gives both rows. Every
+figure is on the test split with the best epoch by validation mA (``train_stage1`` writes
+the logits with that checkpoint) and a decision threshold chosen on validation data only.
+
+The run is resumable: each finished (row, seed) is written to the results JSON at once and
+skipped on the next invocation; run directories ``<runs>/<row>-seed<k>`` resume
+mid-training. After every row the Markdown summary (mean +- std over seeds) is rewritten,
+and the Fig. 7 angle box plot (baseline vs CAM-PAR, seed 0, test images) once both exist.
+
+    python -m bench.peta_ablation                                  # CPU: ResNet-18 128x64
+    python -m bench.peta_ablation --device gpu                     # ResNet-50 256x192 AMP
+    python -m bench.peta_ablation --epochs 1 --limit-images 600 --seeds 0 \
+        --runs /tmp/abl/runs --out /tmp/abl/results                # end-to-end smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bench.common import RESULTS_DIR, machine_info, versions, write_results
+from campar_ray import storage
+from campar_ray.bundle import (
+    best_checkpoint,
+    load_model,
+    stage1_probabilities,
+    validation_threshold,
+)
+from campar_ray.cfar.fit import eval_columns, fit_cfar
+from campar_ray.config import Config
+from campar_ray.data.converters import prepare
+from campar_ray.data.manifest import read_manifest, write_manifest
+from campar_ray.evaluate.plots import angle_boxplot
+from campar_ray.evaluate.probes import angle_summary, angles, load_split_images
+from campar_ray.metrics import SUMMARY_KEYS, par_metrics, summary
+from campar_ray.train.logits import logits_path, read_split_logits
+from campar_ray.train.stage1 import train_stage1
+
+NAME = "peta_ablation"
+PETA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "peta"
+STAGE1, CFAR = "stage1", "cfar"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of Table 2: which run it trains (or reuses) and what it predicts with."""
+
+    name: str
+    label: str
+    run: str
+    """Run-directory stem; the CFAR rows share the ``campar_fusion`` run."""
+    head: str
+    fusion: bool
+    source: str
+    """``stage1`` or the ``cfar/metrics.json`` column (``cfar_dictionary``, ``cfar_fold_in``)."""
+
+
+ROWS = (
+    Row("baseline", "baseline", "baseline", "baseline", False, STAGE1),
+    Row("fusion", "+ fusion", "fusion", "baseline", True, STAGE1),
+    Row("campar", "+ CAM-PAR", "campar", "campar", False, STAGE1),
+    Row("campar_fusion", "+ CAM-PAR + fusion", "campar_fusion", "campar", True, STAGE1),
+    Row(
+        "campar_fusion_cfar",
+        "+ CAM-PAR + fusion + CFAR (dictionary)",
+        "campar_fusion",
+        "campar",
+        True,
+        "cfar_dictionary",
+    ),
+    Row(
+        "campar_fusion_cfar_foldin",
+        "+ CAM-PAR + fusion + CFAR (fold-in)",
+        "campar_fusion",
+        "campar",
+        True,
+        "cfar_fold_in",
+    ),
+)
+ROW_NAMES = tuple(row.name for row in ROWS)
+METRICS = SUMMARY_KEYS  # mA, accuracy, precision, recall, f1
+HEADERS = ("mA", "Acc", "Prec", "Rec", "F1")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help)
+    parser.add_argument("--peta-root", default=str(PETA_ROOT), help="PETA folder (raw layout)")
+    parser.add_argument(
+        "--manifest", default=None, help="existing PETA manifest (else <runs>/manifest.parquet)"
+    )
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--epochs", type=int, default=15, help="stage-1 epochs of every row")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument(
+        "--rows", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES), help="rows to run"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=64, help="per-worker batch size")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    parser.add_argument(
+        "--limit-images",
+        type=int,
+        default=0,
+        help="keep this many images (evenly spaced within each split; 0: all)",
+    )
+    parser.add_argument("--runs", default="runs/peta_ablation", help="folder of run dirs")
+    parser.add_argument(
+        "--out", default=str(RESULTS_DIR), help=f"folder for {NAME}.json/.md and the angle plot"
+    )
+    parser.add_argument("--angle-images", type=int, default=256, help="test images for Fig. 7")
+    return parser
+
+
+def base_config(args: argparse.Namespace, manifest: str) -> Config:
+    """The recipe shared by every row: CPU ResNet-18 128x64, or GPU ResNet-50 256x192 AMP."""
+    common = {
+        "model.weights": "none",
+        "data.manifest": manifest,
+        "train.epochs": args.epochs,
+        "train.lr": args.lr,
+        "train.batch_size": args.batch,
+        "train.num_workers": args.workers,
+    }
+    if args.device == "gpu":
+        device = {
+            "model.backbone": "resnet50",
+            "data.image_size": [256, 192],
+            "data.decode_concurrency": 4,
+            "data.decode_cpus": 1.0,
+            "train.use_gpu": True,
+            "train.amp": True,
+            "train.channels_last": True,
+        }
+    else:
+        device = {"model.backbone": "resnet18", "data.image_size": [128, 64]}
+    return Config().override({**common, **device})
+
+
+def row_config(base: Config, row: Row, seed: int, runs: str) -> Config:
+    return base.override(
+        {
+            "model.head": row.head,
+            "model.fusion": row.fusion,
+            "run.dir": os.path.join(runs, f"{row.run}-seed{seed}"),
+            "seed": seed,
+        }
+    )
+
+
+def limited_manifest(manifest: str, limit: int) -> str:
+    """A manifest of ``limit`` images, each split shrunk by the same factor (evenly spaced).
+
+    Written next to the full manifest so its relative image paths stay valid.
+    """
+    table, info = read_manifest(manifest)
+    fraction = min(1.0, limit / table.num_rows)
+    parts = []
+    for split in ("train", "val", "test"):
+        rows = table.filter(pc.equal(table.column("split"), split))
+        keep = max(1, round(rows.num_rows * fraction))
+        parts.append(rows.take(np.unique(np.linspace(0, rows.num_rows - 1, keep).astype(int))))
+    path = os.path.join(os.path.dirname(manifest), f"manifest-limit{limit}.parquet")
+    write_manifest(path, pa.concat_tables(parts), info)
+    return path
+
+
+def stage1_figures(run_dir: str, predict_from: str) -> dict[str, float]:
+    """Test metrics of the stage-1 prediction at the threshold chosen on validation."""
+    threshold = validation_threshold(run_dir, predict_from, None).value
+    test = read_split_logits(logits_path(run_dir, "test"))
+    columns = eval_columns(test)
+    probs = stage1_probabilities(test, predict_from)[:, columns]
+    return {
+        **summary(par_metrics(test.labels[:, columns], probs, threshold)),
+        "threshold": threshold,
+    }
+
+
+def cfar_figures(run_dir: str, config: Config, column: str) -> dict[str, float]:
+    """Test metrics of stage 1 + CFAR from ``cfar/metrics.json`` (fitted once per run)."""
+    path = storage.join(run_dir, "cfar", "metrics.json")
+    if not storage.exists(path):
+        fit_cfar(run_dir, config.cfar, seed=config.seed)
+    metrics = json.loads(storage.read_bytes(path))
+    return {**metrics["test"][column], "threshold": metrics["thresholds"][column]}
+
+
+def ensure_stage1(config: Config) -> tuple[int, float]:
+    """Train (or resume) the run unless its logits exist; return (best epoch, train seconds)."""
+    run_dir = config.run.dir
+    start = time.perf_counter()
+    if not storage.exists(logits_path(run_dir, "test")):
+        train_stage1(config, progress=True)
+    seconds = time.perf_counter() - start
+    meta = json.loads(storage.read_bytes(storage.join(best_checkpoint(run_dir), "meta.json")))
+    return int(meta["epoch"]), seconds
+
+
+def run_row(row: Row, seed: int, base: Config, args: argparse.Namespace, device: str) -> dict:
+    config = row_config(base, row, seed, args.runs)
+    best_epoch, seconds = ensure_stage1(config)
+    run_dir = config.run.dir
+    if row.source == STAGE1:
+        figures = stage1_figures(run_dir, config.model.predict_from)
+    else:
+        figures = cfar_figures(run_dir, config, row.source)
+    return {
+        "name": row.name,
+        "seed": seed,
+        "init": "scratch",
+        **{key: float(figures[key]) for key in METRICS},
+        "threshold": float(figures["threshold"]),
+        "device": device,
+        "backbone": config.model.backbone,
+        "image_size": list(config.data.image_size),
+        "epochs": config.train.epochs,
+        "best_epoch": best_epoch,
+        "train_seconds_this_session": round(seconds, 1),
+        "run_dir": run_dir,
+        "manifest": config.data.manifest,
+    }
+
+
+def aggregate(rows: list[dict]) -> list[dict[str, Any]]:
+    """Mean and std (over seeds) of every metric, per row name, in table order."""
+    table = []
+    for name in ROW_NAMES:
+        found = [r for r in rows if r["name"] == name]
+        if not found:
+            continue
+        entry: dict[str, Any] = {"name": name, "seeds": sorted(r["seed"] for r in found)}
+        for key in METRICS:
+            values = [r[key] for r in found]
+            entry[key] = statistics.fmean(values)
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table.append(entry)
+    return table
+
+
+def differences(table: list[dict[str, Any]]) -> list[str]:
+    """For each row, the metrics whose gap to the baseline exceeds both rows' spreads summed.
+
+    With two seeds the std is a rough spread, so this is a screen, not a significance test.
+    """
+    base = next((entry for entry in table if entry["name"] == "baseline"), None)
+    if base is None:
+        return []
+    found = []
+    for entry in table:
+        if entry["name"] == "baseline" or len(entry["seeds"]) < 2 or len(base["seeds"]) < 2:
+            continue
+        for key, header in zip(METRICS, HEADERS, strict=True):
+            gap = entry[key] - base[key]
+            if abs(gap) > entry[f"{key}_std"] + base[f"{key}_std"]:
+                found.append(f"{_label(entry['name'])} {header} {100 * gap:+.2f}")
+    return found
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, angles_info: dict | None) -> str:
+    table = aggregate(rows)
+    device = rows[0]["device"] if rows else args.device
+    lines = [
+        "# PETA ablation (paper Table 2)",
+        "",
+        f"Test split of the person-disjoint PETA split (converter default, seed 0), 35 evaluated "
+        f"attributes. Every row trained from scratch for {args.epochs} epochs "
+        f"({rows[0]['backbone'] if rows else ''} at "
+        f"{'x'.join(map(str, rows[0]['image_size'])) if rows else ''}, lr {args.lr}, "
+        f"batch {args.batch}, {args.workers} worker(s), device {device}); the epoch is the "
+        "best by validation mA and the threshold is chosen on validation. Metrics in percent, "
+        "mean ± std over seeds (std 0 when only one seed is done).",
+        "",
+        "| row | seeds | " + " | ".join(HEADERS) + " |",
+        "| --- | --- |" + " --- |" * len(HEADERS),
+    ]
+    for entry in table:
+        cells = [f"{100 * entry[k]:.2f} ± {100 * entry[f'{k}_std']:.2f}" for k in METRICS]
+        seeds = ",".join(map(str, entry["seeds"]))
+        lines.append(f"| {_label(entry['name'])} | {seeds} | " + " | ".join(cells) + " |")
+    gaps = differences(table)
+    lines += [""]
+    if gaps:
+        lines.append(
+            "Differences vs baseline larger than the two rows' std summed: "
+            + "; ".join(gaps)
+            + ". Every other difference is within the seed spread."
+        )
+    elif any(len(e["seeds"]) > 1 for e in table):
+        lines.append("No difference vs baseline exceeds the two rows' std summed.")
+    else:
+        lines.append("Fewer than two seeds per row so far: no spread to compare differences to.")
+    missing = [
+        f"{name}-seed{seed}"
+        for name in args.rows
+        for seed in args.seeds
+        if not any(r["name"] == name and r["seed"] == seed for r in rows)
+    ]
+    if missing:
+        lines += ["", "Not yet run: " + ", ".join(missing) + "."]
+    if angles_info:
+        lines += [
+            "",
+            f"Fig. 7 ({NAME}_angles.png): angle between each present attribute's feature vector "
+            "and its classifier weight on test images (seed 0): "
+            + "; ".join(
+                f"{name}: median {s['median']:.1f}°, {100 * s['below_90']:.1f}% below 90° "
+                f"({s['count']} pairs)"
+                for name, s in angles_info.items()
+            )
+            + ".",
+        ]
+    lines += ["", f"Rows and per-seed figures: {NAME}.json. Command: {_command()}", ""]
+    return "\n".join(lines)
+
+
+def angle_plot(args: argparse.Namespace, base: Config, out: Path) -> dict | None:
+    """Fig. 7 for the seed-0 baseline and CAM-PAR runs, when both have finished."""
+    seed = args.seeds[0]
+    groups = {}
+    for row in (ROWS[0], ROWS[2]):
+        run_dir = row_config(base, row, seed, args.runs).run.dir
+        if not storage.exists(logits_path(run_dir, "test")):
+            return None
+        predictor = load_model(run_dir)
+        images = load_split_images(
+            base.data.manifest, "test", predictor.image_size, args.angle_images
+        )
+        groups[row.label] = angles(predictor, images)
+    (out / f"{NAME}_angles.png").write_bytes(angle_boxplot(groups))
+    return {name: angle_summary(values) for name, values in groups.items()}
+
+
+def load_rows(out: Path) -> list[dict]:
+    path = out / f"{NAME}.json"
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["figures"]["rows"]
+
+
+def save(out: Path, figures: dict[str, Any]) -> None:
+    """Through ``write_results`` into ``bench/results``; the same record elsewhere."""
+    if out.resolve() == RESULTS_DIR.resolve():
+        write_results(NAME, figures)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "script": NAME,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": _command(),
+        "machine": machine_info(),
+        "versions": versions(),
+        "figures": figures,
+    }
+    (out / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = get_args_parser().parse_args(argv)
+    args.runs = os.path.abspath(args.runs)
+    out = Path(args.out)
+    manifest = args.manifest or os.path.join(args.runs, "manifest.parquet")
+    if not os.path.exists(manifest):
+        print(f"preparing {manifest} from {args.peta_root}", flush=True)
+        print(prepare("peta", args.peta_root, manifest, seed=0).summary(), flush=True)
+    if args.limit_images:
+        manifest = limited_manifest(manifest, args.limit_images)
+    base = base_config(args, os.path.abspath(manifest))
+    device = "cpu" if args.device == "cpu" else (machine_info()["gpu"] or "gpu")
+    rows = load_rows(out)
+    for seed in args.seeds:
+        for row in ROWS:
+            if row.name not in args.rows or any(
+                r["name"] == row.name and r["seed"] == seed for r in rows
+            ):
+                continue
+            print(f"=== {row.name} seed {seed}", flush=True)
+            rows.append(run_row(row, seed, base, args, device))
+            figures = {"rows": rows, "summary": aggregate(rows)}
+            save(out, figures)
+            (out / f"{NAME}.md").write_text(markdown(rows, args, None))
+            print(json.dumps(rows[-1]), flush=True)
+    angles_info = angle_plot(args, base, out)
+    save(out, {"rows": rows, "summary": aggregate(rows), "angles": angles_info})
+    (out / f"{NAME}.md").write_text(markdown(rows, args, angles_info))
+    print((out / f"{NAME}.md").read_text(), flush=True)
+    return rows
+
+
+def _label(name: str) -> str:
+    return next(row.label for row in ROWS if row.name == name)
+
+
+def _command() -> str:
+    return " ".join(["python -m bench.peta_ablation", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Stage-1 training throughput on Ray Train with 1 and with 2 workers (data-parallel scaling).
+
+Each configuration is a real :func:`train_stage1` run on the synthetic data set, with the same
+global work: the same images per epoch and the same global batch (per-worker batch =
+global batch / workers). Epoch 1 is the warm-up (worker start, first decode, allocator);
+the figure is epoch 2's ``images_per_s`` from the run's history (training images of all
+workers over the slowest worker's training time, validation excluded). The ratio
+(2 workers / 1 worker) is the scaling; on ``--gpu`` the figure is images/s per GPU with
+ResNet-50 at 256 x 192 and AMP.
+
+Ray gives each training worker ``OMP_NUM_THREADS`` = its CPUs (1 here), so one worker uses
+one core and two workers use two: on an idle 2-core machine the ideal ratio is 2.
+
+    python -m bench.stage1_scaling                        # CPU: ResNet-18 128x64, 1 and 2 workers
+    python -m bench.stage1_scaling --images 200 --batch 16
+    python -m bench.stage1_scaling --gpu --workers 1      # ResNet-50 256x192 AMP, per GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from typing import Any
+
+from bench.common import RESULTS_DIR, write_results
+from campar_ray.config import Config
+from campar_ray.data.synthetic import generate_synthetic
+from campar_ray.train.stage1 import train_stage1
+
+NAME = "stage1_scaling"
+WARMUP_EPOCHS = 1
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help)
+    parser.add_argument("--gpu", action="store_true", help="ResNet-50 256x192 AMP on GPUs")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=None, help="worker counts (default: 1 2)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=None, help="synthetic images (CPU 600, GPU 6000)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="global batch size (CPU 32, GPU 128)"
+    )
+    parser.add_argument("--timed-epochs", type=int, default=1, help="timed epochs after warm-up")
+    return parser
+
+
+def config_for(args: argparse.Namespace, manifest: str, workers: int, run_dir: str) -> Config:
+    """One run of the comparison: same data and global batch, ``workers`` Ray Train workers."""
+    if args.batch % workers:
+        raise ValueError(f"--batch {args.batch} does not split evenly over {workers} workers")
+    values: dict[str, Any] = {
+        "model.weights": "none",
+        "data.manifest": manifest,
+        "train.epochs": WARMUP_EPOCHS + args.timed_epochs,
+        "train.batch_size": args.batch // workers,
+        "train.num_workers": workers,
+        "train.lr": 1e-3,
+        "run.dir": run_dir,
+    }
+    if args.gpu:
+        values.update(
+            {
+                "model.backbone": "resnet50",
+                "data.image_size": [256, 192],
+                "data.decode_concurrency": 4 * workers,
+                "data.decode_cpus": 1.0,
+                "train.use_gpu": True,
+                "train.amp": True,
+                "train.channels_last": True,
+            }
+        )
+    else:
+        values.update({"model.backbone": "resnet18", "data.image_size": [128, 64]})
+    return Config().override(values)
+
+
+def measure(args: argparse.Namespace, manifest: str, workers: int, folder: str) -> dict[str, Any]:
+    """Train a fresh run with ``workers`` workers; images/s of the epochs after the warm-up."""
+    config = config_for(args, manifest, workers, os.path.join(folder, f"workers{workers}"))
+    start = time.perf_counter()
+    result = train_stage1(config, progress=False)
+    timed = result.history[WARMUP_EPOCHS:]
+    rate = sum(epoch["train_images"] for epoch in timed) / sum(
+        epoch["epoch_seconds"] for epoch in timed
+    )
+    figures = {
+        "workers": workers,
+        "per_worker_batch": config.train.batch_size,
+        "images_per_s": round(rate, 2),
+        "images_per_s_per_worker": round(rate / workers, 2),
+        "warmup_images_per_s": round(result.history[0]["images_per_s"], 2),
+        "data_wait_fraction": round(timed[-1]["data_wait_fraction"], 4),
+        "train_images_per_epoch": timed[-1]["train_images"],
+        "run_seconds": round(time.perf_counter() - start, 1),
+    }
+    print(f"{workers} worker(s): {figures}", flush=True)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = get_args_parser().parse_args(argv)
+    args.workers = args.workers or [1, 2]
+    args.images = args.images or (6000 if args.gpu else 600)
+    args.batch = args.batch or (128 if args.gpu else 32)
+    size = (256, 192) if args.gpu else (128, 64)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="stage1-scaling-") as folder:
+        manifest = generate_synthetic(os.path.join(folder, "data"), n=args.images, size=size)
+        runs = {workers: measure(args, manifest, workers, folder) for workers in args.workers}
+    figures: dict[str, Any] = {
+        "mode": "gpu" if args.gpu else "cpu",
+        "model": "resnet50 campar + fusion, AMP" if args.gpu else "resnet18 campar + fusion",
+        "image_size": list(size),
+        "synthetic_images": args.images,
+        "global_batch": args.batch,
+        "warmup_epochs": WARMUP_EPOCHS,
+        "timed_epochs": args.timed_epochs,
+        "runs": list(runs.values()),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    if 1 in runs and 2 in runs:
+        figures["ratio_2_vs_1"] = round(runs[2]["images_per_s"] / runs[1]["images_per_s"], 3)
+        print(f"2 workers / 1 worker images/s: {figures['ratio_2_vs_1']}", flush=True)
+    if args.gpu:
+        figures["images_per_s_per_gpu"] = {
+            str(workers): run["images_per_s_per_worker"] for workers, run in runs.items()
+        }
+    path = write_results(NAME, figures)
+    print(f"wrote {path} (see {RESULTS_DIR / (NAME + '.md')})", flush=True)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""``run_search``: Ray Tune + Optuna (TPE) over stage 2 or the whole two-stage pipeline.
+
+The searcher is Optuna's seeded TPE sampler (``OptunaSearch``) behind a ``ConcurrencyLimiter``
+sized from the cluster's free resources; scope ``full`` adds ASHA, which stops trials whose
+stage-1 validation metric lags after an epoch. The first trial is the base config itself
+when it lies in the space, so the best found is never worse than where the search started.
+
+Everything lands in ``<run_dir>/tune/``: Tune's experiment (``search/``, what ``--resume``
+restores), one folder per trial (``trials/<trial_id>/``), ``search.json`` (what was
+searched), ``trials.parquet``/``.csv``, ``best.yaml`` (a full config, accepted by ``campar
+train --config`` and ``campar fit-cfar --config``), ``history.png``, ``importances.png`` and
+``summary.json``. Only validation data ranks trials and chooses thresholds; the test split is
+scored once, by fitting the best configuration's stage 2 with ``fit_cfar`` when the search
+is complete (into ``<run_dir>/cfar/`` for scope ``cfar``, the best trial's ``cfar/`` for
+scope ``full``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import ray
+import ray.tune
+import yaml
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from campar_ray import storage
+from campar_ray.cfar.fit import fit_cfar
+from campar_ray.config import Config, ConfigError
+from campar_ray.runtime import init_ray
+from campar_ray.train.logits import logits_path
+from campar_ray.train.stage1 import resolve_config
+from campar_ray.tune import report
+from campar_ray.tune.full_trial import FullTrial
+from campar_ray.tune.space import SCOPES, load_search_space
+from campar_ray.tune.trials import (
+    TrialContext,
+    cfar_trial,
+    max_concurrent_trials,
+    trial_bundles,
+    trial_footprint,
+)
+
+METRICS = ("val_mA", "val_accuracy", "val_precision", "val_recall", "val_f1")
+TUNE_DIR, EXPERIMENT, TRIALS_DIR = "tune", "search", "trials"
+ASHA_REDUCTION = 3
+"""ASHA keeps the top third at each rung (grace period: one epoch)."""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Where a search left its outputs and what it found."""
+
+    tune_dir: str
+    scope: str
+    metric: str
+    num_samples: int
+    complete: bool
+    """False when the search was interrupted; ``--resume`` continues it."""
+    counts: dict[str, int]
+    """Trials by status: complete, stopped (by ASHA), error, unfinished."""
+    table: str
+    """``trials.parquet`` (``trials.csv`` lies next to it)."""
+    seconds: float
+    """Wall time of this call (a resumed search counts only its own part)."""
+    best_trial: str | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_val: dict[str, float] = field(default_factory=dict)
+    best_config: str | None = None
+    """``best.yaml``: the base config with the best values (run.dir set to where to fit)."""
+    test: dict[str, float] = field(default_factory=dict)
+    """The best configuration's stage 1 + CFAR on test (scored once, after the search)."""
+    importances: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A few lines for a terminal: trial counts, the best trial, its single test score."""
+        counts = ", ".join(f"{n} {status}" for status, n in self.counts.items() if n)
+        lines = [f"[tune] {counts} of {self.num_samples} trials in {self.seconds:.0f} s"]
+        if not self.complete:
+            lines.append("[tune] search interrupted; run the same command with --resume")
+        elif self.best_trial is None:
+            lines.append("[tune] no trial completed the pipeline; see the table's error column")
+        else:
+            val = 100 * self.best_val[self.metric]
+            test = 100 * self.test[f"test_{self.metric.removeprefix('val_')}"]
+            lines.append(
+                f"[tune] best trial {self.best_trial}: {self.metric} {val:.2f}, "
+                f"test {test:.2f} (scored once)"
+            )
+            lines.append(f"[tune] best config {self.best_config}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One search's fixed settings, shared by the steps below."""
+
+    context: TrialContext
+    scope: str
+    metric: str
+    num_samples: int
+    seed: int
+    tune_dir: str
+
+
+def run_search(
+    base: Config,
+    *,
+    run_dir: str,
+    scope: str,
+    num_samples: int,
+    search_space: str | None = None,
+    metric: str = "val_mA",
+    resume: bool = False,
+    seed: int | None = None,
+    max_concurrent: int | None = None,
+    callbacks: Sequence[ray.tune.Callback] = (),
+    progress: bool = True,
+) -> SearchResult:
+    """Search ``scope`` (``cfar`` or ``full``) with ``num_samples`` trials, in ``run_dir``.
+
+    Scope ``cfar`` needs a finished stage-1 run in ``run_dir`` (its logits); scope ``full``
+    needs ``base.data.manifest``. ``resume`` continues an interrupted search with the same
+    arguments. ``seed`` seeds the TPE sampler (``base.seed`` when None). At most
+    ``max_concurrent`` trials run at once (default: as many as the free resources hold).
+    ``callbacks`` are Tune callbacks (e.g. experiment tracking); like every setting, they stay
+    with the search when it is resumed.
+    """
+    started = time.perf_counter()
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+    if num_samples < 1:
+        raise ConfigError(f"num_samples must be at least 1, got {num_samples}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"max_concurrent must be at least 1, got {max_concurrent}")
+    run_dir = run_dir if storage.is_uri(run_dir) else os.path.abspath(run_dir)
+    base = base.override({"run.dir": run_dir})
+    base = resolve_config(base) if scope == "full" else base
+    seed = base.seed if seed is None else seed
+    if scope == "cfar":
+        _require_logits(run_dir)
+    space = load_search_space(search_space, base, scope)
+    tune_dir = storage.join(run_dir, TUNE_DIR)
+    settings = {
+        "scope": scope,
+        "metric": metric,
+        "num_samples": num_samples,
+        "seed": seed,
+        "search_space": search_space,
+        "params": space.keys,
+        "base": base.to_dict(),
+    }
+    _record_settings(tune_dir, settings, resume)
+    if progress and space.skipped:
+        print(f"[tune] scope {scope} leaves out stage-1 keys: {', '.join(space.skipped)}")
+
+    init_ray()
+    context = TrialContext(base, space, run_dir, storage.join(tune_dir, TRIALS_DIR))
+    plan = _Plan(context, scope, metric, num_samples, seed, tune_dir)
+    grid = _tuner(plan, max_concurrent, resume, callbacks, progress).fit()
+
+    rows = report.in_report_order(
+        [
+            report.trial_row(
+                result.metrics.get("trial_id") or os.path.basename(result.path),
+                result.config or {},
+                result.metrics or {},
+                result.error,
+                space,
+            )
+            for result in grid
+        ]
+    )
+    return _finish(rows, plan, started, progress)
+
+
+def _tuner(
+    plan: _Plan,
+    max_concurrent: int | None,
+    resume: bool,
+    callbacks: Sequence[ray.tune.Callback],
+    progress: bool,
+) -> ray.tune.Tuner:
+    context, scope, metric = plan.context, plan.scope, plan.metric
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(cfar_trial if scope == "cfar" else FullTrial, context=context),
+        ray.tune.PlacementGroupFactory(trial_bundles(context.base)),
+    )
+    experiment = storage.join(plan.tune_dir, EXPERIMENT)
+    if resume:
+        return ray.tune.Tuner.restore(experiment, trainable=trainable)
+    footprint = trial_footprint(context.base, scope)
+    fits = max_concurrent_trials(ray.available_resources(), footprint)
+    concurrent = min(plan.num_samples, fits, max_concurrent or fits)
+    if progress:
+        print(
+            f"[tune] {plan.num_samples} trials, scope {scope}, up to {concurrent} at once "
+            f"({footprint['CPU']:g} CPU each), ranked by {metric} on validation data"
+        )
+    start = context.space.start_point(context.base)
+    searcher = OptunaSearch(
+        space=context.space.distributions(),
+        metric=metric,
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=plan.seed),
+        points_to_evaluate=[start] if start else None,
+    )
+    scheduler = None
+    if scope == "full":
+        # One report per epoch, then one for the two-stage result: max_t leaves that last
+        # report to the trial instead of stopping it at the end of stage 1.
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=context.base.train.epochs + 1,
+            grace_period=1,
+            reduction_factor=ASHA_REDUCTION,
+        )
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(
+            metric=metric,
+            mode="max",
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
+            scheduler=scheduler,
+            num_samples=plan.num_samples,
+            # cfar trials are short: reusing their processes saves starting one per trial.
+            reuse_actors=scope == "cfar",
+        ),
+        run_config=ray.tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=plan.tune_dir,
+            # Trials keep their own state: stage 1 checkpoints into the trial's run directory.
+            checkpoint_config=ray.tune.CheckpointConfig(checkpoint_at_end=False),
+            callbacks=list(callbacks),
+            verbose=1 if progress else 0,
+        ),
+    )
+
+
+def _finish(
+    rows: list[dict[str, Any]], plan: _Plan, started: float, progress: bool
+) -> SearchResult:
+    """Table and plots always; best config and its single test score once all trials ran."""
+    metric, tune_dir = plan.metric, plan.tune_dir
+    counts = {status: sum(row["status"] == status for row in rows) for status in report.STATUSES}
+    complete = counts["unfinished"] == 0 and len(rows) == plan.num_samples
+    table = report.write_table(rows, tune_dir)["parquet"]
+    report.plot_history(rows, metric, storage.join(tune_dir, "history.png"))
+    importances = report.param_importances(rows, plan.context.space, metric, plan.seed)
+    if importances:
+        report.plot_importances(importances, metric, storage.join(tune_dir, "importances.png"))
+    result = SearchResult(
+        tune_dir=tune_dir,
+        scope=plan.scope,
+        metric=metric,
+        num_samples=plan.num_samples,
+        complete=complete,
+        counts=counts,
+        table=table,
+        seconds=time.perf_counter() - started,
+        importances=importances,
+    )
+    best = report.best_row(rows, metric) if complete else None
+    if best is not None:
+        result = _score_best(result, best, plan)
+    _write_json(storage.join(tune_dir, "summary.json"), _summary(result))
+    if progress:
+        print(result.summary())
+    return result
+
+
+def _score_best(result: SearchResult, best: dict[str, Any], plan: _Plan) -> SearchResult:
+    """Save the best config, fit its stage 2 with ``fit_cfar`` and score test (once).
+
+    Scope ``cfar`` fits into the run's own ``cfar/`` (replacing an earlier stage 2 there, as
+    ``campar fit-cfar --config best.yaml`` would); scope ``full`` into the best trial's.
+    """
+    context = plan.context
+    sampled = {key: best[key] for key in context.space.keys}
+    config = context.space.apply(context.base, sampled)
+    fit_dir = context.run_dir if plan.scope == "cfar" else best["trial_dir"]
+    config = config.override({"run.dir": fit_dir})
+    best_config = storage.join(result.tune_dir, "best.yaml")
+    storage.write_bytes(best_config, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    fitted = fit_cfar(fit_dir, config.cfar, seed=config.seed).metrics
+    selected = fitted["selected"]
+    return dataclasses.replace(
+        result,
+        best_trial=best["trial_id"],
+        best_params={p.key: p.decode(best[p.key]) for p in context.space.params},
+        best_val={key: value for key, value in best.items() if report.is_metric(key)},
+        best_config=best_config,
+        test={f"test_{key}": value for key, value in fitted["test"][selected].items()},
+    )
+
+
+def _require_logits(run_dir: str) -> None:
+    for split in ("train", "val"):
+        path = logits_path(run_dir, split)
+        if not storage.exists(path):
+            raise FileNotFoundError(
+                f"scope 'cfar' reuses a finished stage-1 run, but {path} does not exist; "
+                "train stage 1 into this run directory first (campar train), "
+                "or search with scope 'full'"
+            )
+
+
+def _record_settings(tune_dir: str, settings: dict[str, Any], resume: bool) -> None:
+    """Write what this search is; a resume must repeat it exactly (same command + --resume)."""
+    path = storage.join(tune_dir, "search.json")
+    if not resume:
+        if storage.exists(path):
+            raise FileExistsError(
+                f"a search already exists in {tune_dir}; add --resume to continue it, "
+                "or delete that folder to start a new one"
+            )
+        _write_json(path, settings)
+        return
+    if not storage.exists(path):
+        raise FileNotFoundError(f"nothing to resume: no search in {tune_dir}")
+    recorded = json.loads(storage.read_bytes(path))
+    changed = [key for key in settings if recorded.get(key) != _jsonable(settings[key])]
+    if changed:
+        raise ConfigError(
+            f"--resume must repeat the original search; these differ from {path}: "
+            + ", ".join(f"{key} (was {recorded.get(key)!r})" for key in changed)
+        )
+
+
+def _summary(result: SearchResult) -> dict[str, Any]:
+    summary = dataclasses.asdict(result)
+    summary["test_scored"] = "once, for the best configuration" if result.test else "not yet"
+    return summary
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    storage.write_bytes(path, json.dumps(payload, indent=2, default=str).encode())
