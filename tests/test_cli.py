@@ -1,0 +1,88 @@
+"""The ``campar`` command line: help for every step, clear errors, and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from campar_ray.cli import build_parser, main
+
+COMMANDS = [
+    "prepare",
+    "train",
+    "fit-cfar",
+    "tune",
+    "evaluate",
+    "compare",
+    "bundle",
+    "predict",
+    "export",
+    "demo",
+    "config",
+]
+
+
+def test_every_command_has_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "campar_ray.cli", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_unknown_config_key_is_a_one_line_error(capsys):
+    assert main(["config", "--set", "train.lrr=1"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown config key 'train.lrr'" in error
+    assert "train.lr" in error
+
+
+def test_shorthand_flags_become_config_keys(capsys):
+    assert main(["config", "--set", "seed=3"]) == 0
+    assert "seed: 3" in capsys.readouterr().out
+
+
+def test_prepare_synthetic_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "manifest.parquet"
+    code = main(["prepare", "synthetic", "--out", str(out), "--n", "40", "--size", "32,16"])
+    assert code == 0
+    assert out.exists()
+    assert "40 images" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_demo_runs_every_step_then_reuses_them(ray_cluster, tmp_path, capsys):
+    """The README's main command on a tiny budget: data, stage 1, search, CFAR, report."""
+    tiny = [
+        "--set",
+        "data.image_size=[32, 16]",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "cfar.actors=1",
+        "--set",
+        "cfar.fc2_epochs=20",
+    ]
+    args = ["demo", "--out", str(tmp_path), "--images", "120", "--trials", "2", *tiny]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Stage 1 + CFAR" in out
+    metrics = json.loads((tmp_path / "run" / "report" / "test" / "metrics.json").read_text())
+    assert "stage1_cfar" in metrics["sources"]
+    assert (tmp_path / "run" / "report" / "test" / "report.html").exists()
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert {"data", "stage 1", "search", "stage 2", "evaluate"} <= set(timings)
+
+    assert main(args) == 0
+    rerun = capsys.readouterr().out
+    assert rerun.count("already done") == 4
