@@ -116,30 +116,7 @@ def fit_cfar(
     train = splits["train"]
     _check_same_attributes(splits)
     columns = eval_columns(train)
-    r_train = probabilities(train.prediction)
-
-    als = fit_als(
-        logits_path(run_dir, "train") if cfg.solver == "ray" else r_train,
-        alpha=cfg.alpha,
-        lam=cfg.lam,
-        factors=cfg.factors,
-        threshold=cfg.threshold,
-        iterations=cfg.iterations,
-        tol=cfg.tol,
-        solver=cfg.solver,
-        actors=cfg.actors,
-        seed=seed,
-        callback=lambda iteration, value, change, elapsed: report(
-            "als",
-            {
-                "iteration": iteration,
-                "objective": value,
-                "relative_change": change,
-                "elapsed": elapsed,
-            },
-        ),
-    )
-    dictionary = build_dictionary(r_train, als.X, cfg.keys, seed)
+    als, dictionary = fit_factors(run_dir, train, cfg, seed, report)
     report("dictionary", {"keys": len(dictionary.keys)})
 
     predictors, fits = {}, {}
@@ -177,6 +154,44 @@ def fit_cfar(
     )
     _write_json(storage.join(output_dir, "metrics.json"), metrics)
     return CfarResult(output_dir, als, predictor, metrics)
+
+
+def fit_factors(
+    logits_dir: str,
+    train: SplitLogits,
+    cfg: CfarConfig,
+    seed: int,
+    progress: Progress | None = None,
+) -> tuple[AlsResult, AttributeSetDictionary]:
+    """ALS on the training confidences, then the attribute-set dictionary on them.
+
+    The Ray solver's actors read their rows from ``logits_dir``'s train file themselves;
+    the other solvers take the in-memory ``r`` of ``train``.
+    """
+    report = progress or (lambda stage, values: None)
+    r_train = probabilities(train.prediction)
+    als = fit_als(
+        logits_path(logits_dir, "train") if cfg.solver == "ray" else r_train,
+        alpha=cfg.alpha,
+        lam=cfg.lam,
+        factors=cfg.factors,
+        threshold=cfg.threshold,
+        iterations=cfg.iterations,
+        tol=cfg.tol,
+        solver=cfg.solver,
+        actors=cfg.actors,
+        seed=seed,
+        callback=lambda iteration, value, change, elapsed: report(
+            "als",
+            {
+                "iteration": iteration,
+                "objective": value,
+                "relative_change": change,
+                "elapsed": elapsed,
+            },
+        ),
+    )
+    return als, build_dictionary(r_train, als.X, cfg.keys, seed)
 
 
 def load_cfar(run_dir: str) -> CfarPredictor:

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from campar_ray import storage
-from campar_ray.cfar.als import fit_als, probabilities
-from campar_ray.cfar.dictionary import ConfidenceEstimator, build_dictionary
-from campar_ray.cfar.fit import CfarPredictor, check_cfar_config, eval_columns
+from campar_ray.cfar.als import probabilities
+from campar_ray.cfar.dictionary import ConfidenceEstimator
+from campar_ray.cfar.fit import CfarPredictor, check_cfar_config, eval_columns, fit_factors
 from campar_ray.cfar.head import Fc2Split, train_fc2
 from campar_ray.config import CfarConfig
 from campar_ray.metrics import choose_threshold, par_metrics, summary
@@ -42,20 +42,7 @@ def fit_cfar_on_val(
     train = read_split_logits(logits_path(logits_dir, "train"))
     val = read_split_logits(logits_path(logits_dir, "val"))
     columns = eval_columns(train)
-    r_train = probabilities(train.prediction)
-    als = fit_als(
-        logits_path(logits_dir, "train") if cfg.solver == "ray" else r_train,
-        alpha=cfg.alpha,
-        lam=cfg.lam,
-        factors=cfg.factors,
-        threshold=cfg.threshold,
-        iterations=cfg.iterations,
-        tol=cfg.tol,
-        solver=cfg.solver,
-        actors=cfg.actors,
-        seed=seed,
-    )
-    dictionary = build_dictionary(r_train, als.X, cfg.keys, seed)
+    als, dictionary = fit_factors(logits_dir, train, cfg, seed)
     estimator = ConfidenceEstimator(
         als.Y, dictionary, cfg.lookup, cfg.alpha, cfg.threshold, cfg.lam
     )
