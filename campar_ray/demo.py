@@ -141,8 +141,7 @@ def _search(config: Config, trials: int) -> None:
     from campar_ray.tune import run_search
 
     base = config.override({"cfar.solver": "local"})
-    result = run_search(base, run_dir=config.run.dir, scope="cfar", num_samples=trials)
-    print(result.summary())
+    run_search(base, run_dir=config.run.dir, scope="cfar", num_samples=trials)
 
 
 def _evaluate(run: str) -> dict[str, Any]:
