@@ -248,7 +248,7 @@ def _tune(args: argparse.Namespace, config: Config) -> int:
         resume=args.resume,
     )
     print(result.summary())
-    return 0
+    return 0 if result.complete else 1
 
 
 # --- evaluate / compare ---------------------------------------------------------------------
