@@ -80,19 +80,16 @@ class CfarResult:
     metrics: dict[str, Any]
 
 
+def als_options(cfg: CfarConfig) -> dict[str, Any]:
+    """The ``cfar`` keys that are ALS parameters, as ``fit_als`` keyword arguments."""
+    names = ("alpha", "lam", "factors", "threshold", "iterations", "tol", "solver", "actors")
+    return {name: getattr(cfg, name) for name in names}
+
+
 def check_cfar_config(cfg: CfarConfig) -> None:
     """Raise a ConfigError naming the first bad ``cfar`` value and what it may be."""
     try:
-        check_als_params(
-            alpha=cfg.alpha,
-            lam=cfg.lam,
-            factors=cfg.factors,
-            threshold=cfg.threshold,
-            iterations=cfg.iterations,
-            tol=cfg.tol,
-            solver=cfg.solver,
-            actors=cfg.actors,
-        )
+        check_als_params(**als_options(cfg))
     except ValueError as error:
         raise ConfigError(f"cfar: {error}") from None
     checks = [
@@ -172,14 +169,7 @@ def fit_factors(
     r_train = probabilities(train.prediction)
     als = fit_als(
         logits_path(logits_dir, "train") if cfg.solver == "ray" else r_train,
-        alpha=cfg.alpha,
-        lam=cfg.lam,
-        factors=cfg.factors,
-        threshold=cfg.threshold,
-        iterations=cfg.iterations,
-        tol=cfg.tol,
-        solver=cfg.solver,
-        actors=cfg.actors,
+        **als_options(cfg),
         seed=seed,
         callback=lambda iteration, value, change, elapsed: report(
             "als",
