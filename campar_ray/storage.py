@@ -8,10 +8,43 @@ S3-compatible store.
 
 from __future__ import annotations
 
+import errno
 import posixpath
+import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+
+class StorageError(ValueError):
+    """A path the pipeline cannot write to; the one-line message names the path and the cause."""
+
+
+# Substrings of pyarrow / AWS SDK errors -> the cause a user can act on.
+_CAUSES = (
+    (("NO_SUCH_BUCKET", "NoSuchBucket", "Bucket '"), "the bucket does not exist"),
+    (
+        (
+            "INVALID_ACCESS_KEY_ID",
+            "SIGNATURE_DOES_NOT_MATCH",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "EXPIRED_TOKEN",
+            "ExpiredToken",
+            "INVALID_CLIENT_TOKEN_ID",
+        ),
+        "the credentials were rejected (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+        "AWS_PROFILE)",
+    ),
+    (("ACCESS_DENIED", "AccessDenied", "Permission denied"), "permission denied"),
+    (
+        ("NETWORK_CONNECTION", "Could not resolve", "Couldn't connect"),
+        "the store is unreachable (check AWS_ENDPOINT_URL and the network)",
+    ),
+    (("Read-only file system",), "read-only file system"),
+    (("Not a directory",), "a parent of the path is a file, not a folder"),
+)
 
 
 def is_uri(path: str) -> bool:
@@ -61,3 +94,33 @@ def write_bytes(path: str, data: bytes) -> None:
 def makedirs(path: str) -> None:
     filesystem, inner = resolve(path)
     filesystem.create_dir(inner, recursive=True)
+
+
+def check_writable(path: str) -> None:
+    """Fail now, not hours into a run, when ``path`` (a folder or URI prefix) cannot be written.
+
+    Writes and deletes a small probe object under ``path`` (a local folder is created as it
+    would be anyway). Raises :class:`StorageError` naming the path and the cause: a missing
+    bucket, rejected credentials, denied permission, an unreachable store or a read-only disk.
+    """
+    try:
+        filesystem, inner = resolve(path)
+        probe = posixpath.join(inner, f".campar-write-probe-{uuid.uuid4().hex}")
+        if isinstance(filesystem, pafs.LocalFileSystem):  # object stores have no folders
+            filesystem.create_dir(inner, recursive=True)
+        with filesystem.open_output_stream(probe) as stream:
+            stream.write(b"probe")
+        filesystem.delete_file(probe)
+    except (OSError, pa.ArrowException) as error:
+        raise StorageError(f"cannot write to {path}: {_cause(error)}") from None
+
+
+def _cause(error: Exception) -> str:
+    """The actionable reason in a storage error, else its first line."""
+    if isinstance(error, OSError) and error.errno == errno.EROFS:
+        return "read-only file system"
+    message = str(error)
+    for needles, cause in _CAUSES:
+        if any(needle in message for needle in needles):
+            return cause
+    return message.splitlines()[0] if message else type(error).__name__
