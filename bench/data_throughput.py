@@ -39,6 +39,7 @@ from bench.common import write_results
 from campar_ray.config import DataConfig, ModelConfig
 from campar_ray.data import ManifestInfo, read_manifest
 from campar_ray.data.converters import prepare
+from campar_ray.data.manifest import rebase_images, write_manifest
 from campar_ray.data.ray_pipeline import BLOCK_ROWS, augment_batch, build_dataset, decode_batch
 from campar_ray.model import build_model, stage1_loss
 from campar_ray.train.loop import build_optimizer, train_one_epoch
@@ -91,11 +92,19 @@ def _subset(table: pa.Table, count: int, seed: int = 0) -> pa.Table:
     return train.take(np.sort(picked))
 
 
-def _ray_batches(table: pa.Table, info: ManifestInfo, args, batch: int) -> Iterable[dict]:
+def _sample_manifest(table: pa.Table, info: ManifestInfo) -> ManifestInfo:
+    """The sample as a manifest of its own (absolute image paths): what Ray Data streams."""
+    folder = tempfile.mkdtemp(prefix="peta-sample-")
+    path = os.path.join(folder, "sample.parquet")
+    write_manifest(path, rebase_images(table, info.root, folder), info)
+    return read_manifest(path, with_bytes=False)[1]
+
+
+def _ray_batches(sample: ManifestInfo, args, batch: int) -> Iterable[dict]:
     data = DataConfig(
         image_size=tuple(args.size), pad=args.pad, decode_concurrency=args.workers, decode_cpus=1
     )
-    dataset = build_dataset(table, info, "train", data, train=True)
+    dataset = build_dataset(sample, "train", data, train=True)
     return dataset.iter_torch_batches(batch_size=batch, prefetch_batches=2)
 
 
@@ -121,8 +130,9 @@ def _images_per_second(batches: Iterable[dict]) -> tuple[float, int]:
 def throughput(table: pa.Table, info: ManifestInfo, args) -> dict[str, Any]:
     """Median images/s of each pipeline over alternating timed passes."""
     loader = _loader(table, info, args)
+    sample = _sample_manifest(table, info)
     passes = {
-        "ray": lambda: _images_per_second(_ray_batches(table, info, args, BLOCK_ROWS)),
+        "ray": lambda: _images_per_second(_ray_batches(sample, args, BLOCK_ROWS)),
         "dataloader": lambda: _images_per_second(loader),
     }
     for run in passes.values():
@@ -148,7 +158,7 @@ def train_utilisation(table: pa.Table, info: ManifestInfo, args) -> dict[str, An
     model = build_model(ModelConfig(backbone="resnet18"), len(info.attributes))
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=5e-4)
     sources = {
-        "ray": lambda: _ray_batches(table, info, args, args.batch),
+        "ray": lambda: _ray_batches(_sample_manifest(table, info), args, args.batch),
         "dataloader": lambda: _rebatched(_loader(table, info, args), args.batch),
     }
     figures: dict[str, Any] = {}

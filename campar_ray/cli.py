@@ -124,12 +124,15 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--root", default="", help="dataset folder (default: the manifest's folder)"
     )
-    parser.add_argument("--out", required=True, help="manifest to write (.parquet or URI)")
+    parser.add_argument(
+        "--out", required=True, help="manifest to write: a .parquet file, else a folder of shards"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of generated splits and data")
     parser.add_argument(
         "--verify", action="store_true", help="decode every image and report bad ones"
     )
     parser.add_argument("--pack", action="store_true", help="store encoded images in the manifest")
+    _shard_size_argument(parser)
     seen: set[str] = set()
     for spec in FORMATS.values():
         for option in spec.options:
@@ -159,12 +162,47 @@ def _prepare(args: argparse.Namespace, config: Config) -> int:
         args.out,
         seed=args.seed,
         pack=args.pack,
+        shard_mb=args.shard_size_mb,
         verify=args.verify,
         progress=_counter("verified"),
         **options,
     )
     print(report.summary())
     return 1 if report.verify is not None and report.verify.bad else 0
+
+
+# --- pack ----------------------------------------------------------------------------------
+
+
+def _pack_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, help="path manifest (file, folder or URI)")
+    parser.add_argument(
+        "--out", required=True, help="folder or URI for the packed shards (or one .parquet file)"
+    )
+    _shard_size_argument(parser)
+    parser.add_argument("--threads", type=int, default=16, help="images read at once")
+
+
+def _pack(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.data.pack import pack_manifest
+
+    report = pack_manifest(
+        args.manifest,
+        args.out,
+        shard_mb=args.shard_size_mb,
+        threads=args.threads,
+        progress=_counter("packed"),
+    )
+    print(report.summary())
+    return 0
+
+
+def _shard_size_argument(parser: argparse.ArgumentParser) -> None:
+    from campar_ray.data.pack import SHARD_MB
+
+    parser.add_argument(
+        "--shard-size-mb", type=float, default=SHARD_MB, metavar="N", help="size of each shard"
+    )
 
 
 # --- train ---------------------------------------------------------------------------------
@@ -426,6 +464,7 @@ def _counter(label: str) -> Callable[[int, int], None]:
 
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Handler]] = [
     ("prepare", "convert a dataset into a Parquet manifest", _prepare_arguments, _prepare),
+    ("pack", "re-write a manifest with the images inside (Parquet shards)", _pack_arguments, _pack),
     ("demo", "the whole pipeline on built-in data, with a report", _demo_arguments, _demo),
     ("train", "train stage 1 (CAM-PAR) on Ray Train", _train_arguments, _train),
     ("fit-cfar", "fit stage 2 (CFAR) on a run's logits", _fit_cfar_arguments, _fit_cfar),

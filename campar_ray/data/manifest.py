@@ -5,6 +5,9 @@ One row per image: ``image`` (a path relative to the manifest's folder, an absol
 (``train``/``val``/``test``), ``identity`` (person id) and ``source`` (subset or origin). A
 *packed* manifest also has a ``binary`` column with the encoded image bytes, so a cluster
 reads a few large files instead of many small ones; ``image`` still names each row.
+A manifest is one ``.parquet`` file or a folder of Parquet shards (read in file-name order);
+:class:`ManifestWriter` writes either form chunk by chunk, so memory holds one chunk
+whatever the corpus size.
 The schema metadata key ``campar`` holds JSON with the dataset name, the ordered attribute
 names and the attributes the dataset's protocol evaluates.
 
@@ -14,12 +17,13 @@ second, and every error names the row (index and image), the column and the bad 
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import os
 import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import TracebackType
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +39,10 @@ REQUIRED_COLUMNS = ("image", "labels", "split", "identity", "source")
 BINARY_COLUMN = "binary"
 METADATA_KEY = b"campar"
 ROW_GROUP_SIZE = 16384
-PACKED_ROW_GROUP_SIZE = 1024  # rows of encoded images: keeps one row group to tens of MB
+PACKED_ROW_GROUP_SIZE = 256
+"""Rows of encoded images per row group: one Ray Data decode block (``ray_pipeline.BLOCK_ROWS``),
+so a decode task reads exactly one row group (a few MB) of a packed manifest."""
+SHARD_NAME = "part-{:05d}.parquet"
 
 
 class ManifestError(ValueError):
@@ -51,6 +58,9 @@ class ManifestInfo:
     eval_attributes: tuple[str, ...]
     root: str = ""
     """Folder or URI that relative image paths resolve against (set by ``read_manifest``)."""
+    path: str = field(default="", compare=False)
+    """The file or shard folder this was read from (set by ``read_manifest``): streaming
+    readers go back to it instead of holding the rows."""
 
     def eval_indices(self) -> np.ndarray:
         """Positions of ``eval_attributes`` in ``attributes``, in evaluation order."""
@@ -211,47 +221,173 @@ def manifest_root(path: str) -> str:
     return inner if is_dir else os.path.dirname(inner)
 
 
-def read_manifest(path: str) -> tuple[pa.Table, ManifestInfo]:
-    """Read and validate a manifest: a ``.parquet`` file, a folder of shards, or a URI.
-
-    Shards are read in file-name order and must carry identical ``campar`` metadata.
-    """
+def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and Parquet files of a manifest: the file itself, or the folder's shards
+    in file-name order (the order of the manifest's rows)."""
     filesystem, inner = storage.resolve(path)
     kind = filesystem.get_file_info(inner).type
     if kind == pafs.FileType.NotFound:
         raise ManifestError(f"manifest not found: {path}")
-    if kind == pafs.FileType.Directory:
-        files = sorted(pads.dataset(inner, filesystem=filesystem, format="parquet").files)
-        if not files:
-            raise ManifestError(f"manifest folder {path} holds no Parquet files")
-    else:
-        files = [inner]
-    metadata = [pq.read_schema(f, filesystem=filesystem).metadata for f in files]
-    for file, meta in zip(files[1:], metadata[1:], strict=True):
-        if (meta or {}).get(METADATA_KEY) != (metadata[0] or {}).get(METADATA_KEY):
+    if kind != pafs.FileType.Directory:
+        return filesystem, [inner]
+    files = sorted(pads.dataset(inner, filesystem=filesystem, format="parquet").files)
+    if not files:
+        raise ManifestError(f"manifest folder {path} holds no Parquet files")
+    return filesystem, files
+
+
+def is_single_file(out: str) -> bool:
+    """True when a manifest written to ``out`` is one file, False for a folder of shards."""
+    return out.rstrip("/").endswith(".parquet")
+
+
+def output_root(out: str) -> str:
+    """The folder a manifest written to ``out`` lives in (what ``manifest_root`` will say once
+    it exists): the shard folder itself, or the ``.parquet`` file's folder."""
+    out = out.rstrip("/")
+    if storage.is_uri(out):
+        return posixpath.dirname(out) if is_single_file(out) else out
+    out = os.path.abspath(out)
+    return os.path.dirname(out) if is_single_file(out) else out
+
+
+def read_manifest(path: str, *, with_bytes: bool = True) -> tuple[pa.Table, ManifestInfo]:
+    """Read and validate a manifest: a ``.parquet`` file, a folder of shards, or a URI.
+
+    Shards must carry identical ``campar`` metadata. ``with_bytes=False`` leaves out the
+    encoded images of a packed manifest: a training driver needs references and labels, and
+    its decode tasks stream the bytes from ``info.path`` themselves.
+    """
+    filesystem, files = manifest_files(path)
+    schemas = [pq.read_schema(f, filesystem=filesystem) for f in files]
+    for file, schema in zip(files[1:], schemas[1:], strict=True):
+        if (schema.metadata or {}).get(METADATA_KEY) != (schemas[0].metadata or {}).get(
+            METADATA_KEY
+        ):
             raise ManifestError(
                 f"manifest shard {file} has different 'campar' metadata than {files[0]}"
             )
-    info = ManifestInfo.from_metadata(metadata[0], root=manifest_root(path))
+    info = ManifestInfo.from_metadata(schemas[0].metadata, root=manifest_root(path))
+    info = dataclasses.replace(info, path=path)
+    columns = [n for n in schemas[0].names if with_bytes or n != BINARY_COLUMN]
     if len(files) == 1:
-        table = pq.read_table(files[0], filesystem=filesystem)
+        table = pq.read_table(files[0], filesystem=filesystem, columns=columns)
     else:
-        table = pads.dataset(files, filesystem=filesystem, format="parquet").to_table()
-    table = validate(table, info)
-    return table, info
+        dataset = pads.dataset(files, filesystem=filesystem, format="parquet")
+        table = dataset.to_table(columns=columns)
+    return validate(table, info), info
 
 
-def write_manifest(path: str, table: pa.Table, info: ManifestInfo) -> None:
-    """Validate ``table`` against ``info`` and write it as one Parquet file (atomic locally)."""
-    check_info(info)
+def write_manifest(
+    path: str, table: pa.Table, info: ManifestInfo, *, shard_mb: float | None = None
+) -> None:
+    """Validate ``table`` against ``info`` and write it: one ``.parquet`` file, or a folder of
+    shards of about ``shard_mb`` MB when ``path`` does not end in ``.parquet``."""
     table = validate(table, info)
-    table = table.replace_schema_metadata({METADATA_KEY: info.to_metadata()})
-    packed = BINARY_COLUMN in table.column_names
-    buffer = io.BytesIO()
-    pq.write_table(
-        table, buffer, row_group_size=PACKED_ROW_GROUP_SIZE if packed else ROW_GROUP_SIZE
-    )
-    storage.write_bytes(path, buffer.getvalue())
+    rows = PACKED_ROW_GROUP_SIZE if BINARY_COLUMN in table.column_names else ROW_GROUP_SIZE
+    with ManifestWriter(path, info, shard_mb=shard_mb) as writer:
+        for start in range(0, max(table.num_rows, 1), rows):
+            writer.write(table.slice(start, rows))
+
+
+class ManifestWriter:
+    """Writes a manifest chunk by chunk; each :meth:`write` becomes one row group.
+
+    ``out`` ending in ``.parquet`` gets one file; any other path is a folder that receives
+    shards ``part-00000.parquet``, ``part-00001.parquet``, ... each closed once it holds
+    ``shard_mb`` MB (on disk), so neither memory nor any one object grows with the corpus.
+    Local files appear atomically (written under a temporary name, then renamed); an
+    existing manifest folder is refused rather than mixed with.
+    """
+
+    def __init__(self, out: str, info: ManifestInfo, *, shard_mb: float | None = None):
+        check_info(info)
+        self.out, self.info = out, info
+        self.single = is_single_file(out)
+        self.shard_bytes = None if self.single or not shard_mb else int(shard_mb * 2**20)
+        self.filesystem, self.inner = storage.resolve(out)
+        if not self.single:
+            found = self.filesystem.get_file_info(
+                pafs.FileSelector(self.inner, allow_not_found=True)
+            )
+            if any(f.path.endswith(".parquet") for f in found):
+                raise ManifestError(
+                    f"{out} already holds Parquet files; write a manifest folder to a new path"
+                )
+        self.files: list[str] = []
+        self.rows = 0
+        self._schema: pa.Schema | None = None
+        self._stream: pa.NativeFile | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, chunk: pa.Table) -> None:
+        """Validate one chunk of rows and append it (a new shard starts when one is full)."""
+        chunk = validate(chunk, self.info)
+        if self._schema is None:
+            self._schema = chunk.schema.with_metadata({METADATA_KEY: self.info.to_metadata()})
+        chunk = chunk.cast(self._schema)
+        if self._writer is None:
+            self._open()
+        self._writer.write_table(chunk, row_group_size=max(chunk.num_rows, 1))
+        self.rows += chunk.num_rows
+        if self.shard_bytes is not None and self._stream.tell() >= self.shard_bytes:
+            self._close_shard()
+
+    def close(self) -> list[str]:
+        """Finish the last file; return every file written."""
+        if self._writer is None and not self.files:
+            raise ManifestError(f"no rows were written to {self.out}")
+        if self._writer is not None:
+            self._close_shard()
+        return self.files
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            self.close()
+            return
+        if self._writer is not None:  # a failed run leaves no partial manifest behind
+            self._writer.close()
+            self._stream.close()
+            self.files.append(self._open_name)
+        for name in self.files:
+            self.filesystem.delete_file(name)
+
+    @property
+    def _local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    @property
+    def _target(self) -> str:
+        if self.single:
+            return self.inner
+        return posixpath.join(self.inner, SHARD_NAME.format(len(self.files)))
+
+    @property
+    def _open_name(self) -> str:
+        """Where the open file is being written: a temporary name on local disks."""
+        return self._target + ".tmp" if self._local else self._target
+
+    def _open(self) -> None:
+        if self._local:  # object stores have no folders to create
+            self.filesystem.create_dir(posixpath.dirname(self._target), recursive=True)
+        self._stream = self.filesystem.open_output_stream(self._open_name)
+        self._writer = pq.ParquetWriter(self._stream, self._schema)
+
+    def _close_shard(self) -> None:
+        self._writer.close()
+        self._stream.close()
+        if self._local:
+            self.filesystem.move(self._open_name, self._target)
+        self.files.append(self._target)
+        self._writer = self._stream = None
 
 
 def validate(table: pa.Table, info: ManifestInfo) -> pa.Table:

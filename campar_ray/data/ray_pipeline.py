@@ -1,9 +1,13 @@
 """Ray Data input pipeline: manifest rows -> decoded, resized (augmented) uint8 batches.
 
-``read -> decode + resize (deterministic) -> augment (train only, random)`` streams block by
-block: images are decoded by ``data.decode_concurrency`` parallel tasks while training
-consumes earlier blocks, and nothing decoded is ever materialised, so memory stays bounded
-by a few blocks whatever the dataset size.
+``plan -> read + decode + resize (deterministic) -> augment (train only, random)`` streams
+block by block. The driver only plans: from the Parquet metadata and the ``split`` column it
+lists *pieces* (a row group of one manifest file and the offsets of up to ``BLOCK_ROWS`` of
+its rows). Each decode task reads its piece straight from the manifest (local or
+``s3://``/``gs://``; paths and labels, or the encoded bytes of a packed manifest), then
+loads and decodes the images, while training consumes earlier blocks. Neither the driver
+nor any task ever holds the manifest's rows or the decoded data set, so memory stays
+bounded by a few blocks whatever the corpus size.
 
 A row whose image is missing or corrupt is not dropped here but kept with ``valid = False``
 and a black image: the consumer drops it and counts it, which puts the skipped-image count
@@ -18,12 +22,14 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from ray.data import ExecutionOptions, ExecutionResources, TaskPoolStrategy
 
+from campar_ray import storage
 from campar_ray.config import DataConfig
 from campar_ray.data.images import ImageDecodeError, decode_image, load_image_bytes
-from campar_ray.data.manifest import BINARY_COLUMN, SPLITS, ManifestInfo
+from campar_ray.data.manifest import BINARY_COLUMN, SPLITS, ManifestInfo, manifest_files
 from campar_ray.data.transforms import augment, resize
 
 logger = logging.getLogger(__name__)
@@ -34,7 +40,8 @@ BLOCK_ROWS = 256
 Large on purpose: Ray Data's executor notices finished tasks on a 0.1 s polling cycle, so a
 task must carry well over 0.1 s of decoding for its CPU not to sit idle between tasks
 (on PETA, 64-row blocks ran at ~0.6x a DataLoader's throughput, 256-row blocks at parity;
-see ``bench/results/data_throughput.md``).
+see ``bench/results/data_throughput.md``). Packed manifests are written with row groups of
+this size, so a piece of a packed manifest is exactly one row group.
 """
 
 
@@ -82,7 +89,6 @@ def augment_batch(batch: dict[str, np.ndarray], *, pad: int) -> dict[str, np.nda
 
 
 def build_dataset(
-    table: pa.Table,
     info: ManifestInfo,
     split: str | None,
     data: DataConfig,
@@ -92,31 +98,27 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """A streaming dataset of one split (or all rows): decoded, resized, augmented if ``train``.
 
-    The validated manifest table goes into the object store in blocks of ``BLOCK_ROWS``
-    rows (paths and labels, or encoded bytes for a packed manifest); decoding happens in
-    ``data.decode_concurrency`` tasks of ``data.decode_cpus`` CPUs each. Training rows are
-    dealt into blocks in a seeded random order (manifests list a person's images together,
-    and a batch of one person teaches little), and the blocks are visited in a new random
-    order every epoch.
+    ``info`` comes from ``read_manifest``; its ``path`` (a file, shard folder or URI) is read
+    by the decode tasks themselves, ``data.decode_concurrency`` tasks of ``data.decode_cpus``
+    CPUs each. Training rows are dealt into pieces in a seeded random order within each row
+    group (manifests list a person's images together, and a batch of one person teaches
+    little), and the pieces are visited in a new random order every epoch.
     """
-    rows = split_rows(table, split)
-    if rows.num_rows == 0:
+    if not info.path:
+        raise ValueError("build_dataset needs the ManifestInfo of read_manifest (it has no path)")
+    pieces = plan_pieces(info.path, split, data.decode_concurrency, seed if train else None)
+    if pieces.num_rows == 0:
         raise ValueError(f"manifest has no {split or 'image'!r} rows to build a dataset from")
-    if train:
-        rows = rows.take(np.random.default_rng(seed).permutation(rows.num_rows))
-    size = min(BLOCK_ROWS, -(-rows.num_rows // data.decode_concurrency))  # keep every task busy
-    blocks = [rows.slice(start, size) for start in range(0, rows.num_rows, size)]
-    dataset = ray.data.from_arrow(blocks)
+    dataset = ray.data.from_arrow(pieces, override_num_blocks=pieces.num_rows)
     if train:
         dataset = dataset.randomize_block_order()
     dataset = dataset.map_batches(
-        decode_batch,
+        decode_pieces,
         fn_kwargs={"root": info.root, "size": tuple(data.image_size)},
-        batch_format="numpy",
+        batch_format="pyarrow",
         batch_size=None,
         compute=TaskPoolStrategy(size=data.decode_concurrency),
         num_cpus=data.decode_cpus,
-        udf_modifying_row_count=False,
     )
     if train:
         dataset = dataset.map_batches(
@@ -129,6 +131,88 @@ def build_dataset(
             udf_modifying_row_count=False,
         )
     return dataset
+
+
+def plan_pieces(
+    manifest: str, split: str | None, concurrency: int, seed: int | None = None
+) -> pa.Table:
+    """The pieces of one split: columns ``file`` (path or URI), ``row_group``, ``first`` (the
+    manifest row number of the row group's first row) and ``offsets`` (rows within it).
+
+    Reads only Parquet footers and, for one split, the ``split`` column. A piece holds at
+    most ``BLOCK_ROWS`` rows, fewer for small splits so that all ``concurrency`` decode tasks
+    get work. With a ``seed``, rows are dealt into pieces in a seeded random order.
+    """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    filesystem, files = manifest_files(manifest)
+    scheme = manifest.split("://", 1)[0] + "://" if storage.is_uri(manifest) else ""
+    groups: list[tuple[str, int, int, np.ndarray]] = []
+    first = 0
+    for file in files:
+        parquet = pq.ParquetFile(file, filesystem=filesystem)
+        picked = None
+        if split is not None:
+            column = parquet.read(columns=["split"]).column("split")
+            picked = np.flatnonzero(pc.equal(column, split).to_numpy(zero_copy_only=False))
+        start = 0
+        for index in range(parquet.metadata.num_row_groups):
+            count = parquet.metadata.row_group(index).num_rows
+            if picked is None:
+                rows = np.arange(count)
+            else:
+                lo, hi = np.searchsorted(picked, [start, start + count])
+                rows = picked[lo:hi] - start
+            if len(rows):
+                groups.append((scheme + file, index, first + start, rows.astype(np.int32)))
+            start += count
+        first += start
+    total = sum(len(rows) for *_, rows in groups)
+    size = min(BLOCK_ROWS, max(1, -(-total // concurrency)))
+    rng = np.random.default_rng(seed) if seed is not None else None
+    pieces: dict[str, list] = {"file": [], "row_group": [], "first": [], "offsets": []}
+    for file, index, start, rows in groups:
+        if rng is not None:
+            rows = rng.permutation(rows)
+        for chunk in range(0, len(rows), size):
+            pieces["file"].append(file)
+            pieces["row_group"].append(index)
+            pieces["first"].append(start)
+            pieces["offsets"].append(rows[chunk : chunk + size])
+    return pa.table(
+        {
+            "file": pa.array(pieces["file"], pa.string()),
+            "row_group": pa.array(pieces["row_group"], pa.int32()),
+            "first": pa.array(pieces["first"], pa.int64()),
+            "offsets": pa.array(pieces["offsets"], pa.list_(pa.int32())),
+        }
+    )
+
+
+def read_piece(file: str, row_group: int, first: int, offsets: np.ndarray) -> pa.Table:
+    """The rows of one piece: ``row`` (manifest row number), ``image``, ``labels`` and, for a
+    packed manifest, ``binary``; only these columns of the one row group are fetched."""
+    filesystem, inner = storage.resolve(file)
+    parquet = pq.ParquetFile(inner, filesystem=filesystem)
+    columns = ["image", "labels"]
+    if BINARY_COLUMN in parquet.schema_arrow.names:
+        columns.append(BINARY_COLUMN)
+    rows = parquet.read_row_group(row_group, columns=columns).take(offsets)
+    return rows.add_column(0, "row", pa.array(first + offsets.astype(np.int64)))
+
+
+def decode_pieces(pieces: pa.Table, *, root: str, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Read and decode every piece of a block (one piece, as ``build_dataset`` deals them)."""
+    batches = []
+    for piece in pieces.to_pylist():
+        rows = read_piece(
+            piece["file"], piece["row_group"], piece["first"], np.asarray(piece["offsets"])
+        )
+        batch = {
+            name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names
+        }
+        batches.append(decode_batch(batch, root=root, size=size))
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
 
 
 def data_execution_options(reserved_cpus: float, reserved_gpus: float = 0.0) -> ExecutionOptions:

@@ -77,7 +77,7 @@ def write_logits(
     training workers' CPUs (and a GPU each when ``train.use_gpu``), ``train.batch_size``
     images per call.
     """
-    scored = build_dataset(table, info, None, data, train=False).map_batches(
+    scored = build_dataset(info, None, data, train=False).map_batches(
         LogitsPredictor,
         fn_constructor_kwargs={
             "checkpoint": checkpoint,

@@ -105,7 +105,7 @@ def train_stage1(
         storage.join(config.run.dir, "config.yaml"),
         yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
     )
-    table, info = read_manifest(config.data.manifest)
+    table, info = read_manifest(config.data.manifest, with_bytes=False)
     for split in ("train", "val"):
         if not pc.any(pc.equal(table.column("split"), split)).as_py():
             raise ValueError(f"manifest {config.data.manifest} has no {split!r} images")
@@ -170,8 +170,8 @@ def _trainer(
             callbacks=callbacks,
         ),
         datasets={
-            "train": build_dataset(table, info, "train", config.data, train=True, seed=config.seed),
-            "val": build_dataset(table, info, "val", config.data, train=False),
+            "train": build_dataset(info, "train", config.data, train=True, seed=config.seed),
+            "val": build_dataset(info, "val", config.data, train=False),
         },
         dataset_config=ShardConfig(
             data_execution_options(cfg.num_workers * cfg.cpus_per_worker, gpus)

@@ -20,7 +20,6 @@ synthetic  (written here) ``images/``                            n, size, ratios
 from __future__ import annotations
 
 import os
-import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +29,8 @@ import pyarrow.compute as pc
 from campar_ray import storage
 from campar_ray.data.converters import folder, pa100k, peta, rap, synthetic
 from campar_ray.data.converters.common import Converted, DatasetError, Option
-from campar_ray.data.manifest import SPLITS, rebase_images, write_manifest
-from campar_ray.data.pack import pack_table
+from campar_ray.data.manifest import SPLITS, output_root, rebase_images, write_manifest
+from campar_ray.data.pack import SHARD_MB, pack_rows
 from campar_ray.data.verify import VerifyReport, verify_manifest
 
 __all__ = [
@@ -143,23 +142,28 @@ def prepare(
     seed: int = 0,
     *,
     pack: bool = False,
+    shard_mb: float = SHARD_MB,
     verify: bool = False,
     progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> PrepareReport:
-    """Convert the dataset at ``root`` in format ``fmt`` into the manifest file ``out``.
+    """Convert the dataset at ``root`` in format ``fmt`` into the manifest ``out``.
 
-    An empty ``root`` means the folder of ``out`` (where ``synthetic`` then writes its images).
+    ``out`` is a ``.parquet`` file, or a folder (any other path) that receives Parquet shards
+    of about ``shard_mb`` MB, written one row group at a time. An empty ``root`` means the
+    manifest's folder (where ``synthetic`` then writes its images). ``out`` is checked to be
+    writable before any conversion starts.
 
     ``options`` are the format's own (see ``FORMATS[fmt].options``); the seed drives any
-    split the format does not fix. ``pack`` stores the encoded images in the manifest;
+    split the format does not fix. ``pack`` streams the encoded images into the manifest;
     ``verify`` then decodes every image (``progress(done, total)`` reports on it).
     """
     spec = get_format(fmt)
     resolved = resolve_options(spec, options)
     if not storage.is_uri(out):
         out = os.path.abspath(out)
-    folder_of_out = posixpath.dirname(out) if storage.is_uri(out) else os.path.dirname(out)
+    folder_of_out = output_root(out)
+    storage.check_writable(folder_of_out)
     if not root:
         root = folder_of_out
     elif not storage.is_uri(root):
@@ -167,8 +171,9 @@ def prepare(
     converted = spec.convert(root, seed, **resolved)
     table = rebase_images(converted.table, root, folder_of_out)
     if pack:
-        table = pack_table(table, folder_of_out)
-    write_manifest(out, table, converted.info)
+        pack_rows(table, converted.info, folder_of_out, out, shard_mb=shard_mb)
+    else:
+        write_manifest(out, table, converted.info, shard_mb=shard_mb)
     counts = pc.value_counts(table.column("split")).to_pylist()
     return PrepareReport(
         path=out,
