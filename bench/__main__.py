@@ -14,6 +14,7 @@ import sys
 SCRIPTS = (
     "head_overhead",
     "data_throughput",
+    "data_scale",
     "als_scaling",
     "stage1_scaling",
     "demo_timing",

@@ -251,6 +251,15 @@ def output_root(out: str) -> str:
     return os.path.dirname(out) if is_single_file(out) else out
 
 
+def read_info(path: str) -> ManifestInfo:
+    """A manifest's metadata, read from its first file's footer: a streaming reader's view,
+    which never holds the rows."""
+    filesystem, files = manifest_files(path)
+    schema = pq.read_schema(files[0], filesystem=filesystem)
+    info = ManifestInfo.from_metadata(schema.metadata, root=manifest_root(path))
+    return dataclasses.replace(info, path=path)
+
+
 def read_manifest(path: str, *, with_bytes: bool = True) -> tuple[pa.Table, ManifestInfo]:
     """Read and validate a manifest: a ``.parquet`` file, a folder of shards, or a URI.
 
