@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install --quiet torch torchvision
-	$(BIN)/pip install --quiet -e ".[test,pretrained,onnx]"
+	$(BIN)/pip install --quiet -e ".[test,pretrained,onnx,tracking]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -251,7 +251,13 @@ def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
 
     if config.cfar.solver == "ray":
         init_ray(args.address)
-    result = fit_cfar(config.run.dir, config.cfar, seed=config.seed, progress=_log_progress)
+    result = fit_cfar(
+        config.run.dir,
+        config.cfar,
+        seed=config.seed,
+        progress=_log_progress,
+        tracking=config.tracking,
+    )
     _print_cfar_metrics(result.metrics)
     print(f"artefacts: {result.output_dir}")
     return 0

@@ -58,12 +58,15 @@ class DataConfig:
     """Network input size as ``[H, W]``."""
     pad: int = 10
     """Padding before the random crop (reference augmentation)."""
-    decode_concurrency: int = 1
-    """Ray Data tasks decoding images in parallel."""
+    decode_concurrency: int = 0
+    """Ray Data tasks decoding images in parallel (the size of the decode task pool);
+    ``0``: as many as the CPUs the training workers leave hold (see ``decode_cpus``)."""
     prefetch_batches: int = 2
     """Batches prefetched ahead of each training worker."""
     decode_cpus: float = 0.5
     """CPUs reserved by each decode task (fractional works on small machines)."""
+    starvation_threshold: float = 0.2
+    """Warn when an epoch's training steps wait for data longer than this fraction of the time."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,24 @@ class CfarConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking: TensorBoard files in the run directory, MLflow when a URI is set.
+
+    Credentials never come from here: MLflow reads ``MLFLOW_TRACKING_TOKEN`` (or
+    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``) from the environment.
+    """
+
+    tensorboard: bool = True
+    """Event files under ``<run.dir>/tensorboard/`` (stage 1, CFAR, each search trial)."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI: ``sqlite:///path/mlflow.db``, ``file:/path/mlruns`` or an
+    ``http(s)://`` server; empty: no MLflow."""
+    experiment: str = "campar"
+    """MLflow experiment of stage-1 runs and CFAR fits; a search logs its trials to
+    ``<experiment>-search-<run dir name>``."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The resolved configuration of one run."""
 
@@ -137,6 +158,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunSettings = field(default_factory=RunSettings)
     cfar: CfarConfig = field(default_factory=CfarConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,12 +8,15 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 import ray._private.state as ray_state
 import torch
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from campar_ray.config import Config, ConfigError, load_config
@@ -224,7 +227,9 @@ def killed_run(ray_cluster, synthetic, tmp_path_factory) -> tuple[Config, Stage1
     Shared by the integration tests below: one Ray Train run is the expensive part.
     """
     run_dir = tmp_path_factory.mktemp("stage1") / "run"
-    config = _config(synthetic[0], run_dir, max_failures=2)
+    config = _config(synthetic[0], run_dir, max_failures=2).override(
+        {"tracking.mlflow_uri": f"sqlite:///{run_dir.parent}/mlflow.db"}
+    )
     killed: dict[str, int] = {}
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
@@ -255,6 +260,41 @@ def test_a_killed_worker_resumes_at_the_next_epoch_without_losing_or_redoing_one
     assert [m["epoch"] for m in result.history] == [1, 2]
     # Every epoch was checkpointed exactly once: a restart from scratch would add epoch 1 again.
     assert _checkpoint_epochs(Path(config.run.dir)) == [1, 2]
+
+
+@pytest.mark.ray
+def test_the_restarted_run_is_one_mlflow_run_and_one_tensorboard_curve(killed_run):
+    config, result, _ = killed_run
+    run = _mlflow_run(config)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert _logged_epochs(config, run) == [1, 2]  # epoch 1 logged once, before and after the kill
+    assert run.data.params["train.epochs"] == "2"
+    assert run.data.params["model.backbone"] == "resnet18"
+    assert run.data.metrics["final/val_mA"] == result.metrics["val_mA"]
+    assert "best epoch" in run.data.tags["mlflow.note.content"]
+
+    events = EventAccumulator(str(Path(config.run.dir) / "tensorboard" / "stage1"))
+    events.Reload()
+    curve = events.Scalars("val_mA")
+    assert [(p.step, p.value) for p in curve] == [
+        (m["epoch"], pytest.approx(m["val_mA"])) for m in result.history
+    ]
+    for epoch in (1, 2):  # Ray Data's own stats, per epoch
+        stats = Path(config.run.dir) / "data_stats" / f"epoch_{epoch:03d}.txt"
+        assert "Operator" in stats.read_text()
+
+
+def _mlflow_run(config: Config) -> Any:
+    client = MlflowClient(config.tracking.mlflow_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def _logged_epochs(config: Config, run: Any) -> list[int]:
+    history = MlflowClient(config.tracking.mlflow_uri).get_metric_history(run.info.run_id, "epoch")
+    return sorted(point.step for point in history)
 
 
 @pytest.mark.ray
@@ -296,6 +336,7 @@ def test_run_reports_metrics_checkpoints_and_logits_then_resumes(killed_run, syn
     resumed = train_stage1(config.override({"train.epochs": 3}), progress=False)
     assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == result.history
+    assert _logged_epochs(config, _mlflow_run(config)) == [1, 2, 3]  # the same MLflow run
 
 
 def test_resolve_config_names_bad_values_and_makes_paths_absolute():

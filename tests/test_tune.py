@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -14,7 +15,9 @@ import pandas as pd
 import pytest
 import ray._private.state as ray_state
 import ray.tune
+from mlflow.tracking import MlflowClient
 from ray.util import placement_group_table
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import Config, load_config
@@ -202,15 +205,29 @@ def resumed_search(ray_cluster, tmp_path_factory):
     common = {"run_dir": str(run), "scope": "cfar", "num_samples": 8, "seed": 0}
     marker = run / "interrupted"
     first = run_search(
-        BASE, **common, max_concurrent=2, callbacks=[InterruptAfter(3, marker)], progress=False
+        _tracked(BASE, run),
+        **common,
+        max_concurrent=2,
+        callbacks=[InterruptAfter(3, marker)],
+        progress=False,
     )
     done_first = pd.read_parquet(first.table).query("status == 'complete'")
     stamps = {
         trial: os.path.getmtime(run / "tune" / "trials" / trial / "cfar" / "metrics.json")
         for trial in done_first.trial_id
     }
-    second = run_search(BASE, **common, resume=True, progress=False)
+    second = run_search(_tracked(BASE, run), **common, resume=True, progress=False)
     return run, first, done_first, stamps, second
+
+
+def _tracked(config: Config, run: Path) -> Config:
+    """``config`` logging to an MLflow store next to the run directory."""
+    return config.override({"tracking.mlflow_uri": f"sqlite:///{run.parent}/mlflow.db"})
+
+
+def _mlflow_runs(run: Path, experiment: str) -> list[Any]:
+    client = MlflowClient(_tracked(BASE, run).tracking.mlflow_uri)
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
 @pytest.mark.ray
@@ -228,6 +245,31 @@ def test_an_interrupted_search_resumes_where_it_stopped(resumed_search):
 
 
 @pytest.mark.ray
+def test_each_trial_is_one_mlflow_run_of_the_search_experiment_across_the_resume(
+    resumed_search,
+):
+    run, _, _, _, second = resumed_search
+    table = pd.read_parquet(second.table).set_index("trial_id")
+    runs = {r.info.run_name: r for r in _mlflow_runs(run, "campar-search-run")}
+    assert sorted(runs) == sorted(table.index)  # 8 runs: the resume added none twice
+    for trial_id, mlflow_run in runs.items():
+        assert mlflow_run.info.status == "FINISHED"
+        assert mlflow_run.data.metrics["trial/val_mA"] == table.loc[trial_id, "val_mA"]
+        alpha = float(mlflow_run.data.params["cfar.alpha"])
+        assert alpha == pytest.approx(table.loc[trial_id, "cfar.alpha"])
+        events = EventAccumulator(str(run / "tune" / "trials" / trial_id / "tensorboard" / "trial"))
+        events.Reload()
+        assert events.Scalars("trial/val_mA")[0].value == pytest.approx(
+            mlflow_run.data.metrics["trial/val_mA"]
+        )
+    # The best configuration's refit (the one test score) is a CFAR fit of the base experiment.
+    (refit,) = _mlflow_runs(run, "campar")
+    selected = json.loads((run / "cfar" / "metrics.json").read_text())["selected"]
+    assert refit.data.metrics[f"final/test/{selected}/mA"] == second.test["test_mA"]
+    assert "als_objective" in refit.data.metrics
+
+
+@pytest.mark.ray
 def test_cfar_search_beats_the_defaults_and_its_best_yaml_reproduces(resumed_search, tmp_path):
     run, _, _, _, result = resumed_search
     default = fit_cfar_on_val(str(run), str(tmp_path), BASE.cfar, seed=0)
@@ -235,7 +277,7 @@ def test_cfar_search_beats_the_defaults_and_its_best_yaml_reproduces(resumed_sea
     assert result.best_val["val_mA"] > result.best_val["stage1_val_mA"]
 
     best = load_config(result.best_config)
-    assert best == BASE.override({**result.best_params, "run.dir": str(run)})
+    assert best == _tracked(BASE, run).override({**result.best_params, "run.dir": str(run)})
     refit = fit_cfar(best.run.dir, best.cfar, seed=best.seed).metrics
     assert refit["val"][refit["selected"]]["mA"] == pytest.approx(
         result.best_val["val_mA"], abs=1e-12
@@ -272,7 +314,7 @@ def test_full_search_trains_stage1_per_trial_then_stage2(ray_cluster, stage1_bas
     )
     actors_before, groups_before = _alive_actors(), _live_placement_groups()
     result = run_search(
-        stage1_base,
+        _tracked(stage1_base, tmp_path / "run"),
         run_dir=str(tmp_path / "run"),
         scope="full",
         num_samples=2,
@@ -288,6 +330,12 @@ def test_full_search_trains_stage1_per_trial_then_stage2(ray_cluster, stage1_bas
     assert (trial_dir / "logits" / "val.parquet").exists()
     assert (trial_dir / "cfar" / "metrics.json").exists() and result.test
     assert load_config(result.best_config).run.dir == str(trial_dir)
+    # One MLflow run per trial: stage 1's epochs (rank 0 of its Train run), then the trial's result.
+    runs = {r.info.run_name: r for r in _mlflow_runs(tmp_path / "run", "campar-search-run")}
+    assert sorted(runs) == sorted(table.index)
+    tracked = runs[result.best_trial].data.metrics
+    assert tracked["epoch"] == 1 and "train_loss" in tracked and "data_wait_fraction" in tracked
+    assert tracked["trial/val_mA"] == best["val_mA"] and "final/val_mA" in tracked  # + stage 1
     _assert_nothing_left(actors_before, groups_before)
 
 
@@ -295,7 +343,7 @@ def test_full_search_trains_stage1_per_trial_then_stage2(ray_cluster, stage1_bas
 def test_a_trial_stopped_mid_training_frees_its_train_run(ray_cluster, stage1_base, tmp_path):
     base = stage1_base.override({"train.epochs": 2})
     space = load_search_space(_space_file(tmp_path, "cfar.alpha: {uniform: [1, 30]}"), base, "full")
-    context = TrialContext(base, space, str(tmp_path), str(tmp_path / "trials"))
+    context = TrialContext(base, space, str(tmp_path), str(tmp_path / "trials"), "stopped")
     actors_before, groups_before = _alive_actors(), _live_placement_groups()
     grid = ray.tune.Tuner(
         ray.tune.with_parameters(FullTrial, context=context),

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +41,15 @@ from campar_ray.cfar.dictionary import (
     build_dictionary,
 )
 from campar_ray.cfar.head import Fc2, Fc2Fit, Fc2Split, train_fc2
-from campar_ray.config import CfarConfig, ConfigError
+from campar_ray.config import CfarConfig, ConfigError, TrackingConfig
 from campar_ray.metrics import choose_threshold, par_metrics, summary
+from campar_ray.tracking import (
+    TENSORBOARD_DIR,
+    Tracker,
+    markdown_table,
+    open_tracker,
+    resolve_tracking,
+)
 from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits
 
 CFAR_DIR = "cfar"
@@ -104,11 +113,21 @@ def check_cfar_config(cfg: CfarConfig) -> None:
 
 
 def fit_cfar(
-    run_dir: str, cfg: CfarConfig, seed: int = 0, progress: Progress | None = None
+    run_dir: str,
+    cfg: CfarConfig,
+    seed: int = 0,
+    progress: Progress | None = None,
+    tracking: TrackingConfig | None = None,
 ) -> CfarResult:
-    """Fit stage 2 on a run's stage-1 logits and write its artefacts (see module doc)."""
+    """Fit stage 2 on a run's stage-1 logits and write its artefacts (see module doc).
+
+    The fit is tracked as ``tracking`` says (default: TensorBoard files in
+    ``<run_dir>/tensorboard/cfar``): its config, the ALS objective per iteration, the val and
+    test metrics of every column and a short report. Each fit is a new MLflow run.
+    """
     check_cfar_config(cfg)
-    report = progress or (lambda stage, values: None)
+    tracker = _open_tracker(run_dir, cfg, seed, resolve_tracking(tracking or TrackingConfig()))
+    report = _tracked(progress or (lambda stage, values: None), tracker)
     splits = {name: read_split_logits(logits_path(run_dir, name)) for name in SPLITS}
     train = splits["train"]
     _check_same_attributes(splits)
@@ -150,7 +169,49 @@ def fit_cfar(
         },
     )
     _write_json(storage.join(output_dir, "metrics.json"), metrics)
+    tracker.log_final(
+        {
+            f"{split}/{column}/{name}": value
+            for split in REPORTED
+            for column, values in metrics[split].items()
+            for name, value in values.items()
+        }
+    )
+    tracker.log_report(cfar_report(metrics))
+    tracker.close()
     return CfarResult(output_dir, als, predictor, metrics)
+
+
+def cfar_report(metrics: dict[str, Any]) -> str:
+    """Markdown: stage 1 alone and stage 1 + CFAR, on val and test (thresholds from val)."""
+    tables = "\n\n".join(f"{split}\n\n{markdown_table(metrics[split])}" for split in REPORTED)
+    return f"**CFAR** (saved: {metrics['selected']}; thresholds chosen on val)\n\n{tables}\n"
+
+
+def _open_tracker(run_dir: str, cfg: CfarConfig, seed: int, tracking: TrackingConfig) -> Tracker:
+    tracker = open_tracker(
+        tracking,
+        log_dir=storage.join(run_dir, TENSORBOARD_DIR, CFAR_DIR),
+        experiment=tracking.experiment,
+        run_name=f"{os.path.basename(run_dir.rstrip('/'))}/{CFAR_DIR}",
+        tags={"campar.run_dir": run_dir, "campar.stage": CFAR_DIR},
+    )
+    tracker.log_config({"cfar": dataclasses.asdict(cfg), "seed": seed})
+    return tracker
+
+
+def _tracked(progress: Progress, tracker: Tracker) -> Progress:
+    """``progress`` that also sends each ALS iteration's objective to the tracker."""
+
+    def report(stage: str, values: dict[str, Any]) -> None:
+        if stage == "als":
+            als = {"als_objective": values["objective"]}
+            if math.isfinite(values["relative_change"]):  # inf on the first iteration
+                als["als_relative_change"] = values["relative_change"]
+            tracker.log_metrics(als, step=int(values["iteration"]))
+        progress(stage, values)
+
+    return report
 
 
 def fit_factors(

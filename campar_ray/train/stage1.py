@@ -52,6 +52,7 @@ from campar_ray.model import (
     stage1_loss,
 )
 from campar_ray.runtime import init_ray
+from campar_ray.tracking import ensure_experiment, resolve_tracking
 from campar_ray.train.inference import write_logits
 from campar_ray.train.loop import (
     SCHEDULERS,
@@ -66,6 +67,7 @@ from campar_ray.train.loop import (
     train_one_epoch,
     validation_metrics,
 )
+from campar_ray.train.monitor import EpochMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,8 @@ def train_stage1(
         storage.join(config.run.dir, "config.yaml"),
         yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
     )
+    ensure_experiment(config.tracking, config.tracking.experiment)
+    config = _with_decode_tasks(config)
     table, info = read_manifest(config.data.manifest, with_bytes=False)
     for split in ("train", "val"):
         if not pc.any(pc.equal(table.column("split"), split)).as_py():
@@ -140,7 +144,9 @@ def _trainer(
     setup = {
         "model": config.model,
         "train": cfg,
-        "prefetch_batches": config.data.prefetch_batches,
+        "data": config.data,
+        "tracking": config.tracking,
+        "run_dir": config.run.dir,
         "attributes": info.attributes,
         "eval_attributes": info.eval_attributes,
         "eval_indices": info.eval_indices().tolist(),
@@ -190,7 +196,7 @@ def resolve_config(config: Config) -> Config:
         ("train.epochs", cfg.epochs, 1),
         ("train.batch_size", cfg.batch_size, 1),
         ("train.num_workers", cfg.num_workers, 1),
-        ("data.decode_concurrency", config.data.decode_concurrency, 1),
+        ("data.decode_concurrency", config.data.decode_concurrency, 0),
         ("data.prefetch_batches", config.data.prefetch_batches, 0),
     ):
         if value < low:
@@ -205,8 +211,32 @@ def resolve_config(config: Config) -> Config:
             f"unknown train.scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}"
         )
     return config.override(
-        {"run.dir": _absolute(config.run.dir), "data.manifest": _absolute(config.data.manifest)}
+        {
+            "run.dir": _absolute(config.run.dir),
+            "data.manifest": _absolute(config.data.manifest),
+            "tracking": dataclasses.asdict(resolve_tracking(config.tracking)),
+        }
     )
+
+
+def _with_decode_tasks(config: Config) -> Config:
+    """``data.decode_concurrency`` 0 (auto) made concrete from the CPUs training leaves free."""
+    cfg = config.train
+    gpus = cfg.num_workers if cfg.use_gpu else 0
+    free = data_execution_options(cfg.num_workers * cfg.cpus_per_worker, gpus).resource_limits.cpu
+    tasks = decode_tasks(config.data.decode_concurrency, config.data.decode_cpus, free)
+    return config.override({"data.decode_concurrency": tasks})
+
+
+def decode_tasks(concurrency: int, decode_cpus: float, free_cpus: float) -> int:
+    """``concurrency``, or for 0 as many as ``free_cpus`` hold (at least one).
+
+    A training set passes through two task pools of this size (decode + resize, then
+    augment), so auto gives each pool half of the free CPUs.
+    """
+    if concurrency > 0:
+        return concurrency
+    return max(1, int(free_cpus // (2 * decode_cpus)))
 
 
 def _absolute(path: str) -> str:
@@ -273,7 +303,16 @@ def _worker_loop(setup: dict[str, Any]) -> None:
     options = {"device": device, "amp": cfg.amp, "channels_last": cfg.channels_last}
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    batches = {"batch_size": cfg.batch_size, "prefetch_batches": setup["prefetch_batches"]}
+    batches = {"batch_size": cfg.batch_size, "prefetch_batches": setup["data"].prefetch_batches}
+    monitor = None
+    if ray.train.get_context().get_world_rank() == 0:
+        monitor = EpochMonitor.open(
+            setup["tracking"],
+            run_dir=setup["run_dir"],
+            config=setup["config"],
+            data=setup["data"],
+            history=history,
+        )
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         stats = train_one_epoch(
             ddp_model,
@@ -290,6 +329,10 @@ def _worker_loop(setup: dict[str, Any]) -> None:
         step_scheduler(scheduler, metrics["val_mA"])
         history.append(metrics)
         _report(metrics, history, setup, model, optimizer, scheduler, scaler)
+        if monitor:  # after the checkpoint: a restart re-logs exactly the checkpointed epochs
+            monitor.epoch(metrics, train_shard.stats())
+    if monitor:
+        monitor.finish(history)
 
 
 def _epoch_metrics(

@@ -40,7 +40,7 @@ from campar_ray.cfar.fit import CFAR_DIR
 from campar_ray.config import Config
 from campar_ray.train.stage1 import train_stage1
 from campar_ray.tune.stage2 import fit_cfar_on_val
-from campar_ray.tune.trials import TrialContext
+from campar_ray.tune.trials import TrialContext, finish_trial_tracking, open_trial_tracker
 
 
 class FullTrial(ray.tune.Trainable):
@@ -50,9 +50,14 @@ class FullTrial(ray.tune.Trainable):
         self._events = Queue(actor_options={"num_cpus": 0})
         self._controller: ray.actor.ActorHandle | None = None
         folder = storage.join(context.trials_dir, self.trial_id)
-        run_config = context.space.apply(context.base, config).override({"run.dir": folder})
+        run_config = context.space.apply(context.base, config).override(
+            {"run.dir": folder, "tracking.experiment": context.experiment}
+        )
         self._thread = threading.Thread(
-            target=self._pipeline, args=(run_config, folder), name="campar-trial", daemon=True
+            target=self._pipeline,
+            args=(run_config, folder, context, config),
+            name="campar-trial",
+            daemon=True,
         )
         self._thread.start()
 
@@ -76,13 +81,18 @@ class FullTrial(ray.tune.Trainable):
             with contextlib.suppress(ray.exceptions.RayActorError):
                 ray.get(self._controller.abort.remote())
 
-    def _pipeline(self, config: Config, folder: str) -> None:
+    def _pipeline(
+        self, config: Config, folder: str, context: TrialContext, params: dict[str, Any]
+    ) -> None:
         try:
             relays = [_ControllerRelay(self._events), _EpochRelay(self._events)]
+            # Stage 1 tracks its epochs (rank 0) in the MLflow run keyed by this folder.
             stage1 = train_stage1(config, progress=False, callbacks=relays)
             metrics = fit_cfar_on_val(
                 folder, storage.join(folder, CFAR_DIR), config.cfar, config.seed
             )
+            tracker = open_trial_tracker(context, folder, self.trial_id)
+            finish_trial_tracking(tracker, params, metrics)
             final = {
                 **metrics,
                 "epoch": stage1.history[-1]["epoch"],

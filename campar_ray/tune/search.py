@@ -37,6 +37,7 @@ from campar_ray import storage
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import Config, ConfigError
 from campar_ray.runtime import init_ray
+from campar_ray.tracking import ensure_experiment, resolve_tracking, search_experiment
 from campar_ray.train.logits import logits_path
 from campar_ray.train.stage1 import resolve_config
 from campar_ray.tune import report
@@ -145,7 +146,8 @@ def run_search(
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"max_concurrent must be at least 1, got {max_concurrent}")
     run_dir = run_dir if storage.is_uri(run_dir) else os.path.abspath(run_dir)
-    base = base.override({"run.dir": run_dir})
+    tracking = resolve_tracking(base.tracking)
+    base = base.override({"run.dir": run_dir, "tracking": dataclasses.asdict(tracking)})
     base = resolve_config(base) if scope == "full" else base
     seed = base.seed if seed is None else seed
     if scope == "cfar":
@@ -166,7 +168,9 @@ def run_search(
         print(f"[tune] scope {scope} leaves out stage-1 keys: {', '.join(space.skipped)}")
 
     init_ray()
-    context = TrialContext(base, space, run_dir, storage.join(tune_dir, TRIALS_DIR))
+    experiment = search_experiment(tracking, run_dir)
+    ensure_experiment(tracking, experiment)
+    context = TrialContext(base, space, run_dir, storage.join(tune_dir, TRIALS_DIR), experiment)
     plan = _Plan(context, scope, metric, num_samples, seed, tune_dir)
     grid = _tuner(plan, max_concurrent, resume, callbacks, progress).fit()
 
@@ -293,7 +297,7 @@ def _score_best(result: SearchResult, best: dict[str, Any], plan: _Plan) -> Sear
     config = config.override({"run.dir": fit_dir})
     best_config = storage.join(result.tune_dir, "best.yaml")
     storage.write_bytes(best_config, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
-    fitted = fit_cfar(fit_dir, config.cfar, seed=config.seed).metrics
+    fitted = fit_cfar(fit_dir, config.cfar, seed=config.seed, tracking=config.tracking).metrics
     selected = fitted["selected"]
     return dataclasses.replace(
         result,

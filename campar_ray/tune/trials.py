@@ -2,7 +2,10 @@
 
 A scope-``cfar`` trial fits stage 2 on the shared stage-1 logits of the search's run
 directory and reports once; the scope-``full`` trial is :class:`.full_trial.FullTrial`.
-Every trial writes under ``<run_dir>/tune/trials/<trial_id>/``.
+Every trial writes under ``<run_dir>/tune/trials/<trial_id>/`` and is tracked from inside
+the trial (Train V2 refuses Tune's logger callbacks): one MLflow run per trial in the
+search's experiment, keyed by the trial's folder so that a resumed search continues it, and
+TensorBoard files in ``<trial folder>/tensorboard/``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import yaml
 from campar_ray import storage
 from campar_ray.cfar.fit import CFAR_DIR
 from campar_ray.config import Config
+from campar_ray.tracking import TENSORBOARD_DIR, Tracker, markdown_table, open_tracker, run_key
 from campar_ray.tune.space import SearchSpace
 from campar_ray.tune.stage2 import fit_cfar_on_val
 
@@ -34,17 +38,49 @@ class TrialContext:
     run_dir: str
     """The search's run directory: its ``logits/`` feed scope ``cfar``."""
     trials_dir: str
+    experiment: str
+    """The MLflow experiment of the search's trials."""
 
 
 def cfar_trial(params: dict[str, Any], context: TrialContext) -> None:
     """Scope ``cfar``: refit stage 2 on the shared logits, report its validation metrics."""
     config = context.space.apply(context.base, params)
-    folder = storage.join(context.trials_dir, ray.tune.get_context().get_trial_id())
+    trial_id = ray.tune.get_context().get_trial_id()
+    folder = storage.join(context.trials_dir, trial_id)
     _save_config(config, folder)
+    tracker = open_trial_tracker(context, folder, trial_id)
+    tracker.log_config(config.to_dict())
     metrics = fit_cfar_on_val(
         context.run_dir, storage.join(folder, CFAR_DIR), config.cfar, config.seed
     )
+    finish_trial_tracking(tracker, params, metrics)
     ray.tune.report({**metrics, "complete": True, "trial_dir": folder})
+
+
+def open_trial_tracker(context: TrialContext, folder: str, trial_id: str) -> Tracker:
+    """The trial's tracker; a scope-``full`` trial's stage-1 run logs to the same MLflow run."""
+    return open_tracker(
+        context.base.tracking,
+        log_dir=storage.join(folder, TENSORBOARD_DIR, "trial"),
+        experiment=context.experiment,
+        run_name=trial_id,
+        key=run_key(folder),
+        tags={"campar.run_dir": folder, "campar.stage": "trial"},
+    )
+
+
+def finish_trial_tracking(
+    tracker: Tracker, params: dict[str, Any], metrics: dict[str, Any]
+) -> None:
+    """The trial's two-stage validation result and a report of what it sampled."""
+    tracker.log_final(metrics, prefix="trial")
+    sampled = "\n".join(f"- {key}: {value}" for key, value in params.items())
+    scores = {
+        "stage 1": {m: metrics[f"stage1_val_{m}"] for m in ("mA", "f1")},
+        "stage 1 + CFAR": {m: metrics[f"val_{m}"] for m in ("mA", "f1")},
+    }
+    tracker.log_report(f"**Trial** (validation)\n\n{sampled}\n\n{markdown_table(scores)}\n")
+    tracker.close()
 
 
 def trial_bundles(config: Config) -> list[dict[str, float]]:
@@ -65,7 +101,8 @@ def trial_footprint(config: Config, scope: str) -> dict[str, float]:
     if scope == "full":
         cfg = config.train
         cpus += cfg.num_workers * cfg.cpus_per_worker
-        cpus += config.data.decode_concurrency * config.data.decode_cpus
+        # Auto (0) decoding takes the CPUs its trial's workers leave: count its first task.
+        cpus += max(config.data.decode_concurrency, 1) * config.data.decode_cpus
         gpus = float(cfg.num_workers) if cfg.use_gpu else 0.0
     return {"CPU": cpus, "GPU": gpus}
 

@@ -1,0 +1,113 @@
+"""What rank 0 records of each stage-1 epoch besides the checkpoint.
+
+- Tracking (:mod:`campar_ray.tracking`): the config, every epoch's metrics, the best epoch's
+  metrics and a short report; a restarted worker group re-logs the checkpointed history, which
+  the tracker turns into "nothing new" for MLflow and a clean event file for TensorBoard.
+- Data starvation: when the training step waited for data longer than
+  ``data.starvation_threshold`` of an epoch, a warning names the knobs that feed it faster.
+- Ray Data's own statistics of the epoch (per-operator task times, bytes, backpressure, the
+  iterator's wait times) in ``<run.dir>/data_stats/epoch_NNN.txt``: what to read before
+  turning those knobs.
+
+Only rank 0 logs: every rank reports the same merged metrics, and one writer per run keeps
+the MLflow run and the event files single-threaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from campar_ray import storage
+from campar_ray.config import DataConfig, TrackingConfig
+from campar_ray.tracking import TENSORBOARD_DIR, Tracker, markdown_table, open_tracker, run_key
+
+logger = logging.getLogger(__name__)
+
+DATA_STATS_DIR = "data_stats"
+VAL_METRICS = ("val_mA", "val_accuracy", "val_precision", "val_recall", "val_f1")
+
+
+class EpochMonitor:
+    """Rank 0's record of one stage-1 run (see the module doc)."""
+
+    def __init__(self, tracker: Tracker, run_dir: str, data: DataConfig) -> None:
+        self._tracker, self._run_dir, self._data = tracker, run_dir, data
+
+    @classmethod
+    def open(
+        cls,
+        tracking: TrackingConfig,
+        *,
+        run_dir: str,
+        config: Mapping[str, Any],
+        data: DataConfig,
+        history: list[dict[str, float]],
+    ) -> EpochMonitor:
+        """Open the run's tracker (continuing its MLflow run) and log what it already holds."""
+        tracker = open_tracker(
+            tracking,
+            log_dir=storage.join(run_dir, TENSORBOARD_DIR, "stage1"),
+            experiment=tracking.experiment,
+            run_name=os.path.basename(run_dir.rstrip("/")),
+            key=run_key(run_dir),
+            tags={"campar.run_dir": run_dir, "campar.stage": "stage1"},
+        )
+        tracker.log_config(config)
+        for metrics in history:
+            tracker.log_metrics(metrics, step=int(metrics["epoch"]))
+        return cls(tracker, run_dir, data)
+
+    def epoch(self, metrics: Mapping[str, float], data_stats: str) -> None:
+        """Log one finished (checkpointed) epoch, save Ray Data's stats, warn on starvation."""
+        epoch = int(metrics["epoch"])
+        self._tracker.log_metrics(metrics, step=epoch)
+        path = storage.join(self._run_dir, DATA_STATS_DIR, f"epoch_{epoch:03d}.txt")
+        storage.write_bytes(path, data_stats.encode())
+        warning = starvation_warning(metrics, self._data)
+        if warning:
+            logger.warning("%s Ray Data's stats of the epoch: %s", warning, path)
+
+    def finish(self, history: list[dict[str, float]]) -> None:
+        """The best epoch's metrics (the checkpoint whose logits are written) and the report."""
+        best = max(history, key=lambda metrics: metrics["val_mA"])
+        self._tracker.log_final(best)
+        self._tracker.log_report(stage1_report(best, history))
+        self._tracker.close()
+
+
+def starvation_warning(metrics: Mapping[str, float], data: DataConfig) -> str | None:
+    """Why and how to feed the step faster, when it waited too long for data; else None."""
+    wait = metrics["data_wait_fraction"]
+    if wait <= data.starvation_threshold:
+        return None
+    return (
+        f"[stage1] epoch {int(metrics['epoch'])}: training waited for data {wait:.0%} of the "
+        f"time at {metrics['images_per_s']:.0f} images/s "
+        f"(data.starvation_threshold={data.starvation_threshold:g}). To feed it faster: more "
+        f"decode tasks (data.decode_concurrency, now {data.decode_concurrency}), more batches "
+        f"ready ahead of each worker (data.prefetch_batches, now {data.prefetch_batches}), "
+        f"more CPUs left to decoding (data.decode_cpus, now {data.decode_cpus:g}; fewer "
+        "train.cpus_per_worker), or a packed manifest (campar prepare ... --pack: a few large "
+        "files instead of one read per image)."
+    )
+
+
+def stage1_report(best: Mapping[str, float], history: list[dict[str, float]]) -> str:
+    """Markdown: the best epoch, then every epoch's validation metrics and input speed."""
+    rows = {
+        f"epoch {int(m['epoch'])}": {key.removeprefix("val_"): m[key] for key in VAL_METRICS}
+        for m in history
+    }
+    speed = "\n".join(
+        f"- epoch {int(m['epoch'])}: {m['images_per_s']:.1f} images/s, "
+        f"waiting for data {m['data_wait_fraction']:.1%} of the time"
+        for m in history
+    )
+    return (
+        f"**Stage 1**: best epoch {int(best['epoch'])} of {len(history)}, "
+        f"val mA {100 * best['val_mA']:.2f} (its checkpoint writes the logits).\n\n"
+        f"{markdown_table(rows)}\n\n{speed}\n"
+    )
