@@ -19,7 +19,6 @@ runs may live in object stores.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ import yaml
 from torch import Tensor
 
 from campar_ray import storage
+from campar_ray.artifacts import load_arrays, load_json, load_tensors, save_arrays
 from campar_ray.cfar.fit import CFAR_DIR, CfarPredictor, eval_columns, load_cfar
 from campar_ray.config import Config
 from campar_ray.data.images import decode_image, load_image_bytes
@@ -41,16 +41,18 @@ from campar_ray.data.manifest import read_manifest
 from campar_ray.data.transforms import normalize, resize
 from campar_ray.metrics import choose_threshold
 from campar_ray.model import ParModel, ParOutput, build_model, prediction_logits
+from campar_ray.train.checkpoints import (
+    CHECKPOINT_ROOT,
+    MODEL_FILE,
+    read_meta,
+    stage1_checkpoints,
+)
 from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits
 
-MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 ATTRIBUTES_FILE = "attributes.json"
 THRESHOLD_FILE = "threshold.json"
 SAMPLES_FILE = "samples.npz"
-CHECKPOINT_ROOT = ("ray", "stage1")
-"""Where stage 1 keeps its Ray Train checkpoints inside a run directory."""
-META_FILE = "meta.json"
 
 Image = np.ndarray | str | os.PathLike
 
@@ -61,23 +63,6 @@ class Threshold:
 
     value: float
     source: str
-
-
-def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
-    """Every stage-1 checkpoint folder of a run with its ``meta.json``, oldest epoch first."""
-    root = storage.join(run_dir, *CHECKPOINT_ROOT)
-    filesystem, inner = storage.resolve(root)
-    if filesystem.get_file_info(inner).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no stage-1 checkpoints in {run_dir} (expected {root})")
-    found = []
-    for info in filesystem.get_file_info(pafs.FileSelector(inner)):
-        meta_path = storage.join(root, info.base_name, META_FILE)
-        if info.type == pafs.FileType.Directory and storage.exists(meta_path):
-            path = storage.join(root, info.base_name)
-            found.append((path, json.loads(storage.read_bytes(meta_path))))
-    if not found:
-        raise FileNotFoundError(f"no stage-1 checkpoint with {META_FILE} under {root}")
-    return sorted(found, key=lambda item: item[1]["epoch"])
 
 
 def best_checkpoint(run_dir: str) -> str:
@@ -230,7 +215,7 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
     is still readable (0 to leave them out).
     """
     checkpoint = best_checkpoint(run_dir)
-    meta = json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE)))
+    meta = read_meta(checkpoint)
     config = Config().override(meta["config"])
     cfar = load_cfar_if_fitted(run_dir)
     threshold = validation_threshold(run_dir, config.model.predict_from, cfar)
@@ -248,9 +233,7 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
     if samples > 0:
         images = sample_images(config, "val", samples)
         if len(images):
-            buffer = io.BytesIO()
-            np.savez(buffer, images=images)
-            storage.write_bytes(storage.join(out, SAMPLES_FILE), buffer.getvalue())
+            save_arrays(storage.join(out, SAMPLES_FILE), images=images)
     return out
 
 
@@ -259,8 +242,7 @@ def load_samples(path: str) -> np.ndarray | None:
     samples = storage.join(path, SAMPLES_FILE)
     if not storage.exists(samples):
         return None
-    with np.load(io.BytesIO(storage.read_bytes(samples)), allow_pickle=False) as archive:
-        return archive["images"]
+    return load_arrays(samples)["images"]
 
 
 def sample_images(config: Config, split: str, count: int) -> np.ndarray:
@@ -288,8 +270,8 @@ def sample_images(config: Config, split: str, count: int) -> np.ndarray:
 
 def _load_bundle(path: str) -> ParPredictor:
     config = Config().override(yaml.safe_load(storage.read_bytes(storage.join(path, CONFIG_FILE))))
-    names = json.loads(storage.read_bytes(storage.join(path, ATTRIBUTES_FILE)))
-    threshold = Threshold(**json.loads(storage.read_bytes(storage.join(path, THRESHOLD_FILE))))
+    names = load_json(storage.join(path, ATTRIBUTES_FILE))
+    threshold = Threshold(**load_json(storage.join(path, THRESHOLD_FILE)))
     model = _build(config, len(names["attributes"]), storage.join(path, MODEL_FILE))
     return ParPredictor(
         model,
@@ -303,7 +285,7 @@ def _load_bundle(path: str) -> ParPredictor:
 
 def _load_run(run_dir: str) -> ParPredictor:
     checkpoint = best_checkpoint(run_dir)
-    meta = json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE)))
+    meta = read_meta(checkpoint)
     config = Config().override(meta["config"])
     model = _build(config, len(meta["attributes"]), storage.join(checkpoint, MODEL_FILE))
     cfar = load_cfar_if_fitted(run_dir)
@@ -314,10 +296,7 @@ def _load_run(run_dir: str) -> ParPredictor:
 def _build(config: Config, attributes: int, weights: str) -> ParModel:
     """The network of ``config`` with the saved weights (pretrained weights never download)."""
     model = build_model(dataclasses.replace(config.model, weights="none"), attributes)
-    state = torch.load(
-        io.BytesIO(storage.read_bytes(weights)), map_location="cpu", weights_only=True
-    )
-    model.load_state_dict(state)
+    model.load_state_dict(load_tensors(weights))
     return model.eval()
 
 

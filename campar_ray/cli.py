@@ -218,13 +218,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace, config: Config) -> int:
-    from campar_ray.runtime import init_ray
     from campar_ray.train.stage1 import train_stage1
 
     if args.gpu:
         config = config.override({"train.use_gpu": True})
-    init_ray(args.address)
-    result = train_stage1(config)
+    result = train_stage1(config, address=args.address)
     print(f"best checkpoint: {result.checkpoint}")
     return 0
 

@@ -22,7 +22,6 @@ still reads the whole training split once (N x M float32) for k-means and fc2.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from campar_ray import storage
+from campar_ray.artifacts import load_arrays, save_arrays
 from campar_ray.cfar.als import AlsResult, check_als_params, fit_als, probabilities
 from campar_ray.cfar.dictionary import (
     LOOKUPS,
@@ -146,11 +146,11 @@ def fit_cfar(
     metrics = _metrics(splits, predictors, columns, selected=cfg.lookup)
 
     output_dir = storage.join(run_dir, CFAR_DIR)
-    _write_npz(storage.join(output_dir, "factors.npz"), X=als.X, Y=als.Y)
-    _write_npz(
+    save_arrays(storage.join(output_dir, "factors.npz"), X=als.X, Y=als.Y)
+    save_arrays(
         storage.join(output_dir, "dictionary.npz"), keys=dictionary.keys, values=dictionary.values
     )
-    _write_npz(storage.join(output_dir, "fc2.npz"), **predictor.head.arrays())
+    save_arrays(storage.join(output_dir, "fc2.npz"), **predictor.head.arrays())
     _write_json(
         storage.join(output_dir, "cfar.json"),
         {
@@ -250,9 +250,9 @@ def load_cfar(run_dir: str) -> CfarPredictor:
     directory = storage.join(run_dir, CFAR_DIR)
     meta = json.loads(storage.read_bytes(storage.join(directory, "cfar.json")))
     cfg = meta["config"]
-    factors = _read_npz(storage.join(directory, "factors.npz"))
-    entries = _read_npz(storage.join(directory, "dictionary.npz"))
-    fc2 = _read_npz(storage.join(directory, "fc2.npz"))
+    factors = load_arrays(storage.join(directory, "factors.npz"))
+    entries = load_arrays(storage.join(directory, "dictionary.npz"))
+    fc2 = load_arrays(storage.join(directory, "fc2.npz"))
     estimator = ConfidenceEstimator(
         factors["Y"],
         AttributeSetDictionary(entries["keys"], entries["values"]),
@@ -369,17 +369,6 @@ def _metrics(
 
 def _column(lookup: str) -> str:
     return "cfar_" + lookup.replace("-", "_")
-
-
-def _write_npz(path: str, **arrays: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    storage.write_bytes(path, buffer.getvalue())
-
-
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:

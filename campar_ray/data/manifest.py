@@ -268,7 +268,10 @@ def read_manifest(path: str, *, with_bytes: bool = True) -> tuple[pa.Table, Mani
     its decode tasks stream the bytes from ``info.path`` themselves.
     """
     filesystem, files = manifest_files(path)
-    schemas = [pq.read_schema(f, filesystem=filesystem) for f in files]
+    try:
+        schemas = [pq.read_schema(f, filesystem=filesystem) for f in files]
+    except pa.ArrowInvalid as error:  # not Parquet at all, or cut off before its footer
+        raise ManifestError(f"cannot read manifest {path}: {error}") from None
     for file, schema in zip(files[1:], schemas[1:], strict=True):
         if (schema.metadata or {}).get(METADATA_KEY) != (schemas[0].metadata or {}).get(
             METADATA_KEY

@@ -20,8 +20,6 @@ encoder at its random initialisation.
 from __future__ import annotations
 
 import importlib
-import io
-import pickle
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -30,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from campar_ray import storage
+from campar_ray.artifacts import ArtifactError, load_tensors
 
 KEY_RULES = ("strip",)
 """Key rules accepted after ``#`` in a weights file value."""
@@ -71,11 +70,9 @@ PACKAGED_WEIGHTS = {
 def read_state_dict(path: str) -> dict[str, Tensor]:
     """A state dict from a file or URI: plain, or under ``state_dict`` / ``model``."""
     try:
-        loaded = torch.load(
-            io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True
-        )
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise WeightsError(f"cannot read weights file {path}: {error}") from error
+        loaded = load_tensors(path)
+    except ArtifactError as error:
+        raise WeightsError(f"cannot read weights file {path}: {error}") from None
     for key in ("state_dict", "model"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
             loaded = loaded[key]

@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import datetime
 import functools
-import io
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
 from campar_ray import storage
+from campar_ray.artifacts import load_tensors
 from campar_ray.config import Config, ConfigError
 from campar_ray.data.manifest import ManifestInfo, labels_matrix, read_manifest
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
@@ -53,6 +53,13 @@ from campar_ray.model import (
 )
 from campar_ray.runtime import init_ray
 from campar_ray.tracking import ensure_experiment, resolve_tracking
+from campar_ray.train.checkpoints import (
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    check_resumable,
+    read_meta,
+)
 from campar_ray.train.inference import write_logits
 from campar_ray.train.loop import (
     SCHEDULERS,
@@ -73,7 +80,6 @@ logger = logging.getLogger(__name__)
 
 RUN_NAME = "stage1"
 LOSSES = ("bce", "weighted_bce")
-MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
 
 
 @dataclass(frozen=True)
@@ -94,32 +100,39 @@ class Stage1Result:
 
 
 def train_stage1(
-    config: Config, progress: bool = True, callbacks: list[Any] | None = None
+    config: Config,
+    progress: bool = True,
+    callbacks: list[Any] | None = None,
+    address: str | None = None,
 ) -> Stage1Result:
     """Train stage 1 as ``config`` says, resuming the run in ``run.dir`` when there is one.
 
     ``callbacks`` are Ray Train callbacks for the run's controller (``RunConfig.callbacks``):
-    how a caller such as a Tune trial follows the run epoch by epoch.
+    how a caller such as a Tune trial follows the run epoch by epoch. Ray is joined at
+    ``address`` (see :func:`init_ray`) only after the inputs have been checked.
     """
     config = resolve_config(config)
-    init_ray()
+    # Everything that can be checked is checked before the first byte is written.
+    table, info = read_manifest(config.data.manifest, with_bytes=False)
+    for split in ("train", "val"):
+        if not pc.any(pc.equal(table.column("split"), split)).as_py():
+            raise ValueError(f"manifest {config.data.manifest} has no {split!r} images")
+    storage.check_writable(config.run.dir)
+    check_resumable(config.run.dir, info.attributes)
+    init_ray(address)
     storage.write_bytes(
         storage.join(config.run.dir, "config.yaml"),
         yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
     )
     ensure_experiment(config.tracking, config.tracking.experiment)
     config = _with_decode_tasks(config)
-    table, info = read_manifest(config.data.manifest, with_bytes=False)
-    for split in ("train", "val"):
-        if not pc.any(pc.equal(table.column("split"), split)).as_py():
-            raise ValueError(f"manifest {config.data.manifest} has no {split!r} images")
     result = _trainer(config, table, info, progress, callbacks or []).fit()
     best = result.get_best_checkpoint(metric="val_mA", mode="max")
     if best is None or result.checkpoint is None:
         raise RuntimeError(f"stage-1 run in {config.run.dir} finished without a checkpoint")
-    history = _read_meta(_location(result.checkpoint, config.run.dir))["history"]
+    history = read_meta(_location(result.checkpoint, config.run.dir))["history"]
     best_path = _location(best, config.run.dir)
-    best_meta = _read_meta(best_path)
+    best_meta = read_meta(best_path)
     logits, skipped = write_logits(
         best_path, table, info, config.run.dir, config.data, config.train, progress=progress
     )
@@ -433,10 +446,9 @@ def _restore(
         return None
     with checkpoint.as_directory() as folder:
         device = next(model.parameters()).device
-        model.load_state_dict(_load(os.path.join(folder, MODEL_FILE), device))
-        state = _load(os.path.join(folder, STATE_FILE), device)
-        with open(os.path.join(folder, META_FILE)) as handle:
-            meta = json.load(handle)
+        model.load_state_dict(load_tensors(os.path.join(folder, MODEL_FILE), device))
+        state = load_tensors(os.path.join(folder, STATE_FILE), device)
+        meta = read_meta(folder)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -450,19 +462,11 @@ def load_stage1_checkpoint(path: str) -> tuple[ParModel, dict[str, Any]]:
     network is rebuilt from the config stored in the checkpoint, without pretrained
     weights (the checkpoint's weights replace them, so nothing is downloaded).
     """
-    meta = _read_meta(path)
+    meta = read_meta(path)
     model_config = Config().override(meta["config"]).model
     model = build_model(dataclasses.replace(model_config, weights="none"), len(meta["attributes"]))
-    model.load_state_dict(_load(storage.join(path, MODEL_FILE), torch.device("cpu")))
+    model.load_state_dict(load_tensors(storage.join(path, MODEL_FILE)))
     return model.eval(), meta
-
-
-def _read_meta(path: str) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(storage.join(path, META_FILE)))
-
-
-def _load(path: str, device: torch.device) -> Any:
-    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location=device, weights_only=True)
 
 
 def _progress_line(metrics: dict[str, float], history: list[dict[str, float]], epochs: int) -> str:

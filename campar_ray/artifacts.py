@@ -1,0 +1,86 @@
+"""Reading the files a run leaves behind, safely: tensors, arrays and JSON, never pickles.
+
+Checkpoints, bundles and CFAR artefacts travel between machines and buckets, so a file may
+be truncated by a failed upload or replaced by someone else. ``torch.load`` runs with
+``weights_only=True`` and ``np.load`` with ``allow_pickle=False``: a planted pickle payload
+is refused instead of executed. Every failure becomes one :class:`ArtifactError` line that
+names the file and says whether it is damaged or not a plain tensor/array file at all.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from campar_ray import storage
+
+
+class ArtifactError(ValueError):
+    """A run artefact that cannot be loaded safely: corrupt, truncated or tampered with."""
+
+
+def load_tensors(path: str, device: torch.device | str = "cpu") -> Any:
+    """``torch.load`` of ``path`` (file or URI) with weights-only unpickling."""
+    data = _read(path)
+    try:
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ArtifactError(
+            f"refusing to load {path}: it holds more than tensors ({_reason(error)}); "
+            "weights-only loading never runs code from a file"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        raise ArtifactError(f"{path} is corrupt or truncated: {_reason(error)}") from None
+
+
+def save_arrays(path: str, **arrays: np.ndarray) -> None:
+    """Plain arrays as ``.npz`` (object arrays are refused by the reader, so never write one)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    storage.write_bytes(path, buffer.getvalue())
+
+
+def load_arrays(path: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, with pickled (object) arrays refused."""
+    data = _read(path)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise ArtifactError(
+                f"refusing to load {path}: it holds pickled objects, not plain arrays"
+            ) from None
+        raise ArtifactError(f"{path} is corrupt or truncated: {_reason(error)}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ArtifactError(f"{path} is corrupt or truncated: {_reason(error)}") from None
+
+
+def load_json(path: str) -> Any:
+    """A JSON artefact (metadata is never pickled)."""
+    try:
+        return json.loads(_read(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{path} is corrupt (not valid JSON): {error}") from None
+
+
+def _read(path: str) -> bytes:
+    try:
+        return storage.read_bytes(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing") from None
+
+
+def _reason(error: BaseException) -> str:
+    """The informative sentence of a loader's message (torch's run to several paragraphs)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:  # what the weights-only unpickler refused
+            return line.rstrip(".")
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__

@@ -1,0 +1,94 @@
+"""The layout of stage-1 checkpoints in a run directory, and which of them can be trusted.
+
+A checkpoint is a folder ``<run.dir>/ray/stage1/checkpoint_*`` with ``model.pt`` (weights),
+``train_state.pt`` (optimiser, scheduler, scaler) and ``meta.json`` (epoch, config,
+attribute names, metrics and history). Ray Train V2 resumes a run from the latest one named
+in ``checkpoint_manager_snapshot.json``; :func:`check_resumable` looks at that same
+checkpoint on the driver, so a damaged or foreign one stops the run in seconds with one
+line instead of failing inside every worker (or, worse, loading a planted pickle).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from campar_ray import storage
+from campar_ray.artifacts import ArtifactError, load_json, load_tensors
+
+CHECKPOINT_ROOT = ("ray", "stage1")
+"""Where stage 1 keeps its Ray Train checkpoints inside a run directory."""
+MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+def read_meta(checkpoint: str) -> dict[str, Any]:
+    return load_json(storage.join(checkpoint, META_FILE))
+
+
+def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every stage-1 checkpoint folder of a run with its ``meta.json``, oldest epoch first."""
+    root = storage.join(run_dir, *CHECKPOINT_ROOT)
+    filesystem, inner = storage.resolve(root)
+    if filesystem.get_file_info(inner).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no stage-1 checkpoints in {run_dir} (expected {root})")
+    found = []
+    for info in filesystem.get_file_info(pafs.FileSelector(inner)):
+        path = storage.join(root, info.base_name)
+        if info.type == pafs.FileType.Directory and storage.exists(storage.join(path, META_FILE)):
+            found.append((path, read_meta(path)))
+    if not found:
+        raise FileNotFoundError(f"no stage-1 checkpoint with {META_FILE} under {root}")
+    return sorted(found, key=lambda item: item[1]["epoch"])
+
+
+def resume_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint Ray Train will resume ``run_dir`` from, or None for a fresh run."""
+    snapshot = storage.join(run_dir, *CHECKPOINT_ROOT, SNAPSHOT_FILE)
+    if not storage.exists(snapshot):
+        return None
+    latest = load_json(snapshot).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    return storage.join(run_dir, *CHECKPOINT_ROOT, latest["checkpoint_dir_name"])
+
+
+def check_resumable(run_dir: str, attributes: tuple[str, ...]) -> str | None:
+    """Refuse, before any work, to resume from a checkpoint that cannot or must not load.
+
+    Returns the checkpoint that will be resumed (None: a fresh run). Raises
+    :class:`ArtifactError` for a missing, corrupt or tampered file (nothing is deleted: the
+    other checkpoints of the run stay where they are), and ``ValueError`` when the
+    checkpoint was trained on other attributes than the manifest's.
+    """
+    checkpoint = resume_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    try:
+        meta = read_meta(checkpoint)
+        for name in (MODEL_FILE, STATE_FILE):
+            load_tensors(storage.join(checkpoint, name))
+    except ArtifactError as error:
+        raise ArtifactError(
+            f"cannot resume {run_dir}: {error}; no file was changed (move that checkpoint "
+            "folder away to resume from the previous one, or use a new run.dir)"
+        ) from None
+    if tuple(meta["attributes"]) != tuple(attributes):
+        raise ValueError(
+            f"cannot resume {run_dir}: its checkpoint was trained on {len(meta['attributes'])} "
+            f"attributes ({_differences(meta['attributes'], attributes)}), the manifest has "
+            f"{len(attributes)}; use a new run.dir for this manifest"
+        )
+    return checkpoint
+
+
+def _differences(trained: list[str], manifest: tuple[str, ...]) -> str:
+    only_trained = [name for name in trained if name not in manifest]
+    only_manifest = [name for name in manifest if name not in trained]
+    parts = []
+    if only_trained:
+        parts.append("not in the manifest: " + ", ".join(only_trained[:5]))
+    if only_manifest:
+        parts.append("new in the manifest: " + ", ".join(only_manifest[:5]))
+    return "; ".join(parts) or "same names in another order"
