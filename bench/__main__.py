@@ -15,6 +15,7 @@ SCRIPTS = (
     "head_overhead",
     "data_throughput",
     "data_scale",
+    "data_starvation",
     "als_scaling",
     "stage1_scaling",
     "demo_timing",
