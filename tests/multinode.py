@@ -1,0 +1,192 @@
+"""A real multi-node Ray cluster on one machine, started with the same `ray start` commands
+a cloud cluster runs (head + worker nodes, each with its own raylet and resources).
+
+Token authentication is on, as on every cluster the project configures. Every process of
+the cluster carries its private ``--temp-dir`` in its command line, which is how a node is
+killed (its raylet and everything under it, as when a machine dies) and how the whole
+cluster is torn down without touching any other Ray instance on the machine (``ray stop``
+would stop them all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+RAY = str(Path(sys.executable).with_name("ray"))
+OBJECT_STORE_BYTES = 150 * 1024 * 1024  # per node: four nodes share one small machine
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LocalCluster:
+    """Head (no CPUs: it schedules and runs the job driver) plus named worker nodes."""
+
+    temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    gcs_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    nodes: dict[str, int] = field(default_factory=dict)
+    """Worker node name -> raylet pid."""
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Auth mode and token for every node and client; this venv's ``python`` first on PATH."""
+        return {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "OMP_NUM_THREADS": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # job logs stay readable
+        }
+
+    @property
+    def node_env(self) -> dict[str, str]:
+        """Worker nodes also name the head: Ray's helpers that look for "the" local cluster
+        (Train's placement-group cleaner) must not pick another Ray on the same machine."""
+        return {**self.env, "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start_head(self, cpus: float = 0) -> None:
+        self._ray(
+            "start",
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--num-cpus={cpus}",
+            f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--object-store-memory={OBJECT_STORE_BYTES}",
+            *self._agent_ports(),
+        )
+
+    def add_node(self, name: str, cpus: float = 1) -> int:
+        """Start a worker node; its custom resource ``name`` tells its raylet apart."""
+        before = set(self._raylets())
+        self._ray(
+            "start",
+            f"--address=127.0.0.1:{self.gcs_port}",
+            f"--num-cpus={cpus}",
+            f"--resources={json.dumps({name: 1})}",
+            f"--object-store-memory={OBJECT_STORE_BYTES}",
+            *self._agent_ports(),
+            env=self.node_env,
+        )
+        (pid,) = set(self._raylets()) - before
+        self.nodes[name] = pid
+        return pid
+
+    def kill_node(self, name: str) -> int:
+        """SIGKILL a worker node's raylet and every process under it; the number killed."""
+        raylet = psutil.Process(self.nodes.pop(name))
+        victims = [raylet, *raylet.children(recursive=True)]
+        for process in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGKILL)
+        return len(victims)
+
+    def node_of(self, pid: int) -> str | None:
+        """The worker node whose raylet started process ``pid``."""
+        ancestors = {parent.pid for parent in psutil.Process(pid).parents()}
+        return next((name for name, raylet in self.nodes.items() if raylet in ancestors), None)
+
+    def actors(self, class_name: str, alive_only: bool = True) -> list[dict]:
+        """Actors of a class, through the state API (as `ray list actors` shows them)."""
+        alive = ["--filter=state=ALIVE"] if alive_only else []
+        return self._state("actors", f"--filter=class_name={class_name}", *alive)
+
+    def _state(self, kind: str, *filters: str) -> list[dict]:
+        out = self._ray(
+            "list", kind, f"--address={self.dashboard}", *filters, "--format=json", "--detail"
+        )
+        return json.loads(out) if out.lstrip().startswith("[") else []  # "No resource in..."
+
+    def submit(self, *args: str, cwd: Path, log: IO[str]) -> subprocess.Popen:
+        """``ray job submit --address DASHBOARD ARGS`` from ``cwd``, output into ``log``."""
+        return subprocess.Popen(
+            [RAY, "job", "submit", f"--address={self.dashboard}", *args],
+            cwd=cwd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def shutdown(self) -> None:
+        """Kill every process of this cluster (and only of this cluster)."""
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in part for part in process.info["cmdline"] or ()):
+                    process.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        self.nodes.clear()
+
+    @staticmethod
+    def _agent_ports() -> list[str]:
+        """Each node's agents on their own ports: fixed defaults would clash on one machine."""
+        return [
+            f"--{flag}={free_port()}"
+            for flag in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "runtime-env-agent-port",
+                "metrics-export-port",
+            )
+        ]
+
+    def _raylets(self) -> list[int]:
+        pids = []
+        for process in psutil.process_iter(["name", "cmdline"]):
+            cmdline = process.info["cmdline"] or ()
+            if process.info["name"] == "raylet" and any(self.temp_dir in p for p in cmdline):
+                pids.append(process.pid)
+        return pids
+
+    def _ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+        done = subprocess.run(
+            [RAY, *args],
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode:
+            raise RuntimeError(f"ray {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; that value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
