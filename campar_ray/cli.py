@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, _overrides(args))
         return args.handler(args, config)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"campar {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -222,7 +222,7 @@ def _train(args: argparse.Namespace, config: Config) -> int:
 
     if args.gpu:
         config = config.override({"train.use_gpu": True})
-    result = train_stage1(config, address=args.address)
+    result = train_stage1(config, address=_cluster(args))
     print(f"best checkpoint: {result.checkpoint}")
     return 0
 
@@ -248,7 +248,7 @@ def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.runtime import init_ray
 
     if config.cfar.solver == "ray":
-        init_ray(args.address)
+        init_ray(_cluster(args))
     result = fit_cfar(
         config.run.dir,
         config.cfar,
@@ -279,7 +279,7 @@ def _tune(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.runtime import init_ray
     from campar_ray.tune import run_search
 
-    init_ray(args.address)
+    init_ray(_cluster(args))
     result = run_search(
         config,
         run_dir=config.run.dir,
@@ -368,7 +368,7 @@ def _predict(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.predict import predict
     from campar_ray.runtime import init_ray
 
-    init_ray(args.address)
+    init_ray(_cluster(args))
     result = predict(
         args.model,
         args.input,
@@ -420,7 +420,7 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.demo import run_demo
     from campar_ray.runtime import init_ray
 
-    init_ray(args.address)
+    init_ray(_cluster(args))
     result = run_demo(
         args.data,
         args.out,
@@ -433,6 +433,40 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+# --- doctor -------------------------------------------------------------------------------
+
+
+def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    _shorthand(parser, "--manifest", "data.manifest", metavar="M")
+    _shorthand(parser, "--run-dir", "run.dir", metavar="D")
+    _shorthand(parser, "--num-workers", "train.num_workers", type=int, metavar="N")
+    parser.add_argument("--gpu", action="store_true", help="check a GPU run (train.use_gpu=true)")
+    _address_argument(parser)
+
+
+def _doctor(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray import storage
+    from campar_ray.data.manifest import read_info
+    from campar_ray.preflight import ClusterShape, doctor_report
+    from campar_ray.runtime import init_ray
+
+    if args.gpu:
+        config = config.override({"train.use_gpu": True})
+    problems = []
+    for check, what in (
+        (lambda: read_info(config.data.manifest), "manifest"),
+        (lambda: storage.check_writable(config.run.dir), "run.dir"),
+    ):
+        try:
+            check()
+        except (OSError, ValueError) as error:
+            problems.append(f"error: {what}: {error}")
+    init_ray(_cluster(args))
+    report, fits = doctor_report(config, ClusterShape.from_ray())
+    print("\n".join([report, *problems]))
+    return 0 if fits and not problems else 1
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -440,6 +474,21 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)"
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a cluster that accepts clients without a token (trusted networks only)",
+    )
+
+
+def _cluster(args: argparse.Namespace) -> str | None:
+    """The cluster to join (None: a local one), refused when it accepts anyone's code."""
+    from campar_ray.runtime import cluster_address, require_authentication
+
+    address = cluster_address(args.address)
+    if address:
+        require_authentication(address, insecure=args.insecure)
+    return address
 
 
 def _print_cfar_metrics(metrics: dict) -> None:
@@ -478,6 +527,7 @@ _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Handl
     ("bundle", "package a run as a model bundle", _bundle_arguments, _bundle),
     ("predict", "batch prediction over images", _predict_arguments, _predict),
     ("export", "export a bundle to TorchScript or ONNX", _export_arguments, _export),
+    ("doctor", "check a run against the cluster without starting it", _doctor_arguments, _doctor),
     ("config", "print the resolved configuration", _config_arguments, _config),
 ]
 

@@ -46,6 +46,8 @@ class LocalCluster:
     dashboard_port: int = field(default_factory=free_port)
     nodes: dict[str, int] = field(default_factory=dict)
     """Worker node name -> raylet pid."""
+    auth: bool = True
+    """Token authentication; False makes the insecure cluster ``--insecure`` is about."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -53,7 +55,7 @@ class LocalCluster:
         return {
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_MODE": "token" if self.auth else "disabled",
             "RAY_AUTH_TOKEN": self.token,
             "OMP_NUM_THREADS": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
@@ -64,7 +66,11 @@ class LocalCluster:
     def node_env(self) -> dict[str, str]:
         """Worker nodes also name the head: Ray's helpers that look for "the" local cluster
         (Train's placement-group cleaner) must not pick another Ray on the same machine."""
-        return {**self.env, "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}
+        return {**self.env, "RAY_ADDRESS": self.gcs_address}
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
 
     @property
     def dashboard(self) -> str:
@@ -89,7 +95,7 @@ class LocalCluster:
         before = set(self._raylets())
         self._ray(
             "start",
-            f"--address=127.0.0.1:{self.gcs_port}",
+            f"--address={self.gcs_address}",
             f"--num-cpus={cpus}",
             f"--resources={json.dumps({name: 1})}",
             f"--object-store-memory={OBJECT_STORE_BYTES}",

@@ -20,6 +20,8 @@ import pytest
 import yaml
 from multinode import LocalCluster, wait_for
 
+from campar_ray.runtime import InsecureClusterError, require_authentication
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
 pytestmark = pytest.mark.ray
@@ -134,3 +136,17 @@ def test_pipeline_job_finishes_after_losing_a_worker_node(cluster, tmp_path, rec
 
 def _epoch(meta: Path) -> int:
     return json.loads(meta.read_text())["epoch"]
+
+
+def test_a_token_cluster_is_accepted_and_an_open_one_refused(cluster):
+    require_authentication(cluster.gcs_address)  # demands a token: fine
+    open_cluster = LocalCluster(auth=False)
+    try:
+        open_cluster.start_head(cpus=1)
+        with pytest.raises(InsecureClusterError, match="accepts clients without a token"):
+            require_authentication(open_cluster.gcs_address)
+        require_authentication(open_cluster.gcs_address, insecure=True)
+    finally:
+        open_cluster.shutdown()
+    with pytest.raises(InsecureClusterError, match="cannot be checked"):
+        require_authentication("ray://127.0.0.1:10001")

@@ -51,6 +51,7 @@ from campar_ray.model import (
     prediction_logits,
     stage1_loss,
 )
+from campar_ray.preflight import check_cluster
 from campar_ray.runtime import init_ray
 from campar_ray.tracking import ensure_experiment, resolve_tracking
 from campar_ray.train.checkpoints import (
@@ -120,6 +121,7 @@ def train_stage1(
     storage.check_writable(config.run.dir)
     check_resumable(config.run.dir, info.attributes)
     init_ray(address)
+    check_cluster(config)
     storage.write_bytes(
         storage.join(config.run.dir, "config.yaml"),
         yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
