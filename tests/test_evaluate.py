@@ -19,6 +19,8 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 import yaml
@@ -28,7 +30,7 @@ from campar_ray.bundle import best_checkpoint, load_model, save_bundle, stage1_p
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import CfarConfig, Config
 from campar_ray.data.manifest import labels_matrix, read_manifest
-from campar_ray.data.ray_pipeline import decode_batch, split_rows
+from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.synthetic import generate_synthetic
 from campar_ray.data.transforms import normalize
 from campar_ray.evaluate import compare_runs, evaluate
@@ -49,6 +51,12 @@ SIZE = (32, 16)
 CPU = torch.device("cpu")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = "/usr/bin/chromium"
+
+
+def split_rows(table: pa.Table, split: str) -> pa.Table:
+    """One split's rows with their manifest row number, as the decode tasks receive them."""
+    indexed = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    return indexed.filter(pc.equal(indexed.column("split"), split))
 
 
 def _batches(manifest: str, split: str, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:

@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from campar_ray.data.manifest import manifest_table
-from campar_ray.data.ray_pipeline import augment_batch, decode_batch, split_rows
+from campar_ray.data.ray_pipeline import augment_batch, decode_batch
 from campar_ray.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -124,17 +123,3 @@ def test_decode_batch_resizes_good_images_and_flags_corrupt_and_missing_ones(tmp
     augmented = augment_batch(out, pad=2)
     assert augmented["image"].shape == out["image"].shape
     assert augmented["valid"] is out["valid"]
-
-
-def test_split_rows_keeps_manifest_row_numbers_and_refuses_unknown_splits():
-    table = manifest_table(
-        images=["a.png", "b.png", "c.png"],
-        labels=np.zeros((3, 2), dtype=np.int8),
-        splits=["val", "train", "val"],
-        identities=["1", "2", "3"],
-        sources=["s"] * 3,
-    )
-    assert split_rows(table, "val").column("row").to_pylist() == [0, 2]
-    assert split_rows(table, None).column("image").to_pylist() == ["a.png", "b.png", "c.png"]
-    with pytest.raises(ValueError, match="train, val, test"):
-        split_rows(table, "valid")

@@ -45,17 +45,6 @@ this size, so a piece of a packed manifest is exactly one row group.
 """
 
 
-def split_rows(table: pa.Table, split: str | None) -> pa.Table:
-    """The rows of one split (all rows for ``None``) with their manifest row index ``row``."""
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    indexed = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    if split is not None:
-        indexed = indexed.filter(pc.equal(indexed.column("split"), split))
-    packed = BINARY_COLUMN in table.column_names
-    return indexed.select(["row", "image", "labels", *([BINARY_COLUMN] if packed else [])])
-
-
 def decode_batch(
     batch: dict[str, np.ndarray], *, root: str, size: tuple[int, int]
 ) -> dict[str, np.ndarray]:
