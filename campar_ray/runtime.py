@@ -3,8 +3,10 @@
 The library itself never starts Ray (it runs wherever it is called from); the CLI and the
 jobs call :func:`init_ray` once. A local cluster gets more logical CPUs than physical cores
 so that fractional-CPU training workers and Ray Data decode tasks can run side by side on
-a laptop (the documented way around the Data/Train resource deadlock), uses Ray's token
-authentication, and binds its dashboard to localhost only.
+a laptop (the documented way around the Data/Train resource deadlock), and binds its
+dashboard to localhost only. Its token authentication is Ray's own default for local
+clusters since 2.59 (``RAY_AUTH_MODE`` is read once per process, before this code runs, so
+setting it here would split the driver and the cluster it starts).
 
 A Ray cluster that accepts clients without a token runs any code anyone who can reach it
 sends. :func:`require_authentication` refuses such a cluster unless the user says
@@ -88,7 +90,6 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray generates the local token
     ray.init(
         num_cpus=local_logical_cpus(),
         dashboard_host="127.0.0.1",
