@@ -86,7 +86,15 @@ class TrainConfig:
     amp: bool = False
     """Autocast (bf16 on CPU, fp16 on GPU)."""
     channels_last: bool = False
-    num_workers: int = 1
+    num_workers: int | str = 1
+    """Training workers: ``N``, or ``"MIN..MAX"`` for an elastic group that shrinks to
+    ``MIN`` when nodes are lost and grows back to ``MAX`` when they return."""
+    resize_check_seconds: float = 60.0
+    """Elastic groups only: how often Ray Train looks for room to add workers. Growing
+    restarts the group from the latest checkpoint, so each check may redo some work."""
+    checkpoint_every_minutes: float = 0.0
+    """Also checkpoint in the middle of an epoch once this long has passed since the last
+    checkpoint, so a preempted node loses at most about that much work; ``0``: per epoch only."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """Logical CPUs reserved per training worker; fractions leave room for Ray Data."""
@@ -94,6 +102,18 @@ class TrainConfig:
     """Best-k checkpoints kept, ranked by validation mA."""
     max_failures: int = 3
     """Worker failures tolerated; each restart resumes from the latest checkpoint."""
+
+    def __post_init__(self) -> None:
+        worker_range(self.num_workers)  # refuse a bad value where it is set
+
+    @property
+    def min_workers(self) -> int:
+        return worker_range(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The full group: what resources are planned for and what ``train.lr`` is set for."""
+        return worker_range(self.num_workers)[1]
 
 
 @dataclass(frozen=True)
@@ -202,6 +222,21 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def worker_range(value: int | str) -> tuple[int, int]:
+    """``train.num_workers`` as ``(min, max)``: ``4`` -> ``(4, 4)``, ``"2..4"`` -> ``(2, 4)``."""
+    low, sep, high = str(value).partition("..")
+    try:
+        bounds = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        bounds = (0, 0)
+    if isinstance(value, bool) or not 1 <= bounds[0] <= bounds[1]:
+        raise ConfigError(
+            f"bad value {value!r} for train.num_workers: expected a number of workers N >= 1 "
+            "or a range MIN..MAX with 1 <= MIN <= MAX (e.g. 2..4)"
+        )
+    return bounds
+
+
 def config_keys() -> list[str]:
     """Every valid dotted key, in declaration order."""
     return list(_leaf_types(Config))
@@ -251,7 +286,13 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         if value is None and type(None) in options:
             return None
-        (kind,) = [option for option in options if option is not type(None)]
+        kinds = [option for option in options if option is not type(None)]
+        if len(kinds) > 1:  # e.g. ``int | str``: the field's own check validates the value
+            if isinstance(value, tuple(kinds)) and not isinstance(value, bool):
+                return value
+            names = " or ".join(kind.__name__ for kind in kinds)
+            raise ConfigError(f"bad value {value!r} for {key}: expected {names}")
+        (kind,) = kinds
         options = typing.get_args(kind)
     try:
         if typing.get_origin(kind) is tuple:

@@ -88,12 +88,12 @@ class Reservation:
         train, data = config.train, config.data
         bundle = {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
         image = data.image_size[0] * data.image_size[1] * IMAGE_BYTES_PER_PIXEL
-        batches = (data.prefetch_batches + 1) * train.batch_size * train.num_workers
+        batches = (data.prefetch_batches + 1) * train.batch_size * train.max_workers
         blocks = max(data.decode_concurrency, 1) * BLOCK_ROWS * 2  # decode + augment pools
         return cls(
-            workers=train.num_workers,
+            workers=train.max_workers,
             worker_bundle=bundle,
-            data_cpus=shape.totals.get("CPU", 0.0) - train.num_workers * train.cpus_per_worker,
+            data_cpus=shape.totals.get("CPU", 0.0) - train.max_workers * train.cpus_per_worker,
             prefetch_bytes=float((batches + blocks) * image),
         )
 

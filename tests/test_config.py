@@ -74,6 +74,20 @@ def test_bad_values_are_refused_with_the_key(override):
         load_config(None, [override])
 
 
+def test_num_workers_is_a_count_or_an_elastic_range():
+    fixed = load_config(None, ["train.num_workers=3"]).train
+    assert (fixed.num_workers, fixed.min_workers, fixed.max_workers) == (3, 3, 3)
+    elastic = load_config(None, ["train.num_workers=1..4"]).train
+    assert (elastic.num_workers, elastic.min_workers, elastic.max_workers) == ("1..4", 1, 4)
+    assert Config().override({"train": {"num_workers": "2..2"}}).train.max_workers == 2
+
+
+@pytest.mark.parametrize("value", ["0", "3..2", "0..2", "two", "1..", "1...2", "1.5", "true"])
+def test_bad_worker_counts_are_refused_with_the_valid_forms(value):
+    with pytest.raises(ConfigError, match=r"train\.num_workers"):
+        load_config(None, [f"train.num_workers={value}"])
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.yaml")

@@ -26,11 +26,17 @@ from campar_ray.data.ray_pipeline import data_execution_options
 from campar_ray.data.transforms import normalize, resize
 from campar_ray.train.logits import read_split_logits
 from campar_ray.train.loop import (
+    EpochStats,
     Predictions,
+    add_stats,
+    batches_left,
     build_optimizer,
     build_scheduler,
     evaluate,
+    lr_scale,
     merge_predictions,
+    reduce_stats,
+    rescale_lr,
     step_scheduler,
     train_one_epoch,
     validation_metrics,
@@ -104,7 +110,7 @@ def test_undecodable_rows_are_dropped_and_counted_and_empty_batches_skip_the_ste
 
     before = [p.detach().clone() for p in model.parameters()]
     stats = train_one_epoch(model, _batches(count=2, invalid=16), optimizer, _bce, device=CPU)
-    assert (stats.images, stats.skipped, stats.steps) == (0, 32, 0)
+    assert (stats.images, stats.skipped, stats.steps, stats.batches) == (0, 32, 0, 2)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
     predictions = evaluate(model, _batches(invalid=5), lambda out: out, device=CPU)
@@ -160,6 +166,53 @@ def test_schedulers_plateau_on_val_ma_and_cosine_anneal():
 
     with pytest.raises(ValueError, match="plateau, cosine"):
         build_scheduler(optimizer, name="step", epochs=4)
+
+
+@pytest.mark.parametrize("name", ["plateau", "cosine"])
+def test_rescaled_rates_continue_the_same_schedule_scaled(name):
+    def schedule(factor_at: int | None) -> list[float]:
+        optimizer = build_optimizer(TinyNet(), lr=1e-3, weight_decay=0.0)
+        scheduler = build_scheduler(optimizer, name=name, epochs=12)
+        rates = []
+        for epoch, value in enumerate([0.5, 0.6] + [0.6] * 10):
+            if epoch == factor_at:
+                rescale_lr(optimizer, scheduler, 0.5)
+            optimizer.step()
+            step_scheduler(scheduler, value)
+            rates.append(optimizer.param_groups[0]["lr"])
+        return rates
+
+    plain, scaled = schedule(None), schedule(3)
+    assert scaled[:3] == plain[:3]
+    assert scaled[3:] == pytest.approx([0.5 * rate for rate in plain[3:]], rel=1e-9, abs=1e-15)
+    assert len(set(plain)) > 2  # the schedule did move: the comparison means something
+
+
+def test_learning_rate_follows_the_square_root_of_the_group_size():
+    assert lr_scale(4, 4) == 1.0
+    assert lr_scale(1, 4) == pytest.approx(0.5)
+    assert lr_scale(2, 8) * lr_scale(8, 2) == pytest.approx(1.0)
+
+
+def test_stats_of_epoch_parts_and_ranks_combine():
+    a = EpochStats(
+        loss_sum=2.0, images=8, steps=1, seconds=1.0, data_seconds=0.5, skipped=1, batches=1
+    )
+    b = EpochStats(
+        loss_sum=1.0, images=4, steps=2, seconds=3.0, data_seconds=1.5, skipped=0, batches=2
+    )
+    assert add_stats(a, b) == EpochStats(3.0, 12, 3, 4.0, 2.0, 1, 3)
+    group = reduce_stats([a, b])
+    assert (group.images, group.skipped, group.rows, group.loss_sum) == (12, 1, 13, 3.0)
+    assert (group.steps, group.batches, group.seconds, group.data_seconds) == (2, 2, 3.0, 1.0)
+
+
+def test_a_resumed_epoch_takes_the_batches_that_cover_the_rows_left():
+    assert batches_left(100, 0, world_size=2, batch_size=10) == 5
+    assert batches_left(100, 60, world_size=2, batch_size=10) == 2
+    assert batches_left(100, 61, world_size=1, batch_size=10) == 4  # rounded up
+    assert batches_left(100, 100, world_size=2, batch_size=10) == 0
+    assert batches_left(100, 104, world_size=2, batch_size=10) == 0
 
 
 def test_validation_metrics_use_only_the_evaluated_attributes():

@@ -28,7 +28,11 @@ def read_meta(checkpoint: str) -> dict[str, Any]:
 
 
 def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
-    """Every stage-1 checkpoint folder of a run with its ``meta.json``, oldest epoch first."""
+    """Every end-of-epoch checkpoint folder of a run with its ``meta.json``, oldest first.
+
+    Mid-epoch checkpoints (``partial`` in their metadata) are left out: they exist to resume
+    from and hold no finished epoch's weights or metrics.
+    """
     root = storage.join(run_dir, *CHECKPOINT_ROOT)
     filesystem, inner = storage.resolve(root)
     if filesystem.get_file_info(inner).type != pafs.FileType.Directory:
@@ -37,7 +41,9 @@ def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
     for info in filesystem.get_file_info(pafs.FileSelector(inner)):
         path = storage.join(root, info.base_name)
         if info.type == pafs.FileType.Directory and storage.exists(storage.join(path, META_FILE)):
-            found.append((path, read_meta(path)))
+            meta = read_meta(path)
+            if "partial" not in meta:
+                found.append((path, meta))
     if not found:
         raise FileNotFoundError(f"no stage-1 checkpoint with {META_FILE} under {root}")
     return sorted(found, key=lambda item: item[1]["epoch"])

@@ -73,9 +73,9 @@ def write_logits(
     """Score every manifest image with ``checkpoint``; write ``<run_dir>/logits/<split>.parquet``.
 
     Returns the path of each split's file and the images each split left out. Decoding
-    follows ``data`` (as in validation); scoring uses ``train.num_workers`` actors with the
-    training workers' CPUs (and a GPU each when ``train.use_gpu``), ``train.batch_size``
-    images per call.
+    follows ``data`` (as in validation); scoring uses ``train.num_workers`` actors (between
+    the bounds of a range, as many as the cluster holds then) with the training workers'
+    CPUs (and a GPU each when ``train.use_gpu``), ``train.batch_size`` images per call.
     """
     scored = build_dataset(info, None, data, train=False).map_batches(
         LogitsPredictor,
@@ -87,7 +87,7 @@ def write_logits(
         },
         batch_size=train.batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=train.num_workers),
+        compute=ActorPoolStrategy(min_size=train.min_workers, max_size=train.max_workers),
         num_cpus=train.cpus_per_worker,
         num_gpus=1 if train.use_gpu else 0,
     )

@@ -12,6 +12,7 @@ are dropped here and counted, so a corrupt image costs one row of one batch, nev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -42,6 +43,13 @@ class EpochStats:
     """Time spent waiting for the next batch."""
     skipped: int
     """Rows dropped because their image could not be decoded."""
+    batches: int = 0
+    """Batches taken from the input, those left empty by undecodable images included."""
+
+    @property
+    def rows(self) -> int:
+        """Rows consumed: trained images plus undecodable ones."""
+        return self.images + self.skipped
 
     @property
     def loss(self) -> float:
@@ -134,7 +142,7 @@ def train_one_epoch(
     """
     model.train()
     scaler = scaler or make_grad_scaler(device, amp=False)
-    loss_sum, images, steps, skipped, data_seconds = 0.0, 0, 0, 0, 0.0
+    loss_sum, images, steps, skipped, taken, data_seconds = 0.0, 0, 0, 0, 0, 0.0
     join = model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
     start = time.perf_counter()
     with join:
@@ -145,6 +153,7 @@ def train_one_epoch(
             data_seconds += time.perf_counter() - fetch_start
             if batch is None:
                 break
+            taken += 1
             x, y, dropped = prepare_batch(batch, device, channels_last)
             skipped += dropped
             if len(x) == 0:
@@ -171,7 +180,72 @@ def train_one_epoch(
         seconds=time.perf_counter() - start,
         data_seconds=data_seconds,
         skipped=skipped,
+        batches=taken,
     )
+
+
+def add_stats(first: EpochStats, second: EpochStats) -> EpochStats:
+    """Two consecutive parts of one epoch on the same worker(s) as one."""
+    return EpochStats(
+        *(
+            a + b
+            for a, b in zip(dataclasses.astuple(first), dataclasses.astuple(second), strict=True)
+        )
+    )
+
+
+def reduce_stats(ranks: list[EpochStats]) -> EpochStats:
+    """Every rank's share of the same stretch of training as the group's.
+
+    Images, losses and skips add up; steps and wall time are the slowest rank's (ranks step
+    together); waiting for data is the average rank's.
+    """
+    return EpochStats(
+        loss_sum=sum(s.loss_sum for s in ranks),
+        images=sum(s.images for s in ranks),
+        steps=max(s.steps for s in ranks),
+        seconds=max(s.seconds for s in ranks),
+        data_seconds=float(np.mean([s.data_seconds for s in ranks])),
+        skipped=sum(s.skipped for s in ranks),
+        batches=max(s.batches for s in ranks),
+    )
+
+
+def batches_left(epoch_rows: int, rows_done: int, world_size: int, batch_size: int) -> int:
+    """Batches each of ``world_size`` workers takes to finish an epoch ``rows_done`` into it.
+
+    Rounded up, so a resumed epoch trains at least the rows that were left.
+    """
+    return math.ceil(max(epoch_rows - rows_done, 0) / (world_size * batch_size))
+
+
+def lr_scale(world_size: int, full_size: int) -> float:
+    """Learning-rate factor for ``world_size`` workers when ``train.lr`` is set for ``full_size``.
+
+    The global batch is ``world_size x train.batch_size``. For Adam the square-root rule keeps
+    training on the same course when the batch changes (Malladi et al., "On the SDEs and
+    Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022); the linear rule of Goyal et
+    al. (2017) is SGD's.
+    """
+    return math.sqrt(world_size / full_size)
+
+
+def rescale_lr(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
+    factor: float,
+) -> None:
+    """Multiply the current and base learning rates by ``factor``, mid-schedule.
+
+    Both schedulers are linear in the rates they keep (cosine anneals to 0, plateau cuts by a
+    factor), so the schedule continues where it was, scaled.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
 
 
 @torch.no_grad()

@@ -11,6 +11,12 @@ tensors loaded with ``weights_only=True``, and ``meta.json`` (epoch, resolved co
 attribute names, this epoch's metrics and the whole history). A restarted worker group
 and a re-run of the same run directory both resume at the epoch after the latest
 checkpoint: Ray Train V2 restores it from the run's snapshot in ``<run.dir>/ray/stage1``.
+
+``train.num_workers: MIN..MAX`` makes the group elastic (Ray Train restarts it with fewer
+workers when nodes are lost and with more when they return, each time from the latest
+checkpoint); ``train.lr`` is the full group's rate, scaled by ``lr_scale`` for smaller
+groups. ``train.checkpoint_every_minutes`` adds mid-epoch checkpoints (see
+:func:`_report_progress`), from which a restart finishes the interrupted epoch.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import copy
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +48,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 
 from campar_ray import storage
 from campar_ray.artifacts import load_tensors
-from campar_ray.config import Config, ConfigError
+from campar_ray.config import Config, ConfigError, TrainConfig
 from campar_ray.data.manifest import ManifestInfo, labels_matrix, read_manifest
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
 from campar_ray.model import (
@@ -66,11 +74,16 @@ from campar_ray.train.loop import (
     SCHEDULERS,
     EpochStats,
     Predictions,
+    add_stats,
+    batches_left,
     build_optimizer,
     build_scheduler,
     evaluate,
+    lr_scale,
     make_grad_scaler,
     merge_predictions,
+    reduce_stats,
+    rescale_lr,
     step_scheduler,
     train_one_epoch,
     validation_metrics,
@@ -166,18 +179,20 @@ def _trainer(
         "eval_attributes": info.eval_attributes,
         "eval_indices": info.eval_indices().tolist(),
         "positive_ratio": positive_ratio(train_labels).tolist(),
+        "epoch_rows": len(train_labels),
         "config": config.to_dict(),
         "seed": config.seed,
         "progress": progress,
     }
-    gpus = cfg.num_workers if cfg.use_gpu else 0
+    gpus = cfg.max_workers if cfg.use_gpu else 0
     return ray.train.torch.TorchTrainer(
         _worker_loop,
         train_loop_config=setup,
         scaling_config=ScalingConfig(  # use_gpu adds one GPU per worker
-            num_workers=cfg.num_workers,
+            num_workers=_scaling_workers(cfg),
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
+            elastic_resize_monitor_interval_s=cfg.resize_check_seconds,
         ),
         run_config=RunConfig(
             name=RUN_NAME,
@@ -195,9 +210,16 @@ def _trainer(
             "val": build_dataset(info, "val", config.data, train=False),
         },
         dataset_config=ShardConfig(
-            data_execution_options(cfg.num_workers * cfg.cpus_per_worker, gpus)
+            data_execution_options(cfg.max_workers * cfg.cpus_per_worker, gpus)
         ),
     )
+
+
+def _scaling_workers(cfg: TrainConfig) -> int | tuple[int, int]:
+    """A fixed group size, or Ray Train's elastic ``(min, max)`` for a range."""
+    if cfg.min_workers == cfg.max_workers:
+        return cfg.max_workers
+    return (cfg.min_workers, cfg.max_workers)
 
 
 def resolve_config(config: Config) -> Config:
@@ -210,7 +232,8 @@ def resolve_config(config: Config) -> Config:
     for key, value, low in (
         ("train.epochs", cfg.epochs, 1),
         ("train.batch_size", cfg.batch_size, 1),
-        ("train.num_workers", cfg.num_workers, 1),
+        ("train.resize_check_seconds", cfg.resize_check_seconds, 0),
+        ("train.checkpoint_every_minutes", cfg.checkpoint_every_minutes, 0),
         ("data.decode_concurrency", config.data.decode_concurrency, 0),
         ("data.prefetch_batches", config.data.prefetch_batches, 0),
     ):
@@ -237,8 +260,8 @@ def resolve_config(config: Config) -> Config:
 def _with_decode_tasks(config: Config) -> Config:
     """``data.decode_concurrency`` 0 (auto) made concrete from the CPUs training leaves free."""
     cfg = config.train
-    gpus = cfg.num_workers if cfg.use_gpu else 0
-    free = data_execution_options(cfg.num_workers * cfg.cpus_per_worker, gpus).resource_limits.cpu
+    gpus = cfg.max_workers if cfg.use_gpu else 0
+    free = data_execution_options(cfg.max_workers * cfg.cpus_per_worker, gpus).resource_limits.cpu
     tasks = decode_tasks(config.data.decode_concurrency, config.data.decode_cpus, free)
     return config.override({"data.decode_concurrency": tasks})
 
@@ -295,9 +318,90 @@ class ShardConfig(DataConfig):
         return shards
 
 
+CHECK_EVERY_BATCHES = 8
+"""With ``train.checkpoint_every_minutes``, the ranks agree whether a checkpoint is due after
+every this many batches: often enough to stay close to the interval, rarely enough that the
+agreement (one tiny collective) costs nothing next to the training steps."""
+PROGRESS_KEY = "epoch_progress"
+"""Marks a mid-epoch report: the fraction of the epoch's rows trained so far."""
+
+
+@dataclass
+class _Run:
+    """One worker's training: the objects a checkpoint saves and what feeds them."""
+
+    setup: dict[str, Any]
+    model: ParModel
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: Any
+    options: dict[str, Any]
+    batches: dict[str, int]
+    world: int
+    rank: int
+    clock: _CheckpointClock
+
+
+class _CheckpointClock:
+    """When a time-based checkpoint is due; rank 0's clock decides for every rank."""
+
+    def __init__(self, minutes: float) -> None:
+        self._seconds = minutes * 60
+        self._last = time.monotonic()
+
+    def restart(self) -> None:
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        """A collective: every rank calls it at the same point of the epoch."""
+        return self._seconds > 0 and _all_gather(time.monotonic() - self._last >= self._seconds)[0]
+
+
 def _worker_loop(setup: dict[str, Any]) -> None:
     """One Ray Train worker: resume, then per epoch train, validate, report + checkpoint."""
+    run = _start(setup)
+    meta = _restore(ray.train.get_checkpoint(), run.model, run.optimizer, run.scheduler, run.scaler)
+    history = meta["history"] if meta else []
+    _scale_lr_to_world(run, meta)
+    logits_fn = functools.partial(prediction_logits, predict_from=setup["model"].predict_from)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    monitor = None
+    if run.rank == 0:
+        monitor = EpochMonitor.open(
+            setup["tracking"],
+            run_dir=setup["run_dir"],
+            config=setup["config"],
+            data=setup["data"],
+            history=history,
+        )
+    resumed = meta.get("partial") if meta else None
+    for epoch in range(len(history) + 1, setup["train"].epochs + 1):
+        stats = _train_epoch(run, train_shard, epoch, history, resumed)
+        resumed = None
+        predictions = evaluate(
+            run.model, val_shard.iter_torch_batches(**run.batches), logits_fn, **run.options
+        )
+        metrics = _epoch_metrics(epoch, stats, predictions, setup["eval_indices"], history)
+        metrics["world_size"] = run.world
+        metrics["lr"] = run.optimizer.param_groups[0]["lr"]
+        step_scheduler(run.scheduler, metrics["val_mA"])
+        history.append(metrics)
+        if run.rank == 0 and setup["progress"]:  # Ray Train forwards worker logs to the driver
+            logger.info(_progress_line(metrics, history, setup["train"].epochs))
+        _report(run, metrics, {"epoch": epoch, "metrics": metrics, "history": history})
+        if monitor:  # after the checkpoint: a restart re-logs exactly the checkpointed epochs
+            monitor.epoch(metrics, train_shard.stats())
+    if monitor:
+        monitor.finish(history)
+
+
+def _start(setup: dict[str, Any]) -> _Run:
+    """The model (prior bias, DDP), optimiser, scheduler, scaler and loss of a fresh worker."""
     cfg, device = setup["train"], ray.train.torch.get_device()
+    context = ray.train.get_context()
     torch.manual_seed(setup["seed"])
     model = build_model(setup["model"], len(setup["attributes"]))
     ratio = torch.tensor(setup["positive_ratio"], device=device)
@@ -307,47 +411,98 @@ def _worker_loop(setup: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(ddp_model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, name=cfg.scheduler, epochs=cfg.epochs)
-    scaler = make_grad_scaler(device, cfg.amp)
-    meta = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, scaler)
-    history = meta["history"] if meta else []
-    loss_fn = functools.partial(
-        stage1_loss, positive_ratio=ratio if cfg.loss == "weighted_bce" else None
+    return _Run(
+        setup=setup,
+        model=model,
+        ddp_model=ddp_model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, name=cfg.scheduler, epochs=cfg.epochs),
+        scaler=make_grad_scaler(device, cfg.amp),
+        loss_fn=functools.partial(
+            stage1_loss, positive_ratio=ratio if cfg.loss == "weighted_bce" else None
+        ),
+        options={"device": device, "amp": cfg.amp, "channels_last": cfg.channels_last},
+        batches={"batch_size": cfg.batch_size, "prefetch_batches": setup["data"].prefetch_batches},
+        world=context.get_world_size(),
+        rank=context.get_world_rank(),
+        clock=_CheckpointClock(cfg.checkpoint_every_minutes),
     )
-    logits_fn = functools.partial(prediction_logits, predict_from=setup["model"].predict_from)
-    options = {"device": device, "amp": cfg.amp, "channels_last": cfg.channels_last}
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    batches = {"batch_size": cfg.batch_size, "prefetch_batches": setup["data"].prefetch_batches}
-    monitor = None
-    if ray.train.get_context().get_world_rank() == 0:
-        monitor = EpochMonitor.open(
-            setup["tracking"],
-            run_dir=setup["run_dir"],
-            config=setup["config"],
-            data=setup["data"],
-            history=history,
-        )
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
-        stats = train_one_epoch(
-            ddp_model,
-            train_shard.iter_torch_batches(**batches),
-            optimizer,
-            loss_fn,
+
+
+def _scale_lr_to_world(run: _Run, meta: dict[str, Any] | None) -> None:
+    """Learning rates for this group's size (see ``lr_scale``): ``train.lr`` is the full
+    group's, and a checkpoint's rates are those of the group that saved it."""
+    full = run.setup["train"].max_workers
+    saved = meta.get("world_size", full) if meta else full
+    rescale_lr(run.optimizer, run.scheduler, lr_scale(run.world, full) / lr_scale(saved, full))
+
+
+def _train_epoch(
+    run: _Run,
+    shard: Any,
+    epoch: int,
+    history: list[dict[str, float]],
+    resumed: dict[str, Any] | None,
+) -> EpochStats:
+    """Train one epoch, checkpointing mid-way when due; the whole group's stats of the epoch.
+
+    An epoch resumed from a mid-epoch checkpoint (``resumed``) trains only the rows that were
+    left, in batches from a fresh pass over the data (in a new random order), so it trains
+    as many rows as an uninterrupted epoch, not exactly the same ones. Shards are equal
+    (``ShardConfig``), so every rank takes the same number of batches and meets the same
+    checkpoint decisions.
+    """
+    cfg = run.setup["train"]
+    done = EpochStats(**resumed["stats"]) if resumed else _NO_STATS
+    limit = None  # a fresh epoch takes the whole pass
+    if resumed:
+        limit = batches_left(run.setup["epoch_rows"], done.rows, run.world, cfg.batch_size)
+    chunk = CHECK_EVERY_BATCHES if cfg.checkpoint_every_minutes > 0 else None
+    batches = iter(shard.iter_torch_batches(**run.batches))
+    mine = _NO_STATS
+    while True:
+        left = None if limit is None else limit - mine.batches
+        size = min((n for n in (chunk, left) if n is not None), default=None)
+        part = train_one_epoch(
+            run.ddp_model,
+            itertools.islice(batches, size),
+            run.optimizer,
+            run.loss_fn,
             grad_clip=cfg.grad_clip,
-            scaler=scaler,
-            **options,
+            scaler=run.scaler,
+            **run.options,
         )
-        predictions = evaluate(model, val_shard.iter_torch_batches(**batches), logits_fn, **options)
-        metrics = _epoch_metrics(epoch, stats, predictions, setup["eval_indices"], history)
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        step_scheduler(scheduler, metrics["val_mA"])
-        history.append(metrics)
-        _report(metrics, history, setup, model, optimizer, scheduler, scaler)
-        if monitor:  # after the checkpoint: a restart re-logs exactly the checkpointed epochs
-            monitor.epoch(metrics, train_shard.stats())
-    if monitor:
-        monitor.finish(history)
+        mine = add_stats(mine, part)
+        # Over when the pass is (on every rank alike) or the resumed epoch has its rows.
+        if size is None or part.batches < size or mine.batches == limit:
+            break
+        if run.clock.due():
+            _report_progress(run, epoch, add_stats(done, reduce_stats(_all_gather(mine))), history)
+    return add_stats(done, reduce_stats(_all_gather(mine)))
+
+
+_NO_STATS = EpochStats(loss_sum=0.0, images=0, steps=0, seconds=0.0, data_seconds=0.0, skipped=0)
+
+
+def _report_progress(
+    run: _Run, epoch: int, done: EpochStats, history: list[dict[str, float]]
+) -> None:
+    """A mid-epoch checkpoint: never mistaken for a finished epoch, never the best one.
+
+    Its ``meta.json`` keeps ``epoch`` and ``history`` at the last finished epoch and holds the
+    progress under ``partial`` (no ``metrics``); Ray Train sees ``val_mA`` = -inf, so it ranks
+    last and is dropped first once later epochs are kept.
+    """
+    progress = done.rows / run.setup["epoch_rows"]
+    metrics = {"epoch": epoch, PROGRESS_KEY: progress, "val_mA": float("-inf")}
+    meta = {
+        "epoch": len(history),
+        "history": history,
+        "partial": {"epoch": epoch, "stats": dataclasses.asdict(done)},
+    }
+    if run.rank == 0:
+        logger.info("[stage1] epoch %d: checkpoint at %.0f%% of the epoch", epoch, 100 * progress)
+    _report(run, metrics, meta)
 
 
 def _epoch_metrics(
@@ -357,25 +512,21 @@ def _epoch_metrics(
     eval_indices: list[int],
     history: list[dict[str, float]],
 ) -> dict[str, float]:
-    """Combine every worker's share of the epoch into one set of metrics (same on all ranks)."""
-    all_stats: list[EpochStats] = _all_gather(stats)
+    """One epoch's metrics from the group's training stats and every worker's predictions."""
     merged = merge_predictions(_all_gather(predictions))
-    images = sum(s.images for s in all_stats)
-    seconds = max(s.seconds for s in all_stats)
-    train_skipped = sum(s.skipped for s in all_stats)
     return {
         "epoch": epoch,
-        "step": (history[-1]["step"] if history else 0) + all_stats[0].steps,
-        "train_loss": sum(s.loss_sum for s in all_stats) / max(images, 1),
+        "step": (history[-1]["step"] if history else 0) + stats.steps,
+        "train_loss": stats.loss,
         **validation_metrics(merged.labels, merged.probs, eval_indices),
-        "images_per_s": images / max(seconds, 1e-9),
-        "data_wait_fraction": float(np.mean([s.data_wait_fraction for s in all_stats])),
-        "epoch_seconds": seconds,
-        "train_images": images,
+        "images_per_s": stats.images_per_s,
+        "data_wait_fraction": stats.data_wait_fraction,
+        "epoch_seconds": stats.seconds,
+        "train_images": stats.images,
         "val_images": len(merged.probs),
-        "train_skipped_images": train_skipped,
+        "train_skipped_images": stats.skipped,
         "val_skipped_images": merged.skipped,
-        "skipped_images": train_skipped + merged.skipped,
+        "skipped_images": stats.skipped + merged.skipped,
     }
 
 
@@ -387,33 +538,26 @@ def _all_gather(value: Any) -> list[Any]:
     return gathered
 
 
-def _report(
-    metrics: dict[str, float],
-    history: list[dict[str, float]],
-    setup: dict[str, Any],
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-) -> None:
-    """Every rank reports (Ray Train needs equal report counts); only rank 0 saves."""
-    rank = ray.train.get_context().get_world_rank()
+def _report(run: _Run, metrics: dict[str, float], meta: dict[str, Any]) -> None:
+    """Every rank reports (Ray Train needs equal report counts); only rank 0 saves.
+
+    ``meta`` (epoch, history, metrics or mid-epoch progress) joins what every checkpoint
+    records: attribute names, the resolved config and the group size the rates are set for.
+    """
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
-        if rank == 0:
+        if run.rank == 0:
             meta = {
-                "epoch": metrics["epoch"],
-                "attributes": list(setup["attributes"]),
-                "eval_attributes": list(setup["eval_attributes"]),
-                "config": setup["config"],
-                "metrics": metrics,
-                "history": history,
+                "attributes": list(run.setup["attributes"]),
+                "eval_attributes": list(run.setup["eval_attributes"]),
+                "config": run.setup["config"],
+                "world_size": run.world,
+                **meta,
             }
-            save_checkpoint(folder, model, optimizer, scheduler, scaler, meta)
+            save_checkpoint(folder, run.model, run.optimizer, run.scheduler, run.scaler, meta)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
-            if setup["progress"]:  # Ray Train forwards worker logs to the driver
-                logger.info(_progress_line(metrics, history, setup["train"].epochs))
         ray.train.report(metrics, checkpoint=checkpoint)
+    run.clock.restart()
 
 
 def save_checkpoint(

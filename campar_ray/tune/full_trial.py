@@ -38,7 +38,7 @@ from ray.util.queue import Queue
 from campar_ray import storage
 from campar_ray.cfar.fit import CFAR_DIR
 from campar_ray.config import Config
-from campar_ray.train.stage1 import train_stage1
+from campar_ray.train.stage1 import PROGRESS_KEY, train_stage1
 from campar_ray.tune.stage2 import fit_cfar_on_val
 from campar_ray.tune.trials import TrialContext, finish_trial_tracking, open_trial_tracker
 
@@ -116,7 +116,11 @@ class _ControllerRelay(ControllerCallback):
 
 
 class _EpochRelay(UserCallback):
-    """Runs in the Train controller: forwards each epoch's metrics (all ranks report the same)."""
+    """Runs in the Train controller: forwards each epoch's metrics (all ranks report the same).
+
+    Mid-epoch checkpoints (``train.checkpoint_every_minutes``) are reports too; they are no
+    epoch for ASHA and stay behind.
+    """
 
     def __init__(self, events: Queue) -> None:
         self._events = events
@@ -124,4 +128,5 @@ class _EpochRelay(UserCallback):
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
     ) -> None:
-        self._events.put(("epoch", dict(metrics[0])))
+        if PROGRESS_KEY not in metrics[0]:
+            self._events.put(("epoch", dict(metrics[0])))

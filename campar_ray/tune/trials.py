@@ -100,10 +100,10 @@ def trial_footprint(config: Config, scope: str) -> dict[str, float]:
     gpus = 0.0
     if scope == "full":
         cfg = config.train
-        cpus += cfg.num_workers * cfg.cpus_per_worker
+        cpus += cfg.max_workers * cfg.cpus_per_worker
         # Auto (0) decoding takes the CPUs its trial's workers leave: count its first task.
         cpus += max(config.data.decode_concurrency, 1) * config.data.decode_cpus
-        gpus = float(cfg.num_workers) if cfg.use_gpu else 0.0
+        gpus = float(cfg.max_workers) if cfg.use_gpu else 0.0
     return {"CPU": cpus, "GPU": gpus}
 
 
