@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,11 +20,12 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from campar_ray.config import Config, ConfigError, load_config
+from campar_ray.config import Config, ConfigError, TrainConfig, load_config
 from campar_ray.data import decode_image, generate_synthetic, load_image_bytes, read_manifest
 from campar_ray.data.manifest import resolve_image
 from campar_ray.data.ray_pipeline import data_execution_options
 from campar_ray.data.transforms import normalize, resize
+from campar_ray.train import stage1
 from campar_ray.train.logits import read_split_logits
 from campar_ray.train.loop import (
     EpochStats,
@@ -34,6 +36,7 @@ from campar_ray.train.loop import (
     build_scheduler,
     evaluate,
     lr_scale,
+    make_grad_scaler,
     merge_predictions,
     reduce_stats,
     rescale_lr,
@@ -213,6 +216,62 @@ def test_a_resumed_epoch_takes_the_batches_that_cover_the_rows_left():
     assert batches_left(100, 61, world_size=1, batch_size=10) == 4  # rounded up
     assert batches_left(100, 100, world_size=2, batch_size=10) == 0
     assert batches_left(100, 104, world_size=2, batch_size=10) == 0
+
+
+class _Shard:
+    """A training shard's stand-in: the same batches every pass."""
+
+    def __init__(self, batches: list[dict]):
+        self._batches = batches
+
+    def iter_torch_batches(self, **_: object) -> list[dict]:
+        return self._batches
+
+
+def _worker(minutes: float = 0.0) -> stage1._Run:
+    """A single worker (no Ray) on 320 rows: 20 batches of 16."""
+    model = TinyNet()
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    return stage1._Run(
+        setup={
+            "train": TrainConfig(batch_size=16, checkpoint_every_minutes=minutes),
+            "epoch_rows": 320,
+        },
+        model=model,
+        ddp_model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, name="plateau", epochs=2),
+        scaler=make_grad_scaler(CPU, False),
+        loss_fn=_bce,
+        options={"device": CPU},
+        batches={},
+        world=1,
+        rank=0,
+        clock=stage1._CheckpointClock(minutes),
+    )
+
+
+def test_an_epoch_checkpoints_mid_way_when_due_and_a_resumed_one_trains_what_was_left(
+    monkeypatch,
+):
+    saved = []
+    monkeypatch.setattr(
+        stage1, "_report_progress", lambda run, epoch, done, history: saved.append(done)
+    )
+    data = _Shard(_batches(count=20))
+    whole = stage1._train_epoch(_worker(minutes=1e-9), data, 1, [], None)
+    assert (whole.batches, whole.images, whole.steps) == (20, 320, 20)
+    # Due at every check: after each full chunk of 8 batches, never at the end of the pass.
+    assert [done.rows for done in saved] == [128, 256]
+
+    saved.clear()
+    done = EpochStats(
+        loss_sum=64.0, images=128, steps=8, seconds=5.0, data_seconds=1.0, skipped=0, batches=8
+    )
+    progress = {"epoch": 1, "stats": dataclasses.asdict(done)}
+    resumed = stage1._train_epoch(_worker(minutes=60.0), data, 1, [], progress)
+    assert (resumed.images, resumed.steps, resumed.batches) == (320, 20, 20)  # 8 saved + 12
+    assert resumed.loss_sum > 64.0 and resumed.seconds > 5.0 and not saved
 
 
 def test_validation_metrics_use_only_the_evaluated_attributes():

@@ -324,6 +324,10 @@ every this many batches: often enough to stay close to the interval, rarely enou
 agreement (one tiny collective) costs nothing next to the training steps."""
 PROGRESS_KEY = "epoch_progress"
 """Marks a mid-epoch report: the fraction of the epoch's rows trained so far."""
+UNSCORED_MA = -1.0
+"""``val_mA`` of a mid-epoch report: below every real score (mA lies in [0, 1]), so Ray Train
+ranks it last; finite, because Ray's run snapshot stores -inf as null and a resumed run
+could then not rank its checkpoints."""
 
 
 @dataclass
@@ -490,11 +494,11 @@ def _report_progress(
     """A mid-epoch checkpoint: never mistaken for a finished epoch, never the best one.
 
     Its ``meta.json`` keeps ``epoch`` and ``history`` at the last finished epoch and holds the
-    progress under ``partial`` (no ``metrics``); Ray Train sees ``val_mA`` = -inf, so it ranks
-    last and is dropped first once later epochs are kept.
+    progress under ``partial`` (no ``metrics``); Ray Train sees ``val_mA`` = ``UNSCORED_MA``,
+    so it ranks last and is dropped first once later epochs are kept.
     """
     progress = done.rows / run.setup["epoch_rows"]
-    metrics = {"epoch": epoch, PROGRESS_KEY: progress, "val_mA": float("-inf")}
+    metrics = {"epoch": epoch, PROGRESS_KEY: progress, "val_mA": UNSCORED_MA}
     meta = {
         "epoch": len(history),
         "history": history,
