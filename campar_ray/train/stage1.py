@@ -504,7 +504,7 @@ def _report_progress(
         "history": history,
         "partial": {"epoch": epoch, "stats": dataclasses.asdict(done)},
     }
-    if run.rank == 0:
+    if run.rank == 0 and run.setup["progress"]:
         logger.info("[stage1] epoch %d: checkpoint at %.0f%% of the epoch", epoch, 100 * progress)
     _report(run, metrics, meta)
 
