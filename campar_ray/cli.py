@@ -211,7 +211,7 @@ def _shard_size_argument(parser: argparse.ArgumentParser) -> None:
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--manifest", "data.manifest", metavar="M")
     _shorthand(parser, "--run-dir", "run.dir", metavar="D")
-    _shorthand(parser, "--num-workers", "train.num_workers", type=int, metavar="N")
+    _shorthand(parser, "--num-workers", "train.num_workers", type=_workers, metavar="N|MIN..MAX")
     _shorthand(parser, "--epochs", "train.epochs", type=int, metavar="E")
     parser.add_argument("--gpu", action="store_true", help="train on GPUs (train.use_gpu=true)")
     _address_argument(parser)
@@ -439,7 +439,7 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
 def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--manifest", "data.manifest", metavar="M")
     _shorthand(parser, "--run-dir", "run.dir", metavar="D")
-    _shorthand(parser, "--num-workers", "train.num_workers", type=int, metavar="N")
+    _shorthand(parser, "--num-workers", "train.num_workers", type=_workers, metavar="N|MIN..MAX")
     parser.add_argument("--gpu", action="store_true", help="check a GPU run (train.use_gpu=true)")
     _address_argument(parser)
 
@@ -468,6 +468,11 @@ def _doctor(args: argparse.Namespace, config: Config) -> int:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _workers(value: str) -> int | str:
+    """``4`` or an elastic range ``2..4`` (checked with the rest of the config)."""
+    return int(value) if value.isdigit() else value
 
 
 def _address_argument(parser: argparse.ArgumentParser) -> None:

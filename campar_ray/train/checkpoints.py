@@ -30,16 +30,21 @@ def read_meta(checkpoint: str) -> dict[str, Any]:
 def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
     """Every end-of-epoch checkpoint folder of a run with its ``meta.json``, oldest first.
 
-    Mid-epoch checkpoints (``partial`` in their metadata) are left out: they exist to resume
-    from and hold no finished epoch's weights or metrics.
+    Only checkpoints Ray Train registered count: a worker that died between writing a
+    folder and reporting it leaves an orphan that no resume or ranking ever saw. Mid-epoch
+    checkpoints (``partial`` in their metadata) are left out too: they exist to resume from
+    and hold no finished epoch's weights or metrics.
     """
     root = storage.join(run_dir, *CHECKPOINT_ROOT)
     filesystem, inner = storage.resolve(root)
     if filesystem.get_file_info(inner).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"no stage-1 checkpoints in {run_dir} (expected {root})")
+    registered = _registered(root)
     found = []
     for info in filesystem.get_file_info(pafs.FileSelector(inner)):
         path = storage.join(root, info.base_name)
+        if registered is not None and info.base_name not in registered:
+            continue
         if info.type == pafs.FileType.Directory and storage.exists(storage.join(path, META_FILE)):
             meta = read_meta(path)
             if "partial" not in meta:
@@ -47,6 +52,14 @@ def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
     if not found:
         raise FileNotFoundError(f"no stage-1 checkpoint with {META_FILE} under {root}")
     return sorted(found, key=lambda item: item[1]["epoch"])
+
+
+def _registered(root: str) -> set[str] | None:
+    """Folder names in Ray Train's checkpoint snapshot (None: no snapshot, e.g. a copied run)."""
+    snapshot = storage.join(root, SNAPSHOT_FILE)
+    if not storage.exists(snapshot):
+        return None
+    return {r["checkpoint_dir_name"] for r in load_json(snapshot)["checkpoint_results"]}
 
 
 def resume_checkpoint(run_dir: str) -> str | None:

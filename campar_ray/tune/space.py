@@ -39,14 +39,20 @@ FIXED_KEYS = (
     "train.cpus_per_worker",
     "train.keep_checkpoints",
     "train.max_failures",
+    "train.resize_check_seconds",
+    "train.checkpoint_every_minutes",
     "data.decode_concurrency",
     "data.prefetch_batches",
     "data.decode_cpus",
+    "data.starvation_threshold",
     "cfar.solver",
     "cfar.actors",
+    "tracking.tensorboard",
+    "tracking.mlflow_uri",
+    "tracking.experiment",
 )
-"""Where data lives, resources, the seed and the epoch budget (ASHA's ``max_t``): settings of
-the search, not hyperparameters of the model."""
+"""Where data lives, resources, the seed, the epoch budget (ASHA's ``max_t``), fault tolerance
+and tracking: settings of the search, not hyperparameters of the model."""
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_space.yaml"
 """Shipped as package data next to the package's modules."""
