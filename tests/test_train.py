@@ -296,8 +296,13 @@ def test_merge_predictions_concatenates_shares_and_sums_skips():
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> tuple[str, str]:
-    """200 synthetic 64 x 32 images; the first training image is overwritten with garbage."""
-    manifest = generate_synthetic(str(tmp_path_factory.mktemp("synthetic")), n=200, size=(64, 32))
+    """600 synthetic 64 x 32 images; the first training image is overwritten with garbage.
+
+    600, not fewer: an epoch must outlast the moment between epoch 1's checkpoint landing and
+    the test killing a worker, or the kill lands after training (on a quiet 2-core machine
+    200 images trained an epoch in well under a second).
+    """
+    manifest = generate_synthetic(str(tmp_path_factory.mktemp("synthetic")), n=600, size=(64, 32))
     table, info = read_manifest(manifest)
     corrupt = table.filter(pc.equal(table.column("split"), "train")).column("image")[0].as_py()
     with open(resolve_image(corrupt, info.root), "wb") as handle:
