@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -143,7 +144,7 @@ class LocalCluster:
         )
 
     def shutdown(self) -> None:
-        """Kill every process of this cluster (and only of this cluster)."""
+        """Kill every process of this cluster (and only of this cluster), then drop its logs."""
         for process in psutil.process_iter(["cmdline"]):
             try:
                 if any(self.temp_dir in part for part in process.info["cmdline"] or ()):
@@ -151,6 +152,7 @@ class LocalCluster:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         self.nodes.clear()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     @staticmethod
     def _agent_ports() -> list[str]:
