@@ -55,7 +55,7 @@ def prepare_step(args: argparse.Namespace) -> list[str] | None:
 
 def run(argv: list[str]) -> int:
     args = get_args_parser().parse_args(argv)
-    common = [*(["--config", args.config] if args.config else [])]
+    common = ["--config", args.config] if args.config else []
     common += [item for value in args.overrides for item in ("--set", value)]
     try:
         prepare = prepare_step(args)

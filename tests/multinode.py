@@ -21,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import psutil
 
 RAY = str(Path(sys.executable).with_name("ray"))
+REPOSITORY = Path(__file__).resolve().parents[1]
 OBJECT_STORE_BYTES = 150 * 1024 * 1024  # per node: four nodes share one small machine
 
 
@@ -49,6 +50,19 @@ class LocalCluster:
     """Worker node name -> raylet pid."""
     auth: bool = True
     """Token authentication; False makes the insecure cluster ``--insecure`` is about."""
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, nodes: dict[str, float]) -> Iterator[LocalCluster]:
+        """A head plus one worker node per ``name: cpus``, torn down on exit."""
+        cluster = cls()
+        try:
+            cluster.start_head()
+            for name, cpus in nodes.items():
+                cluster.add_node(name, cpus=cpus)
+            yield cluster
+        finally:
+            cluster.shutdown()
 
     @property
     def env(self) -> dict[str, str]:
@@ -132,16 +146,38 @@ class LocalCluster:
         )
         return json.loads(out) if out.lstrip().startswith("[") else []  # "No resource in..."
 
-    def submit(self, *args: str, cwd: Path, log: IO[str]) -> subprocess.Popen:
-        """``ray job submit --address DASHBOARD ARGS`` from ``cwd``, output into ``log``."""
-        return subprocess.Popen(
-            [RAY, "job", "submit", f"--address={self.dashboard}", *args],
-            cwd=cwd,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    @contextlib.contextmanager
+    def job(
+        self, entrypoint: list[str], runtime_env: str, log_path: Path
+    ) -> Iterator[subprocess.Popen]:
+        """The README's ``ray job submit --working-dir . --runtime-env ENV -- ENTRYPOINT``,
+        run from the repository root in the background, output into ``log_path``; a job
+        still running when the block exits is stopped."""
+        with log_path.open("w") as log:
+            job = subprocess.Popen(
+                [
+                    RAY,
+                    "job",
+                    "submit",
+                    f"--address={self.dashboard}",
+                    "--working-dir",
+                    ".",
+                    "--runtime-env",
+                    runtime_env,
+                    "--",
+                    *entrypoint,
+                ],
+                cwd=REPOSITORY,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            try:
+                yield job
+            finally:
+                if job.poll() is None:
+                    job.kill()
 
     def shutdown(self) -> None:
         """Kill every process of this cluster (and only of this cluster), then drop its logs."""

@@ -22,23 +22,16 @@ from multinode import LocalCluster, wait_for
 
 from campar_ray.runtime import InsecureClusterError, require_authentication
 
-ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = LocalCluster()
-    try:
-        cluster.start_head()
-        for name in ("node_a", "node_b", "node_c"):
-            # 2 CPUs each: after losing a node, the survivors still hold both training
-            # workers *and* leave CPUs for Ray Data decoding (none left = a silent hang).
-            cluster.add_node(name, cpus=2)
+    # 2 CPUs a node: after losing one, the survivors still hold both training workers *and*
+    # leave CPUs for Ray Data decoding (none left = a silent hang).
+    with LocalCluster.running({"node_a": 2, "node_b": 2, "node_c": 2}) as cluster:
         yield cluster
-    finally:
-        cluster.shutdown()
 
 
 def _job_config(folder: Path) -> Path:
@@ -62,46 +55,24 @@ def test_pipeline_job_finishes_after_losing_a_worker_node(cluster, tmp_path, rec
     run_dir = tmp_path / "run"
     config = _job_config(tmp_path)
     log_path = tmp_path / "job.log"
-    with log_path.open("w") as log:
-        job = cluster.submit(
-            "--working-dir",
-            ".",
-            "--runtime-env",
-            "cluster/runtime_env.yaml",
-            "--",
-            "python",
-            "jobs/pipeline.py",
-            "--config",
-            str(config),
-            "--set",
-            f"run.dir={run_dir}",
-            "--prepare",
-            "synthetic",
-            "--root",
-            str(tmp_path / "data"),
-            "--prepare-args",
-            "--n 240 --size 32x16",
-            cwd=ROOT,
-            log=log,
+    entrypoint = ["python", "jobs/pipeline.py", "--config", str(config)]
+    entrypoint += ["--set", f"run.dir={run_dir}", "--prepare", "synthetic"]
+    entrypoint += ["--root", str(tmp_path / "data"), "--prepare-args", "--n 240 --size 32x16"]
+    with cluster.job(entrypoint, "cluster/runtime_env.yaml", log_path) as job:
+        workers = wait_for(
+            lambda: len(found := cluster.actors("RayTrainWorker")) == 2 and found,
+            timeout=600,
+            interval=1,
+            what="two training workers",
         )
-        try:
-            workers = wait_for(
-                lambda: len(found := cluster.actors("RayTrainWorker")) == 2 and found,
-                timeout=600,
-                interval=1,
-                what="two training workers",
-            )
-            snapshot = run_dir / "ray" / "stage1" / "checkpoint_manager_snapshot.json"
-            wait_for(snapshot.exists, timeout=600, interval=0.1, what="epoch 1's checkpoint")
-            saved = time.monotonic()
-            epochs_saved = _checkpoint_epochs(run_dir)
-            victim = cluster.node_of(workers[0]["pid"])
-            cluster.kill_node(victim)
-            killed = time.monotonic()
-            job.wait(timeout=900)
-        finally:
-            if job.poll() is None:
-                job.kill()
+        snapshot = run_dir / "ray" / "stage1" / "checkpoint_manager_snapshot.json"
+        wait_for(snapshot.exists, timeout=600, interval=0.1, what="epoch 1's checkpoint")
+        saved = time.monotonic()
+        epochs_saved = _checkpoint_epochs(run_dir)
+        victim = cluster.node_of(workers[0]["pid"])
+        cluster.kill_node(victim)
+        killed = time.monotonic()
+        job.wait(timeout=900)
     output = log_path.read_text()
     assert job.returncode == 0 and "succeeded" in output, output[-3000:]
 

@@ -33,14 +33,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = LocalCluster()
-    try:
-        cluster.start_head()
-        for name in ("node_a", "node_b"):
-            cluster.add_node(name, cpus=3)
+    with LocalCluster.running({"node_a": 3, "node_b": 3}) as cluster:
         yield cluster
-    finally:
-        cluster.shutdown()
 
 
 def _job_files(folder: Path) -> tuple[Path, Path, int]:
@@ -106,44 +100,26 @@ def test_training_shrinks_when_a_node_dies_and_grows_when_one_joins(
     run_dir = tmp_path / "run"
     config, runtime_env, train_rows = _job_files(tmp_path)
     log_path = tmp_path / "job.log"
-    with log_path.open("w") as log:
-        job = cluster.submit(
-            "--working-dir",
-            ".",
-            "--runtime-env",
-            str(runtime_env),
-            "--",
-            "python",
-            "jobs/train.py",
-            "--config",
-            str(config),
-            "--set",
-            f"run.dir={run_dir}",
-            cwd=ROOT,
-            log=log,
+    entrypoint = ["python", "jobs/train.py", "--config", str(config), "--set", f"run.dir={run_dir}"]
+    with cluster.job(entrypoint, str(runtime_env), log_path) as job:
+        resumed = wait_for(
+            lambda: _mid_epoch_after_epoch_1(run_dir),
+            timeout=600,
+            interval=0.05,
+            what="a mid-epoch checkpoint after epoch 1",
         )
-        try:
-            resumed = wait_for(
-                lambda: _mid_epoch_after_epoch_1(run_dir),
-                timeout=600,
-                interval=0.05,
-                what="a mid-epoch checkpoint after epoch 1",
-            )
-            cluster.kill_node("node_b")
-            killed = time.monotonic()
-            shrunk = wait_for(
-                lambda: any(m["world_size"] == 1 for m in _history(run_dir)),
-                timeout=600,
-                interval=0.5,
-                what="an epoch on one worker",
-            )
-            record_property("seconds_to_shrink", round(time.monotonic() - killed, 1))
-            cluster.add_node("node_c", cpus=3)
-            joined = time.monotonic()
-            job.wait(timeout=900)
-        finally:
-            if job.poll() is None:
-                job.kill()
+        cluster.kill_node("node_b")
+        killed = time.monotonic()
+        shrunk = wait_for(
+            lambda: any(m["world_size"] == 1 for m in _history(run_dir)),
+            timeout=600,
+            interval=0.5,
+            what="an epoch on one worker",
+        )
+        record_property("seconds_to_shrink", round(time.monotonic() - killed, 1))
+        cluster.add_node("node_c", cpus=3)
+        joined = time.monotonic()
+        job.wait(timeout=900)
     output = log_path.read_text()
     assert shrunk and job.returncode == 0 and "succeeded" in output, output[-3000:]
 
