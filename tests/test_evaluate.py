@@ -36,6 +36,7 @@ from campar_ray.data.transforms import normalize
 from campar_ray.evaluate import compare_runs, evaluate
 from campar_ray.metrics import par_metrics
 from campar_ray.model import build_model, prediction_logits, stage1_loss
+from campar_ray.train.checkpoints import load_stage1_checkpoint, save_checkpoint
 from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits, write_split_logits
 from campar_ray.train.loop import (
     build_optimizer,
@@ -45,7 +46,6 @@ from campar_ray.train.loop import (
     validation_metrics,
 )
 from campar_ray.train.loop import evaluate as evaluate_epoch
-from campar_ray.train.stage1 import load_stage1_checkpoint, save_checkpoint
 
 SIZE = (32, 16)
 CPU = torch.device("cpu")

@@ -7,13 +7,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from ray.data.block import BlockAccessor
 
 from campar_ray.cli import main
 from campar_ray.config import DataConfig
 from campar_ray.data import generate_synthetic, labels_matrix, read_manifest
 from campar_ray.data.manifest import ManifestError, ManifestWriter, write_manifest
 from campar_ray.data.pack import pack_manifest
-from campar_ray.data.ray_pipeline import BLOCK_ROWS, build_dataset, plan_pieces, read_piece
+from campar_ray.data.ray_pipeline import (
+    BLOCK_ROWS,
+    ManifestPieces,
+    build_dataset,
+    plan_pieces,
+    read_piece,
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +83,26 @@ def test_training_pieces_are_dealt_in_a_seeded_order(synthetic):
     offsets = np.concatenate(first.column("offsets").to_pylist())
     assert len(first) == 4 and not np.array_equal(offsets, np.sort(offsets))
     assert not plan_pieces(info.path, "train", 4, seed=4).equals(first)
+
+
+def test_read_tasks_decode_one_piece_each_in_a_new_order_every_training_epoch(packed):
+    _, info = read_manifest(packed)
+    pieces = plan_pieces(info.path, "train", 8)
+    training = ManifestPieces(pieces, root=info.root, size=(16, 8), shuffle=True)
+    epochs = [training.get_read_tasks(len(pieces)) for _ in range(4)]
+    orders = [tuple(next(iter(task()))["row"][0].as_py() for task in tasks) for tasks in epochs]
+    assert len(set(orders)) > 1 and len({frozenset(order) for order in orders}) == 1
+    evaluation = ManifestPieces(pieces, root=info.root, size=(16, 8), shuffle=False)
+    tasks = evaluation.get_read_tasks(len(pieces))
+    blocks = [block for task in tasks for block in task()]
+    planned = _pieces(pieces)
+    assert [task.metadata.num_rows for task in tasks] == [len(p["offsets"]) for p in planned]
+    rows = np.concatenate([block["row"].to_numpy() for block in blocks])
+    expected = [read_piece(**piece).column("row").to_numpy() for piece in planned]
+    np.testing.assert_array_equal(rows, np.concatenate(expected))
+    assert all(pc.all(block["valid"]).as_py() for block in blocks)
+    batch = BlockAccessor.for_block(blocks[0]).to_batch_format("numpy")
+    assert batch["image"].shape == (len(batch["row"]), 16, 8, 3)
 
 
 def test_unknown_split_is_refused(synthetic):

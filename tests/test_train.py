@@ -25,7 +25,8 @@ from campar_ray.data import decode_image, generate_synthetic, load_image_bytes, 
 from campar_ray.data.manifest import resolve_image
 from campar_ray.data.ray_pipeline import data_execution_options
 from campar_ray.data.transforms import normalize, resize
-from campar_ray.train import stage1
+from campar_ray.train import worker
+from campar_ray.train.checkpoints import load_stage1_checkpoint
 from campar_ray.train.logits import read_split_logits
 from campar_ray.train.loop import (
     EpochStats,
@@ -44,12 +45,7 @@ from campar_ray.train.loop import (
     train_one_epoch,
     validation_metrics,
 )
-from campar_ray.train.stage1 import (
-    Stage1Result,
-    load_stage1_checkpoint,
-    resolve_config,
-    train_stage1,
-)
+from campar_ray.train.stage1 import Stage1Result, resolve_config, train_stage1
 
 CPU = torch.device("cpu")
 
@@ -228,11 +224,11 @@ class _Shard:
         return self._batches
 
 
-def _worker(minutes: float = 0.0) -> stage1._Run:
+def _worker(minutes: float = 0.0) -> worker._Run:
     """A single worker (no Ray) on 320 rows: 20 batches of 16."""
     model = TinyNet()
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
-    return stage1._Run(
+    return worker._Run(
         setup={
             "train": TrainConfig(batch_size=16, checkpoint_every_minutes=minutes),
             "epoch_rows": 320,
@@ -247,7 +243,7 @@ def _worker(minutes: float = 0.0) -> stage1._Run:
         batches={},
         world=1,
         rank=0,
-        clock=stage1._CheckpointClock(minutes),
+        clock=worker._CheckpointClock(minutes),
     )
 
 
@@ -256,10 +252,10 @@ def test_an_epoch_checkpoints_mid_way_when_due_and_a_resumed_one_trains_what_was
 ):
     saved = []
     monkeypatch.setattr(
-        stage1, "_report_progress", lambda run, epoch, done, history: saved.append(done)
+        worker, "_report_progress", lambda run, epoch, done, history: saved.append(done)
     )
     data = _Shard(_batches(count=20))
-    whole = stage1._train_epoch(_worker(minutes=1e-9), data, 1, [], None)
+    whole = worker._train_epoch(_worker(minutes=1e-9), data, 1, [], None)
     assert (whole.batches, whole.images, whole.steps) == (20, 320, 20)
     # Due at every check: after each full chunk of 8 batches, never at the end of the pass.
     assert [done.rows for done in saved] == [128, 256]
@@ -269,7 +265,7 @@ def test_an_epoch_checkpoints_mid_way_when_due_and_a_resumed_one_trains_what_was
         loss_sum=64.0, images=128, steps=8, seconds=5.0, data_seconds=1.0, skipped=0, batches=8
     )
     progress = {"epoch": 1, "stats": dataclasses.asdict(done)}
-    resumed = stage1._train_epoch(_worker(minutes=60.0), data, 1, [], progress)
+    resumed = worker._train_epoch(_worker(minutes=60.0), data, 1, [], progress)
     assert (resumed.images, resumed.steps, resumed.batches) == (320, 20, 20)  # 8 saved + 12
     assert resumed.loss_sum > 64.0 and resumed.seconds > 5.0 and not saved
 

@@ -10,12 +10,19 @@ line instead of failing inside every worker (or, worse, loading a planted pickle
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from typing import Any
 
 import pyarrow.fs as pafs
+import ray.train
+import torch
 
 from campar_ray import storage
 from campar_ray.artifacts import ArtifactError, load_json, load_tensors
+from campar_ray.config import Config
+from campar_ray.model import ParModel, build_model
 
 CHECKPOINT_ROOT = ("ray", "stage1")
 """Where stage 1 keeps its Ray Train checkpoints inside a run directory."""
@@ -111,3 +118,58 @@ def _differences(trained: list[str], manifest: tuple[str, ...]) -> str:
     if only_manifest:
         parts.append("new in the manifest: " + ", ".join(only_manifest[:5]))
     return "; ".join(parts) or "same names in another order"
+
+
+def save_checkpoint(
+    folder: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    meta: dict[str, Any],
+) -> None:
+    """Weights, training state and JSON metadata into ``folder`` (a local directory)."""
+    torch.save(model.state_dict(), os.path.join(folder, MODEL_FILE))
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    torch.save(state, os.path.join(folder, STATE_FILE))
+    with open(os.path.join(folder, META_FILE), "w") as handle:
+        json.dump(meta, handle, indent=1)
+
+
+def restore_checkpoint(
+    checkpoint: ray.train.Checkpoint | None,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any] | None:
+    """Load the latest checkpoint's state into the live objects; return its metadata."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        device = next(model.parameters()).device
+        model.load_state_dict(load_tensors(os.path.join(folder, MODEL_FILE), device))
+        state = load_tensors(os.path.join(folder, STATE_FILE), device)
+        meta = read_meta(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return meta
+
+
+def load_stage1_checkpoint(path: str) -> tuple[ParModel, dict[str, Any]]:
+    """The trained network (CPU, eval mode) and metadata of a checkpoint folder or URI.
+
+    Needs no Ray: inference, evaluation and export load checkpoints the same way. The
+    network is rebuilt from the config stored in the checkpoint, without pretrained
+    weights (the checkpoint's weights replace them, so nothing is downloaded).
+    """
+    meta = read_meta(path)
+    model_config = Config().override(meta["config"]).model
+    model = build_model(dataclasses.replace(model_config, weights="none"), len(meta["attributes"]))
+    model.load_state_dict(load_tensors(storage.join(path, MODEL_FILE)))
+    return model.eval(), meta

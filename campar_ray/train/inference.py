@@ -27,6 +27,7 @@ from campar_ray.config import DataConfig, TrainConfig
 from campar_ray.data.manifest import SPLITS, ManifestInfo, labels_matrix
 from campar_ray.data.ray_pipeline import build_dataset
 from campar_ray.data.transforms import normalize
+from campar_ray.train.checkpoints import load_stage1_checkpoint
 from campar_ray.train.logits import SplitLogits, logits_path, write_split_logits
 from campar_ray.train.loop import autocast
 
@@ -35,8 +36,6 @@ class LogitsPredictor:
     """A Ray Data actor: loads the checkpoint once, then turns decoded batches into logits."""
 
     def __init__(self, checkpoint: str, *, use_gpu: bool, amp: bool, channels_last: bool):
-        from campar_ray.train.stage1 import load_stage1_checkpoint
-
         self.device = torch.device("cuda" if use_gpu else "cpu")
         model, _ = load_stage1_checkpoint(checkpoint)
         self.model = model.to(self.device)
