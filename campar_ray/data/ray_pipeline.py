@@ -223,8 +223,11 @@ class ManifestPieces(Datasource):
         return "ReadDecodeManifest"
 
     def estimate_inmemory_data_size(self) -> int:
-        rows = len(self._pieces.column("offsets").combine_chunks().values)
-        return rows * self._size[0] * self._size[1] * 3
+        return self._decoded_bytes(len(self._pieces.column("offsets").combine_chunks().values))
+
+    def _decoded_bytes(self, rows: int) -> int:
+        height, width = self._size
+        return rows * height * width * 3
 
     def get_read_tasks(self, parallelism: int, **_: object) -> list[ReadTask]:
         offsets = self._pieces.column("offsets").combine_chunks()
@@ -235,7 +238,6 @@ class ManifestPieces(Datasource):
         firsts = self._pieces.column("first").to_pylist()
         count = len(files)
         order = np.random.default_rng().permutation(count) if self._shuffle else range(count)
-        height, width = self._size
         tasks = []
         for index in order:
             rows = values[bounds[index] : bounds[index + 1]].copy()
@@ -250,7 +252,7 @@ class ManifestPieces(Datasource):
             )
             metadata = BlockMetadata(
                 num_rows=len(rows),
-                size_bytes=len(rows) * height * width * 3,
+                size_bytes=self._decoded_bytes(len(rows)),
                 input_files=None,
                 exec_stats=None,
             )

@@ -13,16 +13,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
-import ray.train
 import torch
 
 from campar_ray import storage
 from campar_ray.artifacts import ArtifactError, load_json, load_tensors
 from campar_ray.config import Config
 from campar_ray.model import ParModel, build_model
+
+if TYPE_CHECKING:  # serving (bundle, predict) loads checkpoints without Ray Train
+    import ray.train
 
 CHECKPOINT_ROOT = ("ray", "stage1")
 """Where stage 1 keeps its Ray Train checkpoints inside a run directory."""
