@@ -45,11 +45,15 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def write_results(script_name: str, figures: dict[str, Any]) -> Path:
-    """Write ``bench/results/<script_name>.json`` with machine, versions, date and figures."""
+def write_results(script_name: str, figures: dict[str, Any], variant: str | None = None) -> Path:
+    """Write ``bench/results/<script_name>.json`` with machine, versions, date and figures.
+
+    ``variant`` (e.g. ``"gpu"``) names a second record of the same script,
+    ``<script_name>-<variant>.json``, so a GPU run does not overwrite the CPU figures.
+    """
     name = Path(script_name).stem
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+    path = RESULTS_DIR / (f"{name}-{variant}.json" if variant else f"{name}.json")
     record = {
         "script": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     head_ms = _head_times(feature_shape, args)
     figures = _figures(args, times, memory, head_ms, feature_shape)
     _print(figures)
-    path = write_results("head_overhead", figures)
+    on_gpu = args.device.startswith("cuda")
+    path = write_results("head_overhead", figures, variant="gpu" if on_gpu else None)
     print(f"wrote {path}")
     return figures
 

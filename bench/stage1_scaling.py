@@ -14,6 +14,7 @@ one core and two workers use two: on an idle 2-core machine the ideal ratio is 2
     python -m bench.stage1_scaling                        # CPU: ResNet-18 128x64, 1 and 2 workers
     python -m bench.stage1_scaling --images 200 --batch 16
     python -m bench.stage1_scaling --gpu --workers 1      # ResNet-50 256x192 AMP, per GPU
+    python -m bench.stage1_scaling --gpu --workers 1 --decode-tasks 12   # a 16-core GPU node
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--batch", type=int, default=None, help="global batch size (CPU 32, GPU 128)"
     )
     parser.add_argument("--timed-epochs", type=int, default=1, help="timed epochs after warm-up")
+    parser.add_argument(
+        "--decode-tasks", type=int, default=4, help="--gpu: decode tasks per training worker"
+    )
     return parser
 
 
@@ -67,7 +71,7 @@ def config_for(args: argparse.Namespace, manifest: str, workers: int, run_dir: s
             {
                 "model.backbone": "resnet50",
                 "data.image_size": [256, 192],
-                "data.decode_concurrency": 4 * workers,
+                "data.decode_concurrency": args.decode_tasks * workers,
                 "data.decode_cpus": 1.0,
                 "train.use_gpu": True,
                 "train.amp": True,
@@ -118,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "image_size": list(size),
         "synthetic_images": args.images,
         "global_batch": args.batch,
+        "decode_tasks_per_worker": args.decode_tasks if args.gpu else None,
         "warmup_epochs": WARMUP_EPOCHS,
         "timed_epochs": args.timed_epochs,
         "runs": list(runs.values()),
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures["images_per_s_per_gpu"] = {
             str(workers): run["images_per_s_per_worker"] for workers, run in runs.items()
         }
-    path = write_results(NAME, figures)
+    path = write_results(NAME, figures, variant="gpu" if args.gpu else None)
     print(f"wrote {path} (see {RESULTS_DIR / (NAME + '.md')})", flush=True)
     return figures
 
