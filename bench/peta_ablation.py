@@ -23,8 +23,11 @@ the logits with that checkpoint) and a decision threshold chosen on validation d
 
 The run is resumable: each finished (row, seed) is written to the results JSON at once and
 skipped on the next invocation; run directories ``<runs>/<row>-seed<k>`` resume
-mid-training. After every row the Markdown summary (mean +- std over seeds) is rewritten,
-and the Fig. 7 angle box plot (baseline vs CAM-PAR, seed 0, test images) once both exist.
+mid-training. After every row the Markdown summary (mean +- std over seeds) is rewritten.
+The Fig. 7 angles (feature vs classifier weight, test images) of the baseline and CAM-PAR
+runs are measured as soon as each run finishes and kept in the results JSON, because run
+directories do not outlive the machine they trained on; the box plot is drawn from the first
+seed that has both.
 
     python -m bench.peta_ablation                                  # CPU: ResNet-18 128x64
     python -m bench.peta_ablation --init imagenet --epochs 6       # CPU: EfficientNet-Lite0
@@ -110,6 +113,8 @@ ROWS = (
     ),
 )
 ROW_NAMES = tuple(row.name for row in ROWS)
+ANGLE_ROWS = (ROWS[0], ROWS[2])
+"""Fig. 7 compares the baseline with CAM-PAR (both without fusion)."""
 METRICS = SUMMARY_KEYS  # mA, accuracy, precision, recall, f1
 INITS = ("scratch", "imagenet")
 IMAGENET_ENCODER = {
@@ -358,11 +363,12 @@ def _section(init: str, rows: list[dict], args: argparse.Namespace, angles: dict
         lines += [
             "",
             f"Fig. 7 ({_angles_file(init)}): angle between each present attribute's feature "
-            "vector and its classifier weight on test images (seed 0): "
+            f"vector and its classifier weight on test images (seed {angles['seed']}): "
             + "; ".join(
                 f"{name}: median {s['median']:.1f}°, {100 * s['below_90']:.1f}% below 90° "
                 f"({s['count']} pairs)"
                 for name, s in angles.items()
+                if name != "seed"
             )
             + ".",
         ]
@@ -377,21 +383,36 @@ def _angles_key(init: str) -> str:
     return "angles" if init == "scratch" else f"angles_{init}"
 
 
-def angle_plot(args: argparse.Namespace, base: Config, out: Path) -> dict | None:
-    """Fig. 7 for the seed-0 baseline and CAM-PAR runs, when both have finished."""
-    seed = args.seeds[0]
-    groups = {}
-    for row in (ROWS[0], ROWS[2]):
-        run_dir = row_config(base, row, seed, args.runs, args.init).run.dir
-        if not storage.exists(logits_path(run_dir, "test")):
-            return None
-        predictor = load_model(run_dir)
-        images = load_split_images(
-            base.data.manifest, "test", predictor.image_size, args.angle_images
-        )
-        groups[row.label] = angles(predictor, images)
-    (out / _angles_file(args.init)).write_bytes(angle_boxplot(groups))
-    return {name: angle_summary(values) for name, values in groups.items()}
+def record_angles(
+    figures: dict[str, Any], row: Row, seed: int, base: Config, args: argparse.Namespace
+) -> None:
+    """Fig. 7 angles of a finished baseline or CAM-PAR run, unless already recorded or gone."""
+    key = f"{args.init}/{row.name}/seed{seed}"
+    samples = figures.setdefault("angle_samples", {})
+    run_dir = row_config(base, row, seed, args.runs, args.init).run.dir
+    if row not in ANGLE_ROWS or key in samples or not storage.exists(logits_path(run_dir, "test")):
+        return
+    predictor = load_model(run_dir)
+    images = load_split_images(base.data.manifest, "test", predictor.image_size, args.angle_images)
+    samples[key] = [round(float(value), 2) for value in angles(predictor, images)]
+
+
+def angle_plot(figures: dict[str, Any], args: argparse.Namespace, out: Path) -> dict | None:
+    """Fig. 7 (baseline vs CAM-PAR) from the first seed whose two runs' angles are recorded."""
+    samples = figures.get("angle_samples", {})
+    for seed in sorted({r["seed"] for r in figures["rows"]}):
+        keys = [f"{args.init}/{row.name}/seed{seed}" for row in ANGLE_ROWS]
+        if all(key in samples for key in keys):
+            groups = {
+                row.label: np.asarray(samples[key], dtype=np.float32)
+                for row, key in zip(ANGLE_ROWS, keys, strict=True)
+            }
+            (out / _angles_file(args.init)).write_bytes(angle_boxplot(groups))
+            return {
+                "seed": seed,
+                **{name: angle_summary(values) for name, values in groups.items()},
+            }
+    return None
 
 
 def load_figures(out: Path) -> dict[str, Any]:
@@ -436,14 +457,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 (r["name"], r["seed"], r.get("init", "scratch")) == (row.name, seed, args.init)
                 for r in rows
             )
-            if row.name not in args.rows or done:
-                continue
-            print(f"=== {args.init} {row.name} seed {seed}", flush=True)
-            rows.append(run_row(row, seed, base, args, device))
+            if row.name in args.rows and not done:
+                print(f"=== {args.init} {row.name} seed {seed}", flush=True)
+                rows.append(run_row(row, seed, base, args, device))
+                print(json.dumps(rows[-1]), flush=True)
+            record_angles(figures, row, seed, base, args)
+            figures[_angles_key(args.init)] = angle_plot(figures, args, out)
             _publish(out, figures, args)
-            print(json.dumps(rows[-1]), flush=True)
-    figures[_angles_key(args.init)] = angle_plot(args, base, out)
-    _publish(out, figures, args)
     print((out / f"{NAME}.md").read_text(), flush=True)
     return rows
 
