@@ -145,6 +145,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=64, help="per-worker batch size")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     parser.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=2.0,
+        help="CPUs (and so torch threads: Ray sets OMP_NUM_THREADS) of each training worker",
+    )
+    parser.add_argument(
         "--limit-images",
         type=int,
         default=0,
@@ -167,6 +173,7 @@ def base_config(args: argparse.Namespace, manifest: str) -> Config:
         "train.lr": args.lr,
         "train.batch_size": args.batch,
         "train.num_workers": args.workers,
+        "train.cpus_per_worker": args.cpus_per_worker,
     }
     if args.device == "gpu":
         device = {
@@ -263,6 +270,7 @@ def run_row(row: Row, seed: int, base: Config, args: argparse.Namespace, device:
         "backbone": config.model.backbone,
         "image_size": list(config.data.image_size),
         "epochs": config.train.epochs,
+        "cpus_per_worker": config.train.cpus_per_worker,
         "best_epoch": best_epoch,
         "train_seconds_this_session": round(seconds, 1),
         "run_dir": run_dir,
