@@ -393,16 +393,19 @@ def _angles_key(init: str) -> str:
 
 def record_angles(
     figures: dict[str, Any], row: Row, seed: int, base: Config, args: argparse.Namespace
-) -> None:
-    """Fig. 7 angles of a finished baseline or CAM-PAR run, unless already recorded or gone."""
+) -> bool:
+    """Fig. 7 angles of a finished baseline or CAM-PAR run, unless already recorded or gone.
+
+    Returns whether it recorded them."""
     key = f"{args.init}/{row.name}/seed{seed}"
     samples = figures.setdefault("angle_samples", {})
     run_dir = row_config(base, row, seed, args.runs, args.init).run.dir
     if row not in ANGLE_ROWS or key in samples or not storage.exists(logits_path(run_dir, "test")):
-        return
+        return False
     predictor = load_model(run_dir)
     images = load_split_images(base.data.manifest, "test", predictor.image_size, args.angle_images)
     samples[key] = [round(float(value), 2) for value in angles(predictor, images)]
+    return True
 
 
 def angle_plot(figures: dict[str, Any], args: argparse.Namespace, out: Path) -> dict | None:
@@ -465,13 +468,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 (r["name"], r["seed"], r.get("init", "scratch")) == (row.name, seed, args.init)
                 for r in rows
             )
-            if row.name in args.rows and not done:
+            trained = row.name in args.rows and not done
+            if trained:
                 print(f"=== {args.init} {row.name} seed {seed}", flush=True)
                 rows.append(run_row(row, seed, base, args, device))
                 print(json.dumps(rows[-1]), flush=True)
-            record_angles(figures, row, seed, base, args)
-            figures[_angles_key(args.init)] = angle_plot(figures, args, out)
-            _publish(out, figures, args)
+            if record_angles(figures, row, seed, base, args) or trained:
+                figures[_angles_key(args.init)] = angle_plot(figures, args, out)
+                _publish(out, figures, args)
+    _publish(out, figures, args)
     print((out / f"{NAME}.md").read_text(), flush=True)
     return rows
 
