@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import RESULTS_DIR, write_results
+from bench.common import write_results
 from campar_ray.config import Config
 from campar_ray.data.synthetic import generate_synthetic
 from campar_ray.train.stage1 import train_stage1
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             str(workers): run["images_per_s_per_worker"] for workers, run in runs.items()
         }
     path = write_results(NAME, figures, variant="gpu" if args.gpu else None)
-    print(f"wrote {path} (see {RESULTS_DIR / (NAME + '.md')})", flush=True)
+    print(f"wrote {path} (explained in bench/RESULTS.md)", flush=True)
     return figures
 
 

@@ -44,8 +44,8 @@ BLOCK_ROWS = 256
 Large on purpose: Ray Data's executor notices finished tasks on a 0.1 s polling cycle, so a
 task must carry well over 0.1 s of decoding for its CPU not to sit idle between tasks
 (on PETA, 64-row blocks ran at ~0.6x a DataLoader's throughput, 256-row blocks at parity;
-see ``bench/results/data_throughput.md``). Packed manifests are written with row groups of
-this size, so a piece of a packed manifest is exactly one row group.
+see the input-pipeline section of ``bench/RESULTS.md``). Packed manifests are written with
+row groups of this size, so a piece of a packed manifest is exactly one row group.
 """
 
 
