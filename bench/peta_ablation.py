@@ -42,6 +42,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -151,6 +152,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="CPUs (and so torch threads: Ray sets OMP_NUM_THREADS) of each training worker",
     )
     parser.add_argument(
+        "--decode-tasks",
+        type=int,
+        default=0,
+        help="Ray Data decode tasks (0: as many as the CPUs training leaves free)",
+    )
+    parser.add_argument(
         "--limit-images",
         type=int,
         default=0,
@@ -161,6 +168,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--out", default=str(RESULTS_DIR), help=f"folder for {NAME}.json/.md and the angle plot"
     )
     parser.add_argument("--angle-images", type=int, default=256, help="test images for Fig. 7")
+    parser.add_argument(
+        "--merge",
+        metavar="JSON",
+        help="fold the rows and angles of another machine's results (a GPU run's "
+        f"{NAME}.json) into --out, rewrite the tables and exit without training",
+    )
     return parser
 
 
@@ -174,12 +187,12 @@ def base_config(args: argparse.Namespace, manifest: str) -> Config:
         "train.batch_size": args.batch,
         "train.num_workers": args.workers,
         "train.cpus_per_worker": args.cpus_per_worker,
+        "data.decode_concurrency": args.decode_tasks,
     }
     if args.device == "gpu":
         device = {
             "model.backbone": "resnet50",
             "data.image_size": [256, 192],
-            "data.decode_concurrency": 4,
             "data.decode_cpus": 1.0,
             "train.use_gpu": True,
             "train.amp": True,
@@ -270,6 +283,9 @@ def run_row(row: Row, seed: int, base: Config, args: argparse.Namespace, device:
         "backbone": config.model.backbone,
         "image_size": list(config.data.image_size),
         "epochs": config.train.epochs,
+        "lr": config.train.lr,
+        "batch": config.train.batch_size,
+        "workers": config.train.num_workers,
         "cpus_per_worker": config.train.cpus_per_worker,
         "best_epoch": best_epoch,
         "train_seconds_this_session": round(seconds, 1),
@@ -313,6 +329,25 @@ def differences(table: list[dict[str, Any]]) -> list[str]:
     return found
 
 
+def spread_statement(table: list[dict[str, Any]]) -> str:
+    """Which rows differ from the baseline by more than the seed spread, and which are unjudged."""
+    base = next((entry for entry in table if entry["name"] == "baseline"), None)
+    single = [_label(e["name"]) for e in table if len(e["seeds"]) < 2]
+    if base is None or len(base["seeds"]) < 2 or len(single) == len(table) - 1:
+        return "Fewer than two seeds per row so far: no spread to compare differences to."
+    gaps = differences(table)
+    if gaps:
+        parts = [
+            f"Differences vs baseline larger than the two rows' std summed: {'; '.join(gaps)}.",
+            "Every other difference of a row with two or more seeds is within the spread.",
+        ]
+    else:
+        parts = ["No difference vs baseline exceeds the two rows' std summed."]
+    if single:
+        parts.append(f"Not yet judged (one seed): {', '.join(single)}.")
+    return " ".join(parts)
+
+
 def markdown(rows: list[dict], args: argparse.Namespace, angles_by_init: dict[str, dict]) -> str:
     """Both tables (from scratch, ImageNet-initialised), each with its spread and Fig. 7."""
     lines = ["# PETA ablation (paper Table 2)", ""]
@@ -334,7 +369,8 @@ def _section(init: str, rows: list[dict], args: argparse.Namespace, angles: dict
         f"Test split of the person-disjoint PETA split (converter default, seed 0), 35 evaluated "
         f"attributes. Every row trained {origin} for {first.get('epochs', args.epochs)} epochs "
         f"({first.get('backbone', '')} at {'x'.join(map(str, first.get('image_size', [])))}, "
-        f"lr {args.lr}, batch {args.batch}, {args.workers} worker(s), device "
+        f"lr {first.get('lr', args.lr)}, batch {first.get('batch', args.batch)}, "
+        f"{first.get('workers', args.workers)} worker(s), device "
         f"{first.get('device', args.device)}); the epoch is the best by validation mA and the "
         "threshold is chosen on validation. Metrics in percent, mean ± std over seeds (std 0 "
         "when only one seed is done).",
@@ -346,18 +382,7 @@ def _section(init: str, rows: list[dict], args: argparse.Namespace, angles: dict
         cells = [f"{100 * entry[k]:.2f} ± {100 * entry[f'{k}_std']:.2f}" for k in METRICS]
         seeds = ",".join(map(str, entry["seeds"]))
         lines.append(f"| {_label(entry['name'])} | {seeds} | " + " | ".join(cells) + " |")
-    gaps = differences(table)
-    lines += [""]
-    if gaps:
-        lines.append(
-            "Differences vs baseline larger than the two rows' std summed: "
-            + "; ".join(gaps)
-            + ". Every other difference is within the seed spread."
-        )
-    elif any(len(e["seeds"]) > 1 for e in table):
-        lines.append("No difference vs baseline exceeds the two rows' std summed.")
-    else:
-        lines.append("Fewer than two seeds per row so far: no spread to compare differences to.")
+    lines += ["", spread_statement(table)]
     if init == args.init:
         missing = [
             f"{name}-seed{seed}"
@@ -431,6 +456,26 @@ def load_figures(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text())["figures"] if path.exists() else {"rows": []}
 
 
+def merged(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """``ours`` plus the rows, angle samples and plots only ``theirs`` has.
+
+    Lets two processes (say the CPU scratch table here and an ImageNet table fetched from a
+    GPU machine) write one results file without either dropping the other's rows.
+    """
+    keys = {_row_key(row) for row in ours["rows"]}
+    extra_rows = [row for row in theirs.get("rows", []) if _row_key(row) not in keys]
+    samples = {**theirs.get("angle_samples", {}), **ours.get("angle_samples", {})}
+    plots = {
+        _angles_key(init): ours.get(_angles_key(init)) or theirs.get(_angles_key(init))
+        for init in INITS
+    }
+    return {**theirs, **ours, **plots, "rows": ours["rows"] + extra_rows, "angle_samples": samples}
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str, int]:
+    return row.get("init", "scratch"), row["name"], row["seed"]
+
+
 def save(out: Path, figures: dict[str, Any]) -> None:
     """Through ``write_results`` into ``bench/results``; the same record elsewhere."""
     if out.resolve() == RESULTS_DIR.resolve():
@@ -452,6 +497,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = get_args_parser().parse_args(argv)
     args.runs = os.path.abspath(args.runs)
     out = Path(args.out)
+    figures = load_figures(out)
+    if args.merge:
+        theirs = json.loads(Path(args.merge).read_text())["figures"]
+        for init in INITS:  # a plot that only the other machine drew comes along
+            plot = Path(args.merge).parent / _angles_file(init)
+            if not figures.get(_angles_key(init)) and theirs.get(_angles_key(init)):
+                shutil.copyfile(plot, out / plot.name)
+        _publish(out, merged(figures, theirs), args)
+        return figures["rows"]
     manifest = args.manifest or os.path.join(args.runs, "manifest.parquet")
     if not os.path.exists(manifest):
         print(f"preparing {manifest} from {args.peta_root}", flush=True)
@@ -460,29 +514,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         manifest = limited_manifest(manifest, args.limit_images)
     base = base_config(args, os.path.abspath(manifest))
     device = "cpu" if args.device == "cpu" else (machine_info()["gpu"] or "gpu")
-    figures = load_figures(out)
-    rows = figures["rows"]
     for seed in args.seeds:
         for row in ROWS:
-            done = any(
-                (r["name"], r["seed"], r.get("init", "scratch")) == (row.name, seed, args.init)
-                for r in rows
-            )
+            done = any(_row_key(r) == (args.init, row.name, seed) for r in figures["rows"])
             trained = row.name in args.rows and not done
             if trained:
                 print(f"=== {args.init} {row.name} seed {seed}", flush=True)
-                rows.append(run_row(row, seed, base, args, device))
-                print(json.dumps(rows[-1]), flush=True)
+                figures["rows"].append(run_row(row, seed, base, args, device))
+                print(json.dumps(figures["rows"][-1]), flush=True)
             if record_angles(figures, row, seed, base, args) or trained:
                 figures[_angles_key(args.init)] = angle_plot(figures, args, out)
                 _publish(out, figures, args)
     _publish(out, figures, args)
     print((out / f"{NAME}.md").read_text(), flush=True)
-    return rows
+    return figures["rows"]
 
 
 def _publish(out: Path, figures: dict[str, Any], args: argparse.Namespace) -> None:
-    """Rows, per-variant summaries and the Markdown tables, rewritten after every row."""
+    """Rows, per-variant summaries and the Markdown tables, rewritten after every row.
+
+    Rows another process wrote meanwhile are kept (and adopted into ``figures``)."""
+    figures.update(merged(figures, load_figures(out)))
     rows = figures["rows"]
     figures["summary"] = {
         init: aggregate([r for r in rows if r.get("init", "scratch") == init]) for init in INITS

@@ -1,0 +1,88 @@
+"""The PETA ablation's results bookkeeping: merging two machines' results, judging spread.
+
+The tables are trained for hours (or on a lent GPU) and written by more than one process, so
+the merge must never drop a row and the text must never claim a difference the seeds do not
+support. No training here: rows are small dicts shaped like ``run_row``'s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.peta_ablation import aggregate, main, merged, spread_statement
+
+
+def row(name: str, seed: int, m_a: float, init: str = "scratch") -> dict:
+    return {
+        "name": name,
+        "seed": seed,
+        "init": init,
+        "mA": m_a,
+        "accuracy": 0.4,
+        "precision": 0.5,
+        "recall": 0.6,
+        "f1": 0.55,
+        "threshold": 0.5,
+    }
+
+
+def test_merge_keeps_rows_of_both_and_ours_win_on_conflict() -> None:
+    ours = {
+        "rows": [row("baseline", 0, 0.60), row("baseline", 1, 0.61)],
+        "angle_samples": {"scratch/baseline/seed0": [80.0]},
+        "angles": {"seed": 0},
+    }
+    theirs = {
+        "rows": [row("baseline", 0, 0.99), row("baseline", 0, 0.70, init="imagenet")],
+        "angle_samples": {"imagenet/baseline/seed0": [70.0], "scratch/baseline/seed0": [1.0]},
+        "angles_imagenet": {"seed": 0},
+    }
+    result = merged(ours, theirs)
+    keys = sorted((r["init"], r["seed"], r["mA"]) for r in result["rows"])
+    assert keys == [("imagenet", 0, 0.70), ("scratch", 0, 0.60), ("scratch", 1, 0.61)]
+    assert result["angle_samples"]["scratch/baseline/seed0"] == [80.0]
+    assert result["angle_samples"]["imagenet/baseline/seed0"] == [70.0]
+    assert result["angles"] == {"seed": 0} and result["angles_imagenet"] == {"seed": 0}
+
+
+def testspread_statement_judges_only_rows_with_two_seeds() -> None:
+    one_seed = aggregate([row("baseline", 0, 0.60), row("fusion", 0, 0.70)])
+    assert spread_statement(one_seed).startswith("Fewer than two seeds")
+
+    table = aggregate(
+        [
+            row("baseline", 0, 0.60),
+            row("baseline", 1, 0.62),  # std 0.014
+            row("fusion", 0, 0.70),
+            row("fusion", 1, 0.71),  # +9.5 points, far beyond the spread
+            row("campar", 0, 0.50),  # one seed: not judged
+        ]
+    )
+    text = spread_statement(table)
+    assert "+ fusion mA +9.50" in text
+    assert "Not yet judged (one seed): + CAM-PAR." in text
+    assert "+ CAM-PAR mA" not in text
+
+
+def test_merge_flag_folds_a_gpu_result_file_into_the_tables(tmp_path: Path) -> None:
+    def record(rows: list[dict], **figures: object) -> str:
+        return json.dumps({"figures": {"rows": rows, **figures}})
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "peta_ablation.json").write_text(record([row("baseline", 0, 0.60)]))
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(record([row("baseline", 0, 0.68, init="imagenet")], angles_imagenet={"seed": 0}))
+    plot = b"plot drawn on the GPU machine"
+    (tmp_path / "peta_ablation_angles_imagenet.png").write_bytes(plot)
+
+    main(["--merge", str(gpu), "--out", str(out), "--runs", str(tmp_path / "runs")])
+
+    rows = json.loads((out / "peta_ablation.json").read_text())["figures"]["rows"]
+    assert sorted((r["init"], r["mA"]) for r in rows) == [("imagenet", 0.68), ("scratch", 0.60)]
+    text = (out / "peta_ablation.md").read_text()
+    assert "## Encoder trained from scratch" in text and "from ImageNet weights" in text
+    assert "| baseline | 0 | 68.00 ± 0.00 |" in text
+    assert (out / "peta_ablation_angles_imagenet.png").read_bytes() == plot
+    assert not (tmp_path / "runs").exists(), "--merge must not prepare data or train"
