@@ -291,6 +291,7 @@ def run_row(row: Row, seed: int, base: Config, args: argparse.Namespace, device:
         "train_seconds_this_session": round(seconds, 1),
         "run_dir": run_dir,
         "manifest": config.data.manifest,
+        "command": _command(),
     }
 
 
@@ -355,7 +356,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, angles_by_init: dict[st
         found = [r for r in rows if r.get("init", "scratch") == init]
         if found or init == args.init:
             lines += _section(init, found, args, angles_by_init.get(init))
-    lines += [f"Rows and per-seed figures: {NAME}.json. Command: {_command()}", ""]
+    lines += [f"Rows and per-seed figures: {NAME}.json.", ""]
     return "\n".join(lines)
 
 
@@ -392,6 +393,9 @@ def _section(init: str, rows: list[dict], args: argparse.Namespace, angles: dict
         ]
         if missing:
             lines += ["", "Not yet run: " + ", ".join(missing) + "."]
+    commands = sorted({row["command"] for row in rows if "command" in row})
+    if commands:
+        lines += ["", "Trained by: " + "; ".join(f"`{command}`" for command in commands) + "."]
     if angles:
         lines += [
             "",
