@@ -508,7 +508,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             plot = Path(args.merge).parent / _angles_file(init)
             if not figures.get(_angles_key(init)) and theirs.get(_angles_key(init)):
                 shutil.copyfile(plot, out / plot.name)
-        _publish(out, merged(figures, theirs), args)
+        figures = merged(figures, theirs)
+        _publish(out, figures, args)
         return figures["rows"]
     manifest = args.manifest or os.path.join(args.runs, "manifest.parquet")
     if not os.path.exists(manifest):
