@@ -313,30 +313,40 @@ def aggregate(rows: list[dict]) -> list[dict[str, Any]]:
     return table
 
 
-def differences(table: list[dict[str, Any]]) -> list[str]:
-    """For each row, the metrics whose gap to the baseline exceeds both rows' spreads summed.
+def differences(
+    table: list[dict[str, Any]], reference: str = "baseline", names: tuple[str, ...] = ROW_NAMES
+) -> list[str]:
+    """For each row in ``names``, the metrics whose gap to the ``reference`` row exceeds both
+    rows' spreads summed. Rows with fewer than two seeds are left out: they have no spread.
 
     With two seeds the std is a rough spread, so this is a screen, not a significance test.
     """
-    base = next((entry for entry in table if entry["name"] == "baseline"), None)
+    by_name = {entry["name"]: entry for entry in table if len(entry["seeds"]) > 1}
+    base = by_name.get(reference)
     if base is None:
         return []
     found = []
-    for entry in table:
-        if entry["name"] == "baseline" or len(entry["seeds"]) < 2 or len(base["seeds"]) < 2:
+    for name in names:
+        entry = by_name.get(name)
+        if entry is None or name == reference:
             continue
         for key, header in zip(METRICS, HEADERS, strict=True):
             gap = entry[key] - base[key]
             if abs(gap) > entry[f"{key}_std"] + base[f"{key}_std"]:
-                found.append(f"{_label(entry['name'])} {header} {100 * gap:+.2f}")
+                found.append(f"{_label(name)} {header} {100 * gap:+.2f}")
     return found
 
 
+CFAR_ROWS = tuple(row for row in ROWS if row.source != STAGE1)
+"""Also compared with the stage-1 run whose logits they refine (``row.run``): CFAR's own effect."""
+
+
 def spread_statement(table: list[dict[str, Any]]) -> str:
-    """Which rows differ from the baseline by more than the seed spread, and which are unjudged."""
-    base = next((entry for entry in table if entry["name"] == "baseline"), None)
+    """Which rows differ from the baseline (and CFAR from its stage 1) by more than the seed
+    spread, and which rows are not judged yet."""
     single = [_label(e["name"]) for e in table if len(e["seeds"]) < 2]
-    if base is None or len(base["seeds"]) < 2 or len(single) == len(table) - 1:
+    baseline_spread = any(e["name"] == "baseline" and len(e["seeds"]) > 1 for e in table)
+    if not baseline_spread or len(table) - len(single) < 2:
         return "Fewer than two seeds per row so far: no spread to compare differences to."
     gaps = differences(table)
     if gaps:
@@ -346,6 +356,13 @@ def spread_statement(table: list[dict[str, Any]]) -> str:
         ]
     else:
         parts = ["No difference vs baseline exceeds the two rows' std summed."]
+    refined = CFAR_ROWS[0].run
+    cfar_gaps = differences(table, refined, tuple(row.name for row in CFAR_ROWS))
+    if cfar_gaps:
+        parts.append(
+            f"CFAR vs the {_label(refined)} run it refines, beyond the spread: "
+            f"{'; '.join(cfar_gaps)}."
+        )
     if single:
         parts.append(f"Not yet judged (one seed): {', '.join(single)}.")
     return " ".join(parts)

@@ -86,3 +86,20 @@ def test_merge_flag_folds_a_gpu_result_file_into_the_tables(tmp_path: Path) -> N
     assert "| baseline | 0 | 68.00 ± 0.00 |" in text
     assert (out / "peta_ablation_angles_imagenet.png").read_bytes() == plot
     assert not (tmp_path / "runs").exists(), "--merge must not prepare data or train"
+
+
+def test_cfar_rows_are_also_judged_against_the_run_they_refine() -> None:
+    table = aggregate(
+        [
+            row("baseline", 0, 0.60),
+            row("baseline", 1, 0.62),
+            row("campar_fusion", 0, 0.50),
+            row("campar_fusion", 1, 0.51),
+            row("campar_fusion_cfar", 0, 0.55),
+            row("campar_fusion_cfar", 1, 0.56),  # +5 over its stage 1, -5.5 vs baseline
+        ]
+    )
+    text = spread_statement(table)
+    refined = text.split("CFAR vs the + CAM-PAR + fusion run it refines, beyond the spread: ")[1]
+    assert refined.startswith("+ CAM-PAR + fusion + CFAR (dictionary) mA +5.00")
+    assert "+ CAM-PAR + fusion + CFAR (dictionary) mA -5.50" in text  # vs the baseline
