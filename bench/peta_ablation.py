@@ -379,6 +379,24 @@ def markdown(rows: list[dict], args: argparse.Namespace, angles_by_init: dict[st
     return "\n".join(lines)
 
 
+def _devices(rows: list[dict], default: str) -> str:
+    """Name the device, or, when the rows came from several machines, which runs each trained.
+
+    Throughput differs between cards but the protocol (AMP, batch, epochs, selection) does not,
+    so a table can mix them; the reader should still see which number came from where.
+    """
+    runs_by_device: dict[str, list[str]] = {}
+    for row in rows:
+        runs_by_device.setdefault(row.get("device", default), []).append(
+            f"{row['name']} seed {row['seed']}"
+        )
+    if len(runs_by_device) <= 1:
+        return f"device {next(iter(runs_by_device), default)}"
+    return "devices " + "; ".join(
+        f"{device}: {', '.join(runs)}" for device, runs in runs_by_device.items()
+    )
+
+
 def _section(init: str, rows: list[dict], args: argparse.Namespace, angles: dict | None) -> list:
     table = aggregate(rows)
     first = rows[0] if rows else {}
@@ -390,10 +408,9 @@ def _section(init: str, rows: list[dict], args: argparse.Namespace, angles: dict
         f"attributes. Every row trained {origin} for {first.get('epochs', args.epochs)} epochs "
         f"({first.get('backbone', '')} at {'x'.join(map(str, first.get('image_size', [])))}, "
         f"lr {first.get('lr', args.lr)}, batch {first.get('batch', args.batch)}, "
-        f"{first.get('workers', args.workers)} worker(s), device "
-        f"{first.get('device', args.device)}); the epoch is the best by validation mA and the "
-        "threshold is chosen on validation. Metrics in percent, mean ± std over seeds (std 0 "
-        "when only one seed is done).",
+        f"{first.get('workers', args.workers)} worker(s), {_devices(rows, args.device)}); "
+        "the epoch is the best by validation mA and the threshold is chosen on validation. "
+        "Metrics in percent, mean ± std over seeds (std 0 when only one seed is done).",
         "",
         "| row | seeds | " + " | ".join(HEADERS) + " |",
         "| --- | --- |" + " --- |" * len(HEADERS),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.peta_ablation import aggregate, main, merged, spread_statement
+from bench.peta_ablation import _devices, aggregate, main, merged, spread_statement
 
 
 def row(name: str, seed: int, m_a: float, init: str = "scratch") -> dict:
@@ -46,7 +46,7 @@ def test_merge_keeps_rows_of_both_and_ours_win_on_conflict() -> None:
     assert result["angles"] == {"seed": 0} and result["angles_imagenet"] == {"seed": 0}
 
 
-def testspread_statement_judges_only_rows_with_two_seeds() -> None:
+def test_spread_statement_judges_only_rows_with_two_seeds() -> None:
     one_seed = aggregate([row("baseline", 0, 0.60), row("fusion", 0, 0.70)])
     assert spread_statement(one_seed).startswith("Fewer than two seeds")
 
@@ -103,3 +103,13 @@ def test_cfar_rows_are_also_judged_against_the_run_they_refine() -> None:
     refined = text.split("CFAR vs the + CAM-PAR + fusion run it refines, beyond the spread: ")[1]
     assert refined.startswith("+ CAM-PAR + fusion + CFAR (dictionary) mA +5.00")
     assert "+ CAM-PAR + fusion + CFAR (dictionary) mA -5.50" in text  # vs the baseline
+
+
+def test_a_table_from_two_machines_names_which_runs_each_trained() -> None:
+    h200 = [{**row("baseline", seed, 0.6, "imagenet"), "device": "H200"} for seed in (0, 1)]
+    h100 = [{**row("fusion", 1, 0.6, "imagenet"), "device": "H100"}]
+    assert _devices(h200, "gpu") == "device H200"
+    assert _devices(h200 + h100, "gpu") == (
+        "devices H200: baseline seed 0, baseline seed 1; H100: fusion seed 1"
+    )
+    assert _devices([], "cpu") == "device cpu"
