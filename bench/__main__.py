@@ -2,6 +2,7 @@
 
 ``bench.peta_ablation`` (the paper's Table 2 on PETA, hours on a CPU) is left out: run it
 alone, in the background; it saves each finished row and continues where it stopped.
+``bench.threshold_protocol`` re-scores that run's folders, so it is left out too.
 Each script also runs alone (``python -m bench.<name>``); each writes
 ``bench/results/<name>.json`` and prints its ratios. ``python -m bench NAME ...`` runs a subset.
 """

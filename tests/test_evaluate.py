@@ -26,6 +26,7 @@ import torch
 import yaml
 from PIL import Image
 
+from bench.threshold_protocol import score_run
 from campar_ray.bundle import best_checkpoint, load_model, save_bundle, stage1_probabilities
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import CfarConfig, Config
@@ -328,3 +329,15 @@ def test_report_without_images_still_has_the_numbers(runs, tmp_path):
 def test_unknown_split_is_refused_with_the_valid_ones(runs):
     with pytest.raises(ValueError, match="'train'; valid: val, test"):
         evaluate(str(runs["campar"]), "train")
+
+
+def test_threshold_study_scores_the_val_protocol_as_the_report_does(runs, report):
+    """bench.threshold_protocol's ``val`` protocol must be the report's: same thresholds and mA."""
+    reported = json.loads(Path(report["files"]["metrics"]).read_text())["sources"]
+    scores = score_run(str(runs["cfar"]))
+    assert sorted(scores) == ["stage1_cfar", "stage1_specific"]
+    for source, by_protocol in scores.items():
+        assert by_protocol["val"]["threshold"] == pytest.approx(reported[source]["threshold"])
+        assert by_protocol["val"]["mA"] == pytest.approx(reported[source]["mA"])
+        assert by_protocol["fixed"]["threshold"] == 0.5
+    assert sorted(score_run(str(runs["baseline"]))) == ["stage1_shared"]
