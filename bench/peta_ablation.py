@@ -379,7 +379,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, angles_by_init: dict[st
     return "\n".join(lines)
 
 
-def _devices(rows: list[dict], default: str) -> str:
+def device_statement(rows: list[dict], default: str) -> str:
     """Name the device, or, when the rows came from several machines, which runs each trained.
 
     Throughput differs between cards but the protocol (AMP, batch, epochs, selection) does not,
@@ -408,7 +408,7 @@ def _section(init: str, rows: list[dict], args: argparse.Namespace, angles: dict
         f"attributes. Every row trained {origin} for {first.get('epochs', args.epochs)} epochs "
         f"({first.get('backbone', '')} at {'x'.join(map(str, first.get('image_size', [])))}, "
         f"lr {first.get('lr', args.lr)}, batch {first.get('batch', args.batch)}, "
-        f"{first.get('workers', args.workers)} worker(s), {_devices(rows, args.device)}); "
+        f"{first.get('workers', args.workers)} worker(s), {device_statement(rows, args.device)}); "
         "the epoch is the best by validation mA and the threshold is chosen on validation. "
         "Metrics in percent, mean ± std over seeds (std 0 when only one seed is done).",
         "",

@@ -11,8 +11,8 @@ fitted, are scored three ways; no network runs, so this takes seconds:
 - ``val_wide``: the same on 0.01..0.99 in steps of 0.01;
 - ``fixed``: 0.5.
 
-It needs the ablation's run folders (``runs/peta_ablation`` after a CPU run; the GPU runs'
-folders stay on the lent machine), so ``python -m bench`` leaves it out.
+It needs the ablation's run folders (``runs/peta_ablation`` after a CPU run; a GPU run's
+folders go with the lent machine), so ``python -m bench`` leaves it out.
 
     python -m bench.threshold_protocol                  # every finished run in runs/peta_ablation
     python -m bench.threshold_protocol runs/peta_ablation/baseline-seed1 ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.peta_ablation import _devices, aggregate, main, merged, spread_statement
+from bench.peta_ablation import aggregate, device_statement, main, merged, spread_statement
 
 
 def row(name: str, seed: int, m_a: float, init: str = "scratch") -> dict:
@@ -108,8 +108,8 @@ def test_cfar_rows_are_also_judged_against_the_run_they_refine() -> None:
 def test_a_table_from_two_machines_names_which_runs_each_trained() -> None:
     h200 = [{**row("baseline", seed, 0.6, "imagenet"), "device": "H200"} for seed in (0, 1)]
     h100 = [{**row("fusion", 1, 0.6, "imagenet"), "device": "H100"}]
-    assert _devices(h200, "gpu") == "device H200"
-    assert _devices(h200 + h100, "gpu") == (
+    assert device_statement(h200, "gpu") == "device H200"
+    assert device_statement(h200 + h100, "gpu") == (
         "devices H200: baseline seed 0, baseline seed 1; H100: fusion seed 1"
     )
-    assert _devices([], "cpu") == "device cpu"
+    assert device_statement([], "cpu") == "device cpu"
