@@ -29,7 +29,12 @@ import numpy as np
 from bench.common import write_results
 from campar_ray.bundle import load_cfar_if_fitted
 from campar_ray.cfar.fit import eval_columns
-from campar_ray.evaluate.metrics_table import LABELS, run_config, source_probabilities
+from campar_ray.evaluate.metrics_table import (
+    LABELS,
+    final_source,
+    run_config,
+    source_probabilities,
+)
 from campar_ray.metrics import choose_threshold, par_metrics, summary
 from campar_ray.train.logits import logits_path, read_split_logits
 
@@ -70,7 +75,7 @@ def score_run(run_dir: str) -> dict[str, dict[str, dict[str, float]]]:
     columns = eval_columns(val)
     val_probs = source_probabilities(val, predict_from, cfar)
     test_probs = source_probabilities(test, predict_from, cfar)
-    stage1 = f"stage1_{predict_from}" if f"stage1_{predict_from}" in val_probs else "stage1_shared"
+    stage1 = final_source([name for name in val_probs if name != "stage1_cfar"], predict_from)
     return {
         source: protocol_metrics(
             val.labels[:, columns],
