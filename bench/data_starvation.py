@@ -60,7 +60,12 @@ def config_for(args: argparse.Namespace, manifest: str, run_dir: str, knobs: dic
     return Config().override(
         {
             "model": {"backbone": args.backbone, "weights": "none", "fusion": False},
-            "data": {"manifest": manifest, "image_size": [128, 64], "pad": 6},
+            "data": {
+                "manifest": manifest,
+                "image_size": [128, 64],
+                "pad": 6,
+                "allow_outside_root": True,  # PETA stays where it is
+            },
             "train": {"epochs": args.epochs, "batch_size": args.batch, "lr": 1e-3},
             "run.dir": run_dir,
             **knobs,

@@ -39,12 +39,15 @@ from bench.common import write_results
 from campar_ray.config import DataConfig, ModelConfig
 from campar_ray.data import ManifestInfo, read_manifest
 from campar_ray.data.converters import prepare
+from campar_ray.data.images import ImageLimits
 from campar_ray.data.manifest import rebase_images, write_manifest
 from campar_ray.data.ray_pipeline import BLOCK_ROWS, augment_batch, build_dataset, decode_batch
 from campar_ray.model import build_model, stage1_loss
 from campar_ray.train.loop import build_optimizer, train_one_epoch
 
 PETA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "peta"
+PETA_ELSEWHERE = ImageLimits(allow_outside_root=True)
+"""The sample manifests live in a temporary folder and name the PETA images where they are."""
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -80,7 +83,7 @@ class BlockDataset(torch.utils.data.Dataset):
             "image": np.asarray(block.column("image").to_pylist(), dtype=object),
             "labels": np.asarray(block.column("labels").to_pylist(), dtype=np.int8),
         }
-        decoded = decode_batch(batch, root=self.root, size=self.size)
+        decoded = decode_batch(batch, root=self.root, size=self.size, limits=PETA_ELSEWHERE)
         return augment_batch(decoded, pad=self.pad)
 
 
@@ -102,7 +105,11 @@ def _sample_manifest(table: pa.Table, info: ManifestInfo) -> ManifestInfo:
 
 def _ray_batches(sample: ManifestInfo, args, batch: int) -> Iterable[dict]:
     data = DataConfig(
-        image_size=tuple(args.size), pad=args.pad, decode_concurrency=args.workers, decode_cpus=1
+        image_size=tuple(args.size),
+        pad=args.pad,
+        decode_concurrency=args.workers,
+        decode_cpus=1,
+        allow_outside_root=True,
     )
     dataset = build_dataset(sample, "train", data, train=True)
     return dataset.iter_torch_batches(batch_size=batch, prefetch_batches=2)

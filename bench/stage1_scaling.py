@@ -60,6 +60,7 @@ def config_for(args: argparse.Namespace, manifest: str, workers: int, run_dir: s
     values: dict[str, Any] = {
         "model.weights": "none",
         "data.manifest": manifest,
+        "data.allow_outside_root": True,  # the PETA manifest sits apart from the images
         "train.epochs": WARMUP_EPOCHS + args.timed_epochs,
         "train.batch_size": args.batch // workers,
         "train.num_workers": workers,

@@ -13,6 +13,7 @@ calls); :func:`doctor_report` renders everything for ``campar doctor``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from campar_ray.config import Config
@@ -156,8 +157,14 @@ def check_cluster(config: Config) -> None:
         raise PreflightError(errors[0].message)
 
 
-def doctor_report(config: Config, shape: ClusterShape) -> tuple[str, bool]:
-    """The ``campar doctor`` text and whether the run would start."""
+def doctor_report(
+    config: Config, shape: ClusterShape, checked: Sequence[Finding] = ()
+) -> tuple[str, bool]:
+    """The ``campar doctor`` text and whether the run would start.
+
+    ``checked`` are the caller's own findings (the manifest, the run directory), listed with
+    the cluster's so that "ok: nothing found" means nothing was found anywhere.
+    """
     need = Reservation.of(config, shape)
     totals = shape.totals
     lines = [
@@ -170,7 +177,7 @@ def doctor_report(config: Config, shape: ClusterShape) -> tuple[str, bool]:
         f"Ray Data keeps {max(need.data_cpus, 0):g} CPU; prefetch needs about "
         f"{need.prefetch_bytes / GIB:.2f} GiB of object store",
     ]
-    problems = findings(config, shape)
+    problems = sorted([*checked, *findings(config, shape)], key=lambda f: f.level != "error")
     lines += [f"{f.level}: {f.message}" for f in problems] or ["ok: nothing found"]
     return "\n".join(lines), not any(f.level == "error" for f in problems)
 

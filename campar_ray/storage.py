@@ -12,6 +12,7 @@ import errno
 import posixpath
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -47,6 +48,34 @@ _CAUSES = (
 )
 
 
+CREDENTIALS_HINT = (
+    "name the bucket alone (s3://bucket/path) and give credentials the standard way: "
+    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or GOOGLE_APPLICATION_CREDENTIALS"
+)
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+"""Object stores whose authority is a bucket name, which never has a port."""
+
+
+def has_credentials(uri: str) -> bool:
+    """True when ``uri`` carries user info (``scheme://user:secret@host/...``).
+
+    Such a URI ends up in ``config.yaml``, logs and error lines, so it is refused wherever one
+    comes in, without repeating it. A secret holding ``/`` (common in AWS keys) ends the
+    authority early (``s3://KEY:SE/CRET@bucket`` parses as host ``KEY``, port ``SE``), so a
+    port that is no number, or any port on a bucket, counts as user info too.
+    """
+    parts = urlsplit(uri)
+    if not parts.scheme or not parts.netloc:
+        return False
+    if "@" in parts.netloc:
+        return True
+    try:
+        port = parts.port
+    except ValueError:
+        return True
+    return port is not None and parts.scheme.lower() in _BUCKET_SCHEMES
+
+
 def is_uri(path: str) -> bool:
     """True for ``scheme://...`` paths other than ``file://``."""
     return "://" in path and not path.startswith("file://")
@@ -60,7 +89,13 @@ def join(base: str, *parts: str) -> str:
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    """Filesystem and in-filesystem path for a local path or URI."""
+    """Filesystem and in-filesystem path for a local path or URI.
+
+    Every read and write goes through here, so a URI with credentials in it is refused here
+    whichever flag, manifest row or config key it came from.
+    """
+    if has_credentials(path):
+        raise StorageError(f"a storage URI must not carry credentials; {CREDENTIALS_HINT}")
     if is_uri(path) or path.startswith("file://"):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(Path(path).resolve())

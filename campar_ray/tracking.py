@@ -62,12 +62,12 @@ def resolve_tracking(cfg: TrackingConfig) -> TrackingConfig:
     uri = cfg.mlflow_uri.strip()
     if not uri:
         return cfg
-    parsed = urlparse(uri)
-    if parsed.username or parsed.password:
+    if storage.has_credentials(uri):
         raise ConfigError(
             "tracking.mlflow_uri must not carry credentials; set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead"
         )
+    parsed = urlparse(uri)
     if uri.startswith("sqlite:///"):
         path = uri.removeprefix("sqlite:///")
         uri = uri if path.startswith("/") else f"sqlite:///{os.path.abspath(path)}"

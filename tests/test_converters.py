@@ -273,7 +273,7 @@ def test_folder_seeded_split(tmp_path):
             "image,split,x\na.png,dev,1\n",
             r"line 2, column 'split': 'dev'; valid splits: train, val, test",
         ),
-        ("image,x\na.png,1,1\n", "line 2 has 3 fields, the header 2"),
+        ("image,x\na.png,1,1\n", "line 2 has 3 fields, the header has 2"),
     ],
 )
 def test_folder_errors(tmp_path, text, expected):

@@ -1,23 +1,49 @@
 """Image bytes in, RGB arrays out: the only place that touches image files and codecs.
 
-The Ray Data pipeline, verification and prediction all decode through :func:`decode_image`,
-so every consumer sees the same pixels (grey, palette and RGBA images become RGB) and the
-same error for a corrupt or truncated file.
+The Ray Data pipeline, verification, packing and prediction all decode through
+:func:`decode_image`, so every consumer sees the same pixels (grey, palette and RGBA images
+become RGB) and the same error for a corrupt, truncated or oversized file. Manifests are
+untrusted input: :func:`read_image` applies :class:`ImageLimits` (where an image may live,
+how many pixels it may claim) before any byte is decoded.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from campar_ray import storage
-from campar_ray.data.manifest import resolve_image
+from campar_ray.config import DataConfig
+from campar_ray.data.manifest import OutsideRootError, check_inside_root, resolve_image
+
+MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
 
 
 class ImageDecodeError(ValueError):
-    """Bytes that are not a complete image in a format Pillow reads."""
+    """Bytes that are not a complete image in a format Pillow reads, or one that is too large."""
+
+
+UNREADABLE = (ImageDecodeError, OutsideRootError, OSError)
+"""What one bad manifest image raises: its reader skips and counts it, never stops on it."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a manifest may make a reader open and decode (``data.allow_outside_root`` and
+    ``data.max_image_pixels``): strict unless the user says otherwise."""
+
+    allow_outside_root: bool = False
+    max_pixels: int = MAX_IMAGE_PIXELS
+
+    @classmethod
+    def of(cls, data: DataConfig) -> ImageLimits:
+        return cls(allow_outside_root=data.allow_outside_root, max_pixels=data.max_image_pixels)
+
+
+STRICT = ImageLimits()
 
 
 def load_image_bytes(image: str | bytes, root: str) -> bytes:
@@ -36,17 +62,42 @@ def load_image_bytes(image: str | bytes, root: str) -> bytes:
         raise FileNotFoundError(f"image not found: {path}") from None
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def read_image(image: str | bytes, root: str, limits: ImageLimits = STRICT) -> np.ndarray:
+    """Load and decode one manifest image within ``limits``; raises one of :data:`UNREADABLE`.
+
+    A reference outside ``root`` is refused before it is read (unless allowed); bytes of a
+    packed row need no such check.
+    """
+    if isinstance(image, str) and not limits.allow_outside_root:
+        check_inside_root(image, root)
+    return decode_image(load_image_bytes(image, root), max_pixels=limits.max_pixels)
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode PNG/JPEG/BMP/... bytes to an H x W x 3 uint8 RGB array.
 
-    The whole image is decoded here (``Image.load``), so a truncated file fails now with
-    :class:`ImageDecodeError` instead of yielding a half-grey image later.
+    The size in the header is checked against ``max_pixels`` before any pixel is decoded: a
+    175 KB PNG can claim 180 megapixels (Pillow's ``DecompressionBombError`` too becomes an
+    :class:`ImageDecodeError`). The whole image is then decoded here (``Image.load``), so a
+    truncated file fails now instead of yielding a half-grey image later.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width} x {height} pixels, more than data.max_image_pixels "
+                    f"({max_pixels})"
+                )
             img.load()
             rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:  # its message names a BytesIO object, nothing useful
+        raise ImageDecodeError(
+            f"cannot decode image ({len(data)} bytes): not in any format Pillow reads"
+        ) from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {error}") from None
     array = np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
     if array.size == 0:

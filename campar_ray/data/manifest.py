@@ -49,6 +49,10 @@ class ManifestError(ValueError):
     """A manifest that breaks the format; the message names the row, column or key at fault."""
 
 
+class OutsideRootError(ManifestError):
+    """An image reference that leaves the manifest's folder (see :func:`outside_root`)."""
+
+
 @dataclass(frozen=True)
 class ManifestInfo:
     """What the schema metadata says about a manifest, plus where its relative paths point."""
@@ -181,6 +185,56 @@ def resolve_image(image: str, root: str) -> str:
     return storage.join(root, image)
 
 
+def outside_root(image: str, root: str) -> bool:
+    """True when the reference ``image`` of a manifest whose folder is ``root`` leaves it.
+
+    The one rule of what a manifest may name: a relative path that stays under ``root`` once
+    ``..`` is collapsed, or an absolute path / URI of ``root``'s own scheme (and bucket)
+    under it. A manifest from a shared bucket is someone else's input; without this rule
+    ``../secret.txt`` or ``/home/me/.aws/credentials`` would be read, and packed. The check is
+    lexical (no I/O): a symlink inside ``root`` counts as inside. A URI root also refuses ``?``:
+    pyarrow reads a query as filesystem options (``endpoint_override``), which would send
+    requests elsewhere. An empty root (files a user named on the command line) constrains
+    nothing.
+    """
+    if not root:
+        return False
+    if storage.is_uri(root) and "?" in image:
+        return True
+    if not is_absolute(image):
+        relative = posixpath.normpath(image)
+        return relative == ".." or relative.startswith("../")
+    scheme, path = _scheme_path(image)
+    root_scheme, root_path = _scheme_path(root)
+    if scheme != root_scheme:
+        return True
+    clean = posixpath.normpath if scheme else os.path.normpath
+    path, root_path = clean(path), clean(root_path).rstrip("/")
+    return path != root_path and not path.startswith(root_path + "/")
+
+
+def check_inside_root(image: str, root: str, row: int | None = None) -> None:
+    """Raise :class:`OutsideRootError` when ``image`` leaves ``root`` (naming ``row`` if given)."""
+    if outside_root(image, root):
+        where = "" if row is None else f"row {row}: "
+        raise OutsideRootError(
+            f"{where}image {image!r} is outside {root}; pass "
+            "--allow-outside-root (or --set data.allow_outside_root=true) to read it anyway"
+        )
+
+
+def check_images_inside_root(images: Sequence[str], root: str) -> None:
+    """:func:`check_inside_root` for every row of a manifest, before any image is read."""
+    for row, image in enumerate(images):
+        check_inside_root(image, root, row)
+
+
+def _scheme_path(reference: str) -> tuple[str, str]:
+    """``("s3", "bucket/key")`` for a URI, ``("", path)`` for a local path."""
+    scheme, sep, rest = reference.partition("://")
+    return (scheme.lower(), rest) if sep else ("", reference)
+
+
 def rebase_images(table: pa.Table, from_root: str, to_root: str) -> pa.Table:
     """Re-express relative ``image`` references made against ``from_root`` for ``to_root``.
 
@@ -224,6 +278,8 @@ def manifest_root(path: str) -> str:
 def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem and Parquet files of a manifest: the file itself, or the folder's shards
     in file-name order (the order of the manifest's rows)."""
+    if not path:
+        raise ManifestError("no manifest given (set data.manifest, or pass --manifest)")
     filesystem, inner = storage.resolve(path)
     kind = filesystem.get_file_info(inner).type
     if kind == pafs.FileType.NotFound:
@@ -258,6 +314,12 @@ def read_info(path: str) -> ManifestInfo:
     schema = pq.read_schema(files[0], filesystem=filesystem)
     info = ManifestInfo.from_metadata(schema.metadata, root=manifest_root(path))
     return dataclasses.replace(info, path=path)
+
+
+def is_packed(path: str) -> bool:
+    """Whether the manifest carries its images' bytes (then no reference is ever opened)."""
+    filesystem, files = manifest_files(path)
+    return BINARY_COLUMN in pq.read_schema(files[0], filesystem=filesystem).names
 
 
 def read_manifest(path: str, *, with_bytes: bool = True) -> tuple[pa.Table, ManifestInfo]:

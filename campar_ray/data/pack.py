@@ -16,13 +16,20 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from campar_ray import storage
-from campar_ray.data.images import load_image_bytes
+from campar_ray.data.images import (
+    MAX_IMAGE_PIXELS,
+    STRICT,
+    ImageDecodeError,
+    ImageLimits,
+    decode_image,
+    load_image_bytes,
+)
 from campar_ray.data.manifest import (
     BINARY_COLUMN,
     PACKED_ROW_GROUP_SIZE,
@@ -30,6 +37,7 @@ from campar_ray.data.manifest import (
     ManifestError,
     ManifestInfo,
     ManifestWriter,
+    check_images_inside_root,
     output_root,
     read_manifest,
 )
@@ -41,14 +49,20 @@ many decode tasks can read different shards at once."""
 
 @dataclass(frozen=True)
 class PackReport:
-    """What ``pack_manifest`` wrote."""
+    """What ``pack_rows`` wrote, and the rows it left out."""
 
     path: str
     rows: int
     shards: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """``(image, error)`` for each file that does not decode as an image (not stored)."""
 
     def summary(self) -> str:
-        return f"wrote {self.path}: {self.rows} images packed into {len(self.shards)} shard(s)"
+        lines = [f"wrote {self.path}: {self.rows} images packed into {len(self.shards)} shard(s)"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} that do not decode as images:")
+            lines += [f"  {image}: {error}" for image, error in self.skipped]
+        return "\n".join(lines)
 
 
 def pack_rows(
@@ -59,28 +73,39 @@ def pack_rows(
     *,
     shard_mb: float = SHARD_MB,
     threads: int = 16,
+    max_pixels: int = MAX_IMAGE_PIXELS,
     progress: Callable[[int, int], None] | None = None,
-) -> list[str]:
+) -> PackReport:
     """Write ``table`` with each row's image bytes as a packed manifest at ``out``.
 
-    ``root`` is the folder relative image paths resolve against; ``out`` is a ``.parquet``
-    file or a folder of shards of about ``shard_mb`` MB. A missing image raises
-    ``FileNotFoundError`` naming it (and leaves no partial manifest). ``progress(done,
-    total)`` follows the rows written. Returns the files written.
+    ``root`` is the folder relative image paths resolve against (the caller has checked that
+    they stay in it); ``out`` is a ``.parquet`` file or a folder of shards of about
+    ``shard_mb`` MB. Only bytes that decode as an image of at most ``max_pixels`` are stored:
+    any other file's row is left out and reported, so a manifest naming a secret cannot copy
+    it into the packed shards. A missing image raises ``FileNotFoundError`` naming it (and
+    leaves no partial manifest). ``progress(done, total)`` follows the rows read.
     """
-    load = functools.partial(load_image_bytes, root=root)
-    done = 0
+    load = functools.partial(_image_bytes, root=root, max_pixels=max_pixels)
+    done, written = 0, 0
+    skipped: list[tuple[str, str]] = []
     with (
         ThreadPoolExecutor(max_workers=max(1, threads)) as pool,
         ManifestWriter(out, info, shard_mb=shard_mb) as writer,
     ):
         for chunk in _split_chunks(table):
-            data = pa.array(pool.map(load, chunk.column("image").to_pylist()), pa.large_binary())
-            writer.write(chunk.append_column(BINARY_COLUMN, data))
-            done += chunk.num_rows
+            images = chunk.column("image").to_pylist()
+            loaded = list(pool.map(load, images))
+            good = [data is not None for data, _ in loaded]
+            skipped += [
+                (image, error) for image, (_, error) in zip(images, loaded, strict=True) if error
+            ]
+            if any(good):
+                data = pa.array([data for data, _ in loaded if data is not None], pa.large_binary())
+                writer.write(chunk.filter(pa.array(good)).append_column(BINARY_COLUMN, data))
+            done, written = done + chunk.num_rows, written + sum(good)
             if progress is not None:
                 progress(done, table.num_rows)
-    return writer.files
+    return PackReport(path=out, rows=written, shards=writer.files, skipped=skipped)
 
 
 def pack_manifest(
@@ -89,20 +114,41 @@ def pack_manifest(
     *,
     shard_mb: float = SHARD_MB,
     threads: int = 16,
+    limits: ImageLimits = STRICT,
     progress: Callable[[int, int], None] | None = None,
 ) -> PackReport:
     """``campar pack``: re-write the path manifest ``manifest`` as packed shards at ``out``.
 
-    ``out`` is checked to be writable (bucket, credentials) before any image is read.
+    ``out`` is checked to be writable (bucket, credentials) first, then every image
+    reference to stay in the manifest's folder (unless ``limits`` allow otherwise), all
+    before any image is read or any row written.
     """
     storage.check_writable(output_root(out))
     table, info = read_manifest(manifest)
     if BINARY_COLUMN in table.column_names:
         raise ManifestError(f"manifest {manifest} is already packed")
-    files = pack_rows(
-        table, info, info.root, out, shard_mb=shard_mb, threads=threads, progress=progress
+    if not limits.allow_outside_root:
+        check_images_inside_root(table.column("image").to_pylist(), info.root)
+    return pack_rows(
+        table,
+        info,
+        info.root,
+        out,
+        shard_mb=shard_mb,
+        threads=threads,
+        max_pixels=limits.max_pixels,
+        progress=progress,
     )
-    return PackReport(path=out, rows=table.num_rows, shards=files)
+
+
+def _image_bytes(image: str, *, root: str, max_pixels: int) -> tuple[bytes | None, str | None]:
+    """``(encoded bytes, None)`` for an image, ``(None, why)`` for a file that is none."""
+    data = load_image_bytes(image, root)
+    try:
+        decode_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as error:
+        return None, str(error)
+    return data, None
 
 
 def _split_chunks(table: pa.Table) -> Iterator[pa.Table]:

@@ -10,10 +10,11 @@ training consumes earlier blocks. Neither the driver nor any task ever holds the
 rows or the decoded data set, so memory stays bounded by a few blocks whatever the corpus
 size.
 
-A row whose image is missing or corrupt is not dropped here but kept with ``valid = False``
-and a black image: the consumer drops it and counts it, which puts the skipped-image count
-into the epoch metrics without a side channel (a count carried by the dropped rows
-themselves would vanish with them).
+A row whose image is missing, corrupt, too large (``data.max_image_pixels``) or outside the
+manifest's folder (unless ``data.allow_outside_root``) is not dropped here but kept with
+``valid = False`` and a black image: the consumer drops it and counts it, which puts the
+skipped-image count into the epoch metrics without a side channel (a count carried by the
+dropped rows themselves would vanish with them).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from campar_ray import storage
 from campar_ray.config import DataConfig
-from campar_ray.data.images import ImageDecodeError, decode_image, load_image_bytes
+from campar_ray.data.images import STRICT, UNREADABLE, ImageLimits, read_image
 from campar_ray.data.manifest import BINARY_COLUMN, SPLITS, ManifestInfo, manifest_files
 from campar_ray.data.transforms import augment, resize
 
@@ -50,9 +51,16 @@ row groups of this size, so a piece of a packed manifest is exactly one row grou
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], *, root: str, size: tuple[int, int]
+    batch: dict[str, np.ndarray],
+    *,
+    root: str,
+    size: tuple[int, int],
+    limits: ImageLimits = STRICT,
 ) -> dict[str, np.ndarray]:
     """Load, decode and resize every image of a batch; flag the ones that fail.
+
+    Missing, corrupt and oversized images and references outside ``root`` (see
+    :class:`ImageLimits`) all fail the same way: flagged, never fatal to the batch.
 
     Output columns: ``row``, ``image`` (uint8 ``N x H x W x 3``), ``labels`` (int8
     ``N x M``), ``valid`` (bool). Encoded bytes and paths are not passed on: downstream
@@ -64,9 +72,9 @@ def decode_batch(
     valid = np.zeros(count, dtype=bool)
     for index, source in enumerate(sources):
         try:
-            images[index] = resize(decode_image(load_image_bytes(source, root)), size)
+            images[index] = resize(read_image(source, root, limits), size)
             valid[index] = True
-        except (ImageDecodeError, OSError) as error:
+        except UNREADABLE as error:
             logger.warning("skipping image %s: %s", batch["image"][index], error)
     return {
         "row": np.asarray(batch["row"], dtype=np.int64),
@@ -102,7 +110,13 @@ def build_dataset(
     pieces = plan_pieces(info.path, split, data.decode_concurrency, seed if train else None)
     if pieces.num_rows == 0:
         raise ValueError(f"manifest has no {split or 'image'!r} rows to build a dataset from")
-    source = ManifestPieces(pieces, root=info.root, size=tuple(data.image_size), shuffle=train)
+    source = ManifestPieces(
+        pieces,
+        root=info.root,
+        size=tuple(data.image_size),
+        shuffle=train,
+        limits=ImageLimits.of(data),
+    )
     dataset = ray.data.read_datasource(
         source,
         override_num_blocks=pieces.num_rows,
@@ -191,13 +205,21 @@ def read_piece(file: str, row_group: int, first: int, offsets: np.ndarray) -> pa
 
 
 def decode_piece(
-    file: str, row_group: int, first: int, offsets: np.ndarray, *, root: str, size: tuple[int, int]
+    file: str,
+    row_group: int,
+    first: int,
+    offsets: np.ndarray,
+    *,
+    root: str,
+    size: tuple[int, int],
+    limits: ImageLimits = STRICT,
 ) -> list[Block]:
     """Read and decode one piece: a read task's output, one block of :func:`decode_batch`'s
     columns."""
     rows = read_piece(file, row_group, first, offsets)
     batch = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
-    return [BlockAccessor.batch_to_block(decode_batch(batch, root=root, size=size))]
+    decoded = decode_batch(batch, root=root, size=size, limits=limits)
+    return [BlockAccessor.batch_to_block(decoded)]
 
 
 class ManifestPieces(Datasource):
@@ -211,13 +233,20 @@ class ManifestPieces(Datasource):
     """
 
     def __init__(
-        self, pieces: pa.Table, *, root: str, size: tuple[int, int], shuffle: bool
+        self,
+        pieces: pa.Table,
+        *,
+        root: str,
+        size: tuple[int, int],
+        shuffle: bool,
+        limits: ImageLimits = STRICT,
     ) -> None:
         super().__init__()
         self._pieces = pieces
         self._root = root
         self._size = size
         self._shuffle = shuffle
+        self._limits = limits
 
     def get_name(self) -> str:
         return "ReadDecodeManifest"
@@ -249,6 +278,7 @@ class ManifestPieces(Datasource):
                 rows,
                 root=self._root,
                 size=self._size,
+                limits=self._limits,
             )
             metadata = BlockMetadata(
                 num_rows=len(rows),

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from campar_ray.data.images import ImageDecodeError, decode_image, load_image_bytes
+from campar_ray.data.images import STRICT, UNREADABLE, ImageLimits, read_image
 from campar_ray.data.manifest import BINARY_COLUMN, read_manifest
 
 CHUNK = 256
@@ -38,10 +38,13 @@ def verify_manifest(
     path: str,
     progress: Callable[[int, int], None] | None = None,
     threads: int = 4,
+    limits: ImageLimits = STRICT,
 ) -> VerifyReport:
     """Read and decode every image of the manifest at ``path``.
 
-    ``progress(done, total)`` is called from the calling thread after each chunk of images.
+    An image outside the manifest's folder (unless ``limits`` allow it) or above its pixel
+    cap is reported like a corrupt one, and never read or decoded. ``progress(done, total)``
+    is called from the calling thread after each chunk of images.
     """
     table, info = read_manifest(path)
     images = table.column("image").to_pylist()
@@ -52,8 +55,8 @@ def verify_manifest(
     def check(row: int) -> str | None:
         source = table.column(BINARY_COLUMN)[row].as_py() if packed else images[row]
         try:
-            decode_image(load_image_bytes(source, info.root))
-        except (ImageDecodeError, OSError) as error:
+            read_image(source, info.root, limits)
+        except UNREADABLE as error:
             return str(error)
         return None
 

@@ -31,7 +31,13 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 
 from campar_ray import storage
 from campar_ray.config import Config, ConfigError, TrainConfig
-from campar_ray.data.manifest import ManifestInfo, labels_matrix, read_manifest
+from campar_ray.data.manifest import (
+    ManifestInfo,
+    check_images_inside_root,
+    is_packed,
+    labels_matrix,
+    read_manifest,
+)
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
 from campar_ray.model import (
     positive_ratio,
@@ -90,6 +96,9 @@ def train_stage1(
     for split in ("train", "val"):
         if not pc.any(pc.equal(table.column("split"), split)).as_py():
             raise ValueError(f"manifest {config.data.manifest} has no {split!r} images")
+    if not config.data.allow_outside_root and not is_packed(config.data.manifest):
+        # Refused here, in one line, rather than every image skipped by the decode tasks.
+        check_images_inside_root(table.column("image").to_pylist(), info.root)
     storage.check_writable(config.run.dir)
     check_resumable(config.run.dir, info.attributes)
     init_ray(address)

@@ -19,17 +19,27 @@ synthetic  (written here) ``images/``                            n, size, ratios
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from campar_ray import storage
 from campar_ray.data.converters import folder, pa100k, peta, rap, synthetic
 from campar_ray.data.converters.common import Converted, DatasetError, Option
-from campar_ray.data.manifest import SPLITS, output_root, rebase_images, write_manifest
+from campar_ray.data.images import STRICT, ImageLimits
+from campar_ray.data.manifest import (
+    SPLITS,
+    check_images_inside_root,
+    output_root,
+    outside_root,
+    rebase_images,
+    write_manifest,
+)
 from campar_ray.data.pack import SHARD_MB, pack_rows
 from campar_ray.data.verify import VerifyReport, verify_manifest
 
@@ -98,6 +108,8 @@ class PrepareReport:
     eval_attributes: int
     dropped: dict[str, int] = field(default_factory=dict)
     packed: bool = False
+    images_outside: bool = False
+    """The images lie outside the manifest's folder: readers refuse them unless allowed."""
     verify: VerifyReport | None = None
 
     def summary(self) -> str:
@@ -108,6 +120,12 @@ class PrepareReport:
             + (", images packed" if self.packed else "")
         ]
         lines += [f"  dropped: {reason}: {count}" for reason, count in self.dropped.items()]
+        if self.images_outside:
+            lines.append(
+                "  note: the images lie outside the manifest's folder: training and `campar pack` "
+                "read them only with --allow-outside-root (--set data.allow_outside_root=true); "
+                "--pack here stores them inside instead"
+            )
         if self.verify is not None:
             lines.append(self.verify.summary())
         return "\n".join(lines)
@@ -144,6 +162,7 @@ def prepare(
     pack: bool = False,
     shard_mb: float = SHARD_MB,
     verify: bool = False,
+    limits: ImageLimits = STRICT,
     progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> PrepareReport:
@@ -155,7 +174,9 @@ def prepare(
     writable before any conversion starts.
 
     ``options`` are the format's own (see ``FORMATS[fmt].options``); the seed drives any
-    split the format does not fix. ``pack`` streams the encoded images into the manifest;
+    split the format does not fix. Images the converter names outside ``root`` are refused
+    before anything is written, unless ``limits`` allow them. ``pack`` streams the encoded
+    images into the manifest (files that do not decode as images are left out and counted);
     ``verify`` then decodes every image (``progress(done, total)`` reports on it).
     """
     spec = get_format(fmt)
@@ -169,12 +190,28 @@ def prepare(
     elif not storage.is_uri(root):
         root = os.path.abspath(root)
     converted = spec.convert(root, seed, **resolved)
+    if not limits.allow_outside_root:
+        check_images_inside_root(converted.table.column("image").to_pylist(), root)
     table = rebase_images(converted.table, root, folder_of_out)
+    dropped = dict(converted.dropped)
     if pack:
-        pack_rows(table, converted.info, folder_of_out, out, shard_mb=shard_mb)
+        packed = pack_rows(
+            table,
+            converted.info,
+            folder_of_out,
+            out,
+            shard_mb=shard_mb,
+            max_pixels=limits.max_pixels,
+        )
+        table = _without(table, [image for image, _ in packed.skipped])
+        if packed.skipped:
+            dropped["files that do not decode as images (not packed)"] = len(packed.skipped)
     else:
         write_manifest(out, table, converted.info, shard_mb=shard_mb)
     counts = pc.value_counts(table.column("split")).to_pylist()
+    # Checked against the dataset folder above; rows rebased to absolute paths now lie
+    # outside the manifest's folder, which verify must not hold against them.
+    checked = dataclasses.replace(limits, allow_outside_root=True)
     return PrepareReport(
         path=out,
         dataset=converted.info.dataset,
@@ -182,7 +219,13 @@ def prepare(
         splits={item["values"]: item["counts"] for item in counts},
         attributes=len(converted.info.attributes),
         eval_attributes=len(converted.info.eval_attributes),
-        dropped=dict(converted.dropped),
+        dropped=dropped,
         packed=pack,
-        verify=verify_manifest(out, progress) if verify else None,
+        images_outside=not pack and outside_root(root, folder_of_out),
+        verify=verify_manifest(out, progress, limits=checked) if verify else None,
     )
+
+
+def _without(table: pa.Table, images: list[str]) -> pa.Table:
+    """``table`` less the rows naming ``images``."""
+    return table.filter(pc.invert(pc.is_in(table.column("image"), pa.array(images, pa.string()))))

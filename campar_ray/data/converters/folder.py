@@ -1,22 +1,30 @@
 """Any folder of images plus a CSV: the way to bring a dataset no other converter knows.
 
 The CSV's header is ``image,<attr1>,<attr2>,...``: ``image`` is a path relative to the folder
-(or absolute, or a URI) and each attribute column holds 0 or 1. Optional columns: ``split``
-(train/val/test; without it the split is seeded and person-disjoint by ``ratios``),
-``identity`` (person id; without it each image is its own person) and ``source``.
+(or absolute, or a URI; outside the folder only with ``--allow-outside-root``) and each
+attribute column holds 0 or 1. Optional columns: ``split`` (train/val/test; without it the
+split is seeded and person-disjoint by ``ratios``), ``identity`` (person id; without it each
+image is its own person) and ``source``.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import posixpath
-from csv import DictReader
 
 import numpy as np
 
 from campar_ray import storage
 from campar_ray.data.converters.common import Converted, DatasetError, Option, require_images
-from campar_ray.data.manifest import SPLITS, ManifestInfo, is_absolute, manifest_table
+from campar_ray.data.manifest import (
+    SPLITS,
+    ManifestInfo,
+    is_absolute,
+    manifest_table,
+    outside_root,
+    resolve_image,
+)
 from campar_ray.data.split import parse_ratios, split_by_identity
 
 RESERVED = ("image", "split", "identity", "source")
@@ -51,14 +59,14 @@ def convert(
         raise DatasetError(f"{path} has no 'image' column; header: {','.join(header)}")
     if not attributes:
         raise DatasetError(f"{path} has no attribute columns besides {', '.join(RESERVED)}")
-    images = [row["image"] for row in rows]
+    images = [row["image"] for _, row in rows]
     labels = np.zeros((len(rows), len(attributes)), dtype=np.int8)
-    for line, row in enumerate(rows, start=2):  # line 1 is the header
-        labels[line - 2] = [_binary(row, attribute, path, line) for attribute in attributes]
+    for index, (line, row) in enumerate(rows):
+        labels[index] = [_binary(row, attribute, path, line) for attribute in attributes]
     _require(images, root, path)
-    identities = [row["identity"] for row in rows] if "identity" in header else images
+    identities = [row["identity"] for _, row in rows] if "identity" in header else images
     if "split" in header:
-        splits = [_split(row, path, line) for line, row in enumerate(rows, start=2)]
+        splits = [_split(row, path, line) for line, row in rows]
     else:
         splits = split_by_identity(identities, parse_ratios(ratios), seed).tolist()
     evaluated = _evaluated(eval_attributes, attributes)
@@ -67,26 +75,30 @@ def convert(
         labels=labels,
         splits=splits,
         identities=identities,
-        sources=[row["source"] for row in rows] if "source" in header else [name] * len(rows),
+        sources=[row["source"] for _, row in rows] if "source" in header else [name] * len(rows),
     )
     return Converted(table, ManifestInfo(name, tuple(attributes), evaluated))
 
 
-def _read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
+def _read_csv(path: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and ``(line number, row)`` of every record (blank lines skipped)."""
     try:
         text = storage.read_bytes(path).decode("utf-8-sig")
     except FileNotFoundError:
         raise DatasetError(f"CSV not found: {path}") from None
-    reader = DictReader(io.StringIO(text))
-    header = [column.strip() for column in reader.fieldnames or []]
-    reader.fieldnames = header
+    reader = csv.reader(io.StringIO(text))
+    header = [column.strip() for column in next(reader, [])]
     rows = []
-    for number, row in enumerate(reader, start=2):
-        if None in row or None in row.values():
+    for fields in reader:
+        if not fields:
+            continue
+        if len(fields) != len(header):
             raise DatasetError(
-                f"{path} line {number} has {len(row)} fields, the header {len(header)}"
+                f"{path} line {reader.line_num} has {len(fields)} fields, the header has "
+                f"{len(header)}"
             )
-        rows.append({key: value.strip() for key, value in row.items()})
+        row = dict(zip(header, (field.strip() for field in fields), strict=True))
+        rows.append((reader.line_num, row))
     return header, rows
 
 
@@ -107,11 +119,13 @@ def _split(row: dict[str, str], path: str, line: int) -> str:
 
 
 def _require(images: list[str], root: str, path: str) -> None:
-    """Every listed image must exist (one folder listing for the relative ones)."""
-    relative = [posixpath.normpath(image) for image in images if not is_absolute(image)]
-    require_images(relative, root, path)
+    """Every listed image must exist: one folder listing for those under ``root``, a lookup
+    each for the others (which ``prepare`` then refuses unless told to allow them)."""
+    inside = [image for image in images if not is_absolute(image) and not outside_root(image, root)]
+    require_images([posixpath.normpath(image) for image in inside], root, path)
+    listed = set(inside)
     for image in images:
-        if is_absolute(image) and not storage.exists(image):
+        if image not in listed and not storage.exists(resolve_image(image, root)):
             raise DatasetError(f"image listed in {path} is missing: {image}")
 
 
