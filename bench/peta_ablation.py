@@ -16,6 +16,13 @@ campar_fusion_cfar         campar       yes       stage 1 + CFAR, dictionary loo
 campar_fusion_cfar_foldin  campar       yes       stage 1 + CFAR, fold-in lookup
 ========================== ============ ========= ==============================
 
+Two classifiers, each its own pair of tables (``--classifier``):
+
+- ``thesis``: eq. 9-12 as written (``relu-max`` CAM, plain logits, BCE, bias at the prior);
+- ``reference``: the classifier and loss of the baseline [15] (``Linear + BatchNorm1d`` over the
+  logits, weighted BCE, BatchNorm's shift starting at 0) for every row, and for the CAM-PAR rows
+  the ``min-max`` CAM, which removes the specific-logit floor (``docs/METHOD.md``).
+
 The two CFAR rows reuse the ``campar_fusion`` run's logits: :func:`fit_cfar` fits fc2 for
 both lookups and reports both in ``cfar/metrics.json``, so one fit gives both rows. Every
 figure is on the test split with the best epoch by validation mA (``train_stage1`` writes
@@ -58,20 +65,27 @@ import pyarrow.compute as pc
 
 from bench.common import RESULTS_DIR, machine_info, versions, write_results
 from campar_ray import storage
+from campar_ray.artifacts import load_arrays
 from campar_ray.bundle import (
     best_checkpoint,
     load_model,
     stage1_probabilities,
     validation_threshold,
 )
-from campar_ray.cfar.fit import eval_columns, fit_cfar
+from campar_ray.cfar.fit import CFAR_DIR, PROBABILITIES_FILE, eval_columns, fit_cfar
 from campar_ray.config import Config
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import read_manifest, write_manifest
+from campar_ray.evaluate.diagnostics import attribute_auc, floor_ties, protocol_figures
 from campar_ray.evaluate.plots import angle_boxplot
 from campar_ray.evaluate.probes import angle_summary, angles, load_split_images
-from campar_ray.metrics import SUMMARY_KEYS, par_metrics, summary
-from campar_ray.train.logits import logits_path, read_split_logits
+from campar_ray.metrics import SUMMARY_KEYS, THRESHOLD_PROTOCOLS, par_metrics, summary
+from campar_ray.train.logits import (
+    SplitLogits,
+    logits_path,
+    read_split_logits,
+    write_split_logits,
+)
 from campar_ray.train.stage1 import train_stage1
 
 NAME = "peta_ablation"
@@ -127,6 +141,22 @@ IMAGENET_ENCODER = {
 }
 """The one ImageNet-trained encoder available offline (the ``pretrained`` extra)."""
 HEADERS = ("mA", "Acc", "Prec", "Rec", "F1")
+CLASSIFIERS = {
+    "thesis": ({}, {}),
+    "reference": (
+        {"model.logit_norm": "batchnorm", "train.loss": "weighted_bce", "model.prior_bias": False},
+        {"model.cam_norm": "min-max"},
+    ),
+}
+"""``--classifier``: overrides of every row, and the CAM-PAR rows' own."""
+
+
+def variant_key(init: str, classifier: str = "thesis") -> str:
+    """One table: ``scratch``, ``imagenet`` (the thesis's classifier), ``scratch-reference``..."""
+    return init if classifier == "thesis" else f"{init}-{classifier}"
+
+
+VARIANTS = tuple(variant_key(init, classifier) for classifier in CLASSIFIERS for init in INITS)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -138,6 +168,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument(
         "--init", choices=INITS, default="scratch", help="encoder initialisation of every row"
+    )
+    parser.add_argument(
+        "--classifier",
+        choices=tuple(CLASSIFIERS),
+        default="thesis",
+        help="thesis: eq. 9-12 as written; reference: [15]'s BatchNorm classifier and weighted "
+        "BCE, min-max CAM for CAM-PAR (no specific-logit floor)",
     )
     parser.add_argument("--epochs", type=int, default=15, help="stage-1 epochs of every row")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -171,6 +208,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--angle-images", type=int, default=256, help="test images for Fig. 7")
     parser.add_argument(
+        "--no-train",
+        action="store_true",
+        help="train nothing: only add the diagnostics, evidence and angles of finished runs",
+    )
+    parser.add_argument(
         "--merge",
         metavar="JSON",
         help="fold the rows and angles of another machine's results (a GPU run's "
@@ -190,6 +232,8 @@ def base_config(args: argparse.Namespace, manifest: str) -> Config:
         "train.num_workers": args.workers,
         "train.cpus_per_worker": args.cpus_per_worker,
         "data.decode_concurrency": args.decode_tasks,
+        "data.allow_outside_root": True,  # the manifest lives under --runs, PETA elsewhere
+        **CLASSIFIERS[args.classifier][0],
     }
     if args.device == "gpu":
         device = {
@@ -206,10 +250,16 @@ def base_config(args: argparse.Namespace, manifest: str) -> Config:
     return Config().override({**common, **device, **encoder})
 
 
-def row_config(base: Config, row: Row, seed: int, runs: str, init: str) -> Config:
+def row_config(
+    base: Config, row: Row, seed: int, runs: str, init: str, classifier: str = "thesis"
+) -> Config:
     prefix = "" if init == "scratch" else f"{init}-"  # scratch keeps its original folders
+    if classifier != "thesis":
+        prefix = f"{classifier}-{prefix}"
+    campar_only = CLASSIFIERS[classifier][1] if row.head == "campar" else {}
     return base.override(
         {
+            **campar_only,
             "model.head": row.head,
             "model.fusion": row.fusion,
             "run.dir": os.path.join(runs, f"{prefix}{row.run}-seed{seed}"),
@@ -268,7 +318,7 @@ def ensure_stage1(config: Config) -> tuple[int, float]:
 
 
 def run_row(row: Row, seed: int, base: Config, args: argparse.Namespace, device: str) -> dict:
-    config = row_config(base, row, seed, args.runs, args.init)
+    config = row_config(base, row, seed, args.runs, args.init, args.classifier)
     best_epoch, seconds = ensure_stage1(config)
     run_dir = config.run.dir
     if row.source == STAGE1:
@@ -279,6 +329,7 @@ def run_row(row: Row, seed: int, base: Config, args: argparse.Namespace, device:
         "name": row.name,
         "seed": seed,
         "init": args.init,
+        "classifier": args.classifier,
         **{key: float(figures[key]) for key in METRICS},
         "threshold": float(figures["threshold"]),
         "device": device,
@@ -295,6 +346,98 @@ def run_row(row: Row, seed: int, base: Config, args: argparse.Namespace, device:
         "manifest": config.data.manifest,
         "command": _command(),
     }
+
+
+EVIDENCE_DIR = "peta_evidence"
+"""Under ``--out``: each run's val/test logits (and CFAR probabilities), the evidence behind
+every diagnostic, so a later question is answered from files instead of a retraining."""
+
+
+def diagnose(row: Row, config: Config, out: Path) -> dict[str, Any]:
+    """A finished row's figures under every threshold protocol, per-attribute AUC and the
+    specific-logit floor, from its stored logits; the logits are copied to the evidence folder.
+    """
+    run_dir = config.run.dir
+    logits = {split: read_split_logits(logits_path(run_dir, split)) for split in ("val", "test")}
+    columns = eval_columns(logits["test"])
+    labels = {split: value.labels[:, columns] for split, value in logits.items()}
+    if row.source == STAGE1:
+        probs = {
+            split: stage1_probabilities(value, config.model.predict_from)[:, columns]
+            for split, value in logits.items()
+        }
+    else:
+        arrays = load_arrays(storage.join(run_dir, CFAR_DIR, PROBABILITIES_FILE))
+        probs = {split: arrays[f"{row.source}.{split}"] for split in logits}
+    test = logits["test"]
+    auc = {"prediction": attribute_auc(labels["test"], probs["test"])}
+    found: dict[str, Any] = {
+        "attributes": [test.attributes[i] for i in columns],
+        "protocols": protocol_figures(labels["val"], probs["val"], labels["test"], probs["test"]),
+    }
+    if row.source == STAGE1:
+        auc["shared"] = attribute_auc(labels["test"], test.shared[:, columns])
+        if test.specific is not None:
+            auc["specific"] = attribute_auc(labels["test"], test.specific[:, columns])
+            ties = floor_ties(labels["test"], test.specific[:, columns])
+            found["floor"] = {
+                "negatives_tied": _listed(ties["negatives"]),
+                "positives_tied": _listed(ties["positives"]),
+                "mean_negatives_tied": float(np.nanmean(ties["negatives"])),
+                "mean_positives_tied": float(np.nanmean(ties["positives"])),
+            }
+    found["auc"] = {kind: _listed(values) for kind, values in auc.items()}
+    found["mean_auc"] = {kind: float(np.nanmean(values)) for kind, values in auc.items()}
+    _keep_evidence(run_dir, out)
+    return found
+
+
+def _keep_evidence(run_dir: str, out: Path) -> None:
+    """The run's val/test logits, trimmed to the evaluated attributes (a third of PETA's)."""
+    folder = out / EVIDENCE_DIR / os.path.basename(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("val", "test"):
+        logits = read_split_logits(logits_path(run_dir, split))
+        columns = eval_columns(logits)
+        trimmed = SplitLogits(
+            images=logits.images,
+            labels=logits.labels[:, columns],
+            shared=logits.shared[:, columns],
+            specific=None if logits.specific is None else logits.specific[:, columns],
+            attributes=logits.eval_attributes or logits.attributes,
+            eval_attributes=logits.eval_attributes,
+        )
+        write_split_logits(str(folder / f"{split}.parquet"), trimmed)
+    cfar = storage.join(run_dir, CFAR_DIR, PROBABILITIES_FILE)
+    if storage.exists(cfar):
+        shutil.copyfile(cfar, folder / f"cfar-{PROBABILITIES_FILE}")
+
+
+def _listed(values: np.ndarray) -> list[float | None]:
+    """JSON-safe: NaN (an attribute with one class in the split) becomes null."""
+    return [None if np.isnan(v) else round(float(v), 5) for v in values]
+
+
+def record_diagnostics(
+    figures: dict[str, Any], row: Row, seed: int, base: Config, args: argparse.Namespace, out: Path
+) -> bool:
+    """Add :func:`diagnose` to a finished row of this variant that lacks it; returns whether
+    it did. A CFAR row fitted before CFAR kept its probabilities is fitted again (same seed)
+    and its figures refreshed, so figures and evidence come from one fit."""
+    key = (_args_variant(args), row.name, seed)
+    found = next((r for r in figures["rows"] if _row_key(r) == key), None)
+    config = row_config(base, row, seed, args.runs, args.init, args.classifier)
+    run_dir = config.run.dir
+    if found is None or "protocols" in found or not storage.exists(logits_path(run_dir, "test")):
+        return False
+    if row.source != STAGE1 and not storage.exists(
+        storage.join(run_dir, CFAR_DIR, PROBABILITIES_FILE)
+    ):
+        fit_cfar(run_dir, config.cfar, seed=config.seed)
+        refreshed = cfar_figures(run_dir, config, row.source)
+        found.update({name: float(refreshed[name]) for name in (*METRICS, "threshold")})
+    found.update(diagnose(row, config, out))
+    return True
 
 
 def aggregate(rows: list[dict]) -> list[dict[str, Any]]:
@@ -371,10 +514,10 @@ def spread_statement(table: list[dict[str, Any]]) -> str:
 def markdown(rows: list[dict], args: argparse.Namespace, angles_by_init: dict[str, dict]) -> str:
     """Both tables (from scratch, ImageNet-initialised), each with its spread and Fig. 7."""
     lines = ["# PETA ablation (paper Table 2)", ""]
-    for init in INITS:
-        found = [r for r in rows if r.get("init", "scratch") == init]
-        if found or init == args.init:
-            lines += _section(init, found, args, angles_by_init.get(init))
+    for variant in VARIANTS:
+        found = [r for r in rows if _row_variant(r) == variant]
+        if found or variant == _args_variant(args):
+            lines += _section(variant, found, args, angles_by_init.get(variant))
     lines += [f"Rows and per-seed figures: {NAME}.json.", ""]
     return "\n".join(lines)
 
@@ -397,30 +540,35 @@ def device_statement(rows: list[dict], default: str) -> str:
     )
 
 
-def _section(init: str, rows: list[dict], args: argparse.Namespace, angles: dict | None) -> list:
+def _section(variant: str, rows: list[dict], args: argparse.Namespace, angles: dict | None) -> list:
     table = aggregate(rows)
     first = rows[0] if rows else {}
+    init, _, classifier = variant.partition("-")
     origin = "from scratch" if init == "scratch" else "from ImageNet weights"
+    title = f"## Encoder trained {origin}"
+    if classifier:
+        title += f", {classifier} classifier (`--classifier {classifier}`)"
     lines = [
-        f"## Encoder trained {origin}",
+        title,
         "",
         f"Test split of the person-disjoint PETA split (converter default, seed 0), 35 evaluated "
         f"attributes. Every row trained {origin} for {first.get('epochs', args.epochs)} epochs "
         f"({first.get('backbone', '')} at {'x'.join(map(str, first.get('image_size', [])))}, "
         f"lr {first.get('lr', args.lr)}, batch {first.get('batch', args.batch)}, "
         f"{first.get('workers', args.workers)} worker(s), {device_statement(rows, args.device)}); "
-        "the epoch is the best by validation mA and the threshold is chosen on validation. "
+        "the epoch is the best by validation mA. "
         "Metrics in percent, mean ± std over seeds (std 0 when only one seed is done).",
-        "",
-        "| row | seeds | " + " | ".join(HEADERS) + " |",
-        "| --- | --- |" + " --- |" * len(HEADERS),
     ]
-    for entry in table:
-        cells = [f"{100 * entry[k]:.2f} ± {100 * entry[f'{k}_std']:.2f}" for k in METRICS]
-        seeds = ",".join(map(str, entry["seeds"]))
-        lines.append(f"| {_label(entry['name'])} | {seeds} | " + " | ".join(cells) + " |")
-    lines += ["", spread_statement(table)]
-    if init == args.init:
+    if rows and all("protocols" in row for row in rows):
+        for protocol in THRESHOLD_PROTOCOLS:
+            protocol_table = aggregate(at_protocol(rows, protocol))
+            lines += ["", f"### Threshold {PROTOCOL_NAMES[protocol]}", ""]
+            lines += [*_metric_table(protocol_table), "", spread_statement(protocol_table)]
+        lines += ["", *_diagnostics_table(rows)]
+    else:
+        lines += ["", "Threshold: one value chosen on validation (maximising mA).", ""]
+        lines += [*_metric_table(table), "", spread_statement(table)]
+    if variant == _args_variant(args):
         missing = [
             f"{name}-seed{seed}"
             for name in args.rows
@@ -435,25 +583,84 @@ def _section(init: str, rows: list[dict], args: argparse.Namespace, angles: dict
     if angles:
         lines += [
             "",
-            f"Fig. 7 ({_angles_file(init)}): angle between each present attribute's feature "
-            f"vector and its classifier weight on test images (seed {angles['seed']}): "
+            f"Fig. 7 ({_angles_file(variant)}): {ANGLE_MEANINGS[angles.get('kind', 'weight')]} "
+            f"on test images (seed {angles['seed']}): "
             + "; ".join(
                 f"{name}: median {s['median']:.1f}°, {100 * s['below_90']:.1f}% below 90° "
                 f"({s['count']} pairs)"
                 for name, s in angles.items()
-                if name != "seed"
+                if name not in ("seed", "kind")
             )
             + ".",
         ]
     return [*lines, ""]
 
 
-def _angles_file(init: str) -> str:
-    return f"{NAME}_angles.png" if init == "scratch" else f"{NAME}_angles_{init}.png"
+PROTOCOL_NAMES = {
+    "0.5": "0.5 (fixed, as PAR papers report; the headline)",
+    "val": "chosen on validation (one value maximising mA)",
+    "val-per-attribute": "chosen on validation per attribute (each its best mA term)",
+}
 
 
-def _angles_key(init: str) -> str:
-    return "angles" if init == "scratch" else f"angles_{init}"
+def at_protocol(rows: list[dict], protocol: str) -> list[dict]:
+    """The rows with their headline figures replaced by those under ``protocol``."""
+    return [{**row, **{k: row["protocols"][protocol][k] for k in METRICS}} for row in rows]
+
+
+def _metric_table(table: list[dict[str, Any]]) -> list[str]:
+    lines = ["| row | seeds | " + " | ".join(HEADERS) + " |", "| --- | --- |" + " --- |" * 5]
+    for entry in table:
+        cells = [f"{100 * entry[k]:.2f} ± {100 * entry[f'{k}_std']:.2f}" for k in METRICS]
+        seeds = ",".join(map(str, entry["seeds"]))
+        lines.append(f"| {_label(entry['name'])} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _diagnostics_table(rows: list[dict]) -> list[str]:
+    """Mean over attributes (and seeds) of test AUC per logit kind and the floor's ties."""
+
+    def mean(values: list[float | None]) -> str:
+        found = [v for v in values if v is not None]
+        return f"{100 * statistics.fmean(found):.2f}" if found else "-"
+
+    lines = [
+        "Diagnostics (test split, mean over the evaluated attributes and the seeds; "
+        f"per-attribute values and the logits behind them in `{EVIDENCE_DIR}/`). AUC is "
+        "threshold-free; tied = share of negatives / positives whose specific logit equals "
+        "the attribute's lowest (the floor b_j under the thesis's CAM):",
+        "",
+        "| row | AUC prediction | AUC shared | AUC specific | negatives tied | positives tied |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ROW_NAMES:
+        found = [row for row in rows if row["name"] == name]
+        if not found:
+            continue
+        cells = [
+            mean([row["mean_auc"].get(kind) for row in found])
+            for kind in ("prediction", "shared", "specific")
+        ]
+        for side in ("mean_negatives_tied", "mean_positives_tied"):
+            cells.append(mean([row["floor"][side] for row in found if "floor" in row]))
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _angles_file(variant: str) -> str:
+    return f"{NAME}_angles.png" if variant == "scratch" else f"{NAME}_angles_{variant}.png"
+
+
+def _angles_key(variant: str) -> str:
+    return "angles" if variant == "scratch" else f"angles_{variant}"
+
+
+def _args_variant(args: argparse.Namespace) -> str:
+    return variant_key(args.init, args.classifier)
+
+
+def _row_variant(row: dict[str, Any]) -> str:
+    return variant_key(row.get("init", "scratch"), row.get("classifier", "thesis"))
 
 
 def record_angles(
@@ -462,32 +669,44 @@ def record_angles(
     """Fig. 7 angles of a finished baseline or CAM-PAR run, unless already recorded or gone.
 
     Returns whether it recorded them."""
-    key = f"{args.init}/{row.name}/seed{seed}"
-    samples = figures.setdefault("angle_samples", {})
-    run_dir = row_config(base, row, seed, args.runs, args.init).run.dir
+    key = f"{_args_variant(args)}/{row.name}/seed{seed}"
+    samples = figures.setdefault(ANGLE_SAMPLES["decision"], {})
+    run_dir = row_config(base, row, seed, args.runs, args.init, args.classifier).run.dir
     if row not in ANGLE_ROWS or key in samples or not storage.exists(logits_path(run_dir, "test")):
         return False
     predictor = load_model(run_dir)
     images = load_split_images(base.data.manifest, "test", predictor.image_size, args.angle_images)
-    samples[key] = [round(float(value), 2) for value in angles(predictor, images)]
+    for kind, name in ANGLE_SAMPLES.items():
+        values = angles(predictor, images, kind)
+        figures.setdefault(name, {})[key] = [round(float(value), 2) for value in values]
     return True
 
 
+ANGLE_SAMPLES = {"weight": "angle_samples", "decision": "decision_angle_samples"}
+ANGLE_MEANINGS = {
+    "weight": "angle between each present attribute's feature vector and its classifier weight "
+    "(the thesis's measure; CAM-PAR's cannot exceed 90° under the relu-max CAM, by construction)",
+    "decision": "angle between each present attribute's [feature, 1] and its [weight, bias] "
+    "(BatchNorm folded in): below 90° exactly when predicted present at 0.5, for either head",
+}
+"""Results-JSON key of each angle kind (rows before the decision angle have weight angles only)."""
+
+
 def angle_plot(figures: dict[str, Any], args: argparse.Namespace, out: Path) -> dict | None:
-    """Fig. 7 (baseline vs CAM-PAR) from the first seed whose two runs' angles are recorded."""
-    samples = figures.get("angle_samples", {})
-    for seed in sorted({r["seed"] for r in figures["rows"]}):
-        keys = [f"{args.init}/{row.name}/seed{seed}" for row in ANGLE_ROWS]
-        if all(key in samples for key in keys):
-            groups = {
-                row.label: np.asarray(samples[key], dtype=np.float32)
-                for row, key in zip(ANGLE_ROWS, keys, strict=True)
-            }
-            (out / _angles_file(args.init)).write_bytes(angle_boxplot(groups))
-            return {
-                "seed": seed,
-                **{name: angle_summary(values) for name, values in groups.items()},
-            }
+    """Fig. 7 (baseline vs CAM-PAR) from the first seed whose two runs' angles are recorded:
+    the decision angle where measured, else the thesis's weight angle."""
+    for kind in ("decision", "weight"):
+        samples = figures.get(ANGLE_SAMPLES[kind], {})
+        for seed in sorted({r["seed"] for r in figures["rows"]}):
+            keys = [f"{_args_variant(args)}/{row.name}/seed{seed}" for row in ANGLE_ROWS]
+            if all(key in samples for key in keys):
+                groups = {
+                    row.label: np.asarray(samples[key], dtype=np.float32)
+                    for row, key in zip(ANGLE_ROWS, keys, strict=True)
+                }
+                (out / _angles_file(_args_variant(args))).write_bytes(angle_boxplot(groups, kind))
+                summaries = {name: angle_summary(values) for name, values in groups.items()}
+                return {"seed": seed, "kind": kind, **summaries}
     return None
 
 
@@ -504,16 +723,18 @@ def merged(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
     """
     keys = {_row_key(row) for row in ours["rows"]}
     extra_rows = [row for row in theirs.get("rows", []) if _row_key(row) not in keys]
-    samples = {**theirs.get("angle_samples", {}), **ours.get("angle_samples", {})}
-    plots = {
-        _angles_key(init): ours.get(_angles_key(init)) or theirs.get(_angles_key(init))
-        for init in INITS
+    samples = {
+        name: {**theirs.get(name, {}), **ours.get(name, {})} for name in ANGLE_SAMPLES.values()
     }
-    return {**theirs, **ours, **plots, "rows": ours["rows"] + extra_rows, "angle_samples": samples}
+    plots = {
+        _angles_key(variant): ours.get(_angles_key(variant)) or theirs.get(_angles_key(variant))
+        for variant in VARIANTS
+    }
+    return {**theirs, **ours, **plots, **samples, "rows": ours["rows"] + extra_rows}
 
 
 def _row_key(row: dict[str, Any]) -> tuple[str, str, int]:
-    return row.get("init", "scratch"), row["name"], row["seed"]
+    return _row_variant(row), row["name"], row["seed"]
 
 
 def save(out: Path, figures: dict[str, Any]) -> None:
@@ -540,9 +761,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     figures = load_figures(out)
     if args.merge:
         theirs = json.loads(Path(args.merge).read_text())["figures"]
-        for init in INITS:  # a plot that only the other machine drew comes along
-            plot = Path(args.merge).parent / _angles_file(init)
-            if not figures.get(_angles_key(init)) and theirs.get(_angles_key(init)):
+        for variant in VARIANTS:  # a plot that only the other machine drew comes along
+            plot = Path(args.merge).parent / _angles_file(variant)
+            if not figures.get(_angles_key(variant)) and theirs.get(_angles_key(variant)):
                 shutil.copyfile(plot, out / plot.name)
         figures = merged(figures, theirs)
         _publish(out, figures, args)
@@ -557,14 +778,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = "cpu" if args.device == "cpu" else (machine_info()["gpu"] or "gpu")
     for seed in args.seeds:
         for row in ROWS:
-            done = any(_row_key(r) == (args.init, row.name, seed) for r in figures["rows"])
-            trained = row.name in args.rows and not done
+            done = any(
+                _row_key(r) == (_args_variant(args), row.name, seed) for r in figures["rows"]
+            )
+            trained = row.name in args.rows and not done and not args.no_train
             if trained:
-                print(f"=== {args.init} {row.name} seed {seed}", flush=True)
+                print(f"=== {_args_variant(args)} {row.name} seed {seed}", flush=True)
                 figures["rows"].append(run_row(row, seed, base, args, device))
                 print(json.dumps(figures["rows"][-1]), flush=True)
-            if record_angles(figures, row, seed, base, args) or trained:
-                figures[_angles_key(args.init)] = angle_plot(figures, args, out)
+            diagnosed = record_diagnostics(figures, row, seed, base, args, out)
+            if record_angles(figures, row, seed, base, args) or trained or diagnosed:
+                figures[_angles_key(_args_variant(args))] = angle_plot(figures, args, out)
                 _publish(out, figures, args)
     _publish(out, figures, args)
     print((out / f"{NAME}.md").read_text(), flush=True)
@@ -578,10 +802,10 @@ def _publish(out: Path, figures: dict[str, Any], args: argparse.Namespace) -> No
     figures.update(merged(figures, load_figures(out)))
     rows = figures["rows"]
     figures["summary"] = {
-        init: aggregate([r for r in rows if r.get("init", "scratch") == init]) for init in INITS
+        variant: aggregate([r for r in rows if _row_variant(r) == variant]) for variant in VARIANTS
     }
     save(out, figures)
-    angles_by_init = {init: figures.get(_angles_key(init)) for init in INITS}
+    angles_by_init = {variant: figures.get(_angles_key(variant)) for variant in VARIANTS}
     (out / f"{NAME}.md").write_text(markdown(rows, args, angles_by_init))
 
 

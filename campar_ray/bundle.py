@@ -5,7 +5,9 @@ A bundle holds what inference needs and nothing else:
 - ``model.pt``: the stage-1 state dict (``torch.save``, loaded with ``weights_only=True``);
 - ``config.yaml``: the resolved config of the checkpoint (backbone, head, input size, ...);
 - ``attributes.json``: attribute names and the evaluated ones;
-- ``threshold.json``: the decision threshold and where it came from (validation data);
+- ``threshold.json``: the thresholds chosen on validation data, by protocol (``val``: one
+  value, ``val-per-attribute``: one per attribute), each with where it came from; the
+  ``0.5`` protocol needs none;
 - ``cfar/``: the run's stage-2 artefacts (``.npz`` + ``cfar.json``), when it has them;
 - ``samples.npz``: a few resized validation images (uint8), so that export can check
   parity on real inputs without the data set.
@@ -39,7 +41,7 @@ from campar_ray.config import Config
 from campar_ray.data.images import decode_image, load_image_bytes
 from campar_ray.data.manifest import read_manifest
 from campar_ray.data.transforms import normalize, resize
-from campar_ray.metrics import choose_threshold
+from campar_ray.metrics import THRESHOLD_PROTOCOLS, check_protocol, select_threshold
 from campar_ray.model import ParModel, ParOutput, build_model, prediction_logits
 from campar_ray.train.checkpoints import (
     CHECKPOINT_ROOT,
@@ -61,8 +63,18 @@ Image = np.ndarray | str | os.PathLike
 class Threshold:
     """A decision threshold on the final probabilities and how it was obtained."""
 
-    value: float
+    value: float | tuple[float, ...]
+    """One value, or one per attribute (in ``attributes`` order)."""
     source: str
+    protocol: str
+    """One of :data:`campar_ray.metrics.THRESHOLD_PROTOCOLS`."""
+
+
+FIXED = Threshold(0.5, "fixed, as PAR papers report", "0.5")
+"""The ``0.5`` protocol's threshold: the same for every run."""
+
+VAL_PROTOCOLS = tuple(p for p in THRESHOLD_PROTOCOLS if p != FIXED.protocol)
+"""The protocols whose thresholds depend on the run, so a bundle must store them."""
 
 
 def best_checkpoint(run_dir: str) -> str:
@@ -89,19 +101,52 @@ def stage1_probabilities(logits: SplitLogits, predict_from: str) -> np.ndarray:
     return torch.sigmoid(prediction_logits(output, predict_from)).numpy()
 
 
-def validation_threshold(run_dir: str, predict_from: str, cfar: CfarPredictor | None) -> Threshold:
-    """The threshold of the final prediction: CFAR's own, else the stage-1 one chosen on val.
+def protocol_threshold(protocol: str, val: SplitLogits, probs: np.ndarray) -> float | np.ndarray:
+    """``protocol``'s threshold for one source's validation probabilities (N x M).
 
-    Both are chosen the same way (:func:`campar_ray.metrics.choose_threshold`, maximising mA
-    over the evaluated attributes of the validation split); never on test data.
+    One value is chosen over the evaluated attributes, as mA is reported; per-attribute values
+    cover all M attributes (each is chosen on its own column, so the evaluated ones are the same
+    either way) because predictions name every attribute.
     """
-    if cfar is not None:
-        return Threshold(cfar.threshold, "val: maximises mA of stage 1 + CFAR (fit-cfar)")
-    val = read_split_logits(logits_path(run_dir, "val"))
+    if protocol == "val-per-attribute":
+        return select_threshold(protocol, val.labels, probs)
     columns = eval_columns(val)
-    probs = stage1_probabilities(val, predict_from)
-    value = float(choose_threshold(val.labels[:, columns], probs[:, columns]))
-    return Threshold(value, f"val: maximises mA of stage 1 ({predict_from} logits)")
+    return select_threshold(protocol, val.labels[:, columns], probs[:, columns])
+
+
+def run_threshold(
+    run_dir: str, predict_from: str, cfar: CfarPredictor | None, protocol: str
+) -> Threshold:
+    """The threshold of a run's final prediction (stage 1 + CFAR when fitted) under ``protocol``.
+
+    ``val`` with CFAR is the threshold fit-cfar chose and stored; every other val-chosen one
+    comes from the run's validation logits, never from test data.
+    """
+    check_protocol(protocol)
+    if protocol == FIXED.protocol:
+        return FIXED
+    final = "stage 1 + CFAR" if cfar is not None else f"stage 1 ({predict_from} logits)"
+    if protocol == "val" and cfar is not None:
+        return Threshold(cfar.threshold, f"val: maximises mA of {final} (fit-cfar)", protocol)
+    val = read_split_logits(logits_path(run_dir, "val"))
+    probs = (
+        stage1_probabilities(val, predict_from)
+        if cfar is None
+        else cfar.probabilities(val.prediction)
+    )
+    value = protocol_threshold(protocol, val, probs)
+    if protocol == "val":
+        return Threshold(float(value), f"val: maximises mA of {final}", protocol)
+    return Threshold(
+        tuple(float(v) for v in value),
+        f"val: each maximises its attribute's mA term, of {final}",
+        protocol,
+    )
+
+
+def validation_threshold(run_dir: str, predict_from: str, cfar: CfarPredictor | None) -> Threshold:
+    """The ``val`` protocol's threshold of a run (the PETA ablation tables' protocol)."""
+    return run_threshold(run_dir, predict_from, cfar, "val")
 
 
 class ParPredictor:
@@ -126,14 +171,24 @@ class ParPredictor:
         self.config = config
         self.attributes = tuple(attributes)
         self.eval_attributes = tuple(eval_attributes)
-        self.threshold = threshold.value
-        self.threshold_source = threshold.source
+        self.decision = threshold
+        """The threshold ``decide``/``predict`` apply, with its protocol and source."""
         self.cfar = cfar
         self.device = torch.device("cpu")
 
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.config.data.image_size)
+
+    @property
+    def threshold(self) -> float | tuple[float, ...]:
+        """One threshold, or one per attribute (``attributes`` order)."""
+        return self.decision.value
+
+    @property
+    def threshold_source(self) -> str:
+        """How ``threshold`` was obtained (protocol and data), for exported metadata."""
+        return self.decision.source
 
     @property
     def predict_from(self) -> str:
@@ -184,24 +239,29 @@ class ParPredictor:
             chunks.append(self.probabilities(self.stage1(normalize(pixels))))
         return np.concatenate(chunks)
 
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Which attributes are present (N x M bool): probability >= its ``threshold``."""
+        return np.asarray(probs) >= np.asarray(self.threshold)
+
     def predict(self, images: Sequence[Image], batch_size: int = 32) -> list[list[str]]:
         """Names of the attributes predicted present (probability >= ``threshold``)."""
-        probs = self.predict_proba(images, batch_size)
-        return [
-            [self.attributes[j] for j in np.flatnonzero(row >= self.threshold)] for row in probs
-        ]
+        present = self.decide(self.predict_proba(images, batch_size))
+        return [[self.attributes[j] for j in np.flatnonzero(row)] for row in present]
 
 
-def load_model(path: str) -> ParPredictor:
+def load_model(path: str, threshold: str = "0.5") -> ParPredictor:
     """Open a bundle (from :func:`save_bundle`) or a run directory, on the CPU.
 
     Needs neither Ray nor a data set. A run directory gives its best stage-1 checkpoint,
-    its CFAR artefacts when ``fit-cfar`` ran, and the threshold chosen on its val logits.
+    its CFAR artefacts when ``fit-cfar`` ran, and ``threshold``'s protocol (one of
+    :data:`campar_ray.metrics.THRESHOLD_PROTOCOLS`, 0.5 by default as PAR papers report)
+    applied to its val logits; a bundle gives the threshold it stored for the protocol.
     """
+    check_protocol(threshold)
     if storage.exists(storage.join(path, MODEL_FILE)):
-        return _load_bundle(path)
+        return _load_bundle(path, threshold)
     if storage.exists(storage.join(path, *CHECKPOINT_ROOT)):
-        return _load_run(path)
+        return _load_run(path, threshold)
     raise FileNotFoundError(
         f"{path} is neither a model bundle (no {MODEL_FILE}) nor a run directory "
         f"(no {'/'.join(CHECKPOINT_ROOT)}); make a bundle with save_bundle(run_dir, out)"
@@ -209,7 +269,10 @@ def load_model(path: str) -> ParPredictor:
 
 
 def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
-    """Write the bundle of a run (best checkpoint, threshold, CFAR) to ``out``; return ``out``.
+    """Write the bundle of a run (best checkpoint, thresholds, CFAR) to ``out``; return ``out``.
+
+    ``threshold.json`` holds the run's threshold under every protocol chosen on validation,
+    so :func:`load_model` can open the bundle with any protocol.
 
     ``samples`` resized validation images go into ``samples.npz`` when the run's manifest
     is still readable (0 to leave them out).
@@ -218,7 +281,10 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
     meta = read_meta(checkpoint)
     config = Config().override(meta["config"])
     cfar = load_cfar_if_fitted(run_dir)
-    threshold = validation_threshold(run_dir, config.model.predict_from, cfar)
+    thresholds = {
+        protocol: run_threshold(run_dir, config.model.predict_from, cfar, protocol)
+        for protocol in VAL_PROTOCOLS
+    }
     storage.write_bytes(
         storage.join(out, MODEL_FILE), storage.read_bytes(storage.join(checkpoint, MODEL_FILE))
     )
@@ -227,7 +293,10 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
     )
     attributes = {"attributes": meta["attributes"], "eval_attributes": meta["eval_attributes"]}
     _write_json(storage.join(out, ATTRIBUTES_FILE), attributes)
-    _write_json(storage.join(out, THRESHOLD_FILE), dataclasses.asdict(threshold))
+    _write_json(
+        storage.join(out, THRESHOLD_FILE),
+        {name: {"value": t.value, "source": t.source} for name, t in thresholds.items()},
+    )
     if cfar is not None:
         _copy_folder(storage.join(run_dir, CFAR_DIR), storage.join(out, CFAR_DIR))
     if samples > 0:
@@ -268,10 +337,65 @@ def sample_images(config: Config, split: str, count: int) -> np.ndarray:
     return np.stack(images) if images else empty
 
 
-def _load_bundle(path: str) -> ParPredictor:
+def read_thresholds(path: str, attributes: int) -> dict[str, Threshold]:
+    """A bundle's ``threshold.json``, checked: protocol -> threshold for ``attributes`` outputs.
+
+    The file maps ``val`` to ``{"value": number, "source": text}`` and ``val-per-attribute``
+    to the same with a list of one number per attribute; either may be absent.
+    """
+    file = storage.join(path, THRESHOLD_FILE)
+    payload = load_json(file)
+    expected = (
+        f'expected {{"val": {{"value": number, "source": text}}, "val-per-attribute": '
+        f'{{"value": [{attributes} numbers], "source": text}}}}, numbers in [0, 1]'
+    )
+    if not isinstance(payload, dict) or not set(payload) <= set(VAL_PROTOCOLS):
+        raise ValueError(
+            f"{file} is not a threshold file by protocol ({expected}); "
+            "re-create the bundle with `campar bundle`"
+        )
+    thresholds = {}
+    for protocol, entry in payload.items():
+        value = _threshold_value(entry, attributes if protocol == "val-per-attribute" else None)
+        if value is None:
+            raise ValueError(f"{file}: bad {protocol!r} entry {entry!r}; {expected}")
+        thresholds[protocol] = Threshold(value, entry["source"], protocol)
+    return thresholds
+
+
+def _threshold_value(entry: Any, attributes: int | None) -> float | tuple[float, ...] | None:
+    """An entry's value, checked: one probability (``attributes`` None) or that many; else None."""
+    if not (
+        isinstance(entry, dict)
+        and set(entry) == {"value", "source"}
+        and isinstance(entry["source"], str)
+    ):
+        return None
+    value = entry["value"]
+    if attributes is None:
+        return float(value) if _is_probability(value) else None
+    if isinstance(value, list) and len(value) == attributes and all(map(_is_probability, value)):
+        return tuple(float(v) for v in value)
+    return None
+
+
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _load_bundle(path: str, protocol: str) -> ParPredictor:
     config = Config().override(yaml.safe_load(storage.read_bytes(storage.join(path, CONFIG_FILE))))
     names = load_json(storage.join(path, ATTRIBUTES_FILE))
-    threshold = Threshold(**load_json(storage.join(path, THRESHOLD_FILE)))
+    stored = read_thresholds(path, len(names["attributes"]))
+    if protocol == FIXED.protocol:
+        threshold = FIXED
+    elif protocol in stored:
+        threshold = stored[protocol]
+    else:
+        raise ValueError(
+            f"{storage.join(path, THRESHOLD_FILE)} has no {protocol!r} threshold (it holds "
+            f"{', '.join(stored) or 'none'}); re-create the bundle with `campar bundle`"
+        )
     model = _build(config, len(names["attributes"]), storage.join(path, MODEL_FILE))
     return ParPredictor(
         model,
@@ -283,13 +407,13 @@ def _load_bundle(path: str) -> ParPredictor:
     )
 
 
-def _load_run(run_dir: str) -> ParPredictor:
+def _load_run(run_dir: str, protocol: str) -> ParPredictor:
     checkpoint = best_checkpoint(run_dir)
     meta = read_meta(checkpoint)
     config = Config().override(meta["config"])
     model = _build(config, len(meta["attributes"]), storage.join(checkpoint, MODEL_FILE))
     cfar = load_cfar_if_fitted(run_dir)
-    threshold = validation_threshold(run_dir, config.model.predict_from, cfar)
+    threshold = run_threshold(run_dir, config.model.predict_from, cfar, protocol)
     return ParPredictor(model, config, meta["attributes"], meta["eval_attributes"], threshold, cfar)
 
 

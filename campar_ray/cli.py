@@ -133,6 +133,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pack", action="store_true", help="store encoded images in the manifest")
     _shard_size_argument(parser)
+    _allow_outside_root_argument(parser)
     seen: set[str] = set()
     for spec in FORMATS.values():
         for option in spec.options:
@@ -150,6 +151,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _prepare(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.data.converters import prepare
+    from campar_ray.data.images import ImageLimits
 
     options = {
         name.removeprefix("option_"): value
@@ -164,6 +166,7 @@ def _prepare(args: argparse.Namespace, config: Config) -> int:
         pack=args.pack,
         shard_mb=args.shard_size_mb,
         verify=args.verify,
+        limits=ImageLimits.of(config.data),
         progress=_counter("verified"),
         **options,
     )
@@ -181,9 +184,11 @@ def _pack_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _shard_size_argument(parser)
     parser.add_argument("--threads", type=int, default=16, help="images read at once")
+    _allow_outside_root_argument(parser)
 
 
 def _pack(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.data.images import ImageLimits
     from campar_ray.data.pack import pack_manifest
 
     report = pack_manifest(
@@ -191,10 +196,18 @@ def _pack(args: argparse.Namespace, config: Config) -> int:
         args.out,
         shard_mb=args.shard_size_mb,
         threads=args.threads,
+        limits=ImageLimits.of(config.data),
         progress=_counter("packed"),
     )
     print(report.summary())
-    return 0
+    return 1 if report.skipped else 0
+
+
+def _allow_outside_root_argument(parser: argparse.ArgumentParser) -> None:
+    """The opt-in to images a manifest (or a ``folder`` CSV) names outside its own folder."""
+    _shorthand(
+        parser, "--allow-outside-root", "data.allow_outside_root", action="store_const", const=True
+    )
 
 
 def _shard_size_argument(parser: argparse.ArgumentParser) -> None:
@@ -301,15 +314,28 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=["val", "test"], default="test")
     parser.add_argument("--out", default=None, help="report folder (default: RUN/report/SPLIT)")
     parser.add_argument("--baseline-run", default=None, help="baseline run for the angle plot")
-    parser.add_argument("--threshold", type=float, default=None, help="fixed threshold")
+    _threshold_argument(parser)
     parser.add_argument("--angle-images", type=int, default=256, help="images for Fig. 7")
     parser.add_argument("--cam-images", type=int, default=4, help="images in the CAM grid")
+
+
+def _threshold_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threshold PROTOCOL`` of evaluate, compare and predict (0.5, as PAR papers report)."""
+    from campar_ray.metrics import THRESHOLD_PROTOCOLS
+
+    parser.add_argument(
+        "--threshold",
+        choices=THRESHOLD_PROTOCOLS,
+        default="0.5",
+        help="threshold protocol: 0.5 (what PAR papers report), or chosen on the validation "
+        "split (never test): one for all attributes (val) or one per attribute",
+    )
 
 
 def _evaluate(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.evaluate import evaluate
 
-    evaluate(
+    result = evaluate(
         config.run.dir,
         args.split,
         args.out,
@@ -318,6 +344,7 @@ def _evaluate(args: argparse.Namespace, config: Config) -> int:
         angle_images=args.angle_images,
         cam_images=args.cam_images,
     )
+    print(f"report: {result['files']['markdown']} (threshold protocol {args.threshold})")
     return 0
 
 
@@ -325,17 +352,19 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="runs to put side by side")
     parser.add_argument("--out", required=True, help="folder for compare.md/.csv and the plot")
     parser.add_argument("--split", choices=["val", "test"], default="test")
+    _threshold_argument(parser)
     parser.add_argument("--angle-images", type=int, default=256, help="images for Fig. 7")
 
 
 def _compare(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.evaluate import compare_runs, markdown_table
+    from campar_ray.metrics import protocol_statement
 
-    print(
-        markdown_table(
-            compare_runs(args.runs, args.out, args.split, angle_images=args.angle_images)
-        )
+    rows = compare_runs(
+        args.runs, args.out, args.split, threshold=args.threshold, angle_images=args.angle_images
     )
+    print(protocol_statement(args.threshold))
+    print(markdown_table(rows))
     return 0
 
 
@@ -361,6 +390,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", help="run the model on GPUs")
     parser.add_argument("--actors", type=int, default=1, help="model replicas (actor pool)")
     parser.add_argument("--batch-size", type=int, default=64)
+    _threshold_argument(parser)
     _address_argument(parser)
 
 
@@ -373,11 +403,12 @@ def _predict(args: argparse.Namespace, config: Config) -> int:
         args.model,
         args.input,
         args.out,
+        threshold=args.threshold,
         gpu=args.gpu,
         actors=args.actors,
         batch_size=args.batch_size,
     )
-    print(result)
+    print(result.summary())
     return 0
 
 
@@ -447,24 +478,26 @@ def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
 def _doctor(args: argparse.Namespace, config: Config) -> int:
     from campar_ray import storage
     from campar_ray.data.manifest import read_info
-    from campar_ray.preflight import ClusterShape, doctor_report
+    from campar_ray.preflight import ClusterShape, Finding, doctor_report
     from campar_ray.runtime import init_ray
 
     if args.gpu:
         config = config.override({"train.use_gpu": True})
     problems = []
-    for check, what in (
-        (lambda: read_info(config.data.manifest), "manifest"),
-        (lambda: storage.check_writable(config.run.dir), "run.dir"),
-    ):
+    checks = [("run.dir", lambda: storage.check_writable(config.run.dir))]
+    if config.data.manifest:
+        checks.insert(0, ("manifest", lambda: read_info(config.data.manifest)))
+    else:
+        problems.append(Finding("error", "data.manifest is not set (pass --manifest or --config)"))
+    for what, check in checks:
         try:
             check()
         except (OSError, ValueError) as error:
-            problems.append(f"error: {what}: {error}")
+            problems.append(Finding("error", f"{what}: {error}"))
     init_ray(_cluster(args))
-    report, fits = doctor_report(config, ClusterShape.from_ray())
-    print("\n".join([report, *problems]))
-    return 0 if fits and not problems else 1
+    report, fits = doctor_report(config, ClusterShape.from_ray(), problems)
+    print(report)
+    return 0 if fits else 1
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from campar_ray import storage
+
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be applied (message names the key)."""
@@ -45,7 +47,13 @@ class ModelConfig:
     predict_from: str = "specific"
     """Logits used for prediction: ``specific`` (reference), ``shared`` or ``mean``."""
     prior_bias: bool = True
-    """Start the classifier bias at logit(positive rate) (see ``init_bias_from_prior``)."""
+    """Start the logits' bias at logit(positive rate) (see ``init_bias_from_prior``)."""
+    cam_norm: str = "relu-max"
+    """CAM normalisation: ``relu-max`` (eq. 10, the thesis; specific logits never fall below
+    the bias) or ``min-max`` (keeps the sign of ``CAM * A``: no floor, same identity)."""
+    logit_norm: str = "none"
+    """``none`` (eq. 9-12 as written) or ``batchnorm``: the reference classifier of [15],
+    ``Linear + BatchNorm1d`` over the logits, one affine map for shared and specific logits."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,24 @@ class DataConfig:
     """CPUs reserved by each decode task (fractional works on small machines)."""
     starvation_threshold: float = 0.2
     """Warn when an epoch's training steps wait for data longer than this fraction of the time."""
+    allow_outside_root: bool = False
+    """Read images a manifest names outside its own folder (``..``, absolute paths elsewhere,
+    other URI schemes). Off: a manifest from a shared bucket cannot make training, ``pack``
+    or ``verify`` read files its writer chose (``--allow-outside-root`` on the CLI)."""
+    max_image_pixels: int = 89_478_485
+    """Images with more pixels are skipped and counted like corrupt ones. Pillow's own
+    decompression-bomb limit: about 256 MiB of decoded RGB, far above any pedestrian photo or
+    camera frame (an 8K frame has 33 M), low enough that one tiny PNG claiming 20000 x 10000
+    pixels cannot take a decode task's memory. Pillow itself refuses more than twice its
+    limit, whatever this says."""
+
+    def __post_init__(self) -> None:
+        _refuse_credentials("data.manifest", self.manifest)
+        if self.max_image_pixels < 1:
+            raise ConfigError(
+                f"bad value {self.max_image_pixels!r} for data.max_image_pixels: expected a "
+                "number of pixels >= 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,9 @@ class RunSettings:
 
     dir: str = "runs/default"
     """Run directory (local path or URI); Ray's ``storage_path`` lives inside it."""
+
+    def __post_init__(self) -> None:
+        _refuse_credentials("run.dir", self.dir)
 
 
 @dataclass(frozen=True)
@@ -235,6 +264,13 @@ def worker_range(value: int | str) -> tuple[int, int]:
             "or a range MIN..MAX with 1 <= MIN <= MAX (e.g. 2..4)"
         )
     return bounds
+
+
+def _refuse_credentials(key: str, uri: str) -> None:
+    """Refuse a URI with user info before it reaches ``config.yaml``, logs or checkpoints; the
+    message does not repeat it."""
+    if storage.has_credentials(uri):
+        raise ConfigError(f"{key} must not carry credentials; {storage.CREDENTIALS_HINT}")
 
 
 def config_keys() -> list[str]:

@@ -3,6 +3,9 @@
 Label-based: mA = mean over attributes of (TP/P + TN/N) / 2. Instance-based: accuracy,
 precision and recall per image, averaged over images, with an empty denominator scoring 0;
 F1 from the *averaged* precision and recall. All vectorised over an N x M array.
+
+A threshold protocol (:data:`THRESHOLD_PROTOCOLS`, :func:`select_threshold`) says how the
+decision threshold is obtained: the fixed 0.5 PAR papers report at, or chosen on validation data.
 """
 
 from __future__ import annotations
@@ -10,6 +13,15 @@ from __future__ import annotations
 import numpy as np
 
 EPS = 1e-20
+
+_PROTOCOLS = {
+    "0.5": "0.5 on every attribute, the fixed value PAR papers report at",
+    "val": "one threshold for all attributes, chosen on the validation split to maximise mA",
+    "val-per-attribute": "one threshold per attribute, each chosen on the validation split to "
+    "maximise that attribute's mA term (its balanced accuracy)",
+}
+THRESHOLD_PROTOCOLS = tuple(_PROTOCOLS)
+"""How a decision threshold is obtained: fixed, or chosen on validation data (never test)."""
 
 
 def par_metrics(
@@ -80,6 +92,37 @@ def choose_threshold(
         return float(grid[int(np.argmax(scores))])
     per_threshold = np.stack([par_metrics(labels, probs, t)["attr_accuracy"] for t in grid])
     return grid[np.argmax(per_threshold, axis=0)]
+
+
+def check_protocol(protocol: str) -> None:
+    """Refuse an unknown threshold protocol, naming the valid ones."""
+    if protocol not in _PROTOCOLS:
+        raise ValueError(
+            f"unknown threshold protocol {protocol!r}; valid: {', '.join(THRESHOLD_PROTOCOLS)}"
+        )
+
+
+def protocol_statement(protocol: str) -> str:
+    """The sentence a report or table carries to say which threshold protocol it follows."""
+    check_protocol(protocol)
+    return f"Threshold protocol {protocol}: {_PROTOCOLS[protocol]}."
+
+
+def select_threshold(
+    protocol: str, val_labels: np.ndarray, val_probs: np.ndarray
+) -> float | np.ndarray:
+    """The threshold of ``protocol`` for validation labels and probabilities (both N x M).
+
+    ``0.5`` ignores the data; ``val`` is :func:`choose_threshold` (one value, best mA);
+    ``val-per-attribute`` gives M values, each the best of its own column. Pass validation
+    data only: a threshold chosen on test would inflate the test figures.
+    """
+    check_protocol(protocol)
+    if protocol == "0.5":
+        return 0.5
+    if protocol == "val":
+        return float(choose_threshold(val_labels, val_probs))
+    return choose_threshold(val_labels, val_probs, per_attribute=True)
 
 
 def _binary(

@@ -5,14 +5,18 @@ block by block, so any number of images runs in bounded memory and on as many ac
 GPUs) as the cluster offers. The driver receives only probabilities, never pixels, and
 writes one row per input in input order: ``path``, ``error`` (null when the image was read),
 ``prob_<attribute>`` for every attribute and ``predicted`` (the attribute names at or above
-the bundle's threshold). An image that cannot be read or decoded gets its error message and
-null probabilities; the run goes on. Images of any size are resized as in training.
+their threshold under the chosen threshold protocol: 0.5 by default, as PAR papers report, or
+the bundle's validation-chosen ``val`` / ``val-per-attribute`` thresholds; a Parquet file
+names the protocol, threshold and its source in its schema metadata). An image that cannot
+be read or decoded gets its error message and null probabilities; the run goes on. Images of
+any size are resized as in training.
 """
 
 from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 from dataclasses import dataclass
 
@@ -26,7 +30,7 @@ import torch
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from campar_ray import storage
-from campar_ray.bundle import load_model
+from campar_ray.bundle import Threshold, load_model
 from campar_ray.data.images import decode_image, load_image_bytes
 from campar_ray.data.manifest import BINARY_COLUMN, read_manifest
 from campar_ray.data.transforms import normalize, resize
@@ -44,6 +48,14 @@ class PredictResult:
     images: int
     errors: int
     table: pa.Table
+    threshold: Threshold
+
+    def summary(self) -> str:
+        """One line for the command line."""
+        return (
+            f"{self.images} images ({self.errors} unreadable) -> {self.path}; "
+            f"threshold protocol {self.threshold.protocol} ({self.threshold.source})"
+        )
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,7 @@ def predict(
     source: str,
     out: str,
     *,
+    threshold: str = "0.5",
     gpu: bool = False,
     actors: int = 1,
     batch_size: int = 64,
@@ -133,7 +146,9 @@ def predict(
     """Predict every image of ``source`` with the bundle (or run) ``model``; write ``out``.
 
     ``out`` ends with ``.parquet`` (``predicted`` as a list) or ``.csv`` (names joined by
-    ``;``). Connects to the Ray cluster (or starts a local one) if none is connected.
+    ``;``). ``threshold`` is the protocol (:data:`campar_ray.metrics.THRESHOLD_PROTOCOLS`)
+    that decides ``predicted``. Connects to the Ray cluster (or starts a local one) if none
+    is connected.
     """
     if not out.endswith(OUTPUT_SUFFIXES):
         raise ValueError(f"output {out!r} must end with one of {', '.join(OUTPUT_SUFFIXES)}")
@@ -142,7 +157,7 @@ def predict(
             f"actors ({actors}), batch_size ({batch_size}) and decode_concurrency "
             f"({decode_concurrency}) must all be at least 1"
         )
-    predictor = load_model(model)
+    predictor = load_model(model, threshold)
     inputs = list_inputs(source)
     init_ray()
     if gpu and ray.cluster_resources().get("GPU", 0) < 1:
@@ -179,11 +194,11 @@ def predict(
         errors[batch["row"]] = batch["error"]
     table = prediction_table(
         inputs.table.column("image").to_pylist(), errors, probs, predictor.attributes,
-        predictor.threshold,
+        predictor.decision,
     )  # fmt: skip
     write_predictions(out, table)
     failed = int(sum(1 for error in errors if error))
-    return PredictResult(out, count, failed, table)
+    return PredictResult(out, count, failed, table, predictor.decision)
 
 
 def prediction_table(
@@ -191,15 +206,16 @@ def prediction_table(
     errors: np.ndarray,
     probs: np.ndarray,
     attributes: tuple[str, ...],
-    threshold: float,
+    threshold: Threshold,
 ) -> pa.Table:
     """The output rows: path, error (null if none), one probability column per attribute,
-    and the names of the predicted attributes (null where the image failed)."""
+    and the names of the predicted attributes (null where the image failed); the schema
+    metadata says which threshold decided them."""
     failed = np.array([bool(error) for error in errors], dtype=bool)
     names = np.asarray(attributes, dtype=object)
+    cut = np.asarray(threshold.value)
     predicted = [
-        None if bad else names[row >= threshold].tolist()
-        for row, bad in zip(probs, failed, strict=True)
+        None if bad else names[row >= cut].tolist() for row, bad in zip(probs, failed, strict=True)
     ]
     columns = {
         "path": pa.array(paths, pa.string()),
@@ -208,7 +224,12 @@ def prediction_table(
     for index, name in enumerate(attributes):
         columns[PROB_PREFIX + name] = pa.array(probs[:, index], pa.float32(), mask=failed)
     columns["predicted"] = pa.array(predicted, pa.list_(pa.string()))
-    return pa.table(columns).replace_schema_metadata({"threshold": str(threshold)})
+    metadata = {
+        "threshold_protocol": threshold.protocol,
+        "threshold": json.dumps(threshold.value),
+        "threshold_source": threshold.source,
+    }
+    return pa.table(columns).replace_schema_metadata(metadata)
 
 
 def write_predictions(out: str, table: pa.Table) -> None:

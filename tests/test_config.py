@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -95,3 +97,25 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_reference_recipe_is_the_baseline_15_classifier_with_the_floorless_cam():
+    from campar_ray.model import build_model
+
+    config = load_config(
+        Path(__file__).parents[1] / "configs" / "reference.yaml",
+        ["model.backbone=resnet18", "model.weights=none", "model.fusion=false"],
+    )
+    assert (config.train.loss, config.train.lr, config.train.weight_decay) == (
+        "weighted_bce",
+        1e-4,
+        5e-4,
+    )
+    assert (config.train.batch_size, config.train.epochs, config.train.scheduler) == (
+        64,
+        30,
+        "plateau",
+    )
+    head = build_model(config.model, 7).head
+    assert head.cam_norm == "min-max" and head.logit_norm is not None
+    assert not config.model.prior_bias

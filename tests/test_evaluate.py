@@ -27,15 +27,23 @@ import yaml
 from PIL import Image
 
 from bench.threshold_protocol import score_run
-from campar_ray.bundle import best_checkpoint, load_model, save_bundle, stage1_probabilities
-from campar_ray.cfar.fit import fit_cfar
+from campar_ray.bundle import (
+    best_checkpoint,
+    load_cfar_if_fitted,
+    load_model,
+    save_bundle,
+    stage1_probabilities,
+)
+from campar_ray.cfar.fit import eval_columns, fit_cfar
+from campar_ray.cli import main
 from campar_ray.config import CfarConfig, Config
 from campar_ray.data.manifest import labels_matrix, read_manifest
 from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.synthetic import generate_synthetic
 from campar_ray.data.transforms import normalize
 from campar_ray.evaluate import compare_runs, evaluate
-from campar_ray.metrics import par_metrics
+from campar_ray.evaluate.metrics_table import source_probabilities
+from campar_ray.metrics import THRESHOLD_PROTOCOLS, choose_threshold, par_metrics
 from campar_ray.model import build_model, prediction_logits, stage1_loss
 from campar_ray.train.checkpoints import load_stage1_checkpoint, save_checkpoint
 from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits, write_split_logits
@@ -166,6 +174,24 @@ def report(runs) -> dict:
     return evaluate(str(runs["cfar"]), "test", baseline_run=str(runs["baseline"]), angle_images=48)
 
 
+@pytest.fixture(scope="module")
+def protocol_reports(runs, tmp_path_factory) -> dict[tuple[str, str], dict]:
+    """``campar evaluate`` of the CFAR run under every threshold protocol, on val and test:
+    (split, protocol) -> metrics.json, with the Markdown and HTML reports' text added."""
+    reports = {}
+    for split in ("val", "test"):
+        for protocol in THRESHOLD_PROTOCOLS:
+            out = tmp_path_factory.mktemp(f"report-{split}")
+            flags = ["--split", split, "--out", str(out), "--threshold", protocol]
+            images = ["--angle-images", "0", "--cam-images", "0"]
+            assert main(["evaluate", "--run-dir", str(runs["cfar"]), *flags, *images]) == 0
+            metrics = json.loads((out / "metrics.json").read_text())
+            metrics["markdown"] = (out / "report.md").read_text()
+            metrics["html"] = (out / "report.html").read_text()
+            reports[split, protocol] = metrics
+    return reports
+
+
 def test_every_figure_is_a_valid_png(report):
     figures = [path for name, path in report["files"].items() if name.endswith(".png")]
     assert sorted(os.path.basename(p) for p in figures) == [
@@ -253,27 +279,94 @@ def test_report_numbers_equal_metrics_json(report):
     assert all(f"<td>{cell}</td>" in page for row in overall for cell in row[3:])
 
 
-def test_sources_thresholds_and_cfar(report, runs):
+def test_sources_thresholds_and_cfar(report):
     metrics = report
     assert list(metrics["sources"]) == ["stage1_shared", "stage1_specific", "stage1_cfar"]
     assert metrics["final"] == "stage1_cfar" and metrics["cfar"] is True
-    cfar_json = json.loads((runs["cfar"] / "cfar" / "cfar.json").read_text())
-    assert metrics["sources"]["stage1_cfar"]["threshold"] == cfar_json["threshold"]
-    assert all(s["threshold_source"].startswith("val") for s in metrics["sources"].values())
+    assert metrics["threshold_protocol"] == "0.5"
+    assert all(s["threshold"] == 0.5 for s in metrics["sources"].values())
     assert len(metrics["eval_attributes"]) == 15 and metrics["images"] > 0
 
 
-def test_fixed_threshold_metrics_are_par_metrics_of_the_logits(runs, tmp_path):
-    result = evaluate(str(runs["campar"]), "val", str(tmp_path), threshold=0.5, angle_images=8)
+def test_every_report_states_its_threshold_protocol(protocol_reports):
+    for (split, protocol), metrics in protocol_reports.items():
+        assert metrics["threshold_protocol"] == protocol
+        title = f"# Evaluation of {metrics['run_dir']} ({split}, threshold {protocol})"
+        assert metrics["markdown"].startswith(title)
+        assert f"Threshold protocol {protocol}: " in metrics["markdown"]
+        assert f"Threshold protocol {protocol}: " in metrics["html"]
+    assert "the fixed value PAR papers report at" in protocol_reports["test", "0.5"]["markdown"]
+
+
+def _val_probabilities(run_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Val labels and each source's val probabilities, over the evaluated attributes."""
+    val = read_split_logits(logits_path(str(run_dir), "val"))
+    columns = eval_columns(val)
+    probs = source_probabilities(val, "specific", load_cfar_if_fitted(str(run_dir)))
+    return val.labels[:, columns], {name: p[:, columns] for name, p in probs.items()}
+
+
+def test_each_protocol_takes_its_thresholds_from_val(protocol_reports, runs):
+    labels, probs = _val_probabilities(runs["cfar"])
+    cfar_json = json.loads((runs["cfar"] / "cfar" / "cfar.json").read_text())
+    for split in ("val", "test"):
+        fixed = protocol_reports[split, "0.5"]["sources"]
+        assert {(s["threshold"], s["threshold_source"]) for s in fixed.values()} == {
+            (0.5, "fixed (0.5)")
+        }
+        val = protocol_reports[split, "val"]["sources"]
+        assert val["stage1_cfar"]["threshold"] == cfar_json["threshold"]
+        assert val["stage1_specific"]["threshold"] == choose_threshold(
+            labels, probs["stage1_specific"]
+        )
+        assert all(s["threshold_source"].startswith("val (") for s in val.values())
+        per_attribute = protocol_reports[split, "val-per-attribute"]["sources"]
+        for name, source in per_attribute.items():
+            expected = choose_threshold(labels, probs[name], per_attribute=True)
+            np.testing.assert_allclose(source["threshold"], expected)
+            by_attribute = [values["threshold"] for values in source["attributes"].values()]
+            np.testing.assert_allclose(by_attribute, expected)
+
+
+def test_on_val_per_attribute_beats_val_beats_half(protocol_reports):
+    """On the split the thresholds are chosen on, each protocol can only gain: 0.5 is one of the
+    global grid's values, and each attribute's own best is at least one value for all."""
+    by_protocol = {p: protocol_reports["val", p]["sources"] for p in THRESHOLD_PROTOCOLS}
+    for name in by_protocol["0.5"]:
+        fixed, val, per_attribute = (by_protocol[p][name]["mA"] for p in THRESHOLD_PROTOCOLS)
+        assert fixed <= val + 1e-12 and val <= per_attribute + 1e-12, name
+    assert any(
+        by_protocol["val-per-attribute"][name]["mA"] > by_protocol["val"][name]["mA"]
+        for name in by_protocol["val"]
+    )
+    per_attribute_table = _table_rows(
+        protocol_reports["val", "val-per-attribute"]["markdown"], "Overall metrics"
+    )
+    assert all(row[1].startswith("per attribute, ") for row in per_attribute_table)
+
+
+def test_default_protocol_metrics_are_par_metrics_at_half(runs, tmp_path):
+    flags = ["--split", "val", "--out", str(tmp_path), "--angle-images", "8"]
+    assert main(["evaluate", "--run-dir", str(runs["campar"]), *flags]) == 0
+    result = json.loads((tmp_path / "metrics.json").read_text())
     logits = read_split_logits(logits_path(str(runs["campar"]), "val"))
     columns = [logits.attributes.index(name) for name in logits.eval_attributes]
     probs = 1 / (1 + np.exp(-logits.specific.astype(np.float64)))
     expected = par_metrics(logits.labels[:, columns], probs[:, columns], 0.5)
     specific = result["sources"]["stage1_specific"]
-    assert specific["threshold"] == 0.5 and result["final"] == "stage1_specific"
+    assert result["threshold_protocol"] == "0.5" and result["final"] == "stage1_specific"
+    assert specific["threshold"] == 0.5
     for key in ("mA", "accuracy", "precision", "recall", "f1"):
         assert specific[key] == pytest.approx(expected[key], abs=1e-6)
     assert "stage1_cfar" not in result["sources"]
+
+
+def test_unknown_protocol_is_refused(runs, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"unknown threshold protocol '0\.3'; valid: 0\.5, val"):
+        evaluate(str(runs["campar"]), "test", str(tmp_path), threshold="0.3")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--run-dir", str(runs["campar"]), "--threshold", "0.3"])
+    assert "invalid choice: '0.3'" in capsys.readouterr().err
 
 
 def test_fig7_angles_baseline_next_to_campar(report, runs):
@@ -294,9 +387,22 @@ def test_predictor_of_a_run_reproduces_its_logits(runs, tmp_path):
     predictor = load_model(str(runs["campar"]))
     expected = stage1_probabilities(logits, "specific")[:6]
     np.testing.assert_allclose(predictor.predict_proba(images), expected, atol=1e-5)
-    bundle = load_model(save_bundle(str(runs["campar"]), str(tmp_path / "bundle")))
+    folder = save_bundle(str(runs["campar"]), str(tmp_path / "bundle"))
+    bundle = load_model(folder)
     np.testing.assert_allclose(bundle.predict_proba(images), expected, atol=1e-5)
-    assert bundle.threshold == predictor.threshold and bundle.attributes == logits.attributes
+    assert bundle.threshold == predictor.threshold == 0.5
+    assert bundle.attributes == logits.attributes
+    for protocol in ("val", "val-per-attribute"):
+        from_bundle = load_model(folder, protocol)
+        assert from_bundle.decision == load_model(str(runs["campar"]), protocol).decision
+        assert from_bundle.decision.protocol == protocol
+    thresholds = from_bundle.threshold
+    assert len(thresholds) == len(logits.attributes) and len(set(thresholds)) > 1
+    probs = from_bundle.predict_proba(images)
+    assert from_bundle.predict(images) == [
+        [a for a, p, t in zip(logits.attributes, row, thresholds, strict=True) if p >= t]
+        for row in probs
+    ]
 
 
 def test_compare_runs_writes_the_ablation_table(runs, tmp_path):
@@ -305,13 +411,31 @@ def test_compare_runs_writes_the_ablation_table(runs, tmp_path):
         ("baseline", False), ("campar", False), ("campar", True),
     ]  # fmt: skip
     cfar_metrics = json.loads((runs["cfar"] / "cfar" / "metrics.json").read_text())
-    assert rows[2]["mA"] == pytest.approx(cfar_metrics["test"]["cfar_dictionary"]["mA"])
+    assert rows[2]["mA"] == pytest.approx(cfar_metrics["test_at_0.5"]["cfar_dictionary"]["mA"])
     with open(tmp_path / "compare.csv") as handle:
         table = list(csv.DictReader(handle))
     assert [float(r["mA"]) for r in table] == pytest.approx([100 * r["mA"] for r in rows], abs=1e-3)
     markdown = (tmp_path / "compare.md").read_text()
     assert re.search(r"\| campar_cfar \| campar \| no \| yes \| \d+\.\d\d \|", markdown)
+    assert markdown.startswith("# Ablation (test split, threshold 0.5)")
     assert (tmp_path / "angles.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("protocol", ["val", "val-per-attribute"])
+def test_compare_cli_follows_the_protocol(runs, protocol_reports, tmp_path, capsys, protocol):
+    flags = ["--split", "val", "--threshold", protocol, "--angle-images", "0"]
+    assert main(["compare", str(runs["cfar"]), "--out", str(tmp_path), *flags]) == 0
+    assert capsys.readouterr().out.startswith(f"Threshold protocol {protocol}: ")
+    markdown = (tmp_path / "compare.md").read_text()
+    assert markdown.startswith(f"# Ablation (val split, threshold {protocol})")
+    assert f"Threshold protocol {protocol}: " in markdown
+    with open(tmp_path / "compare.csv") as handle:
+        table = list(csv.DictReader(handle))
+    sources = protocol_reports["val", protocol]["sources"]
+    expected = [sources["stage1_specific"]["mA"], sources["stage1_cfar"]["mA"]]
+    assert [float(row["mA"]) for row in table] == pytest.approx(
+        [100 * value for value in expected], abs=1e-3
+    )
 
 
 def test_report_without_images_still_has_the_numbers(runs, tmp_path):
@@ -331,9 +455,9 @@ def test_unknown_split_is_refused_with_the_valid_ones(runs):
         evaluate(str(runs["campar"]), "train")
 
 
-def test_threshold_study_scores_the_val_protocol_as_the_report_does(runs, report):
+def test_threshold_study_scores_the_val_protocol_as_the_report_does(runs, protocol_reports):
     """bench.threshold_protocol's ``val`` protocol must be the report's: same thresholds and mA."""
-    reported = json.loads(Path(report["files"]["metrics"]).read_text())["sources"]
+    reported = protocol_reports["test", "val"]["sources"]
     scores = score_run(str(runs["cfar"]))
     assert sorted(scores) == ["stage1_cfar", "stage1_specific"]
     for source, by_protocol in scores.items():

@@ -13,7 +13,14 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from campar_ray.metrics import choose_threshold, par_metrics, summary
+from campar_ray.metrics import (
+    THRESHOLD_PROTOCOLS,
+    choose_threshold,
+    par_metrics,
+    protocol_statement,
+    select_threshold,
+    summary,
+)
 
 LABELS = np.array([[1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 0]])
 PREDICTED = np.array([[1, 0, 0, 0], [0, 1, 1, 1], [1, 0, 0, 0]])
@@ -146,3 +153,37 @@ def test_mismatched_shapes_are_refused():
         par_metrics(np.zeros((3, 2)), np.zeros((3, 3)))
     with pytest.raises(ValueError, match="equal N x M"):
         par_metrics(np.zeros(3), np.zeros(3))
+
+
+def test_select_threshold_follows_each_protocol():
+    labels, probs = _random_case(3)
+    assert select_threshold("0.5", labels, probs) == 0.5
+    chosen = select_threshold("val", labels, probs)
+    assert isinstance(chosen, float) and chosen == choose_threshold(labels, probs)
+    per_attribute = select_threshold("val-per-attribute", labels, probs)
+    assert per_attribute.shape == (labels.shape[1],)
+    np.testing.assert_array_equal(
+        per_attribute, choose_threshold(labels, probs, per_attribute=True)
+    )
+    # each attribute's own best mA term can only match or beat one threshold for all
+    assert (
+        par_metrics(labels, probs, per_attribute)["mA"] >= par_metrics(labels, probs, chosen)["mA"]
+    )
+    assert THRESHOLD_PROTOCOLS == ("0.5", "val", "val-per-attribute")
+    assert all(protocol_statement(p).startswith(f"Threshold protocol {p}:") for p in ("0.5", "val"))
+
+
+def test_per_attribute_protocol_beats_one_threshold_where_attributes_need_different_ones():
+    labels = np.array([[1, 1], [0, 0], [1, 1], [0, 0]])
+    probs = np.array([[0.4, 0.8], [0.2, 0.6], [0.4, 0.8], [0.2, 0.6]])
+    assert par_metrics(labels, probs, select_threshold("val", labels, probs))["mA"] == 0.75
+    per_attribute = select_threshold("val-per-attribute", labels, probs)
+    assert par_metrics(labels, probs, per_attribute)["mA"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("protocol", ["0.4", "test", "per-attribute", ""])
+def test_unknown_protocol_names_the_valid_ones(protocol):
+    with pytest.raises(
+        ValueError, match=r"unknown threshold protocol .*; valid: 0\.5, val, val-per-attribute"
+    ):
+        select_threshold(protocol, np.zeros((2, 2)), np.zeros((2, 2)))

@@ -52,10 +52,19 @@ def _grads(module: torch.nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     ("b", "c", "h", "w", "m"), [(2, 8, 4, 3, 5), (3, 16, 7, 5, 2), (1, 4, 1, 1, 3)]
 )
-def test_cheap_and_literal_specific_logits_and_gradients_agree(b, c, h, w, m):
+@pytest.mark.parametrize(
+    "norms",
+    [
+        {},
+        {"cam_norm": "min-max"},
+        {"logit_norm": "batchnorm"},
+        {"cam_norm": "min-max", "logit_norm": "batchnorm"},
+    ],
+)
+def test_cheap_and_literal_specific_logits_and_gradients_agree(b, c, h, w, m, norms):
     torch.manual_seed(0)
-    cheap = CamParHead(c, m)
-    literal = CamParHead(c, m, literal=True)
+    cheap = CamParHead(c, m, **norms)
+    literal = CamParHead(c, m, literal=True, **norms)
     literal.load_state_dict(cheap.state_dict())
     f = torch.randn(b, c, h, w)
     f_cheap, f_literal = f.clone().requires_grad_(), f.clone().requires_grad_()
@@ -64,9 +73,9 @@ def test_cheap_and_literal_specific_logits_and_gradients_agree(b, c, h, w, m):
     assert torch.equal(out_cheap.shared, out_literal.shared)
     (out_cheap.specific.sin().sum()).backward()
     (out_literal.specific.sin().sum()).backward()
-    assert (f_cheap.grad - f_literal.grad).abs().max() <= 1e-5
+    torch.testing.assert_close(f_cheap.grad, f_literal.grad, atol=1e-5, rtol=1e-5)
     for g_cheap, g_literal in zip(_grads(cheap), _grads(literal), strict=True):
-        assert (g_cheap - g_literal).abs().max() <= 1e-5
+        torch.testing.assert_close(g_cheap, g_literal, atol=1e-5, rtol=1e-5)
 
 
 def test_literal_form_is_eq_11_12_and_shared_is_gap_linear():
@@ -125,6 +134,78 @@ def test_specific_logits_never_fall_below_the_bias():
     head = CamParHead(8, 4)
     out = head(torch.randn(16, 8, 3, 2))
     assert (out.specific >= head.classifier.bias - 1e-7).all()
+
+
+# --- The floor and its remedies (cam_norm, logit_norm) ------------------------------------
+
+
+def test_min_max_cams_remove_the_floor_and_keep_gradients_of_negative_maps():
+    head = CamParHead(4, 3, cam_norm="min-max")
+    with torch.no_grad():
+        head.classifier.weight.fill_(-1.0)
+    f = torch.rand(2, 4, 3, 3).requires_grad_()  # A = -sum(f) < 0 everywhere
+    out = head(f, return_cams=True)
+    assert (out.specific < head.classifier.bias - 1e-3).all()  # below the old floor
+    assert torch.allclose(out.cams.amax((2, 3)), torch.ones(2, 3), atol=1e-5)
+    out.specific.sum().backward()
+    assert f.grad.abs().sum() > 0  # the relu-max CAM sends nothing here
+
+
+def test_relu_max_negative_maps_send_no_specific_gradient_to_the_features():
+    head = CamParHead(4, 3)
+    with torch.no_grad():
+        head.classifier.weight.fill_(-1.0)
+    f = torch.rand(2, 4, 3, 3).requires_grad_()
+    head(f).specific.sum().backward()
+    assert torch.equal(f.grad, torch.zeros_like(f))
+
+
+@pytest.mark.parametrize("cam_norm", ["relu-max", "min-max"])
+def test_batchnormed_head_is_the_plain_head_with_the_folded_classifier(cam_norm):
+    torch.manual_seed(3)
+    head = CamParHead(6, 4, cam_norm=cam_norm, logit_norm="batchnorm")
+    with torch.no_grad():
+        head.logit_norm.weight.uniform_(0.5, 2.0)  # scale > 0
+        head.logit_norm.bias.normal_()
+    for _ in range(3):  # non-trivial running statistics
+        head(torch.randn(8, 6, 3, 2) * 3 + 1)
+    head.eval()
+    plain = CamParHead(6, 4, cam_norm=cam_norm).eval()
+    weight, bias = head.effective_classifier()
+    with torch.no_grad():
+        plain.classifier.weight.copy_(weight[:, :, None, None])
+        plain.classifier.bias.copy_(bias)
+    f = torch.randn(5, 6, 3, 2)
+    ours, folded = head(f), plain(f)
+    torch.testing.assert_close(ours.shared, folded.shared, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.specific, folded.specific, atol=1e-5, rtol=1e-5)
+
+
+def test_remedies_add_only_the_stated_parameters():
+    def count(**norms):
+        return sum(p.numel() for p in CamParHead(16, 7, **norms).parameters())
+
+    assert count(cam_norm="min-max") == count()
+    assert count(logit_norm="batchnorm") == count() + 2 * 7  # BatchNorm1d's weight and shift
+    assert count(cam_norm="min-max", logit_norm="batchnorm") == count() + 2 * 7
+
+
+def test_batchnorm_statistics_come_from_the_shared_logits_and_a_batch_of_one_trains():
+    torch.manual_seed(4)
+    head = CamParHead(6, 3, logit_norm="batchnorm")
+    out = head(torch.randn(16, 6, 3, 2))
+    torch.testing.assert_close(out.shared.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    before = head.logit_norm.running_mean.clone()
+    single = head(torch.randn(1, 6, 3, 2))  # uses running statistics, updates nothing
+    assert torch.isfinite(single.specific).all()
+    assert torch.equal(head.logit_norm.running_mean, before)
+
+
+def test_unknown_cam_or_logit_normalisation_is_refused():
+    with pytest.raises(ValueError, match="relu-max, min-max"):
+        CamParHead(4, 2, cam_norm="softmax")
+    with pytest.raises(ValueError, match="none, batchnorm"):
+        CamParHead(4, 2, logit_norm="layernorm")
 
 
 # --- Heads, fusion, prediction -----------------------------------------------------------
@@ -244,6 +325,34 @@ def test_feature_weight_angles_cover_positive_pairs_and_match_definition(head):
             vectors = f.mean((2, 3)).unsqueeze(1).expand(-1, M, -1)
         expected = _angles_by_hand(vectors, weight)[labels > 0].numpy()
     np.testing.assert_allclose(angles, expected, atol=1e-3)
+
+
+def test_weight_angle_of_relu_max_campar_is_capped_but_the_decision_angle_is_not():
+    model = _model(head="campar")
+    with torch.no_grad():
+        model.head.classifier.bias.fill_(-3.0)
+    x = torch.randn(4, 3, 64, 32)
+    labels = torch.ones(4, M)
+    weight = feature_weight_angles(model, x, labels)
+    decision = feature_weight_angles(model, x, labels, kind="decision")
+    assert weight.max() <= 90.0 + 1e-4  # by construction: w . GAP(CAM * f) >= 0
+    with torch.no_grad():
+        logits = model.eval()(x).specific.flatten().numpy()
+    np.testing.assert_array_equal(decision < 90.0, logits > 0)  # 90 deg = the 0.5 boundary
+    assert (decision > 90.0).any()
+
+
+@pytest.mark.parametrize("head", ["baseline", "campar"])
+def test_min_max_weight_angles_can_exceed_90_degrees(head):
+    model = _model(head=head, cam_norm="min-max")
+    with torch.no_grad():
+        model.head.classifier.weight.neg_()
+    x = torch.randn(4, 3, 64, 32)
+    both = np.concatenate(
+        [feature_weight_angles(model, x, torch.ones(4, M)) for _ in range(1)]
+        + [feature_weight_angles(_model(head=head, cam_norm="min-max"), x, torch.ones(4, M))]
+    )
+    assert (both > 90.0).any()
 
 
 # --- Backbones and weights ---------------------------------------------------------------

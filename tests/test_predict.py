@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from campar_ray.bundle import load_model
+from campar_ray.bundle import Threshold, load_model
+from campar_ray.cli import main
 from campar_ray.config import Config
 from campar_ray.data.manifest import ManifestInfo, manifest_table, write_manifest
 from campar_ray.data.synthetic import render, sample_person
@@ -35,6 +36,12 @@ from campar_ray.predict import (
 SIZE = (32, 16)
 ATTRIBUTES = ("hat", "bag", "skirt", "jeans")
 THRESHOLD = 0.5
+VAL_THRESHOLD = 0.45
+PER_ATTRIBUTE = (0.3, 0.5, 0.55, 0.7)
+THRESHOLDS = {
+    "val": {"value": VAL_THRESHOLD, "source": "test: one value"},
+    "val-per-attribute": {"value": list(PER_ATTRIBUTE), "source": "test: one per attribute"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,16 @@ def bundle(tmp_path_factory) -> Path:
     config.save(folder / "config.yaml")
     names = {"attributes": list(ATTRIBUTES), "eval_attributes": list(ATTRIBUTES[:3])}
     (folder / "attributes.json").write_text(json.dumps(names))
-    (folder / "threshold.json").write_text(json.dumps({"value": THRESHOLD, "source": "test"}))
+    (folder / "threshold.json").write_text(json.dumps(THRESHOLDS))
+    return folder
+
+
+def _with_thresholds(bundle: Path, folder: Path, payload) -> Path:
+    """The bundle's files (linked) with another ``threshold.json``."""
+    folder.mkdir()
+    for name in ("model.pt", "config.yaml", "attributes.json"):
+        (folder / name).symlink_to(bundle / name)
+    (folder / "threshold.json").write_text(json.dumps(payload))
     return folder
 
 
@@ -96,6 +112,53 @@ def test_bundle_predicts_like_the_network_on_resized_inputs(bundle, folder):
     assert from_paths.shape == (2, len(ATTRIBUTES)) and np.all((from_paths > 0) & (from_paths < 1))
 
 
+def test_bundle_applies_each_threshold_protocol(bundle):
+    arrays = [_image(seed, (48, 24)) for seed in range(12)]
+    expected = {"0.5": THRESHOLD, "val": VAL_THRESHOLD, "val-per-attribute": PER_ATTRIBUTE}
+    probs = load_model(str(bundle)).predict_proba(arrays)
+    decided = {}
+    for protocol, value in expected.items():
+        predictor = load_model(str(bundle), protocol)
+        assert predictor.threshold == value and predictor.decision.protocol == protocol
+        cut = np.broadcast_to(value, len(ATTRIBUTES))
+        names = predictor.predict(arrays)
+        assert names == [
+            [a for a, p, t in zip(ATTRIBUTES, row, cut, strict=True) if p >= t] for row in probs
+        ]
+        decided[protocol] = names
+    assert decided["val-per-attribute"] != decided["0.5"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ({"value": 0.5, "source": "a bundle from before threshold protocols"}, "not a threshold"),
+        ([0.5, 0.5], "not a threshold file"),
+        ({"val": {"value": "0.5", "source": "x"}}, "bad 'val' entry"),
+        ({"val": {"value": [0.5], "source": "x"}}, "bad 'val' entry"),
+        ({"val": {"value": 1.5, "source": "x"}}, "bad 'val' entry"),
+        ({"val": {"value": 0.5}}, "bad 'val' entry"),
+        ({"val-per-attribute": {"value": [0.5] * 3, "source": "x"}}, "4 numbers"),
+        ({"val-per-attribute": {"value": 0.5, "source": "x"}}, "bad 'val-per-attribute'"),
+        ({"val-per-attribute": {"value": [0.5, None, 0.5, 0.5], "source": "x"}}, "bad 'val-"),
+    ],
+)
+def test_bad_threshold_file_is_one_clear_error(bundle, tmp_path, payload, problem):
+    broken = _with_thresholds(bundle, tmp_path / "broken", payload)
+    with pytest.raises(ValueError, match=problem) as error:
+        load_model(str(broken))
+    assert str(broken / "threshold.json") in str(error.value)
+
+
+def test_a_protocol_the_bundle_lacks_is_refused(bundle, tmp_path):
+    partial = _with_thresholds(bundle, tmp_path / "partial", {"val": THRESHOLDS["val"]})
+    assert load_model(str(partial), "val").threshold == VAL_THRESHOLD
+    with pytest.raises(ValueError, match=r"has no 'val-per-attribute' threshold .*holds val"):
+        load_model(str(partial), "val-per-attribute")
+    with pytest.raises(ValueError, match="unknown threshold protocol 'test'"):
+        load_model(str(bundle), "test")
+
+
 def test_bundle_input_errors_name_the_problem(bundle, tmp_path):
     predictor = load_model(str(bundle))
     with pytest.raises(ValueError, match=r"image 1 must be an H x W x 3 uint8 array"):
@@ -138,7 +201,8 @@ def test_decoding_records_errors_instead_of_raising(folder):
 
 def test_csv_output_joins_names_and_leaves_failures_empty(tmp_path):
     probs = np.array([[0.9, 0.1, 0.6, 0.2], [np.nan] * 4], dtype=np.float32)
-    table = prediction_table(["x.png", "y.png"], np.array(["", "bad"]), probs, ATTRIBUTES, 0.5)
+    fixed = Threshold(0.5, "test", "0.5")
+    table = prediction_table(["x.png", "y.png"], np.array(["", "bad"]), probs, ATTRIBUTES, fixed)
     write_predictions(str(tmp_path / "p.csv"), table)
     options = pacsv.ConvertOptions(strings_can_be_null=True)
     rows = pacsv.read_csv(tmp_path / "p.csv", convert_options=options).to_pylist()
@@ -171,3 +235,24 @@ def test_predict_folder_keeps_every_row_and_records_errors(ray_cluster, bundle, 
         assert row["predicted"] == [
             a for a, p in zip(ATTRIBUTES, probs, strict=True) if p >= THRESHOLD
         ]
+    assert table.schema.metadata[b"threshold_protocol"] == b"0.5"
+
+
+@pytest.mark.ray
+def test_predict_cli_applies_per_attribute_thresholds(
+    ray_cluster, bundle, folder, tmp_path, capsys
+):
+    out = tmp_path / "preds.parquet"
+    args = ["predict", "--model", str(bundle), "--input", str(folder / "*.png"), "--out", str(out)]
+    assert main([*args, "--threshold", "val-per-attribute"]) == 0
+    assert "threshold protocol val-per-attribute" in capsys.readouterr().out
+    table = pq.read_table(out)
+    metadata = table.schema.metadata
+    assert metadata[b"threshold_protocol"] == b"val-per-attribute"
+    assert json.loads(metadata[b"threshold"]) == list(PER_ATTRIBUTE)
+    assert metadata[b"threshold_source"] == b"test: one per attribute"
+    for row in table.to_pylist():
+        if row["error"] is None:
+            assert row["predicted"] == [
+                a for a, t in zip(ATTRIBUTES, PER_ATTRIBUTE, strict=True) if row[f"prob_{a}"] >= t
+            ]

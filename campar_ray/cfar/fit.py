@@ -61,6 +61,9 @@ Progress = Callable[[str, dict[str, Any]], None]
 objective, relative_change, elapsed), then ``dictionary`` (keys) and ``fc2`` (lookup,
 best_epoch, epochs_run, val_mA)."""
 
+PROBABILITIES_FILE = "probabilities.npz"
+"""``<column>.<split>``: the probabilities every figure of ``metrics.json`` was computed from."""
+
 
 @dataclass(frozen=True)
 class CfarPredictor:
@@ -143,7 +146,8 @@ def fit_cfar(
         predictors[lookup], fits[lookup] = _fit_predictor(estimator, splits, cfg, columns)
         report("fc2", {"lookup": lookup, **_fit_summary(fits[lookup])})
     predictor = predictors[cfg.lookup]
-    metrics = _metrics(splits, predictors, columns, selected=cfg.lookup)
+    probs = _probabilities(splits, predictors, columns)
+    metrics = _metrics(splits, probs, predictors, columns, selected=cfg.lookup)
 
     output_dir = storage.join(run_dir, CFAR_DIR)
     save_arrays(storage.join(output_dir, "factors.npz"), X=als.X, Y=als.Y)
@@ -151,6 +155,14 @@ def fit_cfar(
         storage.join(output_dir, "dictionary.npz"), keys=dictionary.keys, values=dictionary.values
     )
     save_arrays(storage.join(output_dir, "fc2.npz"), **predictor.head.arrays())
+    save_arrays(  # the evidence behind metrics.json, so any protocol can be re-scored later
+        storage.join(output_dir, PROBABILITIES_FILE),
+        **{
+            f"{column}.{split}": values
+            for column, by in probs.items()
+            for split, values in by.items()
+        },
+    )
     _write_json(
         storage.join(output_dir, "cfar.json"),
         {
@@ -323,28 +335,39 @@ def _fit_summary(fit: Fc2Fit) -> dict[str, float]:
     }
 
 
-def _metrics(
-    splits: dict[str, SplitLogits],
-    predictors: dict[str, CfarPredictor],
-    columns: np.ndarray,
-    selected: str,
-) -> dict[str, Any]:
-    """Each column at 0.5 and at its own validation-chosen threshold, on val and test."""
-    labels = {name: splits[name].labels[:, columns] for name in REPORTED}
+def _probabilities(
+    splits: dict[str, SplitLogits], predictors: dict[str, CfarPredictor], columns: np.ndarray
+) -> dict[str, dict[str, np.ndarray]]:
+    """Column -> split -> probabilities of the evaluated attributes, on the reported splits:
+    stage 1's shared and specific logits and stage 1 + CFAR for every lookup."""
     probs: dict[str, dict[str, np.ndarray]] = {}
     for column, field in (("stage1_shared", "shared"), ("stage1_specific", "specific")):
         if getattr(splits["train"], field) is not None:
             probs[column] = {
                 name: probabilities(getattr(splits[name], field))[:, columns] for name in REPORTED
             }
-    thresholds = {
-        column: float(choose_threshold(labels["val"], by_split["val"]))
-        for column, by_split in probs.items()
-    }
     for lookup, predictor in predictors.items():
         probs[_column(lookup)] = {
             name: predictor.probabilities(splits[name].prediction)[:, columns] for name in REPORTED
         }
+    return probs
+
+
+def _metrics(
+    splits: dict[str, SplitLogits],
+    probs: dict[str, dict[str, np.ndarray]],
+    predictors: dict[str, CfarPredictor],
+    columns: np.ndarray,
+    selected: str,
+) -> dict[str, Any]:
+    """Each column at 0.5 and at its own validation-chosen threshold, on val and test."""
+    labels = {name: splits[name].labels[:, columns] for name in REPORTED}
+    thresholds = {
+        column: float(choose_threshold(labels["val"], probs[column]["val"]))
+        for column in probs
+        if column.startswith("stage1_")
+    }
+    for lookup, predictor in predictors.items():
         thresholds[_column(lookup)] = predictor.threshold
 
     result: dict[str, Any] = {

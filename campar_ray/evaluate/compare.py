@@ -1,9 +1,10 @@
 """``campar compare``: the ablation table of several runs, in the shape of the paper's Table 2.
 
 One row per run and prediction source: the run's stage-1 prediction (head x fusion), and,
-when the run has CFAR artefacts, a second row for stage 1 + CFAR. Thresholds are chosen on
-each run's validation split. Writes ``compare.md`` and ``compare.csv`` (metrics in percent)
-and, unless ``angle_images`` is 0, ``angles.png``: Fig. 7 with one box per run.
+when the run has CFAR artefacts, a second row for stage 1 + CFAR. Every row follows one
+threshold protocol (0.5 by default, as PAR papers report; or chosen on each run's validation
+split), which the table's header names. Writes ``compare.md`` and ``compare.csv`` (metrics in
+percent) and, unless ``angle_images`` is 0, ``angles.png``: Fig. 7 with one box per run.
 """
 
 from __future__ import annotations
@@ -21,28 +22,35 @@ from campar_ray.evaluate.metrics_table import final_source, run_config, score_sp
 from campar_ray.evaluate.plots import angle_boxplot
 from campar_ray.evaluate.probes import angles, load_split_images
 from campar_ray.evaluate.report import run_label
-from campar_ray.metrics import SUMMARY_KEYS
+from campar_ray.metrics import SUMMARY_KEYS, check_protocol, protocol_statement
 
 COLUMNS = ("run", "head", "fusion", "CFAR", "mA", "Acc", "Prec", "Rec", "F1")
 METRIC_COLUMNS = dict(zip(("mA", "Acc", "Prec", "Rec", "F1"), SUMMARY_KEYS, strict=True))
 
 
 def compare_runs(
-    run_dirs: list[str], out: str, split: str = "test", *, angle_images: int = 256
+    run_dirs: list[str],
+    out: str,
+    split: str = "test",
+    *,
+    threshold: str = "0.5",
+    angle_images: int = 256,
 ) -> list[dict[str, Any]]:
     """Score every run on ``split`` and write the table (and Fig. 7) into the folder ``out``.
 
-    Returns the rows (metrics as fractions in [0, 1]) in table order.
+    ``threshold`` is the protocol (:data:`campar_ray.metrics.THRESHOLD_PROTOCOLS`) of every
+    row. Returns the rows (metrics as fractions in [0, 1]) in table order.
     """
     if not run_dirs:
         raise ValueError("compare needs at least one run directory")
+    check_protocol(threshold)
     rows: list[dict[str, Any]] = []
     groups: dict[str, np.ndarray] = {}
     notes: list[str] = []
     for run_dir in run_dirs:
         config = run_config(run_dir)
         cfar = load_cfar_if_fitted(run_dir)
-        scored, _ = score_split(run_dir, split, config.model.predict_from, cfar)
+        scored, _ = score_split(run_dir, split, config.model.predict_from, cfar, threshold)
         by_name = {item.name: item for item in scored}
         stage1 = final_source([n for n in by_name if n != "stage1_cfar"], config.model.predict_from)
         sources = [stage1] + (["stage1_cfar"] if cfar is not None else [])
@@ -67,7 +75,9 @@ def compare_runs(
                 notes.append(f"No angles for {run_dir}: its images cannot be read ({error}).")
                 continue
             groups[run_label(config, run_dir)] = angles(predictor, images)
-    storage.write_bytes(storage.join(out, "compare.md"), _markdown(rows, split, notes).encode())
+    storage.write_bytes(
+        storage.join(out, "compare.md"), _markdown(rows, split, threshold, notes).encode()
+    )
     storage.write_bytes(storage.join(out, "compare.csv"), _csv(rows).encode())
     if groups:
         storage.write_bytes(storage.join(out, "angles.png"), angle_boxplot(groups))
@@ -91,12 +101,11 @@ def _cell(column: str, value: Any) -> str:
     return str(value)
 
 
-def _markdown(rows: list[dict[str, Any]], split: str, notes: list[str]) -> str:
+def _markdown(rows: list[dict[str, Any]], split: str, threshold: str, notes: list[str]) -> str:
     parts = [
-        f"# Ablation ({split} split)",
+        f"# Ablation ({split} split, threshold {threshold})",
         "",
-        "Metrics in percent over the evaluated attributes; thresholds chosen on each run's "
-        "validation split.",
+        "Metrics in percent over the evaluated attributes. " + protocol_statement(threshold),
         "",
         markdown_table(rows),
     ]

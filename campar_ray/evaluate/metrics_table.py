@@ -3,8 +3,10 @@
 Sources, side by side: stage-1 shared logits, stage-1 specific logits (CAM-PAR head), their
 mean when the run predicts from it, and stage 1 + CFAR when the run has CFAR artefacts. All
 come from the stored logits (no network, no images), over the dataset's evaluated
-attributes. Each source is scored at its own threshold, chosen on the validation split
-(maximising mA, as stage 2 chooses CFAR's), or at one fixed value when asked.
+attributes. Every source follows one threshold protocol
+(:data:`campar_ray.metrics.THRESHOLD_PROTOCOLS`): 0.5, as PAR papers report; ``val``, its own
+threshold chosen on the validation split (maximising mA, as stage 2 chooses CFAR's); or
+``val-per-attribute``, its own threshold per attribute, chosen on validation likewise.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import numpy as np
 import yaml
 
 from campar_ray import storage
-from campar_ray.bundle import stage1_probabilities
+from campar_ray.bundle import protocol_threshold, stage1_probabilities
 from campar_ray.cfar.fit import CfarPredictor, eval_columns
 from campar_ray.config import Config
-from campar_ray.metrics import SUMMARY_KEYS, choose_threshold, par_metrics
+from campar_ray.metrics import SUMMARY_KEYS, check_protocol, par_metrics
 from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits
 
 SPLITS = ("val", "test")
@@ -44,7 +46,8 @@ class Scored:
     """One prediction source on one split."""
 
     name: str
-    threshold: float
+    threshold: float | np.ndarray
+    """One value, or one per evaluated attribute."""
     threshold_source: str
     metrics: dict[str, Any]
     """``par_metrics`` over the evaluated attributes (fractions, per-attribute arrays)."""
@@ -90,48 +93,47 @@ def score_split(
     split: str,
     predict_from: str,
     cfar: CfarPredictor | None,
-    threshold: float | None = None,
+    threshold: str = "0.5",
 ) -> tuple[list[Scored], SplitLogits]:
-    """Score every source of a run on ``split``; thresholds from val unless ``threshold``."""
+    """Score every source of a run on ``split`` under the threshold protocol ``threshold``."""
     check_split(split)
+    check_protocol(threshold)
     logits = read_split_logits(logits_path(run_dir, split))
     columns = eval_columns(logits)
     probs = source_probabilities(logits, predict_from, cfar)
-    thresholds = _thresholds(run_dir, predict_from, cfar, threshold, list(probs))
-    scored = [
-        Scored(
-            name,
-            thresholds[name][0],
-            thresholds[name][1],
-            par_metrics(logits.labels[:, columns], values[:, columns], thresholds[name][0]),
-        )
-        for name, values in probs.items()
-    ]
+    thresholds = _thresholds(run_dir, predict_from, cfar, threshold)
+    scored = []
+    for name, values in probs.items():
+        value = thresholds[name]
+        value = value if np.ndim(value) == 0 else value[columns]
+        metrics = par_metrics(logits.labels[:, columns], values[:, columns], value)
+        scored.append(Scored(name, value, _source_text(name, threshold), metrics))
     return scored, logits
 
 
 def _thresholds(
-    run_dir: str,
-    predict_from: str,
-    cfar: CfarPredictor | None,
-    fixed: float | None,
-    names: list[str],
-) -> dict[str, tuple[float, str]]:
-    if fixed is not None:
-        return dict.fromkeys(names, (float(fixed), "fixed by the caller"))
+    run_dir: str, predict_from: str, cfar: CfarPredictor | None, protocol: str
+) -> dict[str, float | np.ndarray]:
+    """Each source's threshold under ``protocol`` (per attribute: all M), from its val probs."""
     val = read_split_logits(logits_path(run_dir, "val"))
-    columns = eval_columns(val)
-    probs = source_probabilities(val, predict_from, None)
     chosen = {
-        name: (
-            float(choose_threshold(val.labels[:, columns], values[:, columns])),
-            "val (maximises mA)",
-        )
-        for name, values in probs.items()
+        name: protocol_threshold(protocol, val, values)
+        for name, values in source_probabilities(val, predict_from, cfar).items()
     }
-    if cfar is not None:
-        chosen["stage1_cfar"] = (cfar.threshold, "val (maximises mA, chosen by fit-cfar)")
+    if cfar is not None and protocol == "val":
+        chosen["stage1_cfar"] = cfar.threshold
     return chosen
+
+
+def _source_text(name: str, protocol: str) -> str:
+    """Where a source's threshold came from, for the report's table."""
+    if protocol == "0.5":
+        return "fixed (0.5)"
+    if protocol == "val-per-attribute":
+        return "val, per attribute (maximises each mA term)"
+    return (
+        "val (maximises mA, chosen by fit-cfar)" if name == "stage1_cfar" else "val (maximises mA)"
+    )
 
 
 def metrics_document(
@@ -141,20 +143,26 @@ def metrics_document(
     scored: list[Scored],
     logits: SplitLogits,
     has_cfar: bool,
+    protocol: str,
 ) -> dict[str, Any]:
-    """The JSON-ready content of ``metrics.json`` (fractions in [0, 1])."""
+    """The JSON-ready content of ``metrics.json`` (fractions in [0, 1]); ``protocol`` is the
+    threshold protocol the sources were scored under."""
     columns = eval_columns(logits)
     names = [logits.attributes[index] for index in columns]
     final = final_source([s.name for s in scored], config.model.predict_from)
     sources = {}
     for item in scored:
+        per_attribute = np.broadcast_to(item.threshold, len(names))
         sources[item.name] = {
             "label": LABELS[item.name],
-            "threshold": item.threshold,
+            "threshold": np.asarray(item.threshold, dtype=float).tolist(),
             "threshold_source": item.threshold_source,
             **{key: float(item.metrics[key]) for key in SUMMARY_KEYS},
             "attributes": {
-                name: {key: float(item.metrics[array][i]) for key, array in ATTRIBUTE_KEYS.items()}
+                name: {
+                    "threshold": float(per_attribute[i]),
+                    **{key: float(item.metrics[array][i]) for key, array in ATTRIBUTE_KEYS.items()},
+                }
                 for i, name in enumerate(names)
             },
         }
@@ -170,6 +178,7 @@ def metrics_document(
             "image_size": list(config.data.image_size),
         },
         "cfar": has_cfar,
+        "threshold_protocol": protocol,
         "eval_attributes": names,
         "final": final,
         "sources": sources,

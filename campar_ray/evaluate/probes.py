@@ -81,15 +81,16 @@ def eval_mask(predictor: ParPredictor) -> np.ndarray:
     return np.array([name in evaluated for name in predictor.attributes])
 
 
-def angles(predictor: ParPredictor, images: SplitImages) -> np.ndarray:
-    """Fig. 7: angle (degrees) between feature vector and classifier weight for every
-    (image, present evaluated attribute) pair."""
+def angles(predictor: ParPredictor, images: SplitImages, kind: str = "decision") -> np.ndarray:
+    """Fig. 7: angle (degrees) between feature vector and classifier for every (image, present
+    evaluated attribute) pair; ``kind`` as in :func:`campar_ray.model.feature_weight_angles`
+    (``decision``: 90 degrees is the 0.5 boundary for either head)."""
     labels = images.labels * eval_mask(predictor)
     chunks = [np.zeros(0, dtype=np.float32)]
     for start in range(0, len(images.names), BATCH):
         x = normalize(torch.from_numpy(images.pixels[start : start + BATCH]))
         y = torch.from_numpy(labels[start : start + BATCH])
-        chunks.append(feature_weight_angles(predictor.model, x.to(predictor.device), y))
+        chunks.append(feature_weight_angles(predictor.model, x.to(predictor.device), y, kind))
     return np.concatenate(chunks)
 
 

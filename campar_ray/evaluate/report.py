@@ -5,7 +5,9 @@ its PNG figures, and ``report.html``, one self-contained page with the same figu
 embedded. The report holds the overall metrics of every prediction source side by side, the
 per-attribute results worst first, the paper's Fig. 7 (angles between each present
 attribute's feature vector and its classifier weight; a baseline run's box next to this
-run's when given), CAM overlays of a few images, and the training curves.
+run's when given), CAM overlays of a few images, and the training curves. Every figure is
+at one threshold protocol (``threshold``: 0.5 by default, as PAR papers report), which the
+report names.
 
 Numbers come from the stored logits; angles and CAMs need the network and the images, which
 are read from the run's manifest. When the manifest cannot be read (a run copied without its
@@ -40,7 +42,12 @@ from campar_ray.evaluate.probes import (
     eval_mask,
     load_split_images,
 )
-from campar_ray.metrics import SUMMARY_KEYS
+from campar_ray.metrics import (
+    SUMMARY_KEYS,
+    THRESHOLD_PROTOCOLS,
+    check_protocol,
+    protocol_statement,
+)
 
 HEADERS = {"mA": "mA", "accuracy": "Acc", "precision": "Prec", "recall": "Rec", "f1": "F1"}
 
@@ -51,26 +58,31 @@ def evaluate(
     out_dir: str | None = None,
     *,
     baseline_run: str | None = None,
-    threshold: float | None = None,
+    threshold: str = "0.5",
     angle_images: int = 256,
     cam_images: int = 4,
     cams_per_image: int = 4,
 ) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``split`` (``val`` or ``test``) and write the report.
 
-    Thresholds are chosen on val per source unless ``threshold`` fixes one for all.
+    ``threshold`` is the protocol (:data:`campar_ray.metrics.THRESHOLD_PROTOCOLS`): ``0.5``,
+    or each source's threshold chosen on val, one (``val``) or one per attribute
+    (``val-per-attribute``); never on test.
     ``angle_images`` images of the split feed Fig. 7, the first ``cam_images`` of them the
     CAM grid. Returns the content of ``metrics.json`` (fractions in [0, 1]) with the paths
     of the written files under ``files``.
     """
     check_split(split)
+    check_protocol(threshold)
     out_dir = out_dir or storage.join(run_dir, "report", split)
     config = run_config(run_dir)
-    predictor = load_model(run_dir)
+    predictor = load_model(run_dir, threshold)
     scored, logits = score_split(
         run_dir, split, config.model.predict_from, predictor.cfar, threshold
     )
-    document = metrics_document(run_dir, split, config, scored, logits, predictor.cfar is not None)
+    document = metrics_document(
+        run_dir, split, config, scored, logits, predictor.cfar is not None, threshold
+    )
     sections = [
         _overview(document),
         _overall_section(document),
@@ -83,7 +95,9 @@ def evaluate(
     if angle_stats:
         document["angles"] = angle_stats
     sections.append(_training_section(run_dir))
-    document["files"] = _write(out_dir, document, sections, f"Evaluation of {run_dir} ({split})")
+    document["files"] = _write(
+        out_dir, document, sections, f"Evaluation of {run_dir} ({split}, threshold {threshold})"
+    )
     return document
 
 
@@ -99,6 +113,13 @@ def percent(value: float) -> str:
     return f"{100 * value:.2f}"
 
 
+def _threshold_text(threshold: float | list[float] | tuple[float, ...]) -> str:
+    """A threshold in a table cell: ``0.50``, or the range of per-attribute ones."""
+    if np.ndim(threshold) == 0:
+        return f"{threshold:.2f}"
+    return f"per attribute, {min(threshold):.2f}-{max(threshold):.2f}"
+
+
 def _overview(document: dict[str, Any]) -> Section:
     model = document["model"]
     return Section(
@@ -112,6 +133,8 @@ def _overview(document: dict[str, Any]) -> Section:
             f"input {model['image_size'][0]}x{model['image_size'][1]}, "
             f"CFAR {'fitted' if document['cfar'] else 'not fitted'}.",
             f"Predictions (predict, export) use: {LABELS[document['final']]}.",
+            f"{protocol_statement(document['threshold_protocol'])} Thresholds are never chosen "
+            f"on test data; --threshold picks the protocol ({', '.join(THRESHOLD_PROTOCOLS)}).",
         ],
     )
 
@@ -123,7 +146,7 @@ def _overall_section(document: dict[str, Any]) -> Section:
         rows.append(
             [
                 source["label"] + marker,
-                f"{source['threshold']:.2f}",
+                _threshold_text(source["threshold"]),
                 source["threshold_source"],
                 *(percent(source[key]) for key in SUMMARY_KEYS),
             ]
@@ -148,9 +171,12 @@ def _attribute_section(document: dict[str, Any]) -> Section:
     }
     order = np.argsort(values["accuracy"], kind="stable")
     keys = ("accuracy", "positive_rate", "predicted_rate", "precision", "recall", "f1")
-    rows = [[names[i], *(percent(values[key][i]) for key in keys)] for i in order]
+    rows = [
+        [names[i], *(percent(values[key][i]) for key in keys), f"{values['threshold'][i]:.2f}"]
+        for i in order
+    ]
     header = ["Attribute", "Accuracy (mA term, %)", "Positive rate (%)", "Predicted rate (%)",
-              "Precision (%)", "Recall (%)", "F1 (%)"]  # fmt: skip
+              "Precision (%)", "Recall (%)", "F1 (%)", "Threshold"]  # fmt: skip
     chart = plots.per_attribute_chart(
         names, values["accuracy"], values["positive_rate"], values["f1"]
     )
@@ -158,7 +184,8 @@ def _attribute_section(document: dict[str, Any]) -> Section:
         f"Per attribute: {final['label']}",
         [
             "Sorted worst first by the attribute's mA term, at threshold "
-            f"{final['threshold']:.2f}.",
+            f"{_threshold_text(final['threshold'])} (protocol "
+            f"{document['threshold_protocol']}).",
             Table(header, rows),
             Figure("per_attribute.png", chart, "Per-attribute accuracy, F1 and positive rate"),
         ],
@@ -225,10 +252,12 @@ def _angle_blocks(groups: dict[str, np.ndarray]) -> list[Any]:
         )
     header = ["Run", "Pairs", "Median (°)", "Q1 (°)", "Q3 (°)", "Below 90° (%)"]
     return [
-        "Angle between each present attribute's feature vector (baseline: GAP(f); CAM-PAR: "
-        "GAP(CAM_j * f)) and its classifier weight, over (image, present evaluated attribute) "
-        "pairs. Below 90 degrees the attribute's score w_j^T v is positive; smaller is more "
-        "robust.",
+        "Angle between each present attribute's feature vector v (baseline: GAP(f); CAM-PAR: "
+        "GAP(CAM_j * f)) extended by 1 and its classifier [w_j, b_j] (BatchNorm folded in), "
+        "over (image, present evaluated attribute) pairs. Their dot product is the logit, so "
+        "below 90 degrees is exactly a positive prediction at threshold 0.5, for either head; "
+        "smaller is more robust. (Without the bias, CAM-PAR's angle to w_j cannot exceed 90 "
+        "degrees under the thesis's CAM: w_j . GAP(CAM_j * f) >= 0.)",
         Table(header, rows),
         Figure("angles.png", plots.angle_boxplot(groups), "Angles of present attributes"),
     ]
@@ -236,10 +265,9 @@ def _angle_blocks(groups: dict[str, np.ndarray]) -> list[Any]:
 
 def _cam_blocks(samples: list[CamSample], predictor: ParPredictor, per_image: int) -> list[Any]:
     evaluated = eval_mask(predictor)
-    threshold = predictor.threshold
     shown, rows = [], []
     for sample in samples:
-        predicted = (sample.probs >= threshold) & evaluated
+        predicted = predictor.decide(sample.probs) & evaluated
         present = (sample.labels > 0) & evaluated
         interesting = np.flatnonzero(predicted | present)
         ranked = interesting[np.argsort(-sample.probs[interesting], kind="stable")]
@@ -257,7 +285,8 @@ def _cam_blocks(samples: list[CamSample], predictor: ParPredictor, per_image: in
     grid = plots.cam_grid(samples, predictor.attributes, shown)
     return [
         "Each row: the image, then CAM overlays for its predicted and present attributes "
-        f"(most probable first); predictions at threshold {threshold:.2f}.",
+        "(most probable first); predictions at threshold "
+        f"{_threshold_text(predictor.threshold)} (protocol {predictor.decision.protocol}).",
         Figure("cams.png", grid, "CAM overlays with final probabilities and labels"),
         Table(["Image", "Predicted", "True"], rows),
     ]

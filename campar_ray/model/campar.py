@@ -7,9 +7,12 @@ disentangle it. The specific logits use the exact identity
 map instead of the B x M x C x H x W tensor of eq. 11; ``literal=True`` keeps eq. 11-12 as
 written, for tests and the overhead benchmark.
 
-A property worth knowing when training: ``CAM_j * A_j = ReLU(A_j)^2 / max`` is never negative,
-so ``l_specific_j >= b_j``. A negative image can push its specific logit no lower than the
-bias, and the specific loss of negatives falls only as fast as the optimiser moves ``b``.
+A property worth knowing when training: with the thesis's CAM (eq. 10, ``cam_norm="relu-max"``)
+``CAM_j * A_j = ReLU(A_j)^2 / max`` is never negative, so ``l_specific_j >= b_j``: every image
+whose map has no positive activation ties at that floor, and its specific loss sends no
+gradient to the features. ``cam_norm="min-max"`` keeps the identity and removes the floor;
+``logit_norm="batchnorm"`` is the reference classifier of [15] (``Linear + BatchNorm1d``).
+Both are documented in ``docs/METHOD.md`` with the equation they depart from.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from campar_ray.model.backbone import Backbone, build_backbone
 from campar_ray.model.fusion import MultiLevelFusion
 
 CAM_EPS = 1e-6
-"""Added to each CAM's maximum: an all-negative activation map gives an all-zero CAM, not NaN."""
+"""Added to each CAM's denominator: an all-negative (or flat) map gives an all-zero CAM, not NaN."""
 PREDICT_FROM = ("specific", "shared", "mean")
+CAM_NORMS = ("relu-max", "min-max")
+LOGIT_NORMS = ("none", "batchnorm")
 
 
 class ParOutput(NamedTuple):
@@ -38,23 +43,88 @@ class ParOutput(NamedTuple):
     """B x M x H x W normalised maps, only when asked for (``return_cams=True``)."""
 
 
-def class_activation_maps(activations: Tensor, eps: float = CAM_EPS) -> Tensor:
-    """``ReLU(A) / (max_hw ReLU(A) + eps)`` per image and attribute (eq. 10).
+def class_activation_maps(
+    activations: Tensor, norm: str = "relu-max", eps: float = CAM_EPS
+) -> Tensor:
+    """Per image and attribute, a map in [0, 1] that peaks where ``A`` does.
 
-    Gradients flow through the normalising maximum (plain autograd, the reference choice),
-    which keeps them exact: the CAM does not change when A is scaled, and a detached maximum
-    would send gradients as if it did.
+    ``relu-max`` (eq. 10): ``ReLU(A) / (max_hw ReLU(A) + eps)``; zero wherever ``A <= 0``.
+    ``min-max``: ``(A - min_hw A) / (max_hw A - min_hw A + eps)``; the weight still rises with
+    ``A`` but a negative activation keeps a non-zero weight, so ``CAM * A`` keeps its sign.
+
+    Gradients flow through the normalising extremes (plain autograd, the reference choice),
+    which keeps them exact: the CAM does not change when A is scaled by a positive factor, and
+    detached extremes would send gradients as if it did.
     """
-    positive = F.relu(activations)
-    return positive / (positive.amax(dim=(2, 3), keepdim=True) + eps)
+    if norm == "relu-max":
+        positive = F.relu(activations)
+        return positive / (positive.amax(dim=(2, 3), keepdim=True) + eps)
+    if norm == "min-max":
+        low = activations.amin(dim=(2, 3), keepdim=True)
+        high = activations.amax(dim=(2, 3), keepdim=True)
+        return (activations - low) / (high - low + eps)
+    raise ValueError(f"unknown CAM normalisation {norm!r}; valid: {', '.join(CAM_NORMS)}")
+
+
+class LogitBatchNorm(nn.BatchNorm1d):
+    """The reference classifier's ``BatchNorm1d`` over the logits [15], for both logit kinds.
+
+    Statistics come from the shared logits (the plain ``Linear`` output of [15]) and the same
+    per-attribute affine map ``scale * l + shift`` is applied to the specific logits. Folded
+    into the classifier (``w' = scale * w``, ``b' = scale * b + shift``) that is exactly eq.
+    9-12 with one classifier while ``scale > 0``: both CAM normalisations are unchanged by a
+    positive rescaling of ``A``. Normalising the specific logits with statistics of their own
+    would give them a second classifier. A training batch of one image uses the running
+    statistics instead of raising, since the last batch of an epoch may hold one image.
+    """
+
+    def forward(
+        self, shared: Tensor, specific: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        scale, shift = self.affine_map(shared)
+        normalised = specific * scale + shift if specific is not None else None
+        return shared * scale + shift, normalised
+
+    def affine_map(self, shared: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` per attribute: from the batch when training, else the running
+        statistics (also what the folded, exported classifier uses)."""
+        if self.training and shared is not None and shared.shape[0] > 1:
+            mean, var = shared.mean(0), shared.var(0, unbiased=False)
+            with torch.no_grad():
+                n = shared.shape[0]
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+                self.num_batches_tracked += 1
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = self.weight / torch.sqrt(var + self.eps)
+        return scale, self.bias - mean * scale
 
 
 class _Head(nn.Module):
-    """One 1x1-convolution classifier over ``f``; the head types differ in what they score."""
+    """One 1x1-convolution classifier over ``f``; the head types differ in what they score.
 
-    def __init__(self, channels: int, num_attributes: int):
+    ``logit_norm="batchnorm"`` adds the reference ``BatchNorm1d`` over the logits (2 M
+    parameters, as in [15]); ``cam_norm`` chooses the CAM normalisation (no parameters).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_attributes: int,
+        cam_norm: str = "relu-max",
+        logit_norm: str = "none",
+    ):
         super().__init__()
+        if cam_norm not in CAM_NORMS:
+            raise ValueError(f"unknown model.cam_norm {cam_norm!r}; valid: {', '.join(CAM_NORMS)}")
+        if logit_norm not in LOGIT_NORMS:
+            raise ValueError(
+                f"unknown model.logit_norm {logit_norm!r}; valid: {', '.join(LOGIT_NORMS)}"
+            )
         self.classifier = nn.Conv2d(channels, num_attributes, kernel_size=1)
+        self.cam_norm = cam_norm
+        self.logit_norm = LogitBatchNorm(num_attributes) if logit_norm == "batchnorm" else None
 
     def activations(self, f: Tensor) -> Tensor:
         """``A = w f`` without bias, B x M x H x W, in float32 even under autocast.
@@ -69,23 +139,51 @@ class _Head(nn.Module):
     def bias(self) -> Tensor:
         return self.classifier.bias.float()
 
+    def cams(self, activations: Tensor) -> Tensor:
+        return class_activation_maps(activations, self.cam_norm)
+
+    def normalise(self, shared: Tensor, specific: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The logits after the reference BatchNorm, when the head has one."""
+        if self.logit_norm is None:
+            return shared, specific
+        return self.logit_norm(shared, specific)
+
+    def effective_classifier(self) -> tuple[Tensor, Tensor]:
+        """``(w', b')``, M x C and M: the classifier with any BatchNorm folded in at its
+        running statistics (what the model scores with in eval mode).
+
+        The logit of an attribute-specific feature ``v`` is ``w'_j . v + b'_j``; Fig. 7 and
+        the floor diagnostics measure against these.
+        """
+        weight, bias = self.classifier.weight.float().flatten(1), self.bias
+        if self.logit_norm is None:
+            return weight, bias
+        scale, shift = self.logit_norm.affine_map()
+        return weight * scale[:, None], bias * scale + shift
+
+    def output_bias(self) -> Tensor:
+        """The parameter a logit ends with: BatchNorm's shift when the head has one, else ``b``
+        (the one to start at the prior: ``b`` cancels under batch normalisation)."""
+        return self.classifier.bias if self.logit_norm is None else self.logit_norm.bias
+
 
 class CamParHead(_Head):
     """Shared logits ``mean_hw(A) + b`` and CAM-disentangled specific logits."""
 
-    def __init__(self, channels: int, num_attributes: int, literal: bool = False):
-        super().__init__(channels, num_attributes)
+    def __init__(self, channels: int, num_attributes: int, literal: bool = False, **norms: str):
+        super().__init__(channels, num_attributes, **norms)
         self.literal = literal
         """Compute eq. 11-12 as written (B x M x C x H x W); same values, far more memory."""
 
     def forward(self, f: Tensor, return_cams: bool = False) -> ParOutput:
         activations = self.activations(f)
-        cams = class_activation_maps(activations)
+        cams = self.cams(activations)
         shared = activations.mean((2, 3)) + self.bias
         if self.literal:
             specific = self._literal_specific(f, cams)
         else:
             specific = (cams * activations).mean((2, 3)) + self.bias
+        shared, specific = self.normalise(shared, specific)
         return ParOutput(shared, specific, cams if return_cams else None)
 
     def _literal_specific(self, f: Tensor, cams: Tensor) -> Tensor:
@@ -103,7 +201,8 @@ class BaselineHead(_Head):
         with torch.autocast(device_type=f.device.type, enabled=False):
             weight = self.classifier.weight.float().flatten(1)
             shared = F.linear(f.float().mean((2, 3)), weight, self.bias)
-        cams = class_activation_maps(self.activations(f)) if return_cams else None
+        shared, _ = self.normalise(shared, None)
+        cams = self.cams(self.activations(f)) if return_cams else None
         return ParOutput(shared, None, cams)
 
 
@@ -145,7 +244,9 @@ def build_model(cfg: ModelConfig, num_attributes: int) -> ParModel:
         raise ValueError(f"num_attributes must be at least 1, got {num_attributes}")
     backbone = build_backbone(cfg.backbone, cfg.weights)
     fusion = MultiLevelFusion(backbone.channels, cfg.fusion_size) if cfg.fusion else None
-    head = HEADS[cfg.head](backbone.channels[-1], num_attributes)
+    head = HEADS[cfg.head](
+        backbone.channels[-1], num_attributes, cam_norm=cfg.cam_norm, logit_norm=cfg.logit_norm
+    )
     return ParModel(backbone, head, fusion)
 
 

@@ -51,8 +51,11 @@ def stage1_loss(output: ParOutput, targets: Tensor, positive_ratio: Tensor | Non
     return loss
 
 
-def init_bias_from_prior(classifier: torch.nn.Conv2d, ratio: Tensor) -> None:
-    """Start each attribute's bias at ``logit(positive rate)`` (the prior of Lin et al., 2017).
+def init_bias_from_prior(bias: Tensor, ratio: Tensor) -> None:
+    """Start each attribute's ``bias`` at ``logit(positive rate)`` (the prior of Lin et al., 2017).
+
+    ``bias`` is the head's ``output_bias()``: the classifier's ``b``, or BatchNorm's shift
+    when the logits are batch-normalised (``b`` then cancels).
 
     CAM-PAR's specific logit of a negative image cannot fall below the bias
     (``mean(CAM * A) >= 0``), and Adam moves a bias by about ``lr`` per step, so with a zero
@@ -60,4 +63,4 @@ def init_bias_from_prior(classifier: torch.nn.Conv2d, ratio: Tensor) -> None:
     of training. Starting at the prior removes that handicap for both heads alike.
     """
     with torch.no_grad():
-        classifier.bias.copy_(torch.logit(ratio.clamp(1e-3, 1 - 1e-3)).to(classifier.bias))
+        bias.copy_(torch.logit(ratio.clamp(1e-3, 1 - 1e-3)).to(bias))
