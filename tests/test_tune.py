@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,11 @@ from ray.util import placement_group_table
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from campar_ray.cfar.fit import fit_cfar
+from campar_ray.cli import main as cli_main
 from campar_ray.config import Config, load_config
 from campar_ray.data.synthetic import generate_synthetic
 from campar_ray.train.logits import SplitLogits, logits_path, write_split_logits
-from campar_ray.tune import SearchSpaceError, load_search_space, run_search
+from campar_ray.tune import SearchResult, SearchSpaceError, load_search_space, run_search
 from campar_ray.tune.full_trial import FullTrial
 from campar_ray.tune.report import best_row, param_importances, trial_row
 from campar_ray.tune.space import parse_entry
@@ -98,7 +102,7 @@ def test_list_choices_travel_as_text_and_come_back_typed():
         ("train.epochs: {int: [1, 5]}", "'train.epochs' is not searchable"),
         ("cfar.alpha: {normal: [1, 2]}", "unknown distribution 'normal'; valid: uniform, "),
         ("cfar.alpha: {uniform: [5, 1]}", "low 5.0 must be below high 1.0"),
-        ("train.lr: {loguniform: [0, 0.1]}", "loguniform needs low > 0"),
+        ("train.weight_decay: {loguniform: [0, 0.1]}", "loguniform needs low > 0"),
         (
             "cfar.factors: {uniform: [4, 8]}",
             "uniform does not suit int values; use int, logint, choice",
@@ -184,8 +188,7 @@ def test_rows_rank_complete_trials_only_and_explain_importance():
 
 
 class InterruptAfter(ray.tune.Callback):
-    """Ctrl+C after ``count`` trials complete, once (a marker file outlives the resume,
-    which restores this callback with the rest of the search's settings)."""
+    """Ctrl+C after ``count`` trials complete, once."""
 
     def __init__(self, count: int, marker: Path):
         self.count, self.marker, self.seen = count, marker, 0
@@ -197,27 +200,84 @@ class InterruptAfter(ray.tune.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+class Payload:
+    """A pickle that creates ``marker`` when loaded: what an attacker plants in a run dir."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@dataclass(frozen=True)
+class Resumed:
+    run: Path
+    first: SearchResult
+    first_table: pd.DataFrame
+    done_first: pd.DataFrame
+    stamps: dict[str, float]
+    folders_before: set[str]
+    planted: list[Path]
+    payload_marker: Path
+    second: SearchResult
+
+
 @pytest.fixture(scope="module")
 def resumed_search(ray_cluster, tmp_path_factory):
-    """An 8-trial cfar search interrupted after 3 trials, then resumed to the end."""
+    """An 8-trial cfar search interrupted after 3 trials, its tune state's pickles replaced
+    by a payload, then resumed to the end with ``campar tune --resume``."""
     run = tmp_path_factory.mktemp("tune") / "run"
     write_tiny_run(run)
     common = {"run_dir": str(run), "scope": "cfar", "num_samples": 8, "seed": 0}
-    marker = run / "interrupted"
     first = run_search(
         _tracked(BASE, run),
         **common,
         max_concurrent=2,
-        callbacks=[InterruptAfter(3, marker)],
+        callbacks=[InterruptAfter(3, run / "interrupted")],
         progress=False,
     )
-    done_first = pd.read_parquet(first.table).query("status == 'complete'")
+    first_table = pd.read_parquet(first.table)
+    done_first = first_table.query("status == 'complete'")
     stamps = {
         trial: os.path.getmtime(run / "tune" / "trials" / trial / "cfar" / "metrics.json")
         for trial in done_first.trial_id
     }
-    second = run_search(_tracked(BASE, run), **common, resume=True, progress=False)
-    return run, first, done_first, stamps, second
+    folders_before = {path.name for path in (run / "tune" / "trials").iterdir()}
+    marker = run.parent / "payload-ran"
+    planted = _plant_payloads(run / "tune", marker)
+    assert cli_main(["tune", *_cli_args(run), "--resume"]) == 0
+    second = _summary_result(run)
+    return Resumed(
+        run, first, first_table, done_first, stamps, folders_before, planted, marker, second
+    )
+
+
+def _plant_payloads(tune_dir: Path, marker: Path) -> list[Path]:
+    """Every pickle of the tune state, and Ray's ``search/tuner.pkl``, replaced by a payload."""
+    targets = set(tune_dir.rglob("*.pkl")) | {tune_dir / "search" / "tuner.pkl"}
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(Payload(marker)))
+    return sorted(targets)
+
+
+def _cli_args(run: Path) -> list[str]:
+    """``campar tune`` arguments repeating the fixture's search (``_tracked(BASE, run)``)."""
+    sets = {
+        "cfar.solver": "local",
+        "cfar.iterations": 5,
+        "cfar.fc2_epochs": 40,
+        "cfar.keys": 8,
+        "tracking.mlflow_uri": _tracked(BASE, run).tracking.mlflow_uri,
+    }
+    args = ["--run-dir", str(run), "--scope", "cfar", "--num-samples", "8"]
+    return args + [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+
+
+def _summary_result(run: Path) -> SearchResult:
+    summary = json.loads((run / "tune" / "summary.json").read_text())
+    return SearchResult(**{f.name: summary[f.name] for f in dataclasses.fields(SearchResult)})
 
 
 def _tracked(config: Config, run: Path) -> Config:
@@ -232,27 +292,119 @@ def _mlflow_runs(run: Path, experiment: str) -> list[Any]:
 
 @pytest.mark.ray
 def test_an_interrupted_search_resumes_where_it_stopped(resumed_search):
-    run, first, done_first, stamps, second = resumed_search
+    """The resume replays the finished trials from trials.json and runs only the rest."""
+    search = resumed_search
+    run, first, done_first, second = search.run, search.first, search.done_first, search.second
     assert not first.complete and first.best_config is None and not first.test
     assert len(done_first) >= 3
     table = pd.read_parquet(second.table)
     assert second.complete and len(table) == 8 and set(table.status) == {"complete"}
     assert set(done_first.trial_id) <= set(table.trial_id)
-    for trial, stamp in stamps.items():  # finished trials were not run again
+    for trial, stamp in search.stamps.items():  # finished trials were not run again
         assert os.path.getmtime(run / "tune" / "trials" / trial / "cfar" / "metrics.json") == stamp
+    # Only the remaining budget ran: one new trial folder per trial still to do.
+    new = {path.name for path in (run / "tune" / "trials").iterdir()}
+    new -= search.folders_before
+    assert new == set(table.trial_id) - set(done_first.trial_id)
+    assert len(new) == 8 - len(done_first)
+    record = json.loads((run / "tune" / "trials.json").read_text())["trials"]
+    assert sorted(entry["trial_id"] for entry in record) == sorted(table.trial_id)
     with pytest.raises(FileExistsError, match="add --resume"):
         run_search(BASE, run_dir=str(run), scope="cfar", num_samples=8, progress=False)
+
+
+@pytest.mark.ray
+def test_resume_never_unpickles_the_run_directory(resumed_search, tmp_path):
+    """Payloads planted in tuner.pkl and every other pickle of the tune state never ran."""
+    planted = resumed_search.planted
+    assert resumed_search.run / "tune" / "search" / "tuner.pkl" in planted
+    assert any("searcher-state" in path.name for path in planted)  # Ray's own pickles too
+    assert resumed_search.second.complete and not resumed_search.payload_marker.exists()
+    live = tmp_path / "live"  # the payload is live: loading it would have left the marker
+    pickle.loads(pickle.dumps(Payload(live)))
+    assert live.exists()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("name", "tamper", "message"),
+    [
+        (
+            "trials.json",
+            lambda r: r["trials"][0]["params"].update({"cfar.factors": "8"}),
+            "is not a value of the search space",
+        ),
+        (
+            "trials.json",
+            lambda r: r["trials"][0]["params"].update({"cfar.bogus": 1.0}),
+            "params must hold exactly the searched keys",
+        ),
+        (
+            "trials.json",
+            lambda r: r["trials"][0]["params"].update({"cfar.alpha": 1e6}),
+            "cfar.alpha = 1000000.0 is not a value of the search space",
+        ),
+        (
+            "trials.json",
+            lambda r: r["trials"][1]["metrics"].update({"val_mA": "high"}),
+            "metric val_mA must be a finite number",
+        ),
+        (
+            "trials.json",
+            lambda r: r["trials"][2]["info"].update({"trial_dir": "/tmp/elsewhere"}),
+            "trial_dir must be",
+        ),
+        ("trials.json", "pickle", "is not campar's trial record (not JSON"),
+        ("search.json", "pickle", "is not campar's search settings (not JSON"),
+    ],
+    ids=["type", "unknown-key", "outside-space", "metric", "trial-dir", "pickle", "settings"],
+)
+def test_tampered_tune_state_is_refused_in_one_line(
+    resumed_search, capsys, tmp_path, name, tamper, message
+):
+    run, path = resumed_search.run, resumed_search.run / "tune" / name
+    original = path.read_bytes()
+    marker = tmp_path / "payload-ran"
+    try:
+        if tamper == "pickle":
+            path.write_bytes(pickle.dumps(Payload(marker)))
+        else:
+            record = json.loads(original)
+            tamper(record)
+            path.write_text(json.dumps(record))
+        before = _snapshot(run)
+        capsys.readouterr()
+        assert cli_main(["tune", *_cli_args(run), "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("campar tune: error: ") and "\n" not in err
+        assert message in err and str(path) in err
+        assert _snapshot(run) == before and not marker.exists()
+    finally:
+        path.write_bytes(original)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(path): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
 
 
 @pytest.mark.ray
 def test_each_trial_is_one_mlflow_run_of_the_search_experiment_across_the_resume(
     resumed_search,
 ):
-    run, _, _, _, second = resumed_search
+    run, second = resumed_search.run, resumed_search.second
     table = pd.read_parquet(second.table).set_index("trial_id")
     runs = {r.info.run_name: r for r in _mlflow_runs(run, "campar-search-run")}
-    assert sorted(runs) == sorted(table.index)  # 8 runs: the resume added none twice
-    for trial_id, mlflow_run in runs.items():
+    # One run per trial of the table, none twice; a trial interrupted mid-way may have left
+    # a run of its own behind, since the resume reran it as a new trial (from its start).
+    first = resumed_search
+    unfinished = set(first.first_table.trial_id) - set(first.done_first.trial_id)
+    assert set(table.index) <= set(runs) and set(runs) - set(table.index) <= unfinished
+    for trial_id in table.index:
+        mlflow_run = runs[trial_id]
         assert mlflow_run.info.status == "FINISHED"
         assert mlflow_run.data.metrics["trial/val_mA"] == table.loc[trial_id, "val_mA"]
         alpha = float(mlflow_run.data.params["cfar.alpha"])
@@ -271,7 +423,7 @@ def test_each_trial_is_one_mlflow_run_of_the_search_experiment_across_the_resume
 
 @pytest.mark.ray
 def test_cfar_search_beats_the_defaults_and_its_best_yaml_reproduces(resumed_search, tmp_path):
-    run, _, _, _, result = resumed_search
+    run, result = resumed_search.run, resumed_search.second
     default = fit_cfar_on_val(str(run), str(tmp_path), BASE.cfar, seed=0)
     assert result.best_val["val_mA"] >= default["val_mA"]
     assert result.best_val["val_mA"] > result.best_val["stage1_val_mA"]

@@ -5,9 +5,12 @@ sized from the cluster's free resources; scope ``full`` adds ASHA, which stops t
 stage-1 validation metric lags after an epoch. The first trial is the base config itself
 when it lies in the space, so the best found is never worse than where the search started.
 
-Everything lands in ``<run_dir>/tune/``: Tune's experiment (``search/``, what ``--resume``
-restores), one folder per trial (``trials/<trial_id>/``), ``search.json`` (what was
-searched), ``trials.parquet``/``.csv``, ``best.yaml`` (a full config, accepted by ``campar
+Everything lands in ``<run_dir>/tune/``: ``trials.json`` (campar's record of every trial,
+rewritten as trials start and end: the only trial state ``--resume`` reads, see
+:mod:`.record`), ``search.json`` (what was searched), Tune's own experiment folders
+(``search-<random>/``, one per session, never read back: Ray's pickles there would run
+whatever a run directory's writer put in them), one folder per trial (``trials/<trial_id>/``),
+``trials.parquet``/``.csv``, ``best.yaml`` (a full config, accepted by ``campar
 train --config`` and ``campar fit-cfar --config``), ``history.png``, ``importances.png`` and
 ``summary.json``. Only validation data ranks trials and chooses thresholds; the test split is
 scored once, by fitting the best configuration's stage 2 with ``fit_cfar`` when the search
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +46,8 @@ from campar_ray.train.logits import logits_path
 from campar_ray.train.stage1 import resolve_config
 from campar_ray.tune import report
 from campar_ray.tune.full_trial import FullTrial
-from campar_ray.tune.space import SCOPES, load_search_space
+from campar_ray.tune.record import Replay, read_json_object, read_record, write_record
+from campar_ray.tune.space import SCOPES, SearchSpace, load_search_space
 from campar_ray.tune.trials import (
     TrialContext,
     cfar_trial,
@@ -131,10 +136,12 @@ def run_search(
 
     Scope ``cfar`` needs a finished stage-1 run in ``run_dir`` (its logits); scope ``full``
     needs ``base.data.manifest``. ``resume`` continues an interrupted search with the same
-    arguments. ``seed`` seeds the TPE sampler (``base.seed`` when None). At most
+    arguments: finished trials are replayed from ``trials.json`` into a fresh searcher and
+    only the rest of the budget runs (unfinished trials again from their start, with the same
+    values). ``seed`` seeds the TPE sampler (``base.seed`` when None). At most
     ``max_concurrent`` trials run at once (default: as many as the free resources hold).
-    ``callbacks`` are Tune callbacks (e.g. experiment tracking); like every setting, they stay
-    with the search when it is resumed.
+    ``callbacks`` are Tune callbacks (e.g. experiment tracking) of this call only: a resume
+    passes its own.
     """
     started = time.perf_counter()
     if metric not in METRICS:
@@ -164,18 +171,26 @@ def run_search(
         "base": base.to_dict(),
     }
     _record_settings(tune_dir, settings, resume)
+    trials_dir = storage.join(tune_dir, TRIALS_DIR)
+    replay = Replay([], [])
+    if resume:
+        replay = read_record(
+            tune_dir, space, metric=metric, num_samples=num_samples, trials_dir=trials_dir
+        )
     if progress and space.skipped:
         print(f"[tune] scope {scope} leaves out stage-1 keys: {', '.join(space.skipped)}")
 
     init_ray()
     experiment = search_experiment(tracking, run_dir)
     ensure_experiment(tracking, experiment)
-    context = TrialContext(base, space, run_dir, storage.join(tune_dir, TRIALS_DIR), experiment)
+    context = TrialContext(base, space, run_dir, trials_dir, experiment)
     plan = _Plan(context, scope, metric, num_samples, seed, tune_dir)
-    grid = _tuner(plan, max_concurrent, resume, callbacks, progress).fit()
-
-    rows = report.in_report_order(
-        [
+    rows = list(replay.finished)
+    remaining = num_samples - len(rows)
+    if remaining > 0:
+        recorder = _RecordTrials(tune_dir, space, rows)
+        tuner = _tuner(plan, replay, max_concurrent, [*callbacks, recorder], progress)
+        rows += [
             report.trial_row(
                 result.metrics.get("trial_id") or os.path.basename(result.path),
                 result.config or {},
@@ -183,43 +198,42 @@ def run_search(
                 result.error,
                 space,
             )
-            for result in grid
+            for result in tuner.fit()
         ]
-    )
+    write_record(tune_dir, rows, space)
+    rows = report.in_report_order(rows)
     return _finish(rows, plan, started, progress)
 
 
 def _tuner(
     plan: _Plan,
+    replay: Replay,
     max_concurrent: int | None,
-    resume: bool,
     callbacks: Sequence[ray.tune.Callback],
     progress: bool,
 ) -> ray.tune.Tuner:
+    """A fresh Tuner for the trials still to run; a resume replays the finished ones first.
+
+    Each session gets an experiment folder of its own, under a name nobody can guess
+    beforehand, so Tune never meets files planted in the run directory; nothing reads
+    those folders back.
+    """
     context, scope, metric = plan.context, plan.scope, plan.metric
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(cfar_trial if scope == "cfar" else FullTrial, context=context),
         ray.tune.PlacementGroupFactory(trial_bundles(context.base)),
     )
-    experiment = storage.join(plan.tune_dir, EXPERIMENT)
-    if resume:
-        return ray.tune.Tuner.restore(experiment, trainable=trainable)
+    remaining = plan.num_samples - len(replay.finished)
     footprint = trial_footprint(context.base, scope)
     fits = max_concurrent_trials(ray.available_resources(), footprint)
-    concurrent = min(plan.num_samples, fits, max_concurrent or fits)
+    concurrent = min(remaining, fits, max_concurrent or fits)
     if progress:
+        resumed = f" (resumed: {len(replay.finished)} finished)" if replay.finished else ""
         print(
-            f"[tune] {plan.num_samples} trials, scope {scope}, up to {concurrent} at once "
+            f"[tune] {remaining} trials{resumed}, scope {scope}, up to {concurrent} at once "
             f"({footprint['CPU']:g} CPU each), ranked by {metric} on validation data"
         )
-    start = context.space.start_point(context.base)
-    searcher = OptunaSearch(
-        space=context.space.distributions(),
-        metric=metric,
-        mode="max",
-        sampler=optuna.samplers.TPESampler(seed=plan.seed),
-        points_to_evaluate=[start] if start else None,
-    )
+    searcher = _searcher(plan, replay)
     scheduler = None
     if scope == "full":
         # One report per epoch, then one for the two-stage result: max_t leaves that last
@@ -237,12 +251,12 @@ def _tuner(
             mode="max",
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent),
             scheduler=scheduler,
-            num_samples=plan.num_samples,
+            num_samples=remaining,
             # cfar trials are short: reusing their processes saves starting one per trial.
             reuse_actors=scope == "cfar",
         ),
         run_config=ray.tune.RunConfig(
-            name=EXPERIMENT,
+            name=f"{EXPERIMENT}-{secrets.token_hex(4)}",
             storage_path=plan.tune_dir,
             # Trials keep their own state: stage 1 checkpoints into the trial's run directory.
             checkpoint_config=ray.tune.CheckpointConfig(checkpoint_at_end=False),
@@ -250,6 +264,71 @@ def _tuner(
             verbose=1 if progress else 0,
         ),
     )
+
+
+def _searcher(plan: _Plan, replay: Replay) -> OptunaSearch:
+    """Seeded TPE; on resume, a fresh study that holds the finished trials (replayed from
+    the record) and reruns the unfinished ones first, with their values.
+
+    The sampler's seed moves on by the number of recorded trials, so a resume does not
+    draw the first session's random start-up points again.
+    """
+    space = plan.context.space
+    recorded = len(replay.finished) + len(replay.rerun)
+    if recorded == 0:
+        start = space.start_point(plan.context.base)
+        points = [start] if start else []
+    else:
+        points = replay.rerun[: plan.num_samples - len(replay.finished)]
+    searcher = OptunaSearch(
+        space=space.distributions(),
+        metric=plan.metric,
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=plan.seed + recorded),
+        points_to_evaluate=points or None,
+    )
+    for row in replay.finished:
+        value = row.get(plan.metric)
+        params = {key: row[key] for key in space.keys}
+        if row["status"] == "complete":
+            searcher.add_evaluated_point(params, value)
+        elif row["status"] == "stopped":
+            last = [value] if value is not None else None
+            searcher.add_evaluated_point(params, None, pruned=True, intermediate_values=last)
+        else:
+            searcher.add_evaluated_point(params, None, error=True)
+    return searcher
+
+
+class _RecordTrials(ray.tune.Callback):
+    """Keeps ``trials.json`` current: rewritten when a trial starts, ends or fails.
+
+    Runs on the driver. ``earlier`` holds the rows of trials finished before a resume.
+    """
+
+    def __init__(self, tune_dir: str, space: SearchSpace, earlier: list[dict[str, Any]]):
+        self._tune_dir, self._space = tune_dir, space
+        self._rows = {row["trial_id"]: row for row in earlier}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, None)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, _TrialError(trial.get_error() or "the trial failed"))
+
+    def _update(self, trial: Any, error: BaseException | None) -> None:
+        row = report.trial_row(
+            trial.trial_id, trial.config or {}, trial.last_result or {}, error, self._space
+        )
+        self._rows[trial.trial_id] = row
+        write_record(self._tune_dir, list(self._rows.values()), self._space)
+
+
+class _TrialError(Exception):
+    """A failed trial's error text, as Tune saved it (the table's error column)."""
 
 
 def _finish(
@@ -333,7 +412,7 @@ def _record_settings(tune_dir: str, settings: dict[str, Any], resume: bool) -> N
         return
     if not storage.exists(path):
         raise FileNotFoundError(f"nothing to resume: no search in {tune_dir}")
-    recorded = json.loads(storage.read_bytes(path))
+    recorded = read_json_object(path, "campar's search settings")
     changed = [key for key in settings if recorded.get(key) != _jsonable(settings[key])]
     if changed:
         raise ConfigError(

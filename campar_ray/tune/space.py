@@ -97,6 +97,19 @@ class Param:
         low, high = self.args
         return value if low <= value <= high else None
 
+    def contains(self, sampled: Any) -> bool:
+        """Whether ``sampled`` (in sampled form, e.g. read from JSON) is a value of the space."""
+        if self.kind == "choice":
+            labels = [_label(value) for value in self.args]
+            return any(type(sampled) is type(label) and sampled == label for label in labels)
+        integer = self.kind in ("int", "logint")
+        low, high = self.args
+        return (
+            _is_number(sampled, integer)
+            and low <= sampled <= high
+            and (not integer or isinstance(sampled, int))
+        )
+
 
 @dataclass(frozen=True)
 class SearchSpace:
