@@ -765,6 +765,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             plot = Path(args.merge).parent / _angles_file(variant)
             if not figures.get(_angles_key(variant)) and theirs.get(_angles_key(variant)):
                 shutil.copyfile(plot, out / plot.name)
+        evidence = Path(args.merge).parent / EVIDENCE_DIR  # the other machine's logits
+        if evidence.is_dir():
+            shutil.copytree(evidence, out / EVIDENCE_DIR, dirs_exist_ok=True)
         figures = merged(figures, theirs)
         _publish(out, figures, args)
         return figures["rows"]

@@ -41,7 +41,7 @@ FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
 METADATA_NAME = "campar.json"
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-ONNX_EXTRA = "pip install 'campar-ray[onnx]' (onnx, onnxscript, onnxruntime)"
+ONNX_EXTRA = "pip install -e '.[onnx]' in the checkout (onnx, onnxscript, onnxruntime)"
 
 
 class ExportError(RuntimeError):

@@ -326,7 +326,7 @@ def _client(uri: str) -> Any:
     except ImportError:
         raise ConfigError(
             "tracking.mlflow_uri is set but MLflow is not installed; "
-            'pip install "campar-ray[tracking]"'
+            'pip install -e ".[tracking]" in the checkout'
         ) from None
     if urlparse(uri).scheme == "file":
         # MLflow 3 wants an explicit opt-in for its file store; naming a file: URI is one.

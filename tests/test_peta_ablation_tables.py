@@ -113,3 +113,39 @@ def test_a_table_from_two_machines_names_which_runs_each_trained() -> None:
         "devices H200: baseline seed 0, baseline seed 1; H100: fusion seed 1"
     )
     assert device_statement([], "cpu") == "device cpu"
+
+
+def protocol_row(name: str, seed: int, m_a: dict[str, float], classifier: str) -> dict:
+    """A diagnosed row: headline figures at ``val`` plus every protocol's and the floor."""
+    base = {**row(name, seed, m_a["val"]), "classifier": classifier}
+    base["protocols"] = {p: {**row(name, seed, value), "attr_mA": []} for p, value in m_a.items()}
+    base["mean_auc"] = {"prediction": 0.8, "shared": 0.79}
+    if name.startswith("campar"):
+        base["mean_auc"]["specific"] = 0.81
+        base["floor"] = {"mean_negatives_tied": 0.0, "mean_positives_tied": 0.0}
+    return base
+
+
+def test_reference_rows_form_their_own_table_with_every_protocol(tmp_path: Path) -> None:
+    """Rows of --classifier reference never mix with the thesis rows, and each protocol is its
+    own table (0.5 first: the headline), judged against its own spread."""
+    from bench.peta_ablation import at_protocol, get_args_parser, markdown
+
+    thesis = [row("baseline", 0, 0.60), row("campar", 0, 0.55)]
+    reference = [
+        protocol_row(
+            name, seed, {"0.5": m + 0.01 * seed, "val": 0.6, "val-per-attribute": 0.62}, "reference"
+        )
+        for name, m in (("baseline", 0.60), ("campar", 0.66))
+        for seed in (0, 1)
+    ]
+    at_half = aggregate(at_protocol(reference, "0.5"))
+    assert [round(entry["mA"], 3) for entry in at_half] == [0.605, 0.665]
+    args = get_args_parser().parse_args(["--classifier", "reference", "--seeds", "0", "1"])
+    text = markdown(thesis + reference, args, {})
+    thesis_part, reference_part = text.split("reference classifier")
+    assert "### Threshold" not in thesis_part and "one value chosen on validation" in thesis_part
+    headings = [line for line in reference_part.splitlines() if line.startswith("### Threshold")]
+    assert [h.split()[2] for h in headings] == ["0.5", "chosen", "chosen"]
+    assert "+ CAM-PAR mA +6.00" in reference_part  # at 0.5: beyond the spread
+    assert "| + CAM-PAR | 80.00 | 79.00 | 81.00 | 0.00 | 0.00 |" in reference_part
