@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +36,9 @@ import yaml
 from torch import Tensor
 
 from campar_ray import storage
-from campar_ray.artifacts import load_arrays, load_json, load_tensors, save_arrays
+from campar_ray.artifacts import ArtifactError, load_arrays, load_json, load_tensors, save_arrays
 from campar_ray.cfar.fit import CFAR_DIR, CfarPredictor, eval_columns, load_cfar
-from campar_ray.config import Config
+from campar_ray.config import Config, ConfigError
 from campar_ray.data.images import decode_image, load_image_bytes
 from campar_ray.data.manifest import read_manifest
 from campar_ray.data.transforms import normalize, resize
@@ -45,6 +46,7 @@ from campar_ray.metrics import THRESHOLD_PROTOCOLS, check_protocol, select_thres
 from campar_ray.model import ParModel, ParOutput, build_model, prediction_logits
 from campar_ray.train.checkpoints import (
     CHECKPOINT_ROOT,
+    META_FILE,
     MODEL_FILE,
     read_meta,
     stage1_checkpoints,
@@ -280,19 +282,20 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
     checkpoint = best_checkpoint(run_dir)
     meta = read_meta(checkpoint)
     config = Config().override(meta["config"])
+    attributes, evaluated = attribute_names(meta, storage.join(checkpoint, META_FILE))
+    weights = storage.join(checkpoint, MODEL_FILE)
+    _build(config, len(attributes), weights)  # tensors only, and they fit: checked, then copied
     cfar = load_cfar_if_fitted(run_dir)
     thresholds = {
         protocol: run_threshold(run_dir, config.model.predict_from, cfar, protocol)
         for protocol in VAL_PROTOCOLS
     }
-    storage.write_bytes(
-        storage.join(out, MODEL_FILE), storage.read_bytes(storage.join(checkpoint, MODEL_FILE))
-    )
+    storage.write_bytes(storage.join(out, MODEL_FILE), storage.read_bytes(weights))
     storage.write_bytes(
         storage.join(out, CONFIG_FILE), yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
     )
-    attributes = {"attributes": meta["attributes"], "eval_attributes": meta["eval_attributes"]}
-    _write_json(storage.join(out, ATTRIBUTES_FILE), attributes)
+    names = {"attributes": list(attributes), "eval_attributes": list(evaluated)}
+    _write_json(storage.join(out, ATTRIBUTES_FILE), names)
     _write_json(
         storage.join(out, THRESHOLD_FILE),
         {name: {"value": t.value, "source": t.source} for name, t in thresholds.items()},
@@ -363,6 +366,34 @@ def read_thresholds(path: str, attributes: int) -> dict[str, Threshold]:
     return thresholds
 
 
+def read_attributes(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A bundle's ``attributes.json``, checked: (attribute names, evaluated ones)."""
+    file = storage.join(path, ATTRIBUTES_FILE)
+    return attribute_names(load_json(file), file)
+
+
+def attribute_names(payload: Any, file: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``payload["attributes"]`` and ``payload["eval_attributes"]`` of ``file``, checked: lists
+    of distinct names, the evaluated ones among the attributes."""
+    if isinstance(payload, dict):
+        names, evaluated = payload.get("attributes"), payload.get("eval_attributes")
+        if _names(names) and _names(evaluated) and set(evaluated) <= set(names):
+            return tuple(names), tuple(evaluated)
+    raise ValueError(
+        f'{file} does not name the attributes (expected {{"attributes": [distinct names], '
+        '"eval_attributes": [some of those names]})'
+    )
+
+
+def _names(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(name, str) for name in value)
+        and len(set(value)) == len(value)
+    )
+
+
 def _threshold_value(entry: Any, attributes: int | None) -> float | tuple[float, ...] | None:
     """An entry's value, checked: one probability (``attributes`` None) or that many; else None."""
     if not (
@@ -384,9 +415,9 @@ def _is_probability(value: Any) -> bool:
 
 
 def _load_bundle(path: str, protocol: str) -> ParPredictor:
-    config = Config().override(yaml.safe_load(storage.read_bytes(storage.join(path, CONFIG_FILE))))
-    names = load_json(storage.join(path, ATTRIBUTES_FILE))
-    stored = read_thresholds(path, len(names["attributes"]))
+    config = _read_config(storage.join(path, CONFIG_FILE))
+    attributes, evaluated = read_attributes(path)
+    stored = read_thresholds(path, len(attributes))
     if protocol == FIXED.protocol:
         threshold = FIXED
     elif protocol in stored:
@@ -396,31 +427,44 @@ def _load_bundle(path: str, protocol: str) -> ParPredictor:
             f"{storage.join(path, THRESHOLD_FILE)} has no {protocol!r} threshold (it holds "
             f"{', '.join(stored) or 'none'}); re-create the bundle with `campar bundle`"
         )
-    model = _build(config, len(names["attributes"]), storage.join(path, MODEL_FILE))
-    return ParPredictor(
-        model,
-        config,
-        names["attributes"],
-        names["eval_attributes"],
-        threshold,
-        load_cfar_if_fitted(path),
-    )
+    model = _build(config, len(attributes), storage.join(path, MODEL_FILE))
+    return ParPredictor(model, config, attributes, evaluated, threshold, load_cfar_if_fitted(path))
+
+
+def _read_config(file: str) -> Config:
+    """A bundle's ``config.yaml``: a mapping of known keys with values of the right types."""
+    try:
+        loaded = yaml.safe_load(storage.read_bytes(file))
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"expected a mapping, got {type(loaded).__name__}")
+        return Config().override(loaded)
+    except (yaml.YAMLError, ConfigError) as error:
+        message = " ".join(str(error).split())
+        raise ValueError(f"{file} is not a campar config: {message}") from None
 
 
 def _load_run(run_dir: str, protocol: str) -> ParPredictor:
     checkpoint = best_checkpoint(run_dir)
     meta = read_meta(checkpoint)
     config = Config().override(meta["config"])
-    model = _build(config, len(meta["attributes"]), storage.join(checkpoint, MODEL_FILE))
+    attributes, evaluated = attribute_names(meta, storage.join(checkpoint, META_FILE))
+    model = _build(config, len(attributes), storage.join(checkpoint, MODEL_FILE))
     cfar = load_cfar_if_fitted(run_dir)
     threshold = run_threshold(run_dir, config.model.predict_from, cfar, protocol)
-    return ParPredictor(model, config, meta["attributes"], meta["eval_attributes"], threshold, cfar)
+    return ParPredictor(model, config, attributes, evaluated, threshold, cfar)
 
 
 def _build(config: Config, attributes: int, weights: str) -> ParModel:
     """The network of ``config`` with the saved weights (pretrained weights never download)."""
     model = build_model(dataclasses.replace(config.model, weights="none"), attributes)
-    model.load_state_dict(load_tensors(weights))
+    try:
+        model.load_state_dict(load_tensors(weights))
+    except (RuntimeError, TypeError) as error:  # not a state dict of this network
+        detail = next((line.strip() for line in str(error).splitlines()[1:2]), str(error))
+        raise ArtifactError(
+            f"{weights} does not hold the weights of a {config.model.backbone} network with "
+            f"{attributes} attributes: {textwrap.shorten(detail, 200, placeholder=' ...')}"
+        ) from None
     return model.eval()
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -28,14 +30,28 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure a user can cause ends in one line on stderr: bad input
+    (exit 2), a Ray Train / Ray Data failure as its root cause with the full trace in a log
+    file (exit 1), Ctrl-C (exit 130). Anything else is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    config = None
     try:
         config = load_config(args.config, _overrides(args))
         return args.handler(args, config)
+    except _ray_failures() as error:  # first: Ray's errors may also be ValueErrors
+        log, cause = _write_log(args, config, error), _root_cause(error)
+        print(f"campar {args.command}: failed: {cause} (full trace: {log})", file=sys.stderr)
+        return 1
     except (ConfigError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"campar {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"campar {args.command}: interrupted; re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,9 +273,11 @@ def _fit_cfar_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
-    from campar_ray.cfar.fit import fit_cfar
+    from campar_ray.cfar.fit import SPLITS, fit_cfar
     from campar_ray.runtime import init_ray
+    from campar_ray.train.logits import require_logits
 
+    require_logits(config.run.dir, SPLITS)
     if config.cfar.solver == "ray":
         init_ray(_cluster(args))
     result = fit_cfar(
@@ -284,7 +302,12 @@ def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=16, help="trials to run")
     parser.add_argument("--search-space", default=None, help="YAML space (default: built-in)")
     parser.add_argument("--metric", default="val_mA", help="validation metric to maximise")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted search from its tune/trials.json (checked; Ray's pickles "
+        "in the run directory are never read)",
+    )
     _address_argument(parser)
 
 
@@ -498,6 +521,92 @@ def _doctor(args: argparse.Namespace, config: Config) -> int:
     report, fits = doctor_report(config, ClusterShape.from_ray(), problems)
     print(report)
     return 0 if fits else 1
+
+
+# --- failures -----------------------------------------------------------------------------
+
+
+def _ray_failures() -> tuple[type[BaseException], ...]:
+    """The exception types of failed Ray tasks, actors, datasets and training runs (none when
+    this process never imported Ray, so a command without Ray does not import it here)."""
+    if "ray" not in sys.modules:
+        return ()
+    from ray.exceptions import RayError
+
+    failures: list[type[BaseException]] = [RayError]
+    if "ray.train" in sys.modules:
+        from ray.train.base_trainer import TrainingFailedError as TrainingFailedV1
+        from ray.train.v2._internal.exceptions import RayTrainError
+
+        failures += [TrainingFailedV1, RayTrainError]
+    if "ray.data" in sys.modules:
+        from ray.data.exceptions import ExecutionTimeoutError
+
+        failures.append(ExecutionTimeoutError)
+    return tuple(failures)
+
+
+def _root_cause(error: BaseException) -> str:
+    """``Type: message`` of the innermost exception behind a Ray failure, on one line.
+
+    A Ray Data function's error reaches the driver as a ``UserCodeException`` whose cause
+    survives only in the remote traceback's text; its first exception line is that cause.
+    """
+    from ray.exceptions import UserCodeException
+
+    chain = [error]
+    while (inner := _inner(chain[-1])) is not None and inner not in chain:
+        chain.append(inner)
+    if isinstance(chain[-1], UserCodeException):
+        for wrapper in reversed(chain):
+            raised = _RAISED.search(str(wrapper))
+            if raised:
+                return f"{raised[1].rsplit('.', 1)[-1]}: {raised[2].strip()}"
+    lines = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]
+    name = type(chain[-1]).__name__
+    return f"{name}: {lines[0]}" if lines else name
+
+
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)
+"""The ``Type: message`` line of a traceback's text (the first one is the innermost)."""
+
+
+def _inner(error: BaseException) -> BaseException | None:
+    """The exception that caused ``error``: a training worker's (lowest rank), the Train
+    controller's, a Ray task's or the chained one; None when ``error`` is the innermost."""
+    failures = getattr(error, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return failures[min(failures)]
+    for name in ("controller_failure", "health_check_failure", "cause", "__cause__"):
+        inner = getattr(error, name, None)
+        if isinstance(inner, BaseException) and str(inner).strip():
+            return inner
+    return None
+
+
+def _write_log(args: argparse.Namespace, config: Config | None, error: BaseException) -> str:
+    """Write ``error``'s full traceback to ``<run.dir>/logs/campar-<command>.log`` (a temporary
+    folder for commands without a run directory, or when that one cannot be written)."""
+    import tempfile
+    import time
+    import traceback
+
+    from campar_ray import storage
+
+    name = f"campar-{args.command}.log"
+    text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} campar {args.command}\n"
+    text += "".join(traceback.format_exception(error))
+    if config is not None and "run_dir" in vars(args):
+        path = storage.join(config.run.dir, "logs", name)
+        try:
+            storage.write_bytes(path, text.encode())
+            return path
+        except OSError:
+            pass
+    path = os.path.join(tempfile.mkdtemp(prefix="campar-logs-"), name)
+    with open(path, "w") as log:
+        log.write(text)
+    return path
 
 
 # --- helpers ------------------------------------------------------------------------------

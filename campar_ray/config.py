@@ -12,6 +12,7 @@ Components never receive the whole object: each takes the one section it needs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,11 +89,22 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _refuse_credentials("data.manifest", self.manifest)
-        if self.max_image_pixels < 1:
-            raise ConfigError(
-                f"bad value {self.max_image_pixels!r} for data.max_image_pixels: expected a "
-                "number of pixels >= 1"
-            )
+        height, width = self.image_size
+        _check_ranges(
+            "data",
+            ("image_size", list(self.image_size), height >= 1 and width >= 1, "[H, W], each >= 1"),
+            ("pad", self.pad, self.pad >= 0, "pixels >= 0"),
+            ("decode_concurrency", self.decode_concurrency, self.decode_concurrency >= 0,
+             "a number of tasks >= 0 (0: automatic)"),
+            ("prefetch_batches", self.prefetch_batches, self.prefetch_batches >= 0,
+             "a number of batches >= 0"),
+            ("decode_cpus", self.decode_cpus, 0 < self.decode_cpus < math.inf,
+             "a number of CPUs > 0"),
+            ("starvation_threshold", self.starvation_threshold,
+             0 <= self.starvation_threshold <= 1, "a fraction in [0, 1]"),
+            ("max_image_pixels", self.max_image_pixels, self.max_image_pixels >= 1,
+             "a number of pixels >= 1"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,7 @@ class TrainConfig:
     scheduler: str = "plateau"
     """``plateau`` (ReduceLROnPlateau on val mA) or ``cosine``."""
     grad_clip: float = 10.0
+    """Gradient-norm limit; ``0``: no clipping."""
     loss: str = "bce"
     """``bce`` or ``weighted_bce`` (positive-rate weighting of [15])."""
     amp: bool = False
@@ -127,10 +140,31 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Best-k checkpoints kept, ranked by validation mA."""
     max_failures: int = 3
-    """Worker failures tolerated; each restart resumes from the latest checkpoint."""
+    """Worker failures tolerated (-1: no limit); each restart resumes from the latest
+    checkpoint."""
 
     def __post_init__(self) -> None:
         worker_range(self.num_workers)  # refuse a bad value where it is set
+        _check_ranges(
+            "train",
+            ("epochs", self.epochs, self.epochs >= 1, "a number of epochs >= 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, "a batch size >= 1"),
+            ("lr", self.lr, 0 < self.lr < math.inf, "a learning rate > 0"),
+            ("weight_decay", self.weight_decay, 0 <= self.weight_decay < math.inf,
+             "a weight decay >= 0"),
+            ("grad_clip", self.grad_clip, 0 <= self.grad_clip < math.inf,
+             "a gradient-norm limit >= 0 (0: no clipping)"),
+            ("resize_check_seconds", self.resize_check_seconds,
+             0 < self.resize_check_seconds < math.inf, "seconds > 0"),
+            ("checkpoint_every_minutes", self.checkpoint_every_minutes,
+             0 <= self.checkpoint_every_minutes < math.inf, "minutes >= 0 (0: per epoch only)"),
+            ("cpus_per_worker", self.cpus_per_worker, 0 < self.cpus_per_worker < math.inf,
+             "a number of CPUs > 0"),
+            ("keep_checkpoints", self.keep_checkpoints, self.keep_checkpoints >= 1,
+             "a number of checkpoints >= 1"),
+            ("max_failures", self.max_failures, self.max_failures >= -1,
+             "a number of restarts >= 0, or -1 for no limit"),
+        )  # fmt: skip
 
     @property
     def min_workers(self) -> int:
@@ -264,6 +298,14 @@ def worker_range(value: int | str) -> tuple[int, int]:
             "or a range MIN..MAX with 1 <= MIN <= MAX (e.g. 2..4)"
         )
     return bounds
+
+
+def _check_ranges(section: str, *checks: tuple[str, Any, bool, str]) -> None:
+    """Refuse the first ``(key, value, in range, valid range)`` whose value is out of range,
+    where the config is built: a bad number stops a command before any work, not an epoch in."""
+    for key, value, ok, valid in checks:
+        if not ok:
+            raise ConfigError(f"bad value {value!r} for {section}.{key}: expected {valid}")
 
 
 def _refuse_credentials(key: str, uri: str) -> None:

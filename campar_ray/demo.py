@@ -19,6 +19,7 @@ from typing import Any
 
 from campar_ray import storage
 from campar_ray.config import Config, load_config
+from campar_ray.metrics import protocol_statement
 
 PETA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "peta"
 DEMO_CONFIG = "demo.yaml"
@@ -42,7 +43,8 @@ class DemoResult:
             values = (source[k] for k in ("mA", "accuracy", "precision", "recall", "f1"))
             rows.append(f"{source['label']:<28}" + "".join(f"{100 * v:8.2f}" for v in values))
         steps = ", ".join(f"{step} {seconds:.0f}s" for step, seconds in self.timings.items())
-        return "\n".join([*rows, f"time: {steps}", f"report: {self.report}"])
+        protocol = protocol_statement(self.metrics["threshold_protocol"])
+        return "\n".join([*rows, protocol, f"time: {steps}", f"report: {self.report}"])
 
 
 def demo_config(out: str, manifest: str, overrides: list[str] | None = None) -> Config:

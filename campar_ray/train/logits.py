@@ -62,8 +62,7 @@ def write_split_logits(path: str, logits: SplitLogits) -> None:
 
 def read_split_logits(path: str, start: int = 0, stop: int | None = None) -> SplitLogits:
     """Read rows ``[start, stop)``, touching only the row groups that hold them."""
-    filesystem, inner = storage.resolve(path)
-    with filesystem.open_input_file(inner) as handle:
+    with _open(path) as handle:
         parquet = pq.ParquetFile(handle)
         stop = parquet.metadata.num_rows if stop is None else stop
         groups, first_row, offset = [], None, 0
@@ -90,9 +89,33 @@ def read_split_logits(path: str, start: int = 0, stop: int | None = None) -> Spl
 
 
 def count_rows(path: str) -> int:
-    filesystem, inner = storage.resolve(path)
-    with filesystem.open_input_file(inner) as handle:
+    with _open(path) as handle:
         return pq.ParquetFile(handle).metadata.num_rows
+
+
+def require_logits(run_dir: str, splits: tuple[str, ...]) -> None:
+    """Raise :func:`read_split_logits`'s error for the first split without logits, so a
+    command that needs them can stop before it starts anything."""
+    for split in splits:
+        path = logits_path(run_dir, split)
+        if not storage.exists(path):
+            raise _missing(path)
+
+
+def _open(path: str) -> pa.NativeFile:
+    filesystem, inner = storage.resolve(path)
+    try:
+        return filesystem.open_input_file(inner)
+    except FileNotFoundError:
+        raise _missing(path) from None
+
+
+def _missing(path: str) -> FileNotFoundError:
+    """Which command writes a logits file, instead of pyarrow's "Failed to open"."""
+    return FileNotFoundError(
+        f"{path} not found: stage 1 writes it when `campar train` finishes (re-run `campar "
+        "train` with the same --run-dir to finish or resume it)"
+    )
 
 
 def _matrix(values: np.ndarray, kind: pa.DataType, width: int) -> pa.FixedSizeListArray:
