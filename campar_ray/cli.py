@@ -243,6 +243,22 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--num-workers", "train.num_workers", type=_workers, metavar="N|MIN..MAX")
     _shorthand(parser, "--epochs", "train.epochs", type=int, metavar="E")
     parser.add_argument("--gpu", action="store_true", help="train on GPUs (train.use_gpu=true)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--fresh",
+        action="store_const",
+        const="fresh",
+        dest="existing_run",
+        help="start over in place: delete the run dir's checkpoints, logits, cfar and tune",
+    )
+    existing.add_argument(
+        "--resume",
+        action="store_const",
+        const="resume",
+        dest="existing_run",
+        help="resume the run in the run dir with its stored model and data keys",
+    )
+    parser.set_defaults(existing_run=None)
     _address_argument(parser)
 
 
@@ -251,7 +267,7 @@ def _train(args: argparse.Namespace, config: Config) -> int:
 
     if args.gpu:
         config = config.override({"train.use_gpu": True})
-    result = train_stage1(config, address=_cluster(args))
+    result = train_stage1(config, address=_cluster(args), existing_run=args.existing_run or "match")
     print(f"best checkpoint: {result.checkpoint}")
     return 0
 

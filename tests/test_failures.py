@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from cli_checks import Payload, one_line, run_campar
 from test_evaluate import SIZE, train_tiny_run
 
 from campar_ray.bundle import best_checkpoint
@@ -31,16 +31,6 @@ MISSING_LOGITS = (
     "not found: stage 1 writes it when `campar train` finishes (re-run `campar train` with the "
     "same --run-dir to finish or resume it)"
 )
-
-
-class Payload:
-    """Unpickling this runs ``touch <marker>``: what a tampered artefact would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -87,18 +77,6 @@ def _state(folder: Path) -> dict[str, tuple[int, str]]:
     }
 
 
-def _campar(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line(err: str) -> str:
-    errors = [line for line in err.splitlines() if line.startswith("campar ")]
-    assert len(errors) == 1, err
-    return errors[0]
-
-
 # --- numbers out of range ---------------------------------------------------------------------
 
 
@@ -140,9 +118,9 @@ def test_a_number_out_of_range_stops_train_before_ray_starts(
 ):
     run_dir = tmp_path / "run"
     argv = ("train", "--manifest", trained[0], "--run-dir", str(run_dir), "--set", setting)
-    code, out, err = _campar(capsys, *argv)
+    code, out, err = run_campar(capsys, *argv)
     assert code == 2 and out == ""
-    assert _one_line(err) == f"campar train: error: {line}"
+    assert one_line(err) == f"campar train: error: {line}"
     assert not run_dir.exists()
 
 
@@ -169,7 +147,7 @@ def test_ctrl_c_is_one_line_and_exit_130(trained, tmp_path, capsys, no_training,
     argv = ("train", "--manifest", trained[0], "--run-dir", str(run_dir))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises
     try:
-        code, out, err = _campar(capsys, *argv)
+        code, out, err = run_campar(capsys, *argv)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert code == 130 and out == ""
@@ -198,10 +176,10 @@ def test_missing_logits_name_the_command_that_writes_them(
     shutil.rmtree(run_dir / "logits")  # as a run stopped before its last step leaves it
     before = _state(run_dir)
     command = [arg.format(tmp=tmp_path) for arg in argv]
-    code, out, err = _campar(capsys, *command, "--run-dir", str(run_dir))
+    code, out, err = run_campar(capsys, *command, "--run-dir", str(run_dir))
     assert code == 2 and out == ""
     path = run_dir / "logits" / f"{split}.parquet"
-    assert _one_line(err) == f"campar {argv[0]}: error: {path} {MISSING_LOGITS}"
+    assert one_line(err) == f"campar {argv[0]}: error: {path} {MISSING_LOGITS}"
     assert _state(run_dir) == before
     assert not (tmp_path / "bundle").exists()
 
@@ -220,16 +198,16 @@ def test_bundle_refuses_weights_that_are_not_this_networks_tensors(
         torch.save({"backbone.conv1.weight": Payload(marker)}, weights)
         problem = (
             f"refusing to load {weights}: it holds more than tensors (Trying to load unsupported "
-            "GLOBAL posix.system"
+            "GLOBAL builtins.open"
         )
     else:
         torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
         problem = f"{weights} does not hold the weights of a resnet18 network with 17 attributes: "
     before = _state(run_dir)
     out = tmp_path / "bundle"
-    code, text, err = _campar(capsys, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+    code, text, err = run_campar(capsys, "bundle", "--run-dir", str(run_dir), "--out", str(out))
     assert code == 2 and text == ""
-    assert _one_line(err).startswith(f"campar bundle: error: {problem}")
+    assert one_line(err).startswith(f"campar bundle: error: {problem}")
     assert not marker.exists()
     assert not out.exists()  # nothing copied
     assert _state(run_dir) == before
@@ -256,9 +234,9 @@ def test_a_bundle_with_a_broken_file_is_refused_in_one_line_naming_it(
     (broken / file).write_text(json.dumps(content))  # JSON is YAML too
     before = _state(broken)
     out = tmp_path / "model.pt"
-    code, text, err = _campar(capsys, "export", "--model", str(broken), "--out", str(out))
+    code, text, err = run_campar(capsys, "export", "--model", str(broken), "--out", str(out))
     assert code == 2 and text == ""
-    assert _one_line(err).startswith(f"campar export: error: {broken / file} {problem}")
+    assert one_line(err).startswith(f"campar export: error: {broken / file} {problem}")
     assert not out.exists()
     assert _state(broken) == before
 
@@ -292,10 +270,10 @@ def test_a_ray_data_failure_is_its_root_cause_with_the_trace_in_the_run_log(
     run_dir = _copy(trained[1], tmp_path)
     before = _state(run_dir)
     argv = ("train", "--manifest", trained[0], "--run-dir", str(run_dir))
-    code, out, err = _campar(capsys, *argv)
+    code, out, err = run_campar(capsys, *argv)
     log = run_dir / "logs" / "campar-train.log"
     assert code == 1 and out == ""
-    assert _one_line(err) == (
+    assert one_line(err) == (
         f"campar train: failed: ValueError: image 7 is not a PNG (full trace: {log})"
     )
     assert "UserCodeException" in log.read_text() and "in fail" in log.read_text()
@@ -305,7 +283,7 @@ def test_a_ray_data_failure_is_its_root_cause_with_the_trace_in_the_run_log(
 
 
 @pytest.mark.ray
-def test_a_training_failure_is_its_root_cause_in_one_line(ray_cluster, tmp_path, capsys):
+def test_a_training_failure_is_its_root_cause_inone_line(ray_cluster, tmp_path, capsys):
     """Every validation image corrupt: the worker's error, not Ray Train's three paragraphs."""
     manifest = generate_synthetic(str(tmp_path / "data"), n=48, size=SIZE)
     table, info = read_manifest(manifest)
@@ -317,7 +295,7 @@ def test_a_training_failure_is_its_root_cause_in_one_line(ray_cluster, tmp_path,
     corrupt = str(tmp_path / "data" / "corrupt.parquet")
     write_manifest(corrupt, table.set_column(0, "image", pa.array(images)), info)
     run_dir = tmp_path / "run"
-    code, _, err = _campar(
+    code, _, err = run_campar(
         capsys, "train", "--manifest", corrupt, "--run-dir", str(run_dir), "--epochs", "1",
         "--num-workers", "1", "--set", "model.backbone=resnet18", "--set", "model.fusion=false",
         "--set", "data.image_size=[32,16]", "--set", "data.pad=2", "--set", "train.batch_size=16",
@@ -326,7 +304,7 @@ def test_a_training_failure_is_its_root_cause_in_one_line(ray_cluster, tmp_path,
     )  # fmt: skip
     log = run_dir / "logs" / "campar-train.log"
     assert code == 1
-    assert _one_line(err) == (
+    assert one_line(err) == (
         "campar train: failed: ValueError: no decodable validation image on any worker; cannot "
         f"compute metrics (full trace: {log})"
     )

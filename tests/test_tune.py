@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import ray._private.state as ray_state
 import ray.tune
+from cli_checks import Payload
 from mlflow.tracking import MlflowClient
 from ray.util import placement_group_table
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -198,16 +199,6 @@ class InterruptAfter(ray.tune.Callback):
         if self.seen == self.count and not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), signal.SIGINT)
-
-
-class Payload:
-    """A pickle that creates ``marker`` when loaded: what an attacker plants in a run dir."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+from cli_checks import Payload
 
 from campar_ray.config import Config
 from campar_ray.tune import load_search_space
@@ -27,14 +28,6 @@ VALUES = {
     "cfar.lookup": "fold-in",
     "cfar.fc2_lr": 0.01,
 }
-
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _rows(trials_dir: str) -> list[dict]:

@@ -15,26 +15,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from cli_checks import one_line, run_campar
 from PIL import Image
 
 from campar_ray import storage
-from campar_ray.cli import main
 from campar_ray.data import generate_synthetic, read_manifest, verify_manifest
 from campar_ray.data.manifest import ManifestError, read_info, write_manifest
 
 SECRET = b"aws_secret_access_key = TOP-SECRET-VALUE"
-
-
-def _campar(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line(err: str) -> str:
-    errors = [line for line in err.splitlines() if line.startswith("campar ")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def _png(path: Path, width: int, height: int) -> Path:
@@ -86,8 +74,8 @@ def test_pack_refuses_images_outside_the_manifest_folder(shared, capsys, referen
         manifest, str(root / "data" / "evil.parquet"), {3: reference.format(root=root)}
     )
     before = _files(root)
-    code, out, err = _campar(capsys, "pack", "--manifest", evil, "--out", str(root / "packed"))
-    line = _one_line(err)
+    code, out, err = run_campar(capsys, "pack", "--manifest", evil, "--out", str(root / "packed"))
+    line = one_line(err)
     assert code == 2 and out == ""
     assert line.startswith("campar pack: error: row 3: image ") and "is outside" in line
     assert "--allow-outside-root" in line
@@ -98,7 +86,7 @@ def test_pack_stores_only_bytes_that_decode_as_images(shared, capsys):
     root, manifest = shared
     (root / "data" / "notes.txt").write_bytes(SECRET)
     evil = _with_images(manifest, str(root / "data" / "evil.parquet"), {0: "notes.txt"})
-    code, out, _ = _campar(capsys, "pack", "--manifest", evil, "--out", str(root / "packed"))
+    code, out, _ = run_campar(capsys, "pack", "--manifest", evil, "--out", str(root / "packed"))
     assert code == 1
     assert out.splitlines()[:3] == [
         f"wrote {root / 'packed'}: 11 images packed into 1 shard(s)",
@@ -116,7 +104,7 @@ def test_allow_outside_root_reads_there_but_still_packs_only_images(shared, caps
         manifest, str(root / "data" / "evil.parquet"), {0: "../secret.txt", 1: "../elsewhere.png"}
     )
     argv = ("pack", "--manifest", evil, "--out", str(root / "packed"), "--allow-outside-root")
-    code, out, _ = _campar(capsys, *argv)
+    code, out, _ = run_campar(capsys, *argv)
     assert code == 1 and "11 images packed" in out and "  ../secret.txt: cannot decode" in out
     assert all(SECRET not in data for data in _files(root / "packed").values())
 
@@ -129,14 +117,14 @@ def test_prepare_refuses_csv_rows_outside_the_dataset_folder(tmp_path, capsys):
     (root / "labels.csv").write_text("image,x\na.png,1\n../private.png,0\n")
     out = root / "m.parquet"
     argv = ("prepare", "folder", "--root", str(root), "--out", str(out), "--ratios", "1,0,0")
-    code, _, err = _campar(capsys, *argv)
+    code, _, err = run_campar(capsys, *argv)
     assert code == 2
-    assert _one_line(err) == (
+    assert one_line(err) == (
         f"campar prepare: error: row 1: image '../private.png' is outside {root}; pass "
         "--allow-outside-root (or --set data.allow_outside_root=true) to read it anyway"
     )
     assert not out.exists()
-    code, out_text, _ = _campar(capsys, *argv, "--allow-outside-root", "--verify")
+    code, out_text, _ = run_campar(capsys, *argv, "--allow-outside-root", "--verify")
     assert code == 0 and "2 images" in out_text and "0 unreadable or corrupt" in out_text
 
 
@@ -165,7 +153,7 @@ def test_prepare_verify_and_pack_skip_decompression_bombs_and_oversized_images(t
     (root / "labels.csv").write_text("image,x\na.png,1\nbomb.png,0\nbig.png,1\n")
     common = ("--root", str(root), "--ratios", "1,0,0", "--set", "data.max_image_pixels=1000000")
     out = root / "m.parquet"
-    code, text, _ = _campar(capsys, "prepare", "folder", "--out", str(out), "--verify", *common)
+    code, text, _ = run_campar(capsys, "prepare", "folder", "--out", str(out), "--verify", *common)
     assert code == 1
     assert "verified 3 images: 2 unreadable or corrupt" in text
     assert "  bomb.png: cannot decode image" in text and "decompression bomb" in text
@@ -173,7 +161,7 @@ def test_prepare_verify_and_pack_skip_decompression_bombs_and_oversized_images(t
         "  big.png: image is 2000 x 1000 pixels, more than data.max_image_pixels (1000000)" in text
     )
     packed = tmp_path / "packed" / "m.parquet"
-    code, text, _ = _campar(capsys, "prepare", "folder", "--out", str(packed), "--pack", *common)
+    code, text, _ = run_campar(capsys, "prepare", "folder", "--out", str(packed), "--pack", *common)
     assert code == 0 and "1 images (train 1, val 0, test 0)" in text
     assert "dropped: files that do not decode as images (not packed): 2" in text
     assert read_manifest(str(packed))[0].column("image").to_pylist() == [str(root / "a.png")]
@@ -206,10 +194,10 @@ def test_training_refuses_outside_images_and_skips_bombs_and_oversized_ones(
         "--set", "train.cpus_per_worker=0.5", "--set", "tracking.tensorboard=false",
         "--set", "data.max_image_pixels=1000000",
     )  # fmt: skip
-    code, _, err = _campar(capsys, "train", "--manifest", outside, *argv)
-    assert code == 2 and "'../outside.png' is outside" in _one_line(err)
+    code, _, err = run_campar(capsys, "train", "--manifest", outside, *argv)
+    assert code == 2 and "'../outside.png' is outside" in one_line(err)
     assert not run_dir.exists()
-    code, out, _ = _campar(capsys, "train", "--manifest", attack, *argv)
+    code, out, _ = run_campar(capsys, "train", "--manifest", attack, *argv)
     assert code == 0 and "best checkpoint:" in out
     skipped = json.loads((run_dir / "logits" / "skipped.json").read_text())
     assert sorted(skipped["train"]) == ["big.png", "bomb.png"]
@@ -235,8 +223,8 @@ def test_uris_with_credentials_are_refused_without_echoing_them(shared, capsys, 
     root, manifest = shared
     values = {"key": KEY, "password": PASSWORD, "manifest": manifest, "tmp": root}
     before = _files(root)
-    code, out, err = _campar(capsys, *(arg.format(**values) for arg in argv))
-    line = _one_line(err)
+    code, out, err = run_campar(capsys, *(arg.format(**values) for arg in argv))
+    line = one_line(err)
     assert code == 2 and out == ""
     assert "must not carry credentials" in line and "AWS_ACCESS_KEY_ID" in line
     assert not any(part in err + out for part in (KEY, *PASSWORD.split("/")))
@@ -260,22 +248,22 @@ def test_folder_csv_with_a_short_or_long_row_names_line_and_counts(tmp_path, cap
     (root / "labels.csv").write_text(csv)
     fields = len(csv.rstrip("\n").splitlines()[-1].split(","))
     argv = ("prepare", "folder", "--root", str(root), "--out", str(root / "m.parquet"))
-    code, _, err = _campar(capsys, *argv)
-    assert code == 2 and _one_line(err) == (
+    code, _, err = run_campar(capsys, *argv)
+    assert code == 2 and one_line(err) == (
         f"campar prepare: error: {root / 'labels.csv'} line {line} has {fields} fields, the "
         "header has 3"
     )
     assert not (root / "m.parquet").exists()
 
 
-def test_empty_manifest_path_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+def test_empty_manifest_path_is_refused_inone_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Makefile").write_text("all:\n")  # what the current folder used to be read as
     for read in (read_info, read_manifest):
         with pytest.raises(ManifestError, match=r"^no manifest given \(set data.manifest"):
             read("")
-    code, _, err = _campar(capsys, "pack", "--manifest", "", "--out", str(tmp_path / "packed"))
-    assert code == 2 and _one_line(err).startswith("campar pack: error: no manifest given")
+    code, _, err = run_campar(capsys, "pack", "--manifest", "", "--out", str(tmp_path / "packed"))
+    assert code == 2 and one_line(err).startswith("campar pack: error: no manifest given")
     assert list(_files(tmp_path)) == ["Makefile"]
 
 
@@ -285,7 +273,7 @@ def test_doctor_without_a_config_says_the_manifest_is_not_set(
 ):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Makefile").write_text("all:\n")
-    code, out, _ = _campar(capsys, "doctor")
+    code, out, _ = run_campar(capsys, "doctor")
     assert code == 1
     assert "error: data.manifest is not set (pass --manifest or --config)" in out.splitlines()
     assert "ok: nothing found" not in out and "Makefile" not in out

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import torch
+import yaml
 
 from campar_ray import storage
 from campar_ray.artifacts import ArtifactError, load_json, load_tensors
-from campar_ray.config import Config
+from campar_ray.config import Config, ModelConfig
 from campar_ray.model import ParModel, build_model
 
 if TYPE_CHECKING:  # serving (bundle, predict) loads checkpoints without Ray Train
@@ -29,6 +30,8 @@ if TYPE_CHECKING:  # serving (bundle, predict) loads checkpoints without Ray Tra
 CHECKPOINT_ROOT = ("ray", "stage1")
 """Where stage 1 keeps its Ray Train checkpoints inside a run directory."""
 MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
+CONFIG_FILE = "config.yaml"
+"""The resolved config of a run, at the top of its run directory."""
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
@@ -82,6 +85,28 @@ def resume_checkpoint(run_dir: str) -> str | None:
     return storage.join(run_dir, *CHECKPOINT_ROOT, latest["checkpoint_dir_name"])
 
 
+def stored_config(run_dir: str) -> dict[str, Any] | None:
+    """The config of the run already in ``run_dir`` (None: there is none).
+
+    The resume checkpoint's config comes first (its weights were trained with it), else
+    ``config.yaml`` (a run stopped before its first checkpoint). Both are plain JSON/YAML.
+    """
+    checkpoint = resume_checkpoint(run_dir)
+    path = storage.join(run_dir, CONFIG_FILE)
+    try:
+        if checkpoint is not None:
+            stored = read_meta(checkpoint).get("config")
+        elif storage.exists(path):
+            stored = yaml.safe_load(storage.read_bytes(path))
+        else:
+            return None
+    except (ArtifactError, yaml.YAMLError, AttributeError) as error:
+        raise ArtifactError(f"cannot resume {run_dir}: {error}; no file was changed") from None
+    if not isinstance(stored, dict):
+        raise ArtifactError(f"cannot resume {run_dir}: its stored config is not a mapping")
+    return stored
+
+
 def check_resumable(run_dir: str, attributes: tuple[str, ...]) -> str | None:
     """Refuse, before any work, to resume from a checkpoint that cannot or must not load.
 
@@ -109,6 +134,49 @@ def check_resumable(run_dir: str, attributes: tuple[str, ...]) -> str | None:
             f"{len(attributes)}; use a new run.dir for this manifest"
         )
     return checkpoint
+
+
+def check_weights(
+    run_dir: str, checkpoint: str | None, model: ModelConfig, attributes: int
+) -> None:
+    """Load ``checkpoint``'s weights into the network ``model`` builds, on the driver's CPU
+    before any worker starts: weights of another network are refused in one line."""
+    if checkpoint is None:
+        return
+    path = storage.join(checkpoint, MODEL_FILE)
+    mismatch = _load_weights(load_tensors(path), model, attributes)
+    if mismatch:
+        raise ArtifactError(
+            f"cannot resume {run_dir}: {path} does not fit a model.backbone={model.backbone} "
+            f"network ({mismatch}); no file was changed (--fresh starts over in place)"
+        )
+
+
+def _load_weights(weights: Any, model: ModelConfig, attributes: int) -> str:
+    """Load ``weights`` into the network ``model`` builds; what does not fit ('' if all does)."""
+    if not isinstance(weights, dict):
+        return f"it holds a {type(weights).__name__}, not a state dict"
+    network = build_model(dataclasses.replace(model, weights="none"), attributes)
+    expected = network.state_dict()
+    problems = {
+        "missing": [key for key in expected if key not in weights],
+        "unexpected": [key for key in weights if key not in expected],
+        "other shape": [
+            key
+            for key, value in weights.items()
+            if key in expected and getattr(value, "shape", None) != expected[key].shape
+        ],
+    }
+    summary = "; ".join(
+        f"{len(keys)} {kind}, e.g. {keys[0]}" for kind, keys in problems.items() if keys
+    )
+    if summary:
+        return summary
+    try:
+        network.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        return str(error).splitlines()[0]
+    return ""
 
 
 def _differences(trained: list[str], manifest: tuple[str, ...]) -> str:

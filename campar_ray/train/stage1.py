@@ -4,7 +4,9 @@
 runs a ``TorchTrainer`` whose storage lives inside the run directory, then writes the logits
 of every split with the best checkpoint (highest validation mA: model selection never sees
 test data). A re-run of the same run directory resumes at the epoch after the latest
-checkpoint: Ray Train V2 restores it from the run's snapshot in ``<run.dir>/ray/stage1``.
+checkpoint (Ray Train V2 restores it from the run's snapshot in ``<run.dir>/ray/stage1``), but
+only when the stored config matches on :data:`RUN_KEYS`; ``existing_run`` says what to do
+otherwise (see :func:`check_run_dir`).
 
 ``train.num_workers: MIN..MAX`` makes the group elastic: Ray Train restarts it with fewer
 workers when nodes are lost and with more when they return, each time from the latest
@@ -15,13 +17,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
+import posixpath
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -46,8 +52,12 @@ from campar_ray.preflight import check_cluster
 from campar_ray.runtime import init_ray
 from campar_ray.tracking import ensure_experiment, resolve_tracking
 from campar_ray.train.checkpoints import (
+    CHECKPOINT_ROOT,
+    CONFIG_FILE,
     check_resumable,
+    check_weights,
     read_meta,
+    stored_config,
 )
 from campar_ray.train.inference import write_logits
 from campar_ray.train.loop import (
@@ -59,6 +69,17 @@ logger = logging.getLogger(__name__)
 
 RUN_NAME = "stage1"
 LOSSES = ("bce", "weighted_bce")
+RUN_KEYS = ("model", "data.manifest", "data.image_size", "data.pad", "train.loss", "seed")
+"""Config keys (a section name: all its keys) that shape the network and what it learns from.
+A run directory resumes only when its stored config matches on all of them (``--resume``
+keeps the stored values); the manifest's attribute list is checked against the checkpoint."""
+STATE_KEYS = ("train.lr", "train.weight_decay", "train.scheduler")
+"""Keys a checkpoint's optimiser and scheduler state fix: a resume keeps the stored values, so
+new ones are refused (so is a new ``train.epochs`` under ``cosine``, whose length is stored)."""
+RUN_STATE = (CONFIG_FILE, posixpath.join(*CHECKPOINT_ROOT), "logits", "cfar", "tune")
+RUN_STATE += ("tensorboard", "data_stats", "report")
+"""What ``--fresh`` deletes from a run directory: everything a previous run derived."""
+EXISTING_RUN = ("match", "resume", "fresh")
 
 
 @dataclass(frozen=True)
@@ -83,15 +104,20 @@ def train_stage1(
     progress: bool = True,
     callbacks: list[Any] | None = None,
     address: str | None = None,
+    existing_run: str = "match",
 ) -> Stage1Result:
     """Train stage 1 as ``config`` says, resuming the run in ``run.dir`` when there is one.
 
     ``callbacks`` are Ray Train callbacks for the run's controller (``RunConfig.callbacks``):
     how a caller such as a Tune trial follows the run epoch by epoch. Ray is joined at
     ``address`` (see :func:`init_ray`) only after the inputs have been checked.
+    ``existing_run`` is ``match``, ``resume`` or ``fresh`` (see :func:`check_run_dir`).
     """
     config = resolve_config(config)
     # Everything that can be checked is checked before the first byte is written.
+    stored = None if existing_run == "fresh" else stored_config(config.run.dir)
+    if existing_run == "resume":  # the stored manifest and sizes are the ones to check
+        config = check_run_dir(config, stored, existing_run)
     table, info = read_manifest(config.data.manifest, with_bytes=False)
     for split in ("train", "val"):
         if not pc.any(pc.equal(table.column("split"), split)).as_py():
@@ -99,10 +125,15 @@ def train_stage1(
     if not config.data.allow_outside_root and not is_packed(config.data.manifest):
         # Refused here, in one line, rather than every image skipped by the decode tasks.
         check_images_inside_root(table.column("image").to_pylist(), info.root)
+    if existing_run != "fresh":  # a damaged checkpoint is named before a config difference
+        checkpoint = check_resumable(config.run.dir, info.attributes)
+        config = check_run_dir(config, stored, existing_run)
+        check_weights(config.run.dir, checkpoint, config.model, len(info.attributes))
     storage.check_writable(config.run.dir)
-    check_resumable(config.run.dir, info.attributes)
     init_ray(address)
     check_cluster(config)
+    if existing_run == "fresh":
+        _clear_run(config.run.dir)
     storage.write_bytes(
         storage.join(config.run.dir, "config.yaml"),
         yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
@@ -181,6 +212,93 @@ def _trainer(
             data_execution_options(cfg.max_workers * cfg.cpus_per_worker, gpus)
         ),
     )
+
+
+def check_run_dir(config: Config, stored: dict[str, Any] | None, existing_run: str) -> Config:
+    """The config to train with, given the one ``stored`` in the run directory.
+
+    ``match`` (a plain re-run) resumes when ``stored`` agrees on :data:`RUN_KEYS` and
+    :data:`STATE_KEYS`, and refuses in one line naming the keys that differ; ``resume`` keeps
+    the stored :data:`RUN_KEYS` and refuses only what a resume cannot honour; ``fresh`` starts
+    over whatever the directory holds. Keys such as ``train.epochs`` or scaling may differ.
+    """
+    if existing_run not in EXISTING_RUN:
+        raise ValueError(f"unknown existing_run {existing_run!r}; valid: {', '.join(EXISTING_RUN)}")
+    run_dir = config.run.dir
+    if stored is None:
+        if existing_run == "resume":
+            raise ValueError(f"cannot --resume {run_dir}: it holds no run (drop --resume)")
+        return config
+    try:
+        old = _flat(Config().override(stored))
+    except ConfigError as error:
+        raise ConfigError(f"cannot resume {run_dir}: its stored config: {error}") from None
+    new = _flat(config)
+    state = [*STATE_KEYS, *(["train.epochs"] if old["train.scheduler"] == "cosine" else [])]
+    run_diff, state_diff = _changed(old, new, RUN_KEYS), _changed(old, new, state)
+    if existing_run == "resume" and state_diff:
+        raise ValueError(
+            f"cannot --resume {run_dir} with {_show(old, new, state_diff)}: the checkpoint's "
+            "optimiser and scheduler state keep the stored values; set them back, or use "
+            "--fresh to start over in place"
+        )
+    if existing_run == "resume":
+        if run_diff:
+            print(
+                f"[stage1] --resume keeps the stored {_show(new, old, run_diff)}", file=sys.stderr
+            )
+        return config.override({key: old[key] for key in run_diff})
+    if run_diff or state_diff:
+        resume = "set them back" if state_diff else "--resume to continue with the stored values"
+        changes = _show(old, new, run_diff + state_diff)
+        raise ValueError(
+            f"{run_dir} holds a run with another config ({changes}); use --fresh to start "
+            "over in place (deletes its checkpoints, logits, cfar and tune) "
+            f"or {resume}"
+        )
+    return config
+
+
+def _flat(config: Config) -> dict[str, Any]:
+    """``{"model.backbone": ..., "seed": ...}``: every key of ``config``, dotted."""
+    flat = {}
+    for section, values in config.to_dict().items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def _changed(
+    old: dict[str, Any], new: dict[str, Any], keys: list[str] | tuple[str, ...]
+) -> list[str]:
+    """The dotted keys under ``keys`` (a key or a section) whose values differ."""
+    return [
+        key
+        for key in old
+        if any(key == k or key.startswith(f"{k}.") for k in keys) and old[key] != new.get(key)
+    ]
+
+
+def _show(old: dict[str, Any], new: dict[str, Any], keys: list[str]) -> str:
+    return ", ".join(f"{key}: {_value(old[key])} -> {_value(new.get(key))}" for key in keys)
+
+
+def _value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _clear_run(run_dir: str) -> None:
+    """Delete what a previous run left in ``run_dir`` (:data:`RUN_STATE`), for ``--fresh``."""
+    filesystem, inner = storage.resolve(run_dir)
+    for name in RUN_STATE:
+        path = posixpath.join(inner, name)
+        kind = filesystem.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            filesystem.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            filesystem.delete_file(path)
 
 
 def _scaling_workers(cfg: TrainConfig) -> int | tuple[int, int]:

@@ -1,0 +1,164 @@
+"""What `campar train` does in a run directory that already holds a run.
+
+It resumes only when the stored config matches on the keys that shape the network and its data
+(`RUN_KEYS`); otherwise one line names the differing keys and the two ways out, `--fresh` and
+`--resume`, and nothing in the directory changes. Weights are loaded into the built network on
+the driver before Ray Train starts. Three tiny trainings in all: the first run, `--fresh` on a
+copy of it, and more epochs on the original.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from cli_checks import one_line, run_campar
+
+from campar_ray.cli import main
+from campar_ray.config import Config, ModelConfig
+from campar_ray.data import generate_synthetic, read_manifest
+from campar_ray.model import build_model
+from campar_ray.train.checkpoints import MODEL_FILE, resume_checkpoint, stage1_checkpoints
+from campar_ray.train.stage1 import check_run_dir
+
+ARGV = (
+    "--num-workers", "1", "--set", "model.backbone=resnet18", "--set", "model.fusion=false",
+    "--set", "data.image_size=[32,16]", "--set", "data.pad=2", "--set", "train.batch_size=16",
+    "--set", "train.cpus_per_worker=0.5", "--set", "tracking.tensorboard=false",
+)  # fmt: skip
+
+
+def _state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``folder`` (and itself) with its mtime and size."""
+    return {
+        str(path.relative_to(folder)): (path.stat().st_mtime_ns, path.stat().st_size)
+        for path in [folder, *folder.rglob("*")]
+    }
+
+
+def _train(capsys, manifest: str, run_dir: Path, *extra: str) -> tuple[int, str, str]:
+    return run_campar(
+        capsys, "train", "--manifest", manifest, "--run-dir", str(run_dir), *ARGV, *extra
+    )
+
+
+def _checkpoint_folders(run_dir: Path) -> set[str]:
+    return {
+        path.name for path in (run_dir / "ray" / "stage1").glob("checkpoint_*") if path.is_dir()
+    }
+
+
+def _epochs(run_dir: Path) -> list[int]:
+    return [meta["epoch"] for _, meta in stage1_checkpoints(str(run_dir))]
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, tmp_path_factory) -> tuple[str, Path, dict]:
+    """(manifest, run dir, epoch 1's metrics) of a one-epoch resnet18 run."""
+    root = tmp_path_factory.mktemp("run-dir")
+    manifest = generate_synthetic(str(root / "data"), n=48, size=(32, 16))
+    run_dir = root / "run"
+    argv = ["train", "--manifest", manifest, "--run-dir", str(run_dir), *ARGV, "--epochs", "1"]
+    assert main(argv) == 0
+    return manifest, run_dir, stage1_checkpoints(str(run_dir))[-1][1]["history"][0]
+
+
+@pytest.mark.ray
+def test_another_backbone_is_refused_in_one_line_and_nothing_changes(first_run, capsys):
+    manifest, run_dir, _ = first_run
+    before, stored = _state(run_dir), (run_dir / "config.yaml").read_bytes()
+    code, _, err = _train(capsys, manifest, run_dir, "--set", "model.backbone=resnet34")
+    line = one_line(err)
+    assert code == 2 and "model.backbone: resnet18 -> resnet34" in line
+    assert "--fresh" in line and "--resume" in line
+    assert _state(run_dir) == before and (run_dir / "config.yaml").read_bytes() == stored
+    # --resume cannot honour a new learning rate: the optimiser state keeps the stored one.
+    code, _, err = _train(capsys, manifest, run_dir, "--resume", "--set", "train.lr=0.5")
+    assert code == 2 and "train.lr: 0.0001 -> 0.5" in one_line(err)
+    assert _state(run_dir) == before
+
+
+@pytest.mark.ray
+def test_weights_of_another_network_are_refused_on_the_driver(first_run, tmp_path, capsys):
+    manifest, run_dir, _ = first_run
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    attributes = len(read_manifest(manifest)[1].attributes)
+    other = build_model(ModelConfig(backbone="resnet34", fusion=False), attributes)
+    weights = Path(resume_checkpoint(str(copy))) / MODEL_FILE
+    torch.save(other.state_dict(), weights)
+    before = _state(copy)
+    code, _, err = _train(capsys, manifest, copy, "--epochs", "2")
+    line = one_line(err)
+    assert code == 2 and f"{weights} does not fit a model.backbone=resnet18 network" in line
+    assert "unexpected, e.g. backbone.layer1.2." in line  # resnet34 has a third block per stage
+    assert _state(copy) == before
+
+
+@pytest.mark.ray
+def test_fresh_starts_over_in_place(first_run, tmp_path, capsys):
+    manifest, run_dir, _ = first_run
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    old = _checkpoint_folders(copy)
+    for stale in ("cfar/factors.npz", "tune/search.json"):
+        (copy / stale).parent.mkdir()
+        (copy / stale).write_text("from the old run")
+    argv = ("--set", "model.backbone=resnet34", "--epochs", "1", "--fresh")
+    code, out, _ = _train(capsys, manifest, copy, *argv)
+    assert code == 0 and "best checkpoint:" in out
+    assert _epochs(copy) == [1]
+    assert not old & _checkpoint_folders(copy)
+    assert not (copy / "cfar").exists() and not (copy / "tune").exists()
+    assert yaml.safe_load((copy / "config.yaml").read_text())["model"]["backbone"] == "resnet34"
+    assert (copy / "logits" / "val.parquet").exists()
+
+
+@pytest.mark.ray
+def test_more_epochs_resume_the_run(first_run, capsys):
+    manifest, run_dir, epoch1 = first_run
+    code, out, _ = _train(capsys, manifest, run_dir, "--epochs", "2")
+    assert code == 0 and "best checkpoint:" in out
+    assert _epochs(run_dir) == [1, 2]
+    history = stage1_checkpoints(str(run_dir))[-1][1]["history"]
+    assert [m["epoch"] for m in history] == [1, 2] and history[0] == epoch1
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 2
+
+
+# --- which differences refuse, which --resume keeps (no Ray) ---------------------------------
+
+STORED = Config().override(
+    {"model.backbone": "resnet18", "data.manifest": "/m.parquet", "run.dir": "/run"}
+)
+
+
+def test_keys_that_do_not_shape_the_model_may_differ():
+    new = STORED.override(
+        {"train.epochs": 60, "train.num_workers": "2..4", "data.decode_concurrency": 3}
+    )
+    assert check_run_dir(new, STORED.to_dict(), "match") == new
+
+
+def test_resume_keeps_the_stored_model_and_data_keys():
+    new = STORED.override({"model.backbone": "resnet34", "data.image_size": [64, 32]})
+    resumed = check_run_dir(new.override({"train.epochs": 5}), STORED.to_dict(), "resume")
+    assert resumed.model == STORED.model and resumed.data == STORED.data
+    assert resumed.train.epochs == 5
+    with pytest.raises(ValueError, match=r"data\.image_size: \[256, 192\] -> \[64, 32\]"):
+        check_run_dir(new, STORED.to_dict(), "match")
+
+
+@pytest.mark.parametrize(
+    ("stored", "new", "existing", "message"),
+    [
+        (None, {"train.epochs": 5}, "resume", "it holds no run"),
+        ({"train.scheduler": "cosine"}, {"train.epochs": 60}, "match", "train.epochs: 30 -> 60"),
+        ({}, {"train.scheduler": "cosine"}, "resume", "train.scheduler: plateau -> cosine"),
+        ({}, {"seed": 7}, "match", "seed: 0 -> 7"),
+    ],
+)
+def test_what_a_resume_cannot_honour_is_refused(stored, new, existing, message):
+    old = None if stored is None else STORED.override(stored).to_dict()
+    with pytest.raises(ValueError, match=message):
+        check_run_dir(STORED.override({**(stored or {}), **new}), old, existing)
