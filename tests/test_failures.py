@@ -196,10 +196,7 @@ def test_bundle_refuses_weights_that_are_not_this_networks_tensors(
     weights = Path(best_checkpoint(str(run_dir))) / "model.pt"
     if planted == "pickle":
         torch.save({"backbone.conv1.weight": Payload(marker)}, weights)
-        problem = (
-            f"refusing to load {weights}: it holds more than tensors (Trying to load unsupported "
-            "GLOBAL builtins.open"
-        )
+        problem = f"refusing to load {weights}: it holds more than tensors ("
     else:
         torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
         problem = f"{weights} does not hold the weights of a resnet18 network with 17 attributes: "
