@@ -1,8 +1,8 @@
 """Input pipeline throughput on real PETA images: Ray Data against a torch DataLoader.
 
 Both pipelines do the same work with the same code: blocks of ``BLOCK_ROWS`` manifest rows go
-through ``decode_batch`` (read, decode, resize to the network size) and ``augment_batch`` (pad
-10 + random crop, flip), in ``--workers`` parallel workers (Ray Data tasks of 1 CPU on a Ray
+through ``decode_batch`` (read, decode, resize to the network size, pad 10 + random crop,
+flip), in ``--workers`` parallel workers (Ray Data tasks of 1 CPU on a Ray
 cluster of ``--workers`` CPUs; DataLoader worker processes), and the main process consumes
 uint8 torch batches. After one untimed warm-up pass each (worker processes started), the two
 are timed in alternating order for ``--rounds`` rounds, so load from other users of the
@@ -41,7 +41,7 @@ from campar_ray.data import ManifestInfo, read_manifest
 from campar_ray.data.converters import prepare
 from campar_ray.data.images import ImageLimits
 from campar_ray.data.manifest import rebase_images, write_manifest
-from campar_ray.data.ray_pipeline import BLOCK_ROWS, augment_batch, build_dataset, decode_batch
+from campar_ray.data.ray_pipeline import BLOCK_ROWS, build_dataset, decode_batch
 from campar_ray.model import build_model, stage1_loss
 from campar_ray.train.loop import build_optimizer, train_one_epoch
 
@@ -83,8 +83,9 @@ class BlockDataset(torch.utils.data.Dataset):
             "image": np.asarray(block.column("image").to_pylist(), dtype=object),
             "labels": np.asarray(block.column("labels").to_pylist(), dtype=np.int8),
         }
-        decoded = decode_batch(batch, root=self.root, size=self.size, limits=PETA_ELSEWHERE)
-        return augment_batch(decoded, pad=self.pad)
+        return decode_batch(
+            batch, root=self.root, size=self.size, limits=PETA_ELSEWHERE, pad=self.pad
+        )
 
 
 def _subset(table: pa.Table, count: int, seed: int = 0) -> pa.Table:

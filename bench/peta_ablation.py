@@ -239,7 +239,6 @@ def base_config(args: argparse.Namespace, manifest: str) -> Config:
         device = {
             "model.backbone": "resnet50",
             "data.image_size": [256, 192],
-            "data.decode_cpus": 1.0,
             "train.use_gpu": True,
             "train.amp": True,
             "train.channels_last": True,

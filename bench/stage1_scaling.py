@@ -15,6 +15,8 @@ one core and two workers use two: on an idle 2-core machine the ideal ratio is 2
     python -m bench.stage1_scaling --images 200 --batch 16
     python -m bench.stage1_scaling --gpu --workers 1      # ResNet-50 256x192 AMP, per GPU
     python -m bench.stage1_scaling --gpu --workers 1 --decode-tasks 12   # a 16-core GPU node
+    python -m bench.stage1_scaling --gpu --workers 1 --decode-tasks 0 --step-only \\
+        --manifest /tmp/ip/repeated.parquet      # PETA x2 from bench.input_pipeline
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from bench.common import write_results
 from campar_ray.config import Config
+from campar_ray.data import read_manifest
 from campar_ray.data.synthetic import generate_synthetic
 from campar_ray.train.stage1 import train_stage1
 
@@ -48,7 +51,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--timed-epochs", type=int, default=1, help="timed epochs after warm-up")
     parser.add_argument(
-        "--decode-tasks", type=int, default=4, help="--gpu: decode tasks per training worker"
+        "--decode-tasks",
+        type=int,
+        default=4,
+        help="--gpu: decode tasks per training worker (0: all the CPUs the workers leave)",
+    )
+    parser.add_argument(
+        "--manifest",
+        default=None,
+        help="train on this manifest instead of synthetic images (e.g. the repeated PETA of "
+        "bench.input_pipeline --manifest-only)",
+    )
+    parser.add_argument(
+        "--step-only", action="store_true", help="also time the training step alone (no data)"
     )
     return parser
 
@@ -73,7 +88,6 @@ def config_for(args: argparse.Namespace, manifest: str, workers: int, run_dir: s
                 "model.backbone": "resnet50",
                 "data.image_size": [256, 192],
                 "data.decode_concurrency": args.decode_tasks * workers,
-                "data.decode_cpus": 1.0,
                 "train.use_gpu": True,
                 "train.amp": True,
                 "train.channels_last": True,
@@ -107,6 +121,44 @@ def measure(args: argparse.Namespace, manifest: str, workers: int, folder: str) 
     return figures
 
 
+def step_only(args: argparse.Namespace, attributes: int, steps: int = 30) -> dict[str, Any]:
+    """Images/s of ``train_one_epoch`` on one batch already on the device: the rate the
+    input pipeline has to keep up with (same network, batch, AMP and layout as the runs)."""
+    import torch
+
+    from campar_ray.model import build_model, stage1_loss
+    from campar_ray.train.loop import build_optimizer, make_grad_scaler, train_one_epoch
+
+    config = config_for(args, "", 1, "")
+    device = torch.device("cuda" if args.gpu else "cpu")
+    torch.manual_seed(0)
+    model = build_model(config.model, attributes).to(device)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=5e-4)
+    height, width = config.data.image_size
+    batch = {
+        "image": torch.randint(0, 256, (args.batch, height, width, 3), dtype=torch.uint8),
+        "labels": torch.randint(0, 2, (args.batch, attributes), dtype=torch.int8),
+        "valid": torch.ones(args.batch, dtype=torch.bool),
+    }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    options = {
+        "device": device,
+        "amp": config.train.amp,
+        "channels_last": config.train.channels_last,
+        "scaler": make_grad_scaler(device, config.train.amp),
+    }
+    train_one_epoch(model, [batch] * 5, optimizer, stage1_loss, **options)  # warm-up
+    stats = train_one_epoch(model, [batch] * steps, optimizer, stage1_loss, **options)
+    figures = {"images_per_s": round(stats.images_per_s, 1), "steps": steps}
+    print(f"step only: {figures}", flush=True)
+    del model, optimizer
+    if args.gpu:
+        torch.cuda.empty_cache()
+    return figures
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
     args.workers = args.workers or [1, 2]
@@ -115,13 +167,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = (256, 192) if args.gpu else (128, 64)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="stage1-scaling-") as folder:
-        manifest = generate_synthetic(os.path.join(folder, "data"), n=args.images, size=size)
+        manifest = args.manifest or generate_synthetic(
+            os.path.join(folder, "data"), n=args.images, size=size
+        )
+        attributes = len(read_manifest(manifest, with_bytes=False)[1].attributes)
+        alone = step_only(args, attributes) if args.step_only else None
         runs = {workers: measure(args, manifest, workers, folder) for workers in args.workers}
     figures: dict[str, Any] = {
         "mode": "gpu" if args.gpu else "cpu",
         "model": "resnet50 campar + fusion, AMP" if args.gpu else "resnet18 campar + fusion",
         "image_size": list(size),
-        "synthetic_images": args.images,
+        "data": args.manifest or f"synthetic, {args.images} images",
         "global_batch": args.batch,
         "decode_tasks_per_worker": args.decode_tasks if args.gpu else None,
         "warmup_epochs": WARMUP_EPOCHS,
@@ -133,6 +189,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if 1 in runs and 2 in runs:
         figures["ratio_2_vs_1"] = round(runs[2]["images_per_s"] / runs[1]["images_per_s"], 3)
         print(f"2 workers / 1 worker images/s: {figures['ratio_2_vs_1']}", flush=True)
+    if alone:
+        figures["step_only"] = alone
+        figures["pipeline_vs_step_only"] = {
+            str(workers): round(run["images_per_s_per_worker"] / alone["images_per_s"], 3)
+            for workers, run in runs.items()
+        }
+        print(f"full pipeline / step only: {figures['pipeline_vs_step_only']}", flush=True)
     if args.gpu:
         figures["images_per_s_per_gpu"] = {
             str(workers): run["images_per_s_per_worker"] for workers, run in runs.items()

@@ -211,10 +211,11 @@ class ParPredictor:
                         f"image {index} must be an H x W x 3 uint8 array, got "
                         f"{image.dtype} {image.shape}"
                     )
-                pixels = image
+                batch[index] = resize(image, self.image_size)
             else:
-                pixels = decode_image(load_image_bytes(os.fspath(image), ""))
-            batch[index] = resize(pixels, self.image_size)
+                batch[index] = decode_image(
+                    load_image_bytes(os.fspath(image), ""), size=self.image_size
+                )
         return torch.from_numpy(batch)
 
     @torch.no_grad()
@@ -333,10 +334,10 @@ def sample_images(config: Config, split: str, count: int) -> np.ndarray:
         if len(images) == count:
             break
         try:
-            pixels = decode_image(load_image_bytes(source, info.root))
+            size = tuple(config.data.image_size)
+            images.append(decode_image(load_image_bytes(source, info.root), size=size))
         except (ValueError, OSError):
             continue
-        images.append(resize(pixels, tuple(config.data.image_size)))
     return np.stack(images) if images else empty
 
 

@@ -33,7 +33,7 @@ from campar_ray import storage
 from campar_ray.bundle import Threshold, load_model
 from campar_ray.data.images import decode_image, load_image_bytes
 from campar_ray.data.manifest import BINARY_COLUMN, read_manifest
-from campar_ray.data.transforms import normalize, resize
+from campar_ray.data.transforms import normalize
 from campar_ray.runtime import init_ray
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -108,7 +108,7 @@ def decode_for_prediction(
     errors = []
     for index, source in enumerate(sources):
         try:
-            images[index] = resize(decode_image(load_image_bytes(source, root)), size)
+            images[index] = decode_image(load_image_bytes(source, root), size=size)
             errors.append("")
         except Exception as error:  # one unreadable image must never fail its whole batch
             errors.append(f"{type(error).__name__}: {error}")

@@ -90,7 +90,7 @@ class Reservation:
         bundle = {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
         image = data.image_size[0] * data.image_size[1] * IMAGE_BYTES_PER_PIXEL
         batches = (data.prefetch_batches + 1) * train.batch_size * train.max_workers
-        blocks = max(data.decode_concurrency, 1) * BLOCK_ROWS * 2  # decode + augment pools
+        blocks = max(data.decode_concurrency, 1) * BLOCK_ROWS * 2  # one in flight, one queued
         return cls(
             workers=train.max_workers,
             worker_bundle=bundle,

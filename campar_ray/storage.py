@@ -107,6 +107,11 @@ def exists(path: str) -> bool:
 
 
 def read_bytes(path: str) -> bytes:
+    """The whole file; a plain ``open`` for local paths (the decoder reads one image per call,
+    where pyarrow's filesystem and ``Path.resolve`` cost as much as a small PNG's decode)."""
+    if not is_uri(path) and not path.startswith("file://"):
+        with open(path, "rb") as file:
+            return file.read()
     filesystem, inner = resolve(path)
     with filesystem.open_input_stream(inner) as stream:
         return stream.read()

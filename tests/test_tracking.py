@@ -115,6 +115,7 @@ def test_starvation_warning_names_the_knobs_above_the_threshold():
 
 def test_auto_decode_concurrency_fills_the_cpus_training_leaves():
     assert decode_tasks(5, 0.5, free_cpus=1.0) == 5  # set explicitly: kept
-    assert decode_tasks(0, 0.5, free_cpus=3.0) == 3  # 2 cores, 4 logical CPUs, 1 worker
-    assert decode_tasks(0, 1.0, free_cpus=60.0) == 30  # a GPU node
-    assert decode_tasks(0, 0.5, free_cpus=0.5) == 1
+    assert decode_tasks(0, 0.5, free_cpus=3.0) == 6  # 2 cores, 4 logical CPUs, 1 worker
+    assert decode_tasks(0, 1.0, free_cpus=15.0) == 15  # a 16-core GPU node, one worker
+    assert decode_tasks(0, 0.5, free_cpus=15.0) == 30  # the default: two tasks a core
+    assert decode_tasks(0, 1.0, free_cpus=0.5) == 1  # always at least one

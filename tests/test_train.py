@@ -24,7 +24,7 @@ from campar_ray.config import Config, ConfigError, TrainConfig, load_config
 from campar_ray.data import decode_image, generate_synthetic, load_image_bytes, read_manifest
 from campar_ray.data.manifest import resolve_image
 from campar_ray.data.ray_pipeline import data_execution_options
-from campar_ray.data.transforms import normalize, resize
+from campar_ray.data.transforms import normalize
 from campar_ray.train import worker
 from campar_ray.train.checkpoints import load_stage1_checkpoint
 from campar_ray.train.logits import read_split_logits
@@ -437,8 +437,7 @@ def test_run_reports_metrics_checkpoints_and_logits_then_resumes(killed_run, syn
     model, meta = load_stage1_checkpoint(result.checkpoint)
     val = read_split_logits(result.logits["val"])
     pixels = [
-        resize(decode_image(load_image_bytes(image, info.root)), (64, 32))
-        for image in val.images[:8]
+        decode_image(load_image_bytes(image, info.root), size=(64, 32)) for image in val.images[:8]
     ]
     with torch.no_grad():
         output = model(normalize(torch.from_numpy(np.stack(pixels))))

@@ -7,15 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from campar_ray.data.ray_pipeline import augment_batch, decode_batch
+from campar_ray.data.images import decode_image
+from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    augment,
+    Shift,
     normalize,
-    pad_random_crop,
-    random_hflip,
     resize,
+    shift_into,
 )
 
 
@@ -36,52 +36,58 @@ def test_resize_is_deterministic_and_identity_at_target_size():
     assert resize(image, (33, 17)) is image
 
 
-def test_pad_random_crop_takes_a_window_of_the_zero_padded_image():
-    images = _batch()
-    pad = 3
-    out = pad_random_crop(images, pad, np.random.default_rng(1))
-    assert out.shape == images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    for image, crop in zip(padded, out, strict=True):
-        windows = [
-            (top, left)
-            for top in range(2 * pad + 1)
-            for left in range(2 * pad + 1)
-            if np.array_equal(image[top : top + 8, left : left + 5], crop)
-        ]
-        assert windows, "each crop must be one window of its padded image"
+def _padded_crop(image: np.ndarray, pad: int, top: int, left: int) -> np.ndarray:
+    """The reference: ``Pad(pad)`` then the crop whose corner is ``(top, left)``."""
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    return padded[top : top + height, left : left + width]
 
 
-def test_pad_random_crop_offsets_differ_between_images_and_cover_the_range():
-    images = np.repeat(_batch(1), 400, axis=0)
-    out = pad_random_crop(images, 2, np.random.default_rng(2))
-    distinct = {crop.tobytes() for crop in out}
-    assert len(distinct) == 25  # every (top, left) offset in 0..4 x 0..4 occurs
+def test_shift_into_is_pad_then_crop_at_every_offset():
+    image, pad = _batch(1)[0], 3
+    out = np.full_like(image, 7)
+    for top in range(2 * pad + 1):
+        for left in range(2 * pad + 1):
+            shift_into(out, image, top - pad, left - pad)
+            assert np.array_equal(out, _padded_crop(image, pad, top, left))
 
 
-def test_pad_zero_is_identity_and_negative_pad_is_refused():
-    images = _batch()
-    assert pad_random_crop(images, 0, np.random.default_rng()) is images
+def test_a_shift_applied_as_the_pipeline_does_is_pad_crop_then_flip():
+    """Mirroring while decoding, then ``shift_into`` by ``offset()``, gives the reference's
+    pad + crop + flip for both values of ``flip``."""
+    image, pad = _batch(1, 9, 7)[0], 2
+    for shift in Shift.draw(60, pad, np.random.default_rng(4)):
+        source = image[:, ::-1] if shift.flip else image
+        out = np.zeros_like(image)
+        shift_into(out, source, *shift.offset())
+        crop = _padded_crop(image, pad, shift.dy + pad, shift.dx + pad)
+        assert np.array_equal(out, crop[:, ::-1] if shift.flip else crop)
+
+
+def test_shift_draws_cover_every_offset_and_flip_about_half():
+    shifts = Shift.draw(2000, 2, np.random.default_rng(2))
+    assert {(s.dy, s.dx) for s in shifts} == {(y, x) for y in range(-2, 3) for x in range(-2, 3)}
+    assert 800 < sum(s.flip for s in shifts) < 1200
+    assert Shift.draw(5, 1, np.random.default_rng(9)) == Shift.draw(5, 1, np.random.default_rng(9))
+
+
+def test_pad_zero_only_flips_and_negative_pad_is_refused():
+    assert all((s.dy, s.dx) == (0, 0) for s in Shift.draw(50, 0, np.random.default_rng()))
     with pytest.raises(ValueError, match="pad"):
-        pad_random_crop(images, -1, np.random.default_rng())
+        Shift.draw(1, -1, np.random.default_rng())
 
 
-def test_random_hflip_mirrors_exactly_the_chosen_images():
-    images = _batch(200)
-    out = random_hflip(images, np.random.default_rng(3))
-    flipped = np.array([np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images, strict=True)])
-    kept = np.array([np.array_equal(o, i) for o, i in zip(out, images, strict=True)])
-    assert np.all(flipped ^ kept)
-    assert 60 < flipped.sum() < 140
-    assert np.array_equal(random_hflip(images, np.random.default_rng(), p=1.0), images[:, :, ::-1])
-
-
-def test_augment_keeps_shape_and_dtype_and_is_seeded():
-    images = _batch()
-    first = augment(images, pad=2, rng=np.random.default_rng(5))
-    again = augment(images, pad=2, rng=np.random.default_rng(5))
-    assert first.shape == images.shape and first.dtype == np.uint8
-    assert np.array_equal(first, again)
+def test_mirroring_before_resizing_equals_mirroring_after(tmp_path):
+    """The decoder mirrors the source image before resizing it (cheaper); PIL's bilinear
+    filter is symmetric, so the pixels equal mirroring the resized image."""
+    for seed, shape in enumerate([(47, 105), (300, 120), (256, 192), (31, 13)]):
+        pixels = _batch(1, *shape, seed=seed)[0]
+        path = tmp_path / f"{seed}.png"
+        Image.fromarray(pixels).save(path)
+        data = path.read_bytes()
+        plain = decode_image(data, size=(256, 192))
+        assert np.array_equal(decode_image(data, size=(256, 192), mirror=True), plain[:, ::-1])
+        assert np.array_equal(plain, resize(pixels, (256, 192)))
 
 
 def test_normalize_maps_the_imagenet_mean_to_zero_and_scales_by_std():
@@ -120,6 +126,8 @@ def test_decode_batch_resizes_good_images_and_flags_corrupt_and_missing_ones(tmp
     assert out["valid"].tolist() == [True, False, False]
     assert np.all(out["image"][0] == 200) and np.all(out["image"][1:] == 0)
     assert out["row"].tolist() == [7, 8, 9] and out["labels"].tolist() == [[1, 0], [0, 1], [1, 1]]
-    augmented = augment_batch(out, pad=2)
-    assert augmented["image"].shape == out["image"].shape
-    assert augmented["valid"] is out["valid"]
+    augmented = decode_batch(batch, root=str(tmp_path), size=(16, 8), pad=2)
+    assert augmented["valid"].tolist() == [True, False, False]
+    assert np.all(augmented["image"][1:] == 0)
+    assert set(np.unique(augmented["image"][0])) <= {0, 200}  # shifted: zero fill at most
+    assert np.all(augmented["image"][0][2:-2, 2:-2] == 200)  # a shift of at most 2 pixels

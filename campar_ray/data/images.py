@@ -2,7 +2,8 @@
 
 The Ray Data pipeline, verification, packing and prediction all decode through
 :func:`decode_image`, so every consumer sees the same pixels (grey, palette and RGBA images
-become RGB) and the same error for a corrupt, truncated or oversized file. Manifests are
+become RGB, resized the same way when a size is asked for) and the same error for a corrupt,
+truncated or oversized file. Manifests are
 untrusted input: :func:`read_image` applies :class:`ImageLimits` (where an image may live,
 how many pixels it may claim) before any byte is decoded.
 """
@@ -18,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from campar_ray import storage
 from campar_ray.config import DataConfig
 from campar_ray.data.manifest import OutsideRootError, check_inside_root, resolve_image
+from campar_ray.data.transforms import resize_image
 
 MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
 
@@ -62,24 +64,44 @@ def load_image_bytes(image: str | bytes, root: str) -> bytes:
         raise FileNotFoundError(f"image not found: {path}") from None
 
 
-def read_image(image: str | bytes, root: str, limits: ImageLimits = STRICT) -> np.ndarray:
-    """Load and decode one manifest image within ``limits``; raises one of :data:`UNREADABLE`.
+def read_image(
+    image: str | bytes,
+    root: str,
+    limits: ImageLimits = STRICT,
+    *,
+    size: tuple[int, int] | None = None,
+    mirror: bool = False,
+) -> np.ndarray:
+    """Load and decode one manifest image within ``limits`` (resized, mirrored: see
+    :func:`decode_image`); raises one of :data:`UNREADABLE`.
 
     A reference outside ``root`` is refused before it is read (unless allowed); bytes of a
     packed row need no such check.
     """
     if isinstance(image, str) and not limits.allow_outside_root:
         check_inside_root(image, root)
-    return decode_image(load_image_bytes(image, root), max_pixels=limits.max_pixels)
+    data = load_image_bytes(image, root)
+    return decode_image(data, max_pixels=limits.max_pixels, size=size, mirror=mirror)
 
 
-def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode PNG/JPEG/BMP/... bytes to an H x W x 3 uint8 RGB array.
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    size: tuple[int, int] | None = None,
+    mirror: bool = False,
+) -> np.ndarray:
+    """Decode PNG/JPEG/BMP/... bytes to an H x W x 3 uint8 RGB array, resized to ``size``
+    ``(H, W)`` when given and mirrored left-right when ``mirror``.
 
     The size in the header is checked against ``max_pixels`` before any pixel is decoded: a
     175 KB PNG can claim 180 megapixels (Pillow's ``DecompressionBombError`` too becomes an
     :class:`ImageDecodeError`). The whole image is then decoded here (``Image.load``), so a
-    truncated file fails now instead of yielding a half-grey image later.
+    truncated file fails now instead of yielding a half-grey image later. Resizing happens on
+    the decoded Pillow image (:func:`~campar_ray.data.transforms.resize_image`), so the
+    pixels cross from Pillow to NumPy once: this function is the decoder's inner loop. Mirroring
+    happens before resizing, on the (usually smaller) source image: the same pixels as
+    mirroring after, since the filter is symmetric (checked on PETA in the tests).
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -90,7 +112,12 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
                     f"({max_pixels})"
                 )
             img.load()
-            rgb = img.convert("RGB")
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            if mirror:
+                rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if size is not None:
+                rgb = resize_image(rgb, size)
+            array = np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:  # its message names a BytesIO object, nothing useful
@@ -99,7 +126,6 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarr
         ) from None
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {error}") from None
-    array = np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
     if array.size == 0:
         raise ImageDecodeError("image has no pixels")
     return array

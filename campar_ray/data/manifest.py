@@ -38,7 +38,11 @@ SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("image", "labels", "split", "identity", "source")
 BINARY_COLUMN = "binary"
 METADATA_KEY = b"campar"
-ROW_GROUP_SIZE = 16384
+ROW_GROUP_SIZE = 4096
+"""Rows per row group of a path manifest. A decode task reads the ``image`` and ``labels``
+columns of one whole row group to take its piece's rows, so this bounds that read (about 1 %
+of the piece's decode time at 4096 rows, 7 % at 16384); training pieces are dealt from a
+random order within each row group."""
 PACKED_ROW_GROUP_SIZE = 256
 """Rows of encoded images per row group: one Ray Data decode block (``ray_pipeline.BLOCK_ROWS``),
 so a decode task reads exactly one row group (a few MB) of a packed manifest."""
@@ -453,7 +457,13 @@ class ManifestWriter:
         if self._local:  # object stores have no folders to create
             self.filesystem.create_dir(posixpath.dirname(self._target), recursive=True)
         self._stream = self.filesystem.open_output_stream(self._open_name)
-        self._writer = pq.ParquetWriter(self._stream, self._schema)
+        # Encoded images are unique and already compressed: a dictionary page over them makes
+        # every decode task's read of its row group 10x slower (14 ms against 1.5 ms for 256
+        # PETA images), and statistics over them only bloat the footer.
+        plain = [name for name in self._schema.names if name != BINARY_COLUMN]
+        self._writer = pq.ParquetWriter(
+            self._stream, self._schema, use_dictionary=plain, write_statistics=plain
+        )
 
     def _close_shard(self) -> None:
         self._writer.close()

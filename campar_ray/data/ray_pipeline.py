@@ -1,14 +1,14 @@
 """Ray Data input pipeline: manifest rows -> decoded, resized (augmented) uint8 batches.
 
-``plan -> read + decode + resize (deterministic) -> augment (train only, random)`` streams
-block by block. The driver only plans: from the Parquet metadata and the ``split`` column it
-lists *pieces* (a row group of one manifest file and the offsets of up to ``BLOCK_ROWS`` of
-its rows). Each piece is one read task of a Ray Data :class:`ManifestPieces` datasource,
-which reads its rows straight from the manifest (local or ``s3://``/``gs://``; paths and
-labels, or the encoded bytes of a packed manifest), then loads and decodes the images, while
-training consumes earlier blocks. Neither the driver nor any task ever holds the manifest's
-rows or the decoded data set, so memory stays bounded by a few blocks whatever the corpus
-size.
+``plan -> read + decode + resize (deterministic) + augment (train only, random)`` streams
+block by block, each block made by one task. The driver only plans: from the Parquet
+metadata and the ``split`` column it lists *pieces* (a row group of one manifest file and
+the offsets of up to ``BLOCK_ROWS`` of its rows). Each piece is one read task of a Ray Data
+:class:`ManifestPieces` datasource, which reads its rows straight from the manifest (local
+or ``s3://``/``gs://``; paths and labels, or the encoded bytes of a packed manifest), then
+loads and decodes the images, while training consumes earlier blocks. Neither the driver
+nor any task ever holds the manifest's rows or the decoded data set, so memory stays bounded
+by a few blocks whatever the corpus size.
 
 A row whose image is missing, corrupt, too large (``data.max_image_pixels``) or outside the
 manifest's folder (unless ``data.allow_outside_root``) is not dropped here but kept with
@@ -35,7 +35,7 @@ from campar_ray import storage
 from campar_ray.config import DataConfig
 from campar_ray.data.images import STRICT, UNREADABLE, ImageLimits, read_image
 from campar_ray.data.manifest import BINARY_COLUMN, SPLITS, ManifestInfo, manifest_files
-from campar_ray.data.transforms import augment, resize
+from campar_ray.data.transforms import Shift, shift_into
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +56,17 @@ def decode_batch(
     root: str,
     size: tuple[int, int],
     limits: ImageLimits = STRICT,
+    pad: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Load, decode and resize every image of a batch; flag the ones that fail.
+    """Load, decode and resize every image of a batch (and augment it, given ``pad``); flag
+    the ones that fail.
 
     Missing, corrupt and oversized images and references outside ``root`` (see
-    :class:`ImageLimits`) all fail the same way: flagged, never fatal to the batch.
+    :class:`ImageLimits`) all fail the same way: flagged, never fatal to the batch. With
+    ``pad`` (training), each image gets its own random :class:`Shift` (fresh randomness every
+    call, so every epoch) as it is written into the block: augmenting in the decode task
+    costs one copy of each image, where a separate stage would move every block through the
+    object store twice.
 
     Output columns: ``row``, ``image`` (uint8 ``N x H x W x 3``), ``labels`` (int8
     ``N x M``), ``valid`` (bool). Encoded bytes and paths are not passed on: downstream
@@ -70,23 +76,24 @@ def decode_batch(
     count = len(sources)
     images = np.zeros((count, *size, 3), dtype=np.uint8)
     valid = np.zeros(count, dtype=bool)
-    for index, source in enumerate(sources):
+    shifts = [None] * count if pad is None else Shift.draw(count, pad, np.random.default_rng())
+    for index, (source, shift) in enumerate(zip(sources, shifts, strict=True)):
         try:
-            images[index] = resize(read_image(source, root, limits), size)
-            valid[index] = True
+            pixels = read_image(source, root, limits, size=size, mirror=bool(shift and shift.flip))
         except UNREADABLE as error:
             logger.warning("skipping image %s: %s", batch["image"][index], error)
+            continue
+        if shift is None:
+            images[index] = pixels
+        else:
+            shift_into(images[index], pixels, *shift.offset())
+        valid[index] = True
     return {
         "row": np.asarray(batch["row"], dtype=np.int64),
         "image": images,
         "labels": np.stack(list(batch["labels"])).astype(np.int8),
         "valid": valid,
     }
-
-
-def augment_batch(batch: dict[str, np.ndarray], *, pad: int) -> dict[str, np.ndarray]:
-    """Random pad + crop and flip of a decoded batch (fresh randomness every epoch)."""
-    return {**batch, "image": augment(batch["image"], pad=pad, rng=np.random.default_rng())}
 
 
 def build_dataset(
@@ -97,7 +104,8 @@ def build_dataset(
     train: bool,
     seed: int = 0,
 ) -> ray.data.Dataset:
-    """A streaming dataset of one split (or all rows): decoded, resized, augmented if ``train``.
+    """A streaming dataset of one split (or all rows): decoded, resized, augmented if ``train``,
+    all in one read task per piece.
 
     ``info`` comes from ``read_manifest``; its ``path`` (a file, shard folder or URI) is read
     by the decode tasks themselves, ``data.decode_concurrency`` tasks of ``data.decode_cpus``
@@ -114,26 +122,15 @@ def build_dataset(
         pieces,
         root=info.root,
         size=tuple(data.image_size),
-        shuffle=train,
+        pad=data.pad if train else None,
         limits=ImageLimits.of(data),
     )
-    dataset = ray.data.read_datasource(
+    return ray.data.read_datasource(
         source,
         override_num_blocks=pieces.num_rows,
         compute=TaskPoolStrategy(size=data.decode_concurrency),
         num_cpus=data.decode_cpus,
     )
-    if train:
-        dataset = dataset.map_batches(
-            augment_batch,
-            fn_kwargs={"pad": data.pad},
-            batch_format="numpy",
-            batch_size=None,
-            compute=TaskPoolStrategy(size=data.decode_concurrency),
-            num_cpus=data.decode_cpus,
-            udf_modifying_row_count=False,
-        )
-    return dataset
 
 
 def plan_pieces(
@@ -213,12 +210,13 @@ def decode_piece(
     root: str,
     size: tuple[int, int],
     limits: ImageLimits = STRICT,
+    pad: int | None = None,
 ) -> list[Block]:
-    """Read and decode one piece: a read task's output, one block of :func:`decode_batch`'s
-    columns."""
+    """Read and decode (and augment, given ``pad``) one piece: a read task's output, one block
+    of :func:`decode_batch`'s columns."""
     rows = read_piece(file, row_group, first, offsets)
     batch = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
-    decoded = decode_batch(batch, root=root, size=size, limits=limits)
+    decoded = decode_batch(batch, root=root, size=size, limits=limits, pad=pad)
     return [BlockAccessor.batch_to_block(decoded)]
 
 
@@ -229,7 +227,7 @@ class ManifestPieces(Datasource):
     with their metadata, by the executor for the whole run (about 50 KB a block, +180 MiB
     of driver memory for a 1M-row manifest), while a read task costs about a quarter of
     that and its decoded block is freed once consumed. Read tasks are made again for every
-    epoch, in a new random order when ``shuffle``.
+    epoch; for training (``pad`` given) in a new random order, and augmented.
     """
 
     def __init__(
@@ -238,14 +236,14 @@ class ManifestPieces(Datasource):
         *,
         root: str,
         size: tuple[int, int],
-        shuffle: bool,
+        pad: int | None,
         limits: ImageLimits = STRICT,
     ) -> None:
         super().__init__()
         self._pieces = pieces
         self._root = root
         self._size = size
-        self._shuffle = shuffle
+        self._pad = pad
         self._limits = limits
 
     def get_name(self) -> str:
@@ -266,7 +264,8 @@ class ManifestPieces(Datasource):
         groups = self._pieces.column("row_group").to_pylist()
         firsts = self._pieces.column("first").to_pylist()
         count = len(files)
-        order = np.random.default_rng().permutation(count) if self._shuffle else range(count)
+        training = self._pad is not None
+        order = np.random.default_rng().permutation(count) if training else range(count)
         tasks = []
         for index in order:
             rows = values[bounds[index] : bounds[index + 1]].copy()
@@ -279,6 +278,7 @@ class ManifestPieces(Datasource):
                 root=self._root,
                 size=self._size,
                 limits=self._limits,
+                pad=self._pad,
             )
             metadata = BlockMetadata(
                 num_rows=len(rows),

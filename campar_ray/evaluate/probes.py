@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from campar_ray.bundle import ParPredictor
 from campar_ray.data.images import decode_image, load_image_bytes
 from campar_ray.data.manifest import BINARY_COLUMN, labels_matrix, read_manifest
-from campar_ray.data.transforms import normalize, resize
+from campar_ray.data.transforms import normalize
 from campar_ray.model import feature_weight_angles
 
 BATCH = 32
@@ -65,7 +65,7 @@ def load_split_images(manifest: str, split: str, size: tuple[int, int], limit: i
         zip(rows.column("image").to_pylist(), sources.to_pylist(), strict=True)
     ):
         try:
-            pixels.append(resize(decode_image(load_image_bytes(source, info.root)), size))
+            pixels.append(decode_image(load_image_bytes(source, info.root), size=size))
         except (ValueError, OSError):
             continue
         names.append(name)

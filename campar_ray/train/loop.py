@@ -114,11 +114,18 @@ def make_grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
 def prepare_batch(
     batch: Batch, device: torch.device, channels_last: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Drop undecodable rows, normalise the images: ``(x, float targets, rows skipped)``."""
+    """Drop undecodable rows, normalise the images: ``(x, float targets, rows skipped)``.
+
+    Rows are only gathered when some are invalid: a boolean index copies the whole batch even
+    when it keeps every row, which is nearly always.
+    """
     valid = batch["valid"].to(torch.bool)
-    images = batch["image"][valid.to(batch["image"].device)].to(device, non_blocking=True)
-    labels = batch["labels"][valid.to(batch["labels"].device)].to(device, non_blocking=True)
     skipped = int(valid.numel() - valid.sum())
+    images, labels = batch["image"], batch["labels"]
+    if skipped:
+        images, labels = images[valid.to(images.device)], labels[valid.to(labels.device)]
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
     return normalize(images, channels_last=channels_last), labels.float(), skipped
 
 

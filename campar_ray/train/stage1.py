@@ -353,14 +353,11 @@ def _with_decode_tasks(config: Config) -> Config:
 
 
 def decode_tasks(concurrency: int, decode_cpus: float, free_cpus: float) -> int:
-    """``concurrency``, or for 0 as many as ``free_cpus`` hold (at least one).
-
-    A training set passes through two task pools of this size (decode + resize, then
-    augment), so auto gives each pool half of the free CPUs.
-    """
+    """``concurrency``, or for 0 as many tasks of ``decode_cpus`` as ``free_cpus`` hold (at
+    least one): one pool of tasks reads, decodes, resizes and augments."""
     if concurrency > 0:
         return concurrency
-    return max(1, int(free_cpus // (2 * decode_cpus)))
+    return max(1, int(free_cpus // decode_cpus))
 
 
 def _absolute(path: str) -> str:
