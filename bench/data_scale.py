@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import pyarrow.fs as pafs
 
     from campar_ray.data.converters import prepare
+    from campar_ray.data.images import ImageLimits
     from campar_ray.data.manifest import read_manifest
     from campar_ray.data.pack import pack_manifest
 
@@ -229,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         manifests[rows] = str(out)
     packed = work / f"packed-{small}"
     if not packed.exists():
-        pack_manifest(manifests[small], str(packed), shard_mb=64)
+        # The scaled manifests name PETA's images where they are, outside their own folder.
+        outside = ImageLimits(allow_outside_root=True)
+        pack_manifest(manifests[small], str(packed), shard_mb=64, limits=outside)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -354,31 +354,33 @@ every diagnostic, so a later question is answered from files instead of a retrai
 
 def diagnose(row: Row, config: Config, out: Path) -> dict[str, Any]:
     """A finished row's figures under every threshold protocol, per-attribute AUC and the
-    specific-logit floor, from its stored logits; the logits are copied to the evidence folder.
-    """
-    run_dir = config.run.dir
-    logits = {split: read_split_logits(logits_path(run_dir, split)) for split in ("val", "test")}
-    columns = eval_columns(logits["test"])
-    labels = {split: value.labels[:, columns] for split, value in logits.items()}
+    specific-logit floor, computed from its evidence folder only (see :func:`_keep_evidence`),
+    so rows whose run folders are gone are diagnosed again when the diagnostics grow."""
+    folder = out / EVIDENCE_DIR / os.path.basename(config.run.dir)
+    logits = {
+        split: read_split_logits(str(folder / f"{split}.parquet")) for split in ("val", "test")
+    }
+    labels = {split: value.labels for split, value in logits.items()}
     if row.source == STAGE1:
         probs = {
-            split: stage1_probabilities(value, config.model.predict_from)[:, columns]
+            split: stage1_probabilities(value, config.model.predict_from)
             for split, value in logits.items()
         }
     else:
-        arrays = load_arrays(storage.join(run_dir, CFAR_DIR, PROBABILITIES_FILE))
+        arrays = load_arrays(str(folder / f"cfar-{PROBABILITIES_FILE}"))
         probs = {split: arrays[f"{row.source}.{split}"] for split in logits}
     test = logits["test"]
     auc = {"prediction": attribute_auc(labels["test"], probs["test"])}
     found: dict[str, Any] = {
-        "attributes": [test.attributes[i] for i in columns],
+        "attributes": list(test.attributes),
+        "test_positive_rate": _listed(labels["test"].mean(axis=0)),
         "protocols": protocol_figures(labels["val"], probs["val"], labels["test"], probs["test"]),
     }
     if row.source == STAGE1:
-        auc["shared"] = attribute_auc(labels["test"], test.shared[:, columns])
+        auc["shared"] = attribute_auc(labels["test"], test.shared)
         if test.specific is not None:
-            auc["specific"] = attribute_auc(labels["test"], test.specific[:, columns])
-            ties = floor_ties(labels["test"], test.specific[:, columns])
+            auc["specific"] = attribute_auc(labels["test"], test.specific)
+            ties = floor_ties(labels["test"], test.specific)
             found["floor"] = {
                 "negatives_tied": _listed(ties["negatives"]),
                 "positives_tied": _listed(ties["positives"]),
@@ -387,7 +389,6 @@ def diagnose(row: Row, config: Config, out: Path) -> dict[str, Any]:
             }
     found["auc"] = {kind: _listed(values) for kind, values in auc.items()}
     found["mean_auc"] = {kind: float(np.nanmean(values)) for kind, values in auc.items()}
-    _keep_evidence(run_dir, out)
     return found
 
 
@@ -420,23 +421,34 @@ def _listed(values: np.ndarray) -> list[float | None]:
 def record_diagnostics(
     figures: dict[str, Any], row: Row, seed: int, base: Config, args: argparse.Namespace, out: Path
 ) -> bool:
-    """Add :func:`diagnose` to a finished row of this variant that lacks it; returns whether
-    it did. A CFAR row fitted before CFAR kept its probabilities is fitted again (same seed)
-    and its figures refreshed, so figures and evidence come from one fit."""
+    """Add :func:`diagnose` to a finished row of this variant that lacks it or holds an older
+    version of it; returns whether it did. The evidence is copied from the run folder when
+    that is here, else the evidence kept earlier is read. A CFAR row fitted before CFAR kept
+    its probabilities is fitted again (same seed) and its figures refreshed, so figures and
+    evidence come from one fit."""
     key = (_args_variant(args), row.name, seed)
     found = next((r for r in figures["rows"] if _row_key(r) == key), None)
     config = row_config(base, row, seed, args.runs, args.init, args.classifier)
     run_dir = config.run.dir
-    if found is None or "protocols" in found or not storage.exists(logits_path(run_dir, "test")):
+    if found is None or _diagnosed(found):
         return False
-    if row.source != STAGE1 and not storage.exists(
-        storage.join(run_dir, CFAR_DIR, PROBABILITIES_FILE)
-    ):
-        fit_cfar(run_dir, config.cfar, seed=config.seed)
-        refreshed = cfar_figures(run_dir, config, row.source)
-        found.update({name: float(refreshed[name]) for name in (*METRICS, "threshold")})
+    if storage.exists(logits_path(run_dir, "test")):
+        if row.source != STAGE1 and not storage.exists(
+            storage.join(run_dir, CFAR_DIR, PROBABILITIES_FILE)
+        ):
+            fit_cfar(run_dir, config.cfar, seed=config.seed)
+            refreshed = cfar_figures(run_dir, config, row.source)
+            found.update({name: float(refreshed[name]) for name in (*METRICS, "threshold")})
+        _keep_evidence(run_dir, out)
+    elif not (out / EVIDENCE_DIR / os.path.basename(run_dir) / "test.parquet").exists():
+        return False
     found.update(diagnose(row, config, out))
     return True
+
+
+def _diagnosed(row: dict[str, Any]) -> bool:
+    """Whether a row holds the current diagnostics (the 0.5 protocol's recall came last)."""
+    return "attr_recall" in row.get("protocols", {}).get("0.5", {})
 
 
 def aggregate(rows: list[dict]) -> list[dict[str, Any]]:
@@ -616,8 +628,13 @@ def _metric_table(table: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+RARE = 0.1
+"""An attribute is rare when under this share of the test images have it (16 of PETA's 35)."""
+
+
 def _diagnostics_table(rows: list[dict]) -> list[str]:
-    """Mean over attributes (and seeds) of test AUC per logit kind and the floor's ties."""
+    """Mean over attributes (and seeds) of test AUC per logit kind, the floor's ties, and the
+    two halves of mA at the fixed threshold 0.5."""
 
     def mean(values: list[float | None]) -> str:
         found = [v for v in values if v is not None]
@@ -627,10 +644,14 @@ def _diagnostics_table(rows: list[dict]) -> list[str]:
         "Diagnostics (test split, mean over the evaluated attributes and the seeds; "
         f"per-attribute values and the logits behind them in `{EVIDENCE_DIR}/`). AUC is "
         "threshold-free; tied = share of negatives / positives whose specific logit equals "
-        "the attribute's lowest (the floor b_j under the thesis's CAM):",
+        "the attribute's lowest (the floor b_j under the thesis's CAM); at 0.5, mA is the "
+        "mean of recall (positives found) and TNR (negatives rejected), and rare pred/true "
+        f"is the share of images predicted positive over the share that are, summed over the "
+        f"rare attributes (under {RARE:.0%} positive on test; 1 = as many predicted as present):",
         "",
-        "| row | AUC prediction | AUC shared | AUC specific | negatives tied | positives tied |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| row | AUC prediction | AUC shared | AUC specific | negatives tied | positives tied "
+        "| recall at 0.5 | TNR at 0.5 | rare pred/true at 0.5 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in ROW_NAMES:
         found = [row for row in rows if row["name"] == name]
@@ -642,8 +663,27 @@ def _diagnostics_table(rows: list[dict]) -> list[str]:
         ]
         for side in ("mean_negatives_tied", "mean_positives_tied"):
             cells.append(mean([row["floor"][side] for row in found if "floor" in row]))
+        halves = [_halves_at_fixed(row) for row in found if _diagnosed(row)]
+        cells += [mean([half[index] for half in halves]) for index in (0, 1)]
+        cells.append(f"{statistics.fmean(h[2] for h in halves):.2f}" if halves else "-")
         lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _halves_at_fixed(row: dict[str, Any]) -> tuple[float, float, float]:
+    """Mean recall and true-negative rate at 0.5, and the rare attributes' predicted-over-true
+    positive share."""
+    fixed = row["protocols"]["0.5"]
+    recall = np.array(fixed["attr_recall"], dtype=float)
+    true_negative = 2 * np.array(fixed["attr_mA"], dtype=float) - recall
+    positive = np.array(row["test_positive_rate"], dtype=float)
+    rare = positive < RARE
+    predicted = np.array(fixed["attr_predicted_rate"], dtype=float)
+    return (
+        float(recall.mean()),
+        float(true_negative.mean()),
+        float(predicted[rare].sum() / positive[rare].sum()),
+    )
 
 
 def _angles_file(variant: str) -> str:

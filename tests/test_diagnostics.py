@@ -53,3 +53,14 @@ def test_protocol_figures_choose_on_val_and_score_test():
     assert figures["val"]["mA"] == pytest.approx(par_metrics(test_labels, test_probs, chosen)["mA"])
     assert len(figures["val-per-attribute"]["threshold"]) == 5
     assert len(figures["val-per-attribute"]["attr_mA"]) == 5
+
+
+def test_protocol_figures_split_each_mA_term_into_its_halves():
+    # One attribute, 4 positives and 6 negatives; at 0.5 two positives and one negative pass.
+    labels = np.array([[1], [1], [1], [1], [0], [0], [0], [0], [0], [0]])
+    probs = np.array([[0.9], [0.6], [0.4], [0.1], [0.7], [0.2], [0.2], [0.1], [0.3], [0.0]])
+    fixed = protocol_figures(labels, probs, labels, probs)["0.5"]
+    assert fixed["attr_recall"] == [pytest.approx(0.5)]
+    assert fixed["attr_predicted_rate"] == [pytest.approx(0.3)]
+    true_negative_rate = 5 / 6
+    assert fixed["attr_mA"] == [pytest.approx((0.5 + true_negative_rate) / 2)]

@@ -149,3 +149,48 @@ def test_reference_rows_form_their_own_table_with_every_protocol(tmp_path: Path)
     assert [h.split()[2] for h in headings] == ["0.5", "chosen", "chosen"]
     assert "+ CAM-PAR mA +6.00" in reference_part  # at 0.5: beyond the spread
     assert "| + CAM-PAR | 80.00 | 79.00 | 81.00 | 0.00 | 0.00 |" in reference_part
+
+
+def test_rows_are_diagnosed_again_from_their_evidence_when_the_run_folder_is_gone(
+    tmp_path: Path,
+) -> None:
+    """Run folders do not outlive the machine; the evidence kept under --out does. A row holding
+    an older version of the diagnostics is brought up to date from that evidence alone."""
+    import numpy as np
+
+    from bench.peta_ablation import (
+        EVIDENCE_DIR,
+        ROWS,
+        base_config,
+        get_args_parser,
+        record_diagnostics,
+    )
+    from campar_ray.train.logits import SplitLogits, write_split_logits
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "out" / EVIDENCE_DIR / "reference-campar-seed0"
+    folder.mkdir(parents=True)
+    for split in ("val", "test"):
+        labels = rng.integers(0, 2, (40, 3)).astype(np.float32)
+        logits = SplitLogits(
+            images=[f"{split}{i}.png" for i in range(40)],
+            labels=labels,
+            shared=rng.normal(size=(40, 3)).astype(np.float32),
+            specific=(labels - 0.5 + rng.normal(size=(40, 3))).astype(np.float32),
+            attributes=("a", "b", "c"),
+            eval_attributes=("a", "b", "c"),
+        )
+        write_split_logits(str(folder / f"{split}.parquet"), logits)
+    args = get_args_parser().parse_args(
+        ["--classifier", "reference", "--runs", str(tmp_path / "gone")]
+    )
+    old = {**row("campar", 0, 0.6), "classifier": "reference", "protocols": {"0.5": {}}}
+    figures = {"rows": [old]}
+    base = base_config(args, str(tmp_path / "manifest.parquet"))
+    campar = next(r for r in ROWS if r.name == "campar")
+    assert record_diagnostics(figures, campar, 0, base, args, tmp_path / "out")
+    fixed = old["protocols"]["0.5"]
+    assert len(fixed["attr_recall"]) == len(fixed["attr_predicted_rate"]) == 3
+    assert old["test_positive_rate"] == [round(v, 5) for v in labels.mean(axis=0).tolist()]
+    assert 0.5 < old["mean_auc"]["specific"] <= 1  # the specific logits carry the labels
+    assert not record_diagnostics(figures, campar, 0, base, args, tmp_path / "out")  # up to date

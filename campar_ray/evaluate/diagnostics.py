@@ -11,7 +11,11 @@ Why a head wins or loses mA can be read off its logits without retraining:
   negatives and positives tied at the attribute's lowest specific logit: for the ``relu-max``
   CAM that lowest value is ``b_j`` (the ties are the images with an all-zero CAM), and under a
   CAM normalisation without a floor it holds one image unless scores really tie.
-- **Per-attribute mA terms** under each threshold protocol (``metrics.THRESHOLD_PROTOCOLS``).
+- **Per-attribute mA terms** under each threshold protocol (``metrics.THRESHOLD_PROTOCOLS``),
+  with the two halves of each term: the recall of positives and the predicted-positive rate.
+  mA is ``(recall + true-negative rate) / 2``, so a head with a better AUC and a worse mA at
+  0.5 shows here whether it is the positives or the negatives it gives up, and on which
+  attributes (compare the predicted rate with the positive rate of the split).
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ def protocol_figures(
 ) -> dict[str, dict]:
     """Test metrics under every protocol, thresholds chosen on val only.
 
-    Per protocol: the five summary figures, ``threshold`` (one value or M values) and
-    ``attr_mA`` (the per-attribute mA terms on test).
+    Per protocol: the five summary figures, ``threshold`` (one value or M values),
+    ``attr_mA`` (the per-attribute mA terms on test), ``attr_recall`` (recall of the positives)
+    and ``attr_predicted_rate`` (share of test images predicted positive).
     """
     figures = {}
     for protocol in THRESHOLD_PROTOCOLS:
@@ -74,5 +79,7 @@ def protocol_figures(
             **summary(metrics),
             "threshold": np.asarray(threshold).tolist(),
             "attr_mA": metrics["attr_accuracy"].tolist(),
+            "attr_recall": metrics["attr_recall"].tolist(),
+            "attr_predicted_rate": metrics["attr_predicted_rate"].tolist(),
         }
     return figures
