@@ -17,7 +17,9 @@ Measured side by side in one run, on the same images:
     its last.
 
 ``per_cpu_efficiency`` = (b) images/s per decode CPU / (a) images/s from files, for a path
-manifest and a packed one; ``per_cpu_efficiency_against_own_source`` divides the packed
+manifest, a packed one and a decoded one (``campar pack --decode``: pixels stored at the
+training size, so its figure is how many times the decoder's rate a decode CPU delivers
+once nothing is decoded); ``per_cpu_efficiency_against_own_source`` divides the packed
 figure by the bytes loop instead (stricter: the loop then skips the file reads that packing
 saves too). (a) is the mean of a loop before and one after the pipelines, since other
 users' load drifts. The copies are symbolic links to the one PETA folder, so both (a) and
@@ -60,6 +62,10 @@ from campar_ray.train.loop import prepare_batch
 from campar_ray.train.stage1 import ShardConfig, decode_tasks
 
 NAME = "input_pipeline"
+KINDS = ("path", "packed", "decoded")
+OWN_SOURCE = {"path": "files", "packed": "bytes", "decoded": "files"}
+"""The decoder loop each pipeline is also compared with: the decoded manifest replaces
+decoding files, so it is compared with that."""
 PETA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "peta"
 
 
@@ -81,6 +87,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         nargs="+",
         default=[DataConfig.decode_cpus],
         help="data.decode_cpus values to run (the first one is the headline)",
+    )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=list(KINDS),
+        help="manifests to run the pipeline on (path, packed bytes, decoded pixels)",
     )
     parser.add_argument("--work", default=None, help="folder for the manifests (else a temp one)")
     parser.add_argument(
@@ -218,14 +231,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = tuple(args.size)
     folder = args.work or tempfile.mkdtemp(prefix="input-pipeline-")
     os.makedirs(folder, exist_ok=True)
-    manifests = {"path": repeated_peta(args.peta_root, args.copies, folder)}
-    manifests["packed"] = os.path.join(folder, "packed")
-    if not os.path.exists(manifests["packed"]):
-        print(pack_manifest(manifests["path"], manifests["packed"]).summary(), flush=True)
+    path = repeated_peta(args.peta_root, args.copies, folder)
+    manifests = {"path": path}
+    for kind, decode in (("packed", None), ("decoded", size)):
+        manifests[kind] = os.path.join(
+            folder, kind if decode is None else f"{kind}-{size[0]}x{size[1]}"
+        )
+        if not os.path.exists(manifests[kind]):
+            print(pack_manifest(path, manifests[kind], decode=decode).summary(), flush=True)
+    manifests = {kind: manifests[kind] for kind in args.kinds}
     if args.manifest_only:
         return {"manifests": manifests}
     load_before = os.getloadavg()
-    loops = [decoder_loop(manifests["path"], args.loop_images, size)]
+    loops = [decoder_loop(path, args.loop_images, size)]
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
         runs = {
@@ -235,19 +253,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     finally:
         ray.shutdown()
-    loops.append(decoder_loop(manifests["path"], args.loop_images, size))  # load drifts
+    loops.append(decoder_loop(path, args.loop_images, size))  # load drifts
     decoder = {
         "files": statistics.mean(loop["files_images_per_s"] for loop in loops),
         "bytes": statistics.mean(loop["bytes_images_per_s"] for loop in loops),
     }
-    own_source = {"path": "files", "packed": "bytes"}
     efficiency, against_own_source = {}, {}
     for run, figures_of_run in runs.items():
         rate = figures_of_run["images_per_s_per_decode_cpu"]
         efficiency[run] = round(rate / decoder["files"], 3)
-        against_own_source[run] = round(rate / decoder[own_source[run.split("@")[0]]], 3)
+        against_own_source[run] = round(rate / decoder[OWN_SOURCE[run.split("@")[0]]], 3)
     headline = {kind: efficiency[f"{kind}@{args.decode_cpus[0]:g}"] for kind in manifests}
-    table = read_manifest(manifests["path"], with_bytes=False)[0]
+    table = read_manifest(path, with_bytes=False)[0]
     rows = int(pc.sum(pc.equal(table.column("split"), "train")).as_py())
     figures: dict[str, Any] = {
         "image_size": list(size),
@@ -258,6 +275,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ray_cpus": args.cpus,
         "decoder_loop_before_and_after": loops,
         "decoder_images_per_s": {source: round(rate, 1) for source, rate in decoder.items()},
+        "stored_mb": {
+            kind: round(sum(f.stat().st_size for f in Path(manifests[kind]).glob("*")) / 2**20)
+            for kind in ("packed", "decoded")
+            if kind in manifests
+        },
         "pipeline": runs,
         "per_cpu_efficiency": headline,
         "per_cpu_efficiency_by_run": efficiency,

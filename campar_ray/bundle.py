@@ -39,7 +39,7 @@ from campar_ray import storage
 from campar_ray.artifacts import ArtifactError, load_arrays, load_json, load_tensors, save_arrays
 from campar_ray.cfar.fit import CFAR_DIR, CfarPredictor, eval_columns, load_cfar
 from campar_ray.config import Config, ConfigError
-from campar_ray.data.images import decode_image, load_image_bytes
+from campar_ray.data.images import ANY_PATH, read_image
 from campar_ray.data.manifest import read_manifest
 from campar_ray.data.transforms import normalize, resize
 from campar_ray.metrics import THRESHOLD_PROTOCOLS, check_protocol, select_threshold
@@ -213,9 +213,7 @@ class ParPredictor:
                     )
                 batch[index] = resize(image, self.image_size)
             else:
-                batch[index] = decode_image(
-                    load_image_bytes(os.fspath(image), ""), size=self.image_size
-                )
+                batch[index] = read_image(os.fspath(image), "", ANY_PATH, size=self.image_size)
         return torch.from_numpy(batch)
 
     @torch.no_grad()
@@ -335,7 +333,7 @@ def sample_images(config: Config, split: str, count: int) -> np.ndarray:
             break
         try:
             size = tuple(config.data.image_size)
-            images.append(decode_image(load_image_bytes(source, info.root), size=size))
+            images.append(read_image(source, info.root, ANY_PATH, size=size, stored=info.pixels))
         except (ValueError, OSError):
             continue
     return np.stack(images) if images else empty

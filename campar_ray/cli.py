@@ -200,6 +200,12 @@ def _pack_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _shard_size_argument(parser)
     parser.add_argument("--threads", type=int, default=16, help="images read at once")
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="store each image decoded and resized to data.image_size (raw RGB: training "
+        "copies pixels instead of decoding; that size is then the only one it trains at)",
+    )
     _allow_outside_root_argument(parser)
 
 
@@ -213,6 +219,7 @@ def _pack(args: argparse.Namespace, config: Config) -> int:
         shard_mb=args.shard_size_mb,
         threads=args.threads,
         limits=ImageLimits.of(config.data),
+        decode=tuple(config.data.image_size) if args.decode else None,
         progress=_counter("packed"),
     )
     print(report.summary())

@@ -31,7 +31,7 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from campar_ray import storage
 from campar_ray.bundle import Threshold, load_model
-from campar_ray.data.images import decode_image, load_image_bytes
+from campar_ray.data.images import ANY_PATH, read_image
 from campar_ray.data.manifest import BINARY_COLUMN, read_manifest
 from campar_ray.data.transforms import normalize
 from campar_ray.runtime import init_ray
@@ -65,6 +65,8 @@ class Inputs:
     table: pa.Table
     root: str
     """Folder that relative references resolve against ('' when they are absolute)."""
+    stored: tuple[int, int] | None = None
+    """``(H, W)`` of the pixels a decoded manifest stores (``ManifestInfo.pixels``)."""
 
 
 def list_inputs(source: str) -> Inputs:
@@ -72,7 +74,7 @@ def list_inputs(source: str) -> Inputs:
     if source.endswith(".parquet"):
         table, info = read_manifest(source)
         columns = ["image", *([BINARY_COLUMN] if BINARY_COLUMN in table.column_names else [])]
-        return Inputs(table.select(columns), info.root)
+        return Inputs(table.select(columns), info.root, info.pixels)
     if any(char in source for char in "*?["):
         if storage.is_uri(source):
             raise ValueError(f"glob patterns work on local paths only, got {source!r}")
@@ -100,7 +102,11 @@ def _folder_images(folder: str) -> list[str]:
 
 
 def decode_for_prediction(
-    batch: dict[str, np.ndarray], *, root: str, size: tuple[int, int]
+    batch: dict[str, np.ndarray],
+    *,
+    root: str,
+    size: tuple[int, int],
+    stored: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Read, decode and resize each image; record why one failed instead of raising."""
     sources = batch[BINARY_COLUMN] if BINARY_COLUMN in batch else batch["image"]
@@ -108,7 +114,7 @@ def decode_for_prediction(
     errors = []
     for index, source in enumerate(sources):
         try:
-            images[index] = decode_image(load_image_bytes(source, root), size=size)
+            images[index] = read_image(source, root, ANY_PATH, size=size, stored=stored)
             errors.append("")
         except Exception as error:  # one unreadable image must never fail its whole batch
             errors.append(f"{type(error).__name__}: {error}")
@@ -170,7 +176,7 @@ def predict(
         ray.data.from_arrow(blocks)
         .map_batches(
             decode_for_prediction,
-            fn_kwargs={"root": inputs.root, "size": predictor.image_size},
+            fn_kwargs={"root": inputs.root, "size": predictor.image_size, "stored": inputs.stored},
             batch_format="numpy",
             batch_size=None,
             compute=TaskPoolStrategy(size=decode_concurrency),

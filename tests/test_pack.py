@@ -14,6 +14,7 @@ from ray.data.block import BlockAccessor
 from campar_ray.cli import main
 from campar_ray.config import DataConfig
 from campar_ray.data import generate_synthetic, labels_matrix, read_manifest
+from campar_ray.data.images import ImageDecodeError, read_image
 from campar_ray.data.manifest import ManifestError, ManifestWriter, write_manifest
 from campar_ray.data.pack import pack_manifest
 from campar_ray.data.ray_pipeline import (
@@ -173,3 +174,47 @@ def test_pack_command(synthetic, packed, tmp_path, capsys):
 
 def _pieces(pieces) -> list[dict]:
     return [{**p, "offsets": np.asarray(p["offsets"])} for p in pieces.to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def decoded(synthetic, tmp_path_factory) -> str:
+    """The synthetic manifest packed as pixels at 16x8, through the CLI."""
+    out = str(tmp_path_factory.mktemp("decoded") / "shards")
+    size = ["--set", "data.image_size=[16,8]"]
+    assert main(["pack", "--manifest", synthetic, "--out", out, "--decode", *size]) == 0
+    return out
+
+
+def test_decoded_pack_stores_the_pixels_the_decoder_would_make(synthetic, decoded, capsys):
+    source, info = read_manifest(synthetic)
+    table, stored = read_manifest(decoded)
+    assert stored.pixels == (16, 8) and info.pixels is None
+    images, rows = table.column("image").to_pylist(), table.column("binary").to_pylist()
+    by_image = dict(zip(images, rows, strict=True))
+    for image in source.column("image").to_pylist()[:12]:
+        for mirror in (False, True):
+            expected = read_image(image, info.root, size=(16, 8), mirror=mirror)
+            found = read_image(by_image[image], stored.root, stored=(16, 8), mirror=mirror)
+            np.testing.assert_array_equal(found, expected)
+
+
+def test_decoded_rows_train_through_the_same_pieces(decoded):
+    _, info = read_manifest(decoded)
+    pieces = plan_pieces(info.path, "train", 4)
+    source = ManifestPieces(pieces, root=info.root, size=(16, 8), pad=2, stored=info.pixels)
+    blocks = [block for task in source.get_read_tasks(len(pieces)) for block in task()]
+    assert sum(block.num_rows for block in blocks) == len(
+        pieces.column("offsets").combine_chunks().values
+    )
+    assert all(pc.all(block["valid"]).as_py() for block in blocks)
+    batch = BlockAccessor.for_block(blocks[0]).to_batch_format("numpy")
+    assert batch["image"].shape[1:] == (16, 8, 3) and batch["image"].any()
+
+
+def test_decoded_manifest_refuses_another_training_size_and_bad_rows(decoded, tmp_path):
+    _, info = read_manifest(decoded)
+    with pytest.raises(ManifestError, match=r"decoded at 16x8 .* data.image_size is 32x16"):
+        build_dataset(info, "train", DataConfig(image_size=(32, 16)), train=True)
+    with pytest.raises(ImageDecodeError, match=r"must hold 16x8x3 = 384 bytes, found 383"):
+        read_image(bytes(383), "", stored=(16, 8))
+    assert main(["pack", "--manifest", decoded, "--out", str(tmp_path / "again"), "--decode"]) == 2

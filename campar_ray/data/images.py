@@ -46,6 +46,9 @@ class ImageLimits:
 
 
 STRICT = ImageLimits()
+ANY_PATH = ImageLimits(allow_outside_root=True)
+"""For readers of a run's own manifest (report probes, bundle samples): its references were
+checked when the run trained, under that run's ``data.allow_outside_root``."""
 
 
 def load_image_bytes(image: str | bytes, root: str) -> bytes:
@@ -71,17 +74,51 @@ def read_image(
     *,
     size: tuple[int, int] | None = None,
     mirror: bool = False,
+    stored: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Load and decode one manifest image within ``limits`` (resized, mirrored: see
     :func:`decode_image`); raises one of :data:`UNREADABLE`.
 
     A reference outside ``root`` is refused before it is read (unless allowed); bytes of a
-    packed row need no such check.
+    packed row need no such check. ``stored`` is the ``(H, W)`` of a decoded manifest's rows
+    (``ManifestInfo.pixels``): ``image`` then holds raw pixels, see :func:`stored_pixels`.
     """
+    if stored is not None:
+        return stored_pixels(image, stored, size=size, mirror=mirror)
     if isinstance(image, str) and not limits.allow_outside_root:
         check_inside_root(image, root)
     data = load_image_bytes(image, root)
     return decode_image(data, max_pixels=limits.max_pixels, size=size, mirror=mirror)
+
+
+def stored_pixels(
+    data: str | bytes,
+    stored: tuple[int, int],
+    *,
+    size: tuple[int, int] | None = None,
+    mirror: bool = False,
+) -> np.ndarray:
+    """The ``stored`` = ``(H, W)`` RGB image a decoded manifest row holds, mirrored when asked.
+
+    ``campar pack --decode`` stored it already resized, so reading it costs nothing: the
+    result is a read-only view of ``data`` (a reader copies it into its batch once), no
+    codec, no resize. It is not resized again (a second resize would blur what training sees), so
+    ``size`` must be ``stored``. Mirroring after the resize gives the pixels
+    :func:`decode_image` gives by mirroring before it (the filter is symmetric).
+    """
+    height, width = stored
+    if size is not None and tuple(size) != (height, width):
+        raise ImageDecodeError(
+            f"the manifest stores pixels decoded at {height}x{width}, not {size[0]}x{size[1]}"
+        )
+    if not isinstance(data, bytes) or len(data) != height * width * 3:
+        found = f"{len(data)} bytes" if isinstance(data, bytes) else repr(data)
+        raise ImageDecodeError(
+            f"a decoded row must hold {height}x{width}x3 = {height * width * 3} bytes, "
+            f"found {found}"
+        )
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
+    return pixels[:, ::-1] if mirror else pixels
 
 
 def decode_image(

@@ -69,6 +69,10 @@ class ManifestInfo:
     path: str = field(default="", compare=False)
     """The file or shard folder this was read from (set by ``read_manifest``): streaming
     readers go back to it instead of holding the rows."""
+    pixels: tuple[int, int] | None = None
+    """``(height, width)`` when the ``binary`` column holds decoded RGB pixels of that size
+    (``campar pack --decode``) instead of encoded image files: a reader then copies each image
+    instead of decoding and resizing it."""
 
     def eval_indices(self) -> np.ndarray:
         """Positions of ``eval_attributes`` in ``attributes``, in evaluation order."""
@@ -82,6 +86,8 @@ class ManifestInfo:
             "attributes": list(self.attributes),
             "eval_attributes": list(self.eval_attributes),
         }
+        if self.pixels is not None:
+            meta["pixels"] = list(self.pixels)
         return json.dumps(meta).encode()
 
     @staticmethod
@@ -106,6 +112,7 @@ class ManifestInfo:
             attributes=_names(meta["attributes"], "attributes"),
             eval_attributes=_names(meta["eval_attributes"], "eval_attributes"),
             root=root,
+            pixels=_pixels(meta.get("pixels")),
         )
         check_info(info)
         return info
@@ -134,6 +141,20 @@ def _names(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ManifestError(f"manifest metadata {key!r} must be a list of non-empty strings")
     return tuple(value)
+
+
+def _pixels(value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ManifestError(
+            f"manifest metadata 'pixels' must be [height, width] (positive integers), not {value!r}"
+        )
+    return value[0], value[1]
 
 
 def manifest_table(

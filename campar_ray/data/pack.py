@@ -5,6 +5,12 @@ reading a few large Parquet shards does not. Packing copies each image's encoded
 re-encoding, so pixels are unchanged) into a ``binary`` column next to ``image``, which keeps
 naming the row.
 
+``decode=(H, W)`` (``campar pack --decode``) stores each image decoded and resized instead:
+raw RGB bytes, 147 KB an image at 256x192, written once, so training copies pixels instead of
+running a codec and a resize on every image of every epoch. That is what a GPU that waits
+for the decoder needs; it costs disk (PETA's files average a few KB) and fixes the training
+size (``data.image_size`` must be that size).
+
 Rows are streamed one row group (``PACKED_ROW_GROUP_SIZE`` images, read by a thread pool) at a
 time into :class:`ManifestWriter` shards, so memory holds one row group whatever the corpus
 size. Rows are grouped by split (train, val, test; manifest order within each): no row group
@@ -13,6 +19,7 @@ mixes splits, so a reader of one split never fetches another's bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,9 +63,12 @@ class PackReport:
     shards: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """``(image, error)`` for each file that does not decode as an image (not stored)."""
+    decoded: tuple[int, int] | None = None
+    """``(H, W)`` of the stored pixels when packed with ``decode``."""
 
     def summary(self) -> str:
-        lines = [f"wrote {self.path}: {self.rows} images packed into {len(self.shards)} shard(s)"]
+        what = "images" if self.decoded is None else "images decoded at {}x{}".format(*self.decoded)
+        lines = [f"wrote {self.path}: {self.rows} {what} packed into {len(self.shards)} shard(s)"]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} that do not decode as images:")
             lines += [f"  {image}: {error}" for image, error in self.skipped]
@@ -74,9 +84,11 @@ def pack_rows(
     shard_mb: float = SHARD_MB,
     threads: int = 16,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    decode: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PackReport:
-    """Write ``table`` with each row's image bytes as a packed manifest at ``out``.
+    """Write ``table`` with each row's image bytes (decoded pixels at ``decode`` = ``(H, W)``
+    when given) as a packed manifest at ``out``.
 
     ``root`` is the folder relative image paths resolve against (the caller has checked that
     they stay in it); ``out`` is a ``.parquet`` file or a folder of shards of about
@@ -85,12 +97,13 @@ def pack_rows(
     it into the packed shards. A missing image raises ``FileNotFoundError`` naming it (and
     leaves no partial manifest). ``progress(done, total)`` follows the rows read.
     """
-    load = functools.partial(_image_bytes, root=root, max_pixels=max_pixels)
+    load = functools.partial(_image_bytes, root=root, max_pixels=max_pixels, decode=decode)
+    stored = dataclasses.replace(info, pixels=tuple(decode) if decode else None)
     done, written = 0, 0
     skipped: list[tuple[str, str]] = []
     with (
         ThreadPoolExecutor(max_workers=max(1, threads)) as pool,
-        ManifestWriter(out, info, shard_mb=shard_mb) as writer,
+        ManifestWriter(out, stored, shard_mb=shard_mb) as writer,
     ):
         for chunk in _split_chunks(table):
             images = chunk.column("image").to_pylist()
@@ -105,7 +118,7 @@ def pack_rows(
             done, written = done + chunk.num_rows, written + sum(good)
             if progress is not None:
                 progress(done, table.num_rows)
-    return PackReport(path=out, rows=written, shards=writer.files, skipped=skipped)
+    return PackReport(out, written, writer.files, skipped, stored.pixels)
 
 
 def pack_manifest(
@@ -115,9 +128,11 @@ def pack_manifest(
     shard_mb: float = SHARD_MB,
     threads: int = 16,
     limits: ImageLimits = STRICT,
+    decode: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PackReport:
-    """``campar pack``: re-write the path manifest ``manifest`` as packed shards at ``out``.
+    """``campar pack``: re-write the path manifest ``manifest`` as packed shards at ``out``
+    (of decoded ``(H, W)`` pixels with ``decode``).
 
     ``out`` is checked to be writable (bucket, credentials) first, then every image
     reference to stay in the manifest's folder (unless ``limits`` allow otherwise), all
@@ -137,18 +152,22 @@ def pack_manifest(
         shard_mb=shard_mb,
         threads=threads,
         max_pixels=limits.max_pixels,
+        decode=decode,
         progress=progress,
     )
 
 
-def _image_bytes(image: str, *, root: str, max_pixels: int) -> tuple[bytes | None, str | None]:
-    """``(encoded bytes, None)`` for an image, ``(None, why)`` for a file that is none."""
+def _image_bytes(
+    image: str, *, root: str, max_pixels: int, decode: tuple[int, int] | None
+) -> tuple[bytes | None, str | None]:
+    """``(bytes to store, None)`` for an image (its encoded file, or its pixels decoded at
+    ``decode``), ``(None, why)`` for a file that is none."""
     data = load_image_bytes(image, root)
     try:
-        decode_image(data, max_pixels=max_pixels)
+        pixels = decode_image(data, max_pixels=max_pixels, size=decode)
     except ImageDecodeError as error:
         return None, str(error)
-    return data, None
+    return (data if decode is None else pixels.tobytes()), None
 
 
 def _split_chunks(table: pa.Table) -> Iterator[pa.Table]:

@@ -34,7 +34,13 @@ from ray.data.datasource import Datasource, ReadTask
 from campar_ray import storage
 from campar_ray.config import DataConfig
 from campar_ray.data.images import STRICT, UNREADABLE, ImageLimits, read_image
-from campar_ray.data.manifest import BINARY_COLUMN, SPLITS, ManifestInfo, manifest_files
+from campar_ray.data.manifest import (
+    BINARY_COLUMN,
+    SPLITS,
+    ManifestError,
+    ManifestInfo,
+    manifest_files,
+)
 from campar_ray.data.transforms import Shift, shift_into
 
 logger = logging.getLogger(__name__)
@@ -57,9 +63,11 @@ def decode_batch(
     size: tuple[int, int],
     limits: ImageLimits = STRICT,
     pad: int | None = None,
+    stored: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Load, decode and resize every image of a batch (and augment it, given ``pad``); flag
-    the ones that fail.
+    the ones that fail. ``stored``: the manifest holds pixels decoded at that size
+    (``ManifestInfo.pixels``), copied instead of decoded.
 
     Missing, corrupt and oversized images and references outside ``root`` (see
     :class:`ImageLimits`) all fail the same way: flagged, never fatal to the batch. With
@@ -79,7 +87,8 @@ def decode_batch(
     shifts = [None] * count if pad is None else Shift.draw(count, pad, np.random.default_rng())
     for index, (source, shift) in enumerate(zip(sources, shifts, strict=True)):
         try:
-            pixels = read_image(source, root, limits, size=size, mirror=bool(shift and shift.flip))
+            mirror = bool(shift and shift.flip)
+            pixels = read_image(source, root, limits, size=size, mirror=mirror, stored=stored)
         except UNREADABLE as error:
             logger.warning("skipping image %s: %s", batch["image"][index], error)
             continue
@@ -115,6 +124,14 @@ def build_dataset(
     """
     if not info.path:
         raise ValueError("build_dataset needs the ManifestInfo of read_manifest (it has no path)")
+    if info.pixels is not None and tuple(info.pixels) != tuple(data.image_size):
+        height, width = info.pixels
+        raise ManifestError(
+            f"manifest {info.path} stores images decoded at {height}x{width} (campar pack "
+            f"--decode) but data.image_size is {data.image_size[0]}x{data.image_size[1]}: set "
+            f"data.image_size=[{height},{width}] or pack again with --decode "
+            f"{data.image_size[0]}x{data.image_size[1]}"
+        )
     pieces = plan_pieces(info.path, split, data.decode_concurrency, seed if train else None)
     if pieces.num_rows == 0:
         raise ValueError(f"manifest has no {split or 'image'!r} rows to build a dataset from")
@@ -124,6 +141,7 @@ def build_dataset(
         size=tuple(data.image_size),
         pad=data.pad if train else None,
         limits=ImageLimits.of(data),
+        stored=info.pixels,
     )
     return ray.data.read_datasource(
         source,
@@ -211,12 +229,13 @@ def decode_piece(
     size: tuple[int, int],
     limits: ImageLimits = STRICT,
     pad: int | None = None,
+    stored: tuple[int, int] | None = None,
 ) -> list[Block]:
     """Read and decode (and augment, given ``pad``) one piece: a read task's output, one block
     of :func:`decode_batch`'s columns."""
     rows = read_piece(file, row_group, first, offsets)
     batch = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
-    decoded = decode_batch(batch, root=root, size=size, limits=limits, pad=pad)
+    decoded = decode_batch(batch, root=root, size=size, limits=limits, pad=pad, stored=stored)
     return [BlockAccessor.batch_to_block(decoded)]
 
 
@@ -238,6 +257,7 @@ class ManifestPieces(Datasource):
         size: tuple[int, int],
         pad: int | None,
         limits: ImageLimits = STRICT,
+        stored: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self._pieces = pieces
@@ -245,6 +265,7 @@ class ManifestPieces(Datasource):
         self._size = size
         self._pad = pad
         self._limits = limits
+        self._stored = stored
 
     def get_name(self) -> str:
         return "ReadDecodeManifest"
@@ -279,6 +300,7 @@ class ManifestPieces(Datasource):
                 size=self._size,
                 limits=self._limits,
                 pad=self._pad,
+                stored=self._stored,
             )
             metadata = BlockMetadata(
                 num_rows=len(rows),

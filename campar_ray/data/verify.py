@@ -55,7 +55,7 @@ def verify_manifest(
     def check(row: int) -> str | None:
         source = table.column(BINARY_COLUMN)[row].as_py() if packed else images[row]
         try:
-            read_image(source, info.root, limits)
+            read_image(source, info.root, limits, stored=info.pixels)
         except UNREADABLE as error:
             return str(error)
         return None

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from campar_ray.bundle import ParPredictor
-from campar_ray.data.images import decode_image, load_image_bytes
+from campar_ray.data.images import ANY_PATH, read_image
 from campar_ray.data.manifest import BINARY_COLUMN, labels_matrix, read_manifest
 from campar_ray.data.transforms import normalize
 from campar_ray.model import feature_weight_angles
@@ -65,7 +65,7 @@ def load_split_images(manifest: str, split: str, size: tuple[int, int], limit: i
         zip(rows.column("image").to_pylist(), sources.to_pylist(), strict=True)
     ):
         try:
-            pixels.append(decode_image(load_image_bytes(source, info.root), size=size))
+            pixels.append(read_image(source, info.root, ANY_PATH, size=size, stored=info.pixels))
         except (ValueError, OSError):
             continue
         names.append(name)
