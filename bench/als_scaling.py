@@ -40,8 +40,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.common import write_results
-from campar_ray.cfar.als import check_probabilities, fit_implicit, initial_attribute_factors
+from campar_ray.cfar.als import check_probabilities, initial_attribute_factors
 from campar_ray.cfar.als import probabilities as sigmoid
+from campar_ray.cfar.implicit_als import fit_implicit
 from campar_ray.train.logits import ROW_GROUP_SIZE, count_rows, read_split_logits
 
 PARAMS = dict(alpha=10.0, lam=0.1, threshold=0.5)

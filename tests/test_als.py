@@ -9,7 +9,8 @@ import signal
 import numpy as np
 import pytest
 
-from campar_ray.cfar import als
+from campar_ray.cfar import als, implicit_als
+from campar_ray.cfar.solver import fit_als
 from campar_ray.train.logits import SplitLogits, write_split_logits
 
 N, M, D = 240, 8, 4
@@ -71,7 +72,7 @@ def test_implicit_image_step_equals_direct_solve(r):
     Y = np.random.default_rng(1).normal(size=(M, D))
     model = AlternatingLeastSquares(factors=D, regularization=PARAMS["lam"], dtype=np.float64)
     model.item_factors = Y
-    matrix = als.confidence_matrix(r, PARAMS["alpha"], PARAMS["threshold"])
+    matrix = implicit_als.confidence_matrix(r, PARAMS["alpha"], PARAMS["threshold"])
     implicit_x = model.recalculate_user(np.arange(N), matrix)
     expected = direct_image_step(r, Y, **PARAMS)
     np.testing.assert_allclose(implicit_x, expected, rtol=1e-6, atol=1e-6)
@@ -100,15 +101,15 @@ def test_objective_from_statistics_equals_direct_objective(r):
 
 def test_local_solver_matches_implicit(r):
     common = dict(factors=D, iterations=15, tol=0.0, seed=0, **PARAMS)
-    local = als.fit_als(r, solver="local", **common)
-    reference = als.fit_als(r, solver="implicit", actors=1, **common)
+    local = fit_als(r, solver="local", **common)
+    reference = fit_als(r, solver="implicit", actors=1, **common)
     assert local.iterations == reference.iterations == 15
     np.testing.assert_allclose(local.objectives, reference.objectives, rtol=1e-3)
     assert local.objectives[-1] == pytest.approx(
         als.objective(r, local.X, local.Y, **PARAMS), rel=1e-10
     )
     # implicit with float64 factors (its confidences stay float32): the factors themselves agree.
-    exact = als.fit_implicit(
+    exact = implicit_als.fit_implicit(
         r,
         als.initial_attribute_factors(M, D, 0),
         iterations=15,
@@ -122,7 +123,7 @@ def test_local_solver_matches_implicit(r):
 
 def test_objective_never_increases_and_callback_reports_each_iteration(r):
     seen = []
-    result = als.fit_als(
+    result = fit_als(
         r,
         solver="local",
         factors=D,
@@ -140,14 +141,14 @@ def test_objective_never_increases_and_callback_reports_each_iteration(r):
 
 @pytest.mark.parametrize("solver", ["local", "implicit"])
 def test_early_stop_on_tolerance(r, solver):
-    result = als.fit_als(r, solver=solver, factors=D, iterations=200, tol=1e-3, **PARAMS)
+    result = fit_als(r, solver=solver, factors=D, iterations=200, tol=1e-3, **PARAMS)
     assert result.converged
     assert result.iterations < 200
     last, previous = result.objectives[-1], result.objectives[-2]
     assert abs(previous - last) / previous < 1e-3
 
 
-@pytest.mark.parametrize("fit", [als.fit_local, als.fit_implicit])
+@pytest.mark.parametrize("fit", [als.fit_local, implicit_als.fit_implicit])
 def test_nan_factors_raise_named_error(r, fit):
     Y0 = np.ones((M, D))
     Y0[1, 2] = np.nan
@@ -158,13 +159,13 @@ def test_nan_factors_raise_named_error(r, fit):
 def test_attribute_never_predicted_positive_gets_zero_factor(r):
     never = r.copy()
     never[:, 3] = 0.2  # below p_t for every image: p_.3 = 0
-    result = als.fit_als(never, solver="local", factors=D, iterations=5, **PARAMS)
+    result = fit_als(never, solver="local", factors=D, iterations=5, **PARAMS)
     np.testing.assert_array_equal(result.Y[3], 0.0)
     assert np.isfinite(result.X).all()
 
 
 def test_more_factors_than_attributes_is_well_posed(r):
-    result = als.fit_als(r, solver="local", factors=2 * M, iterations=8, tol=0.0, **PARAMS)
+    result = fit_als(r, solver="local", factors=2 * M, iterations=8, tol=0.0, **PARAMS)
     assert result.X.shape == (N, 2 * M)
     assert np.isfinite(result.objectives).all()
     assert result.objectives[-1] < result.objectives[0]
@@ -184,23 +185,23 @@ def test_more_factors_than_attributes_is_well_posed(r):
 def test_bad_parameters_are_named(r, change, message):
     kwargs = dict(solver="local", factors=D, iterations=2, actors=1, **PARAMS) | change
     with pytest.raises(ValueError, match=message):
-        als.fit_als(r, **kwargs)
+        fit_als(r, **kwargs)
 
 
 def test_bad_inputs_are_refused(r):
     with pytest.raises(TypeError, match="logits Parquet path"):
-        als.fit_als(r, solver="ray", factors=D, **PARAMS)
+        fit_als(r, solver="ray", factors=D, **PARAMS)
     broken = r.copy()
     broken[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        als.fit_als(broken, solver="local", factors=D, **PARAMS)
+        fit_als(broken, solver="local", factors=D, **PARAMS)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        als.fit_als(r * 2, solver="local", factors=D, **PARAMS)
+        fit_als(r * 2, solver="local", factors=D, **PARAMS)
 
 
 def test_local_solver_reads_a_logits_file(r, logits_file):
-    from_file = als.fit_als(logits_file, solver="local", factors=D, iterations=3, **PARAMS)
-    in_memory = als.fit_als(r, solver="local", factors=D, iterations=3, **PARAMS)
+    from_file = fit_als(logits_file, solver="local", factors=D, iterations=3, **PARAMS)
+    in_memory = fit_als(r, solver="local", factors=D, iterations=3, **PARAMS)
     assert from_file.objectives == in_memory.objectives
 
 
@@ -215,8 +216,8 @@ def test_more_actors_than_rows_is_refused(logits_file):
 @pytest.mark.parametrize("actors", [1, 2])
 def test_ray_solver_equals_local_solver(ray_cluster, r, logits_file, actors):
     common = dict(factors=D, iterations=6, tol=0.0, seed=3, **PARAMS)
-    local = als.fit_als(r, solver="local", **common)
-    sharded = als.fit_als(logits_file, solver="ray", actors=actors, **common)
+    local = fit_als(r, solver="local", **common)
+    sharded = fit_als(logits_file, solver="ray", actors=actors, **common)
     np.testing.assert_allclose(sharded.objectives, local.objectives, rtol=1e-10)
     np.testing.assert_allclose(sharded.X, local.X, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(sharded.Y, local.Y, rtol=1e-8, atol=1e-10)

@@ -23,11 +23,11 @@ from mlflow.tracking import MlflowClient
 from ray.util import placement_group_table
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from campar_ray.cfar.fit import fit_cfar
+from campar_ray.cfar.fit import fit_cfar, load_cfar
 from campar_ray.cli import main as cli_main
 from campar_ray.config import Config, load_config
 from campar_ray.data.synthetic import generate_synthetic
-from campar_ray.train.logits import SplitLogits, logits_path, write_split_logits
+from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits, write_split_logits
 from campar_ray.tune import SearchResult, SearchSpaceError, load_search_space, run_search
 from campar_ray.tune.full_trial import FullTrial
 from campar_ray.tune.report import best_row, param_importances, trial_row
@@ -116,7 +116,7 @@ def test_list_choices_travel_as_text_and_come_back_typed():
         ("model.fusion: {uniform: [0, 1]}", "uniform does not suit bool values; use choice"),
         ("cfar.fc2_lr: {loguniform: [1e-3, one]}", "loguniform needs [low, high] as two floats"),
         ("cfar.lookup: {choice: [dictionary, nearest]}", "lookup must be one of dictionary, "),
-        ("cfar.threshold: {uniform: [0.2, 1.5]}", "threshold p_t must lie in (0, 1)"),
+        ("cfar.threshold: {uniform: [0.2, 1.5]}", "bad value 1.5 for cfar.threshold: expected a "),
         ("cfar.alpha: 3.0", "must be one mapping {distribution: arguments}"),
     ],
 )
@@ -162,6 +162,31 @@ def test_a_trial_scores_validation_only_and_matches_fit_cfar(tmp_path):
     assert not any("test" in key for key in metrics)
     saved = json.loads((tmp_path / "trial" / "metrics.json").read_text())
     assert saved["metrics"] == metrics and saved["config"]["alpha"] == BASE.cfar.alpha
+
+
+@pytest.mark.parametrize("lookup", ["dictionary", "fold-in"])
+def test_a_trial_saves_the_model_fit_cfar_saves(tmp_path, lookup):
+    """Same files, same arrays: a search scores exactly the model ``fit-cfar`` builds."""
+    run = tmp_path / "run"
+    write_tiny_run(run)
+    cfg = dataclasses.replace(BASE.cfar, lookup=lookup)
+    fit_cfar_on_val(str(run), str(tmp_path / "trial" / "cfar"), cfg, seed=0)
+    fit_cfar(str(run), cfg, seed=0)
+    trial, cli = tmp_path / "trial" / "cfar", run / "cfar"
+    for name in ("factors.npz", "dictionary.npz", "fc2.npz"):
+        with np.load(trial / name) as ours, np.load(cli / name) as theirs:
+            assert set(ours.files) == set(theirs.files) - {"X"}, name  # a trial keeps no X
+            for key in ours.files:
+                np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{name}:{key}")
+    ours, theirs = (json.loads((d / "cfar.json").read_text()) for d in (trial, cli))
+    assert ours["fc2"][lookup] == theirs["fc2"][lookup]
+    for key in ("config", "seed", "attributes", "als", "keys_used", "threshold"):
+        assert ours[key] == theirs[key], key
+    test = read_split_logits(logits_path(str(run), "test")).prediction
+    np.testing.assert_array_equal(
+        load_cfar(str(tmp_path / "trial")).probabilities(test),
+        load_cfar(str(run)).probabilities(test),
+    )
 
 
 def test_rows_rank_complete_trials_only_and_explain_importance():

@@ -1,12 +1,13 @@
-"""Implicit-feedback ALS for CFAR (eq. 17-18): NumPy kernels, the local solver, the facade.
+"""Implicit-feedback ALS for CFAR (eq. 17-18): the NumPy kernels and the local solver.
 
 Every entry of the N x M confidence matrix is observed, so each half-step is an exact D x D
 solve per row (no sparse tricks, no conjugate gradient). Both half-steps are written in the
 shape that shards: a kernel takes a slice of image rows plus a small statistic of the other
 side (``Y`` and its Gram matrix) and returns the slice's image factors, or the slice's
-additive share of the M attribute systems. The local solver runs the kernels on one shard,
-:mod:`campar_ray.cfar.ray_als` on one shard per Ray actor, and ``solver="implicit"`` hands
-the same problem to the ``implicit`` library, the reference the tests compare against.
+additive share of the M attribute systems. :func:`fit_local` runs the kernels on one shard,
+:mod:`campar_ray.cfar.ray_als` on one shard per Ray actor; :mod:`campar_ray.cfar.implicit_als`
+hands the same problem to the ``implicit`` library, the reference the tests compare against,
+and :func:`campar_ray.cfar.solver.fit_als` picks one of the three.
 
 The objective is read off the attribute-step statistics (``objective_from_stats``), so
 monitoring convergence costs O(M D^2) per iteration instead of another pass over r.
@@ -14,20 +15,14 @@ monitoring convergence costs O(M D^2) per iteration instead of another pass over
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 from scipy.special import expit
-from threadpoolctl import threadpool_limits
 
-from campar_ray.train.logits import read_split_logits
-
-SOLVERS = ("ray", "local", "implicit")
 CHUNK_ROWS = 2048
 
 AlsCallback = Callable[[int, float, float, float], None]
@@ -316,171 +311,3 @@ def fit_local(
         callback=callback,
     )
     return AlsResult(shard.X, Y, monitor.objectives, len(monitor.objectives), monitor.converged)
-
-
-def confidence_matrix(r: np.ndarray, alpha: float, threshold: float) -> sp.csr_matrix:
-    """Eq. 17 in ``implicit``'s convention, as a CSR matrix with every entry stored.
-
-    A stored ``v > 0`` means p = 1 with confidence v, ``v < 0`` p = 0 with confidence |v|,
-    so ``where(p, 1, -1) * (1 + alpha * r)`` states eq. 18 exactly. Built from the flat
-    arrays directly, never through a dense float64 copy.
-    """
-    n, m = r.shape
-    confidence = (1.0 + alpha * np.asarray(r, dtype=np.float32)).astype(np.float32)
-    data = np.where(np.asarray(r) >= threshold, confidence, -confidence).ravel()
-    indices = np.tile(np.arange(m, dtype=np.int32), n)
-    indptr = np.arange(0, n * m + 1, m, dtype=np.int64)
-    return sp.csr_matrix((data, indices, indptr), shape=(n, m))
-
-
-class _Converged(Exception):
-    """Raised from implicit's per-iteration callback to stop its loop early."""
-
-
-def fit_implicit(
-    r: np.ndarray,
-    Y0: np.ndarray,
-    *,
-    alpha: float,
-    lam: float,
-    threshold: float,
-    iterations: int,
-    tol: float,
-    threads: int = 1,
-    callback: AlsCallback | None = None,
-    dtype: type = np.float32,
-) -> AlsResult:
-    """The same fit with ``implicit.cpu.als.AlternatingLeastSquares`` (the reference).
-
-    implicit's own ``alpha`` stays 1.0 (the confidences are in the matrix), ``regularization
-    = lam`` unscaled, ``use_cg=False`` for exact solves. Pre-set ``user_factors`` and
-    ``item_factors`` are kept by ``fit`` (it only draws random ones when they are None) and
-    keep their dtype; the matrix is always float32 inside implicit. ``elapsed`` passed to the
-    callback is implicit's own time, excluding the objective computed here for monitoring.
-    BLAS is pinned to one thread so that ``threads`` OpenMP threads are all it uses.
-    """
-    from implicit.cpu.als import AlternatingLeastSquares
-
-    r = check_probabilities(r)
-    matrix = confidence_matrix(r, alpha, threshold)
-    monitor = Monitor(tol, callback)
-    elapsed = 0.0
-    with threadpool_limits(1, "blas"):
-        model = AlternatingLeastSquares(
-            factors=Y0.shape[1],
-            regularization=lam,
-            alpha=1.0,
-            dtype=dtype,
-            use_cg=False,
-            iterations=iterations,
-            num_threads=threads,
-        )
-        model.user_factors = np.zeros((len(r), Y0.shape[1]), dtype=dtype)
-        model.item_factors = Y0.astype(dtype)
-
-        def on_iteration(iteration: int, seconds: float, _loss: float | None) -> None:
-            nonlocal elapsed
-            elapsed += seconds
-            X, Y = model.user_factors, model.item_factors
-            value = objective(r, X, Y, alpha=alpha, threshold=threshold, lam=lam)
-            if monitor.record(iteration, value, elapsed, X, Y):
-                raise _Converged
-
-        with contextlib.suppress(_Converged):
-            model.fit(matrix, show_progress=False, callback=on_iteration)
-    return AlsResult(
-        model.user_factors.astype(np.float64),
-        model.item_factors.astype(np.float64),
-        monitor.objectives,
-        len(monitor.objectives),
-        monitor.converged,
-    )
-
-
-def check_als_params(
-    *,
-    alpha: float,
-    lam: float,
-    factors: int,
-    threshold: float,
-    iterations: int,
-    tol: float,
-    solver: str,
-    actors: int,
-) -> None:
-    """Raise a ValueError naming the first bad ALS setting and the values it may take."""
-    checks = [
-        (solver in SOLVERS, f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}"),
-        (0 <= alpha < math.inf, f"alpha must be finite and >= 0, got {alpha}"),
-        (
-            0 < lam < math.inf,
-            f"lam must be finite and > 0 (keeps every D x D system invertible), got {lam}",
-        ),
-        (factors >= 1, f"factors must be >= 1, got {factors}"),
-        (0 < threshold < 1, f"threshold p_t must lie in (0, 1), got {threshold}"),
-        (iterations >= 1, f"iterations must be >= 1, got {iterations}"),
-        (tol >= 0, f"tol must be >= 0, got {tol}"),
-        (actors >= 1, f"actors must be >= 1, got {actors}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def fit_als(
-    source: np.ndarray | str,
-    *,
-    alpha: float,
-    lam: float,
-    factors: int,
-    threshold: float,
-    iterations: int = 15,
-    tol: float = 1e-6,
-    solver: str = "ray",
-    actors: int = 2,
-    seed: int = 0,
-    callback: AlsCallback | None = None,
-) -> AlsResult:
-    """Fit eq. 18 on r with one of three solvers that solve the same problem from the same start.
-
-    ``source`` is r itself (N x M, in [0, 1]) or the path/URI of a stage-1 logits Parquet
-    file, from which r = sigmoid(prediction logits). ``solver``:
-
-    - ``"ray"``: rows sharded over ``actors`` Ray actors that read their own rows of the file
-      (needs the path; the driver never holds r).
-    - ``"local"``: NumPy in this process.
-    - ``"implicit"``: the ``implicit`` library with ``actors`` threads (same core budget).
-
-    D > M is allowed: ``lam > 0`` keeps every system positive definite, although ``X Y^T``
-    cannot have rank above M, so the extra dimensions add nothing. Stops early when the
-    relative objective change falls below ``tol``; raises AlsDivergedError on NaN.
-    """
-    check_als_params(
-        alpha=alpha,
-        lam=lam,
-        factors=factors,
-        threshold=threshold,
-        iterations=iterations,
-        tol=tol,
-        solver=solver,
-        actors=actors,
-    )
-    common = dict(alpha=alpha, lam=lam, threshold=threshold, iterations=iterations, tol=tol)
-    if solver == "ray":
-        if not isinstance(source, str):
-            raise TypeError(
-                "solver='ray' needs the logits Parquet path (its actors read their own rows); "
-                "pass the path, or use solver='local' for an in-memory r"
-            )
-        from campar_ray.cfar.ray_als import fit_ray
-
-        return fit_ray(
-            source, factors=factors, actors=actors, seed=seed, callback=callback, **common
-        )
-    r = check_probabilities(
-        probabilities(read_split_logits(source).prediction) if isinstance(source, str) else source
-    )
-    Y0 = initial_attribute_factors(r.shape[1], factors, seed)
-    if solver == "local":
-        return fit_local(r, Y0, callback=callback, **common)
-    return fit_implicit(r, Y0, threads=actors, callback=callback, **common)

@@ -39,6 +39,8 @@ from campar_ray.train.logits import count_rows, read_split_logits
 
 MAX_RESTARTS = 3
 """Restarts per actor (and retries per call) before a fit gives up with RayActorError."""
+ACTOR_CPUS = 0.5
+"""CPUs each actor reserves unless told otherwise (a search trial reserves as many per actor)."""
 
 
 @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
@@ -101,7 +103,7 @@ class ShardedAls:
         alpha: float,
         lam: float,
         threshold: float,
-        cpus_per_actor: float = 0.5,
+        cpus_per_actor: float = ACTOR_CPUS,
     ) -> None:
         rows = count_rows(path)
         if actors > rows:
@@ -178,7 +180,7 @@ def fit_ray(
     actors: int,
     seed: int = 0,
     callback: AlsCallback | None = None,
-    cpus_per_actor: float = 0.5,
+    cpus_per_actor: float = ACTOR_CPUS,
 ) -> AlsResult:
     """One ALS fit on Ray actors; they are released afterwards."""
     with ShardedAls(

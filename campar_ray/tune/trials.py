@@ -18,13 +18,12 @@ import yaml
 
 from campar_ray import storage
 from campar_ray.cfar.fit import CFAR_DIR
+from campar_ray.cfar.ray_als import ACTOR_CPUS
 from campar_ray.config import Config
 from campar_ray.tracking import TENSORBOARD_DIR, Tracker, markdown_table, open_tracker, run_key
 from campar_ray.tune.space import SearchSpace
 from campar_ray.tune.stage2 import fit_cfar_on_val
 
-ALS_ACTOR_CPUS = 0.5
-"""CPUs each ALS actor reserves (``campar_ray.cfar.ray_als.fit_ray``'s default)."""
 TRIAL_CPUS = 1.0
 """The trial process itself: stage 2's k-means, fc2 and (``solver=local``) ALS run in it."""
 
@@ -91,7 +90,7 @@ def trial_bundles(config: Config) -> list[dict[str, float]]:
     them a placement group of their own (counted by :func:`trial_footprint`).
     """
     actors = config.cfar.actors if config.cfar.solver == "ray" else 0
-    return [{"CPU": TRIAL_CPUS}] + [{"CPU": ALS_ACTOR_CPUS}] * actors
+    return [{"CPU": TRIAL_CPUS}] + [{"CPU": ACTOR_CPUS}] * actors
 
 
 def trial_footprint(config: Config, scope: str) -> dict[str, float]:

@@ -1,0 +1,96 @@
+"""The same ALS handed to the ``implicit`` library: the reference the project's solvers match.
+
+``implicit`` treats a stored ``v > 0`` as p = 1 with confidence v and ``v < 0`` as p = 0
+with confidence |v| (METHOD.md, ALS notes), so a CSR matrix with every entry stored states
+eq. 17-18 exactly; started from the same factors, it reaches the objective of
+:func:`campar_ray.cfar.als.fit_local`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from campar_ray.cfar.als import AlsCallback, AlsResult, Monitor, check_probabilities, objective
+
+
+def confidence_matrix(r: np.ndarray, alpha: float, threshold: float) -> sp.csr_matrix:
+    """Eq. 17 in ``implicit``'s convention, as a CSR matrix with every entry stored.
+
+    A stored ``v > 0`` means p = 1 with confidence v, ``v < 0`` p = 0 with confidence |v|,
+    so ``where(p, 1, -1) * (1 + alpha * r)`` states eq. 18 exactly. Built from the flat
+    arrays directly, never through a dense float64 copy.
+    """
+    n, m = r.shape
+    confidence = (1.0 + alpha * np.asarray(r, dtype=np.float32)).astype(np.float32)
+    data = np.where(np.asarray(r) >= threshold, confidence, -confidence).ravel()
+    indices = np.tile(np.arange(m, dtype=np.int32), n)
+    indptr = np.arange(0, n * m + 1, m, dtype=np.int64)
+    return sp.csr_matrix((data, indices, indptr), shape=(n, m))
+
+
+class _Converged(Exception):
+    """Raised from implicit's per-iteration callback to stop its loop early."""
+
+
+def fit_implicit(
+    r: np.ndarray,
+    Y0: np.ndarray,
+    *,
+    alpha: float,
+    lam: float,
+    threshold: float,
+    iterations: int,
+    tol: float,
+    threads: int = 1,
+    callback: AlsCallback | None = None,
+    dtype: type = np.float32,
+) -> AlsResult:
+    """The same fit with ``implicit.cpu.als.AlternatingLeastSquares`` (the reference).
+
+    implicit's own ``alpha`` stays 1.0 (the confidences are in the matrix), ``regularization
+    = lam`` unscaled, ``use_cg=False`` for exact solves. Pre-set ``user_factors`` and
+    ``item_factors`` are kept by ``fit`` (it only draws random ones when they are None) and
+    keep their dtype; the matrix is always float32 inside implicit. ``elapsed`` passed to the
+    callback is implicit's own time, excluding the objective computed here for monitoring.
+    BLAS is pinned to one thread so that ``threads`` OpenMP threads are all it uses.
+    """
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    r = check_probabilities(r)
+    matrix = confidence_matrix(r, alpha, threshold)
+    monitor = Monitor(tol, callback)
+    elapsed = 0.0
+    with threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(
+            factors=Y0.shape[1],
+            regularization=lam,
+            alpha=1.0,
+            dtype=dtype,
+            use_cg=False,
+            iterations=iterations,
+            num_threads=threads,
+        )
+        model.user_factors = np.zeros((len(r), Y0.shape[1]), dtype=dtype)
+        model.item_factors = Y0.astype(dtype)
+
+        def on_iteration(iteration: int, seconds: float, _loss: float | None) -> None:
+            nonlocal elapsed
+            elapsed += seconds
+            X, Y = model.user_factors, model.item_factors
+            value = objective(r, X, Y, alpha=alpha, threshold=threshold, lam=lam)
+            if monitor.record(iteration, value, elapsed, X, Y):
+                raise _Converged
+
+        with contextlib.suppress(_Converged):
+            model.fit(matrix, show_progress=False, callback=on_iteration)
+    return AlsResult(
+        model.user_factors.astype(np.float64),
+        model.item_factors.astype(np.float64),
+        monitor.objectives,
+        len(monitor.objectives),
+        monitor.converged,
+    )

@@ -1,0 +1,286 @@
+"""A fitted stage 2 (eq. 17-20) as one value: fit it, save it, load it.
+
+:func:`fit_model` is the only function that fits stage 2: from stage-1 train and val logits
+(r = sigmoid of the prediction logits: ``l_specific`` for the CAM-PAR head, ``l_shared``
+for the baseline head) and a ``cfar`` config to ALS factors, the attribute-set dictionary,
+and fc2 with its validation-chosen decision threshold. ``campar fit-cfar``
+(:func:`campar_ray.cfar.fit.fit_cfar`) and every search trial
+(:func:`campar_ray.tune.stage2.fit_cfar_on_val`) call it and save its result with
+:func:`save_model`, so a search scores exactly the model ``fit-cfar`` builds.
+
+:func:`save_model` writes, through :mod:`campar_ray.storage` so that directories may be URIs:
+
+- ``factors.npz`` (X, Y; a search trial keeps Y only: N x D per trial adds up over hundreds
+  of trials, and lookups need only Y and the dictionary), ``dictionary.npz`` (keys,
+  values), ``fc2.npz`` (weight, bias): plain arrays, loaded with ``allow_pickle=False``;
+- ``cfar.json``: the config used, the ALS objective per iteration, fc2's selection for every
+  lookup fitted and the decision threshold of the configured one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from campar_ray import storage
+from campar_ray.artifacts import load_arrays, load_json, save_arrays
+from campar_ray.cfar.als import AlsResult, probabilities
+from campar_ray.cfar.dictionary import (
+    LOOKUPS,
+    AttributeSetDictionary,
+    ConfidenceEstimator,
+    build_dictionary,
+)
+from campar_ray.cfar.head import Fc2, Fc2Fit, Fc2Split, train_fc2
+from campar_ray.cfar.solver import check_als_params, fit_als
+from campar_ray.config import CfarConfig, ConfigError
+from campar_ray.metrics import choose_threshold
+from campar_ray.train.logits import SplitLogits
+
+FACTORS_FILE = "factors.npz"
+DICTIONARY_FILE = "dictionary.npz"
+FC2_FILE = "fc2.npz"
+MODEL_FILE = "cfar.json"
+
+Progress = Callable[[str, dict[str, Any]], None]
+"""``progress(stage, values)``: stage ``als`` after each ALS iteration (iteration,
+objective, relative_change, elapsed), then ``dictionary`` (keys) and ``fc2`` (lookup,
+best_epoch, epochs_run, val_mA, val_loss) once per lookup fitted."""
+
+
+@dataclass(frozen=True)
+class CfarPredictor:
+    """Stage-1 prediction logits in, CFAR probabilities out (no Ray, no stage-1 network)."""
+
+    estimator: ConfidenceEstimator
+    head: Fc2
+    threshold: float
+    """Decision threshold on :meth:`probabilities`, chosen on validation data."""
+    attributes: tuple[str, ...]
+
+    def probabilities(self, prediction_logits: np.ndarray) -> np.ndarray:
+        """sigmoid(fc2(concat(r_hat, l))) for stage-1 prediction logits l (N x M)."""
+        logits = np.asarray(prediction_logits, dtype=np.float32)
+        r_hat = self.estimator.reconstruct(probabilities(logits))
+        return self.head.probabilities(r_hat, logits)
+
+
+@dataclass(frozen=True)
+class CfarModel:
+    """What :func:`fit_model` fitted: one predictor (and its fc2 fit) per lookup fitted."""
+
+    config: CfarConfig
+    seed: int
+    attributes: tuple[str, ...]
+    prediction_logits: str
+    """``specific`` or ``shared``: the stage-1 logits r was computed from."""
+    als: AlsResult
+    dictionary: AttributeSetDictionary
+    predictors: dict[str, CfarPredictor]
+    fc2: dict[str, Fc2Fit]
+
+    @property
+    def predictor(self) -> CfarPredictor:
+        """The configured lookup's predictor: the one saved and loaded."""
+        return self.predictors[self.config.lookup]
+
+
+def check_cfar_config(cfg: CfarConfig) -> None:
+    """Raise a ConfigError naming the first bad ``cfar`` value and what it may be."""
+    try:
+        check_als_params(
+            solver=cfg.solver,
+            factors=cfg.factors,
+            alpha=cfg.alpha,
+            lam=cfg.lam,
+            threshold=cfg.threshold,
+            iterations=cfg.iterations,
+            tol=cfg.tol,
+            actors=cfg.actors,
+        )
+    except ValueError as error:
+        raise ConfigError(f"cfar: {error}") from None
+    checks = [
+        (cfg.keys >= 1, f"keys must be >= 1, got {cfg.keys}"),
+        (cfg.lookup in LOOKUPS, f"lookup must be one of {', '.join(LOOKUPS)}, got {cfg.lookup!r}"),
+        (cfg.fc2_lr > 0, f"fc2_lr must be > 0, got {cfg.fc2_lr}"),
+        (cfg.fc2_epochs >= 0, f"fc2_epochs must be >= 0, got {cfg.fc2_epochs}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"cfar: {message}")
+
+
+def fit_model(
+    train: SplitLogits,
+    val: SplitLogits,
+    cfg: CfarConfig,
+    *,
+    seed: int = 0,
+    compare_lookups: bool = False,
+    train_path: str | None = None,
+    progress: Progress | None = None,
+) -> CfarModel:
+    """Stage 2 from stage-1 logits: ALS and the dictionary on train, then fc2 (trained on
+    train, its epoch and decision threshold chosen on val) for ``cfg.lookup``, or for every
+    lookup with ``compare_lookups``.
+
+    Reads and writes no file, with one exception: ``solver="ray"`` needs ``train_path``, the
+    logits file ``train`` was read from, whose rows its actors read themselves.
+    """
+    check_cfar_config(cfg)
+    check_same_attributes({"train": train, "val": val})
+    report = progress or _silent
+    columns = eval_columns(train)
+    r_train = probabilities(train.prediction)
+    als = fit_als(
+        train_path if cfg.solver == "ray" else r_train,
+        solver=cfg.solver,
+        factors=cfg.factors,
+        alpha=cfg.alpha,
+        lam=cfg.lam,
+        threshold=cfg.threshold,
+        iterations=cfg.iterations,
+        tol=cfg.tol,
+        actors=cfg.actors,
+        seed=seed,
+        callback=lambda iteration, value, change, elapsed: report(
+            "als",
+            {
+                "iteration": iteration,
+                "objective": value,
+                "relative_change": change,
+                "elapsed": elapsed,
+            },
+        ),
+    )
+    dictionary = build_dictionary(r_train, als.X, cfg.keys, seed)
+    report("dictionary", {"keys": len(dictionary.keys)})
+    predictors, fits = {}, {}
+    for lookup in LOOKUPS if compare_lookups else (cfg.lookup,):
+        estimator = ConfidenceEstimator(
+            als.Y, dictionary, lookup, cfg.alpha, cfg.threshold, cfg.lam
+        )
+        predictors[lookup], fits[lookup] = _fit_predictor(estimator, train, val, cfg, columns)
+        report("fc2", {"lookup": lookup, **_fc2_summary(fits[lookup])})
+    return CfarModel(
+        cfg,
+        seed,
+        train.attributes,
+        "shared" if train.specific is None else "specific",
+        als,
+        dictionary,
+        predictors,
+        fits,
+    )
+
+
+def save_model(directory: str, model: CfarModel, *, image_factors: bool = True) -> None:
+    """The files of the configured lookup's model (module doc); X only with ``image_factors``."""
+    factors = {"X": model.als.X, "Y": model.als.Y} if image_factors else {"Y": model.als.Y}
+    save_arrays(storage.join(directory, FACTORS_FILE), **factors)
+    save_arrays(
+        storage.join(directory, DICTIONARY_FILE),
+        keys=model.dictionary.keys,
+        values=model.dictionary.values,
+    )
+    save_arrays(storage.join(directory, FC2_FILE), **model.predictor.head.arrays())
+    meta = {
+        "config": dataclasses.asdict(model.config),
+        "seed": model.seed,
+        "attributes": list(model.attributes),
+        "prediction_logits": model.prediction_logits,
+        "als": {
+            "objectives": model.als.objectives,
+            "iterations": model.als.iterations,
+            "converged": model.als.converged,
+        },
+        "keys_used": len(model.dictionary.keys),
+        "fc2": {lookup: _fc2_summary(fit) for lookup, fit in model.fc2.items()},
+        "threshold": model.predictor.threshold,
+    }
+    storage.write_bytes(storage.join(directory, MODEL_FILE), json.dumps(meta, indent=2).encode())
+
+
+def load_predictor(directory: str) -> CfarPredictor:
+    """The predictor :func:`save_model` saved in ``directory`` (configured lookup, fc2,
+    threshold)."""
+    meta = load_json(storage.join(directory, MODEL_FILE))
+    cfg = meta["config"]
+    factors = load_arrays(storage.join(directory, FACTORS_FILE))
+    entries = load_arrays(storage.join(directory, DICTIONARY_FILE))
+    fc2 = load_arrays(storage.join(directory, FC2_FILE))
+    estimator = ConfidenceEstimator(
+        factors["Y"],
+        AttributeSetDictionary(entries["keys"], entries["values"]),
+        cfg["lookup"],
+        cfg["alpha"],
+        cfg["threshold"],
+        cfg["lam"],
+    )
+    return CfarPredictor(
+        estimator,
+        Fc2.from_arrays(fc2["weight"], fc2["bias"]),
+        float(meta["threshold"]),
+        tuple(meta["attributes"]),
+    )
+
+
+def eval_columns(logits: SplitLogits) -> np.ndarray:
+    """Indices of the evaluated attributes within all attributes (all when none are named)."""
+    if not logits.eval_attributes:
+        return np.arange(len(logits.attributes))
+    unknown = sorted(set(logits.eval_attributes) - set(logits.attributes))
+    if unknown:
+        raise ValueError(f"evaluated attributes {unknown} are not among {logits.attributes}")
+    return np.array([logits.attributes.index(name) for name in logits.eval_attributes])
+
+
+def check_same_attributes(splits: dict[str, SplitLogits]) -> None:
+    """Raise a ValueError naming a split whose attributes differ from train's."""
+    reference = splits["train"].attributes
+    for name, split in splits.items():
+        if split.attributes != reference:
+            raise ValueError(
+                f"the {name} logits have attributes {split.attributes}, train has {reference}"
+            )
+
+
+def _fc2_summary(fit: Fc2Fit) -> dict[str, float]:
+    return {
+        "best_epoch": fit.best_epoch,
+        "epochs_run": fit.epochs_run,
+        "val_mA": fit.val_mA,
+        "val_loss": fit.val_loss,
+    }
+
+
+def _fit_predictor(
+    estimator: ConfidenceEstimator,
+    train: SplitLogits,
+    val: SplitLogits,
+    cfg: CfarConfig,
+    columns: np.ndarray,
+) -> tuple[CfarPredictor, Fc2Fit]:
+    """fc2 on train (selected on val), then its decision threshold on val."""
+
+    def fc2_inputs(split: SplitLogits) -> Fc2Split:
+        r_hat = estimator.reconstruct(probabilities(split.prediction))
+        return Fc2Split(r_hat, split.prediction, split.labels)
+
+    fit = train_fc2(
+        fc2_inputs(train), fc2_inputs(val), lr=cfg.fc2_lr, epochs=cfg.fc2_epochs, columns=columns
+    )
+    predictor = CfarPredictor(estimator, fit.head, 0.5, train.attributes)
+    probs = predictor.probabilities(val.prediction)
+    threshold = choose_threshold(val.labels[:, columns], probs[:, columns])
+    return dataclasses.replace(predictor, threshold=float(threshold)), fit
+
+
+def _silent(stage: str, values: dict[str, Any]) -> None:
+    """The default progress: nobody listens."""
