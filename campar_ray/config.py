@@ -143,7 +143,12 @@ class TrainConfig:
     """Best-k checkpoints kept, ranked by validation mA."""
     max_failures: int = 3
     """Worker failures tolerated (-1: no limit); each restart resumes from the latest
-    checkpoint."""
+    checkpoint. Only failures another attempt can get past count (a killed worker, a lost
+    node): an error in the data or the config (any ``ValueError`` a worker raises) stops the
+    run at once, since it would fail the same way every time."""
+    node_wait_minutes: float = 20.0
+    """On an autoscaling cluster, how long training waits for the nodes the run needs (the
+    autoscaler is asked for them) before it gives up; ``0``: refuse when they are missing."""
 
     def __post_init__(self) -> None:
         worker_range(self.num_workers)  # refuse a bad value where it is set
@@ -164,6 +169,8 @@ class TrainConfig:
              "a number of CPUs > 0"),
             ("keep_checkpoints", self.keep_checkpoints, self.keep_checkpoints >= 1,
              "a number of checkpoints >= 1"),
+            ("node_wait_minutes", self.node_wait_minutes,
+             0 <= self.node_wait_minutes < math.inf, "minutes >= 0"),
             ("max_failures", self.max_failures, self.max_failures >= -1,
              "a number of restarts >= 0, or -1 for no limit"),
         )  # fmt: skip
@@ -187,6 +194,25 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         _refuse_credentials("run.dir", self.dir)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """What storage every node of a cluster reads: object-store URIs always, local paths only
+    under a declared shared mount."""
+
+    shared_mounts: tuple[str, ...] = ()
+    """Absolute local folders mounted at the same path on every node (NFS, EFS, Filestore, a
+    Kubernetes volume). On a cluster of more than one machine, a local manifest, image folder
+    or run directory outside them is refused before any work starts."""
+
+    def __post_init__(self) -> None:
+        for mount in self.shared_mounts:
+            if not mount.startswith("/"):
+                raise ConfigError(
+                    f"bad value {mount!r} in storage.shared_mounts: expected an absolute path "
+                    "(a shared mount has the same path on every node)"
+                )
 
 
 @dataclass(frozen=True)
@@ -214,6 +240,23 @@ class CfarConfig:
     """Early stop when the relative objective change falls below this."""
     fc2_lr: float = 1e-2
     fc2_epochs: int = 200
+
+    def __post_init__(self) -> None:
+        _check_ranges(
+            "cfar",
+            ("alpha", self.alpha, 0 <= self.alpha < math.inf, "a confidence slope >= 0"),
+            ("lam", self.lam, 0 < self.lam < math.inf,
+             "a regularisation > 0 (keeps every D x D system invertible)"),
+            ("factors", self.factors, self.factors >= 1, "a latent dimension >= 1"),
+            ("keys", self.keys, self.keys >= 1, "a dictionary size >= 1"),
+            ("threshold", self.threshold, 0 < self.threshold < 1, "a threshold p_t in (0, 1)"),
+            ("actors", self.actors, self.actors >= 1, "a number of actors >= 1"),
+            ("iterations", self.iterations, self.iterations >= 1, "a number of iterations >= 1"),
+            ("tol", self.tol, 0 <= self.tol < math.inf, "a relative change >= 0"),
+            ("fc2_lr", self.fc2_lr, 0 < self.fc2_lr < math.inf, "a learning rate > 0"),
+            ("fc2_epochs", self.fc2_epochs, self.fc2_epochs >= 0,
+             "a number of epochs >= 0"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -244,7 +287,12 @@ class Config:
     run: RunSettings = field(default_factory=RunSettings)
     cfar: CfarConfig = field(default_factory=CfarConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # NumPy's legacy generators and scikit-learn's k-means take seeds below 2**32 only.
+        _check_ranges("", ("seed", self.seed, 0 <= self.seed < 2**32, "an integer in [0, 2**32)"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict (tuples become lists)."""
@@ -307,7 +355,8 @@ def _check_ranges(section: str, *checks: tuple[str, Any, bool, str]) -> None:
     where the config is built: a bad number stops a command before any work, not an epoch in."""
     for key, value, ok, valid in checks:
         if not ok:
-            raise ConfigError(f"bad value {value!r} for {section}.{key}: expected {valid}")
+            name = f"{section}.{key}" if section else key
+            raise ConfigError(f"bad value {value!r} for {name}: expected {valid}")
 
 
 def _refuse_credentials(key: str, uri: str) -> None:
@@ -375,6 +424,9 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         (kind,) = kinds
         options = typing.get_args(kind)
     try:
+        if typing.get_origin(kind) is tuple and options[1:] == (Ellipsis,):
+            values = value if isinstance(value, list | tuple) else [value]  # one, or a list
+            return tuple(_coerce(key, v, options[0]) for v in values)
         if typing.get_origin(kind) is tuple:
             if not isinstance(value, list | tuple) or len(value) != len(options):
                 raise TypeError(f"expected a list of {len(options)} values")

@@ -9,8 +9,10 @@ S3-compatible store.
 from __future__ import annotations
 
 import errno
+import os
 import posixpath
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -79,6 +81,20 @@ def has_credentials(uri: str) -> bool:
 def is_uri(path: str) -> bool:
     """True for ``scheme://...`` paths other than ``file://``."""
     return "://" in path and not path.startswith("file://")
+
+
+def is_shared(path: str, mounts: Sequence[str] = ()) -> bool:
+    """True when every node of a cluster reads ``path`` as this machine does: an object-store
+    URI, or a local path (relative ones resolved here, on the driver) under one of ``mounts``,
+    the folders mounted at the same path on every node."""
+    if is_uri(path):
+        return True
+    local = os.path.abspath(path.removeprefix("file://"))
+    for mount in mounts:
+        mount = os.path.normpath(mount)
+        if local == mount or local.startswith(mount.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def join(base: str, *parts: str) -> str:

@@ -1,7 +1,7 @@
 """`ray job submit` entrypoint for `campar evaluate` (same parser, same library call).
 
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-        python jobs/evaluate.py --config configs/pa100k.yaml --set run.dir=s3://bucket/runs/pa100k
+        python jobs/evaluate.py --config configs/pa100k.yaml --set run.dir=s3://bucket/campar/runs/pa100k
 """
 
 import sys

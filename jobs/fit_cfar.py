@@ -1,7 +1,7 @@
 """`ray job submit` entrypoint for `campar fit-cfar` (same parser, same library call).
 
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-        python jobs/fit_cfar.py --config configs/pa100k.yaml --set run.dir=s3://bucket/runs/pa100k
+        python jobs/fit_cfar.py --config configs/pa100k.yaml --set run.dir=s3://bucket/campar/runs/pa100k
 """
 
 import sys

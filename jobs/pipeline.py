@@ -1,14 +1,17 @@
 """`ray job submit` entrypoint for the whole pipeline: [prepare ->] train -> fit-cfar -> evaluate.
 
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-        python jobs/pipeline.py --config configs/pa100k.yaml --set run.dir=s3://bucket/runs/pa100k \
-        --prepare pa100k --root s3://bucket/datasets/PA100K
+        python jobs/pipeline.py --config configs/pa100k.yaml \
+        --set data.manifest=s3://bucket/campar/pa100k/manifest \
+        --set run.dir=s3://bucket/campar/runs/pa100k \
+        --prepare pa100k --root s3://bucket/datasets/PA100K --prepare-args "--pack"
 
 Every step is the matching `campar` sub-command with the same `--config`/`--set`
 arguments, so a job and a shell session produce identical runs. `--prepare FORMAT` first
 converts the raw dataset at `--root` into the configured `data.manifest` (skipped when that
-manifest exists); further `campar prepare` options go in `--prepare-args "..."`. Each step
-resumes or reuses what an earlier, interrupted submission left in `run.dir`.
+manifest exists); further `campar prepare` options go in `--prepare-args "..."` (one
+option alone, such as `"--pack"`, included). Each step resumes or reuses what an earlier,
+interrupted submission left in `run.dir`.
 """
 
 import argparse
@@ -30,6 +33,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", default="", help="raw dataset folder or URI for --prepare")
     parser.add_argument("--prepare-args", default="", help="more `campar prepare` options")
     return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parser's reading of ``argv``, where ``--prepare-args --pack`` passes ``--pack`` on
+    (argparse alone takes a lone option-like value for a missing one)."""
+    joined, rest = [], list(argv)
+    while rest:
+        item = rest.pop(0)
+        if item == "--prepare-args" and rest:
+            item = f"{item}={rest.pop(0)}"
+        joined.append(item)
+    return get_args_parser().parse_args(joined)
 
 
 def prepare_step(args: argparse.Namespace) -> list[str] | None:
@@ -54,7 +69,7 @@ def prepare_step(args: argparse.Namespace) -> list[str] | None:
 
 
 def run(argv: list[str]) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     common = ["--config", args.config] if args.config else []
     common += [item for value in args.overrides for item in ("--set", value)]
     try:

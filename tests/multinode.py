@@ -5,7 +5,9 @@ Token authentication is on, as on every cluster the project configures. Every pr
 the cluster carries its private ``--temp-dir`` in its command line, which is how a node is
 killed (its raylet and everything under it, as when a machine dies) and how the whole
 cluster is torn down without touching any other Ray instance on the machine (``ray stop``
-would stop them all).
+would stop them all). With ``share_nothing`` each node gets its own temp dir and working
+directory under it, as separate machines would: no node finds another's session files,
+runtime environments or relative paths.
 """
 
 from __future__ import annotations
@@ -50,12 +52,16 @@ class LocalCluster:
     """Worker node name -> raylet pid."""
     auth: bool = True
     """Token authentication; False makes the insecure cluster ``--insecure`` is about."""
+    share_nothing: bool = False
+    """Each node its own ``--temp-dir`` and working directory (``<temp_dir>/<node>``)."""
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, nodes: dict[str, float]) -> Iterator[LocalCluster]:
+    def running(
+        cls, nodes: dict[str, float], share_nothing: bool = False
+    ) -> Iterator[LocalCluster]:
         """A head plus one worker node per ``name: cpus``, torn down on exit."""
-        cluster = cls()
+        cluster = cls(share_nothing=share_nothing)
         try:
             cluster.start_head()
             for name, cpus in nodes.items():
@@ -75,6 +81,9 @@ class LocalCluster:
             "OMP_NUM_THREADS": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # job logs stay readable
+            # Ray's OOM killer reads the whole machine's memory, which on one shared test
+            # machine is mostly other work's: it would kill this cluster's workers for it.
+            "RAY_memory_monitor_refresh_ms": "0",
         }
 
     @property
@@ -97,12 +106,13 @@ class LocalCluster:
             "--head",
             f"--port={self.gcs_port}",
             f"--num-cpus={cpus}",
-            f"--temp-dir={self.temp_dir}",
+            f"--temp-dir={self._node_dir('head')}",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
             f"--object-store-memory={OBJECT_STORE_BYTES}",
             *self._agent_ports(),
+            cwd=self._node_dir("head", "cwd"),
         )
 
     def add_node(self, name: str, cpus: float = 1) -> int:
@@ -115,7 +125,9 @@ class LocalCluster:
             f"--resources={json.dumps({name: 1})}",
             f"--object-store-memory={OBJECT_STORE_BYTES}",
             *self._agent_ports(),
+            *([f"--temp-dir={self._node_dir(name)}"] if self.share_nothing else []),
             env=self.node_env,
+            cwd=self._node_dir(name, "cwd"),
         )
         (pid,) = set(self._raylets()) - before
         self.nodes[name] = pid
@@ -190,6 +202,15 @@ class LocalCluster:
         self.nodes.clear()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
+    def _node_dir(self, node: str, kind: str = "tmp") -> str | None:
+        """A node's own temp dir or working directory; without share_nothing the cluster's
+        temp dir and this process's working directory (None)."""
+        if not self.share_nothing:
+            return self.temp_dir if kind == "tmp" else None
+        folder = Path(self.temp_dir, node if kind == "tmp" else f"{node}-{kind}")
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
+
     @staticmethod
     def _agent_ports() -> list[str]:
         """Each node's agents on their own ports: fixed defaults would clash on one machine."""
@@ -211,10 +232,17 @@ class LocalCluster:
                 pids.append(process.pid)
         return pids
 
-    def _ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    def _ray(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float = 300,
+    ) -> str:
         done = subprocess.run(
             [RAY, *args],
             env=env or self.env,
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -1,74 +1,112 @@
-"""The README's "Scaling out" path on a real multi-node Ray cluster, with a node killed mid-run.
+"""The README's "Scaling out" path on a real multi-node Ray cluster whose nodes share nothing but
+the object store, with a node killed mid-run.
 
 Head plus three worker nodes, each its own raylet started by `ray start` with token
-authentication (see ``multinode.py``). The job is submitted with the README's command
-(`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python
-jobs/pipeline.py ...`); only the address, config and run directory differ. The job
-generates its synthetic data (`--prepare synthetic`), trains stage 1 with two workers, fits
-CFAR on Ray actors and writes the test report. As soon as epoch 1's checkpoint lands, the
-worker node hosting a training worker is killed like a machine that dies: its raylet and
-every process under it get SIGKILL.
+authentication, its own temp dir and its own working directory (see ``multinode.py``), as
+separate machines would be; the manifest, its images and the run directory are in a local S3
+server (moto), the only storage every node reads. The job is submitted with the README's
+command (`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python
+jobs/pipeline.py ... --set data.manifest=s3://... --set run.dir=s3://...`); only the address
+and the settings differ (given as `--set`, so no local file is read). The job generates its
+synthetic data into the bucket (`--prepare synthetic`), trains stage 1 with two workers whose
+decode tasks fetch the images from the bucket, fits CFAR on Ray actors and writes the test
+report. As soon as epoch 1's checkpoint lands in the bucket, the worker node hosting a training
+worker is killed like a machine that dies: its raylet and every process under it get SIGKILL.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+import uuid
 
+import pyarrow.fs as pafs
 import pytest
-import yaml
 from multinode import LocalCluster, wait_for
 
+from campar_ray import storage
 from campar_ray.runtime import InsecureClusterError, require_authentication
 
 EPOCHS = 4
+TINY = {
+    "model.backbone": "resnet18",
+    "model.fusion": "false",
+    "data.image_size": "[32, 16]",
+    "train.epochs": str(EPOCHS),
+    "train.batch_size": "16",
+    "train.num_workers": "2",
+    "train.max_failures": "2",
+    "cfar.actors": "2",
+    "cfar.keys": "4",
+    "cfar.factors": "4",
+    "cfar.fc2_epochs": "50",
+}
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_server):
+    # The S3 server first: every node's environment names its endpoint and keys, as an
+    # instance profile would give each machine its credentials.
     # 2 CPUs a node: after losing one, the survivors still hold both training workers *and*
     # leave CPUs for Ray Data decoding (none left = a silent hang).
-    with LocalCluster.running({"node_a": 2, "node_b": 2, "node_c": 2}) as cluster:
+    nodes = {"node_a": 2, "node_b": 2, "node_c": 2}
+    with LocalCluster.running(nodes, share_nothing=True) as cluster:
         yield cluster
 
 
-def _job_config(folder: Path) -> Path:
-    config = {
-        "model": {"backbone": "resnet18", "fusion": False},
-        "data": {"manifest": str(folder / "data" / "manifest.parquet"), "image_size": [32, 16]},
-        "train": {"epochs": EPOCHS, "batch_size": 16, "num_workers": 2, "max_failures": 2},
-        "cfar": {"actors": 2, "keys": 4, "factors": 4, "fc2_epochs": 50},
-    }
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def _metas(run_dir: str) -> list[dict]:
+    """The ``meta.json`` of every checkpoint in the bucket."""
+    filesystem, inner = storage.resolve(f"{run_dir}/ray/stage1")
+    found = filesystem.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+    metas = []
+    for info in found:
+        if info.path.endswith("/meta.json"):
+            try:
+                with filesystem.open_input_stream(info.path) as stream:
+                    metas.append(json.loads(stream.read()))
+            except (OSError, json.JSONDecodeError):  # deleted as a better one landed
+                continue
+    return metas
 
 
-def _checkpoint_epochs(run_dir: Path) -> list[int]:
-    metas = (run_dir / "ray" / "stage1").glob("checkpoint_*/meta.json")
-    return sorted(json.loads(meta.read_text())["epoch"] for meta in metas)
+def _two(actors: list[dict]) -> list[dict] | None:
+    return actors if len(actors) == 2 else None
 
 
-def test_pipeline_job_finishes_after_losing_a_worker_node(cluster, tmp_path, record_property):
-    run_dir = tmp_path / "run"
-    config = _job_config(tmp_path)
+def _while_running(job, log_path, predicate):
+    """``predicate`` for :func:`wait_for`, failing at once with the job's output if it ended."""
+
+    def check():
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended early:\n{log_path.read_text()[-3000:]}")
+        return predicate()
+
+    return check
+
+
+def test_pipeline_job_on_nodes_sharing_only_a_bucket_survives_a_lost_node(
+    cluster, s3_server, tmp_path, record_property
+):
+    prefix = f"{s3_server}/cluster-{uuid.uuid4().hex[:8]}"
+    run_dir, manifest = f"{prefix}/run", f"{prefix}/data/manifest.parquet"
     log_path = tmp_path / "job.log"
-    entrypoint = ["python", "jobs/pipeline.py", "--config", str(config)]
-    entrypoint += ["--set", f"run.dir={run_dir}", "--prepare", "synthetic"]
-    entrypoint += ["--root", str(tmp_path / "data"), "--prepare-args", "--n 240 --size 32x16"]
+    settings = {**TINY, "data.manifest": manifest, "run.dir": run_dir}
+    entrypoint = ["python", "jobs/pipeline.py"]
+    entrypoint += [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    entrypoint += ["--prepare", "synthetic", "--prepare-args", "--n 240 --size 32x16"]
     with cluster.job(entrypoint, "cluster/runtime_env.yaml", log_path) as job:
         workers = wait_for(
-            lambda: len(found := cluster.actors("RayTrainWorker")) == 2 and found,
+            _while_running(job, log_path, lambda: _two(cluster.actors("RayTrainWorker"))),
             timeout=600,
             interval=1,
             what="two training workers",
         )
-        snapshot = run_dir / "ray" / "stage1" / "checkpoint_manager_snapshot.json"
-        wait_for(snapshot.exists, timeout=600, interval=0.1, what="epoch 1's checkpoint")
+        snapshot = f"{run_dir}/ray/stage1/checkpoint_manager_snapshot.json"
+        landed = _while_running(job, log_path, lambda: storage.exists(snapshot))
+        wait_for(landed, 600, 0.2, "epoch 1's checkpoint in the bucket")
         saved = time.monotonic()
-        epochs_saved = _checkpoint_epochs(run_dir)
+        epochs_saved = sorted(meta["epoch"] for meta in _metas(run_dir))
         victim = cluster.node_of(workers[0]["pid"])
         cluster.kill_node(victim)
         killed = time.monotonic()
@@ -78,9 +116,7 @@ def test_pipeline_job_finishes_after_losing_a_worker_node(cluster, tmp_path, rec
 
     # Training went on without the dead node, from the last checkpoint, to the last epoch.
     assert epochs_saved and epochs_saved[-1] < EPOCHS, "the node died after training ended"
-    history = json.loads(
-        max((run_dir / "ray" / "stage1").glob("checkpoint_*/meta.json"), key=_epoch).read_text()
-    )["history"]
+    history = max(_metas(run_dir), key=lambda meta: meta["epoch"])["history"]
     assert [m["epoch"] for m in history] == list(range(1, EPOCHS + 1))
     everyone = cluster.actors("RayTrainWorker", alive_only=False)
     replaced = [a for a in everyone if a["pid"] not in {w["pid"] for w in workers}]
@@ -89,7 +125,8 @@ def test_pipeline_job_finishes_after_losing_a_worker_node(cluster, tmp_path, rec
     record_property("epochs_done_before_kill", epochs_saved[-1])
     record_property("seconds_of_lost_work", round(killed - saved, 2))
 
-    # Every artefact of the pipeline is in the storage path.
+    # Every artefact of the pipeline is in the bucket.
+    assert storage.exists(manifest) and storage.exists(f"{prefix}/data/images")
     for artefact in (
         "config.yaml",
         "logits/train.parquet",
@@ -100,13 +137,9 @@ def test_pipeline_job_finishes_after_losing_a_worker_node(cluster, tmp_path, rec
         "report/test/metrics.json",
         "report/test/report.html",
     ):
-        assert (run_dir / artefact).is_file(), artefact
-    metrics = json.loads((run_dir / "report" / "test" / "metrics.json").read_text())
+        assert storage.exists(f"{run_dir}/{artefact}"), artefact
+    metrics = json.loads(storage.read_bytes(f"{run_dir}/report/test/metrics.json"))
     assert metrics["cfar"] and 0 < metrics["sources"][metrics["final"]]["mA"] <= 1
-
-
-def _epoch(meta: Path) -> int:
-    return json.loads(meta.read_text())["epoch"]
 
 
 def test_a_token_cluster_is_accepted_and_an_open_one_refused(cluster):
