@@ -9,10 +9,11 @@ function.
 Resuming. A run keyed by a name (its run directory) is found again in MLflow by the tag
 ``campar.run_key``, a hash of that name: a stage-1 run restarted after a failure, or re-run
 in the same directory, continues the same MLflow run, and a metric already stored for a step
-is not sent again. TensorBoard cannot look back into its files, so every (re)start writes a
-new event file that begins by purging all earlier steps (TensorBoard's restart marker), and
-the caller re-logs what the run holds (stage 1: its checkpointed history): a restart never
-leaves a duplicated or orphaned point.
+is not sent again; ``campar train --fresh`` starts a new one (:func:`retire_runs`).
+TensorBoard cannot look back into its files, so every (re)start writes a new event file that
+begins by purging all earlier steps (TensorBoard's restart marker), and the caller re-logs
+what the run holds (stage 1: its checkpointed history): a restart never leaves a duplicated
+or orphaned point.
 
 Credentials come only from the environment of the process that logs (``MLFLOW_TRACKING_TOKEN``,
 ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``, read by MLflow itself); a URI that carries them is
@@ -42,6 +43,9 @@ from campar_ray.config import ConfigError, TrackingConfig
 logger = logging.getLogger(__name__)
 
 KEY_TAG = "campar.run_key"
+SUPERSEDED_TAG = "campar.superseded_run_key"
+"""Where :func:`retire_runs` keeps the key of a run that ``--fresh`` started over."""
+RUN_DIR_TAG = "campar.run_dir"
 NOTE_TAG = "mlflow.note.content"
 """MLflow shows this tag as the run's description (markdown): where the report goes, so that
 tracking needs no artifact store."""
@@ -93,6 +97,29 @@ def ensure_experiment(cfg: TrackingConfig, experiment: str) -> None:
     """
     if cfg.mlflow_uri:
         _experiment_id(_client(cfg.mlflow_uri), experiment)
+
+
+def retire_runs(cfg: TrackingConfig, run_dir: str) -> list[str]:
+    """For ``campar train --fresh``: the MLflow runs of ``run_dir`` stop being continued.
+
+    The stage-1 run keyed by ``run_dir`` and the search trials keyed by folders under it lose
+    their :data:`KEY_TAG` (kept as :data:`SUPERSEDED_TAG`), so the run started in their place
+    opens new MLflow runs; the old ones stay in MLflow as they ended (one still RUNNING, left
+    by an interrupted run, is marked KILLED). Returns the retired run ids.
+    """
+    if not cfg.mlflow_uri:
+        return []
+    client = _client(cfg.mlflow_uri)
+    inside = run_dir.rstrip("/") + "/"
+    runs = _runs(client, cfg.experiment, f"tags.`{KEY_TAG}` = '{run_key(run_dir)}'")
+    trials = _runs(client, search_experiment(cfg, run_dir), f"tags.`{KEY_TAG}` != ''")
+    runs += [run for run in trials if run.data.tags.get(RUN_DIR_TAG, "").startswith(inside)]
+    for run in runs:
+        client.set_tag(run.info.run_id, SUPERSEDED_TAG, run.data.tags[KEY_TAG])
+        client.delete_tag(run.info.run_id, KEY_TAG)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in runs]
 
 
 def open_tracker(
@@ -355,6 +382,21 @@ def _find_run(client: Any, experiment_id: str, key: str) -> Any:
         [experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1
     )
     return runs[0] if runs else None
+
+
+def _runs(client: Any, experiment: str, filter_string: str) -> list[Any]:
+    """Every run of ``experiment`` (by name; none if it does not exist) that matches."""
+    found = client.get_experiment_by_name(experiment)
+    runs, token = [], None
+    while found is not None:
+        page = client.search_runs(
+            [found.experiment_id], filter_string=filter_string, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return runs
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:

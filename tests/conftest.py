@@ -10,9 +10,11 @@ import sys
 import time
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_checks import TINY_TRAIN, black_png
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PETA_ROOT = SHARED / "datasets" / "peta"
@@ -135,6 +137,82 @@ def reap(workers: list, timeout: float = 20.0) -> None:
             stacklevel=1,
         )
         process.kill()
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """A finished one-epoch ``campar train`` run (``TINY_TRAIN``), as it was when it finished."""
+
+    manifest: str
+    """48 synthetic images; the first two training rows are a 200-megapixel bomb and a
+    2000 x 1000 PNG, over the run's ``data.max_image_pixels``."""
+    argv: tuple[str, ...]
+    """The options it was trained with: ``TINY_TRAIN``, the pixel cap, the MLflow store."""
+    run_dir: Path
+    mlflow_uri: str
+    out: str
+    """What ``campar train`` printed."""
+    skipped: dict
+    """``logits/skipped.json``: the images the logits leave out."""
+    epoch1: dict
+    """Epoch 1's metrics."""
+    mlflow_run_id: str
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_cluster, tmp_path_factory) -> TinyRun:
+    """One tiny real training shared by the session's tests, the expensive part of each.
+
+    ``test_run_dir`` resumes it and then restarts it in place (``--fresh``), as its last test;
+    other tests read what the fields recorded or copy ``run_dir``.
+    """
+    import contextlib
+    import io
+    import json
+
+    import pyarrow as pa
+    from mlflow.tracking import MlflowClient
+
+    from campar_ray.cli import main
+    from campar_ray.data import generate_synthetic, read_manifest
+    from campar_ray.data.manifest import write_manifest
+    from campar_ray.train.checkpoints import stage1_checkpoints
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    table, info = read_manifest(generate_synthetic(str(root / "data"), n=48, size=(32, 16)))
+    images = table.column("image").to_pylist()
+    splits = table.column("split").to_pylist()
+    train = [row for row, split in enumerate(splits) if split == "train"]
+    for row, (name, width, height) in zip(
+        train[:2], [("bomb", 20000, 10000), ("big", 2000, 1000)], strict=True
+    ):
+        images[row] = f"{name}.png"
+        black_png(root / "data" / images[row], width, height)
+    manifest = str(root / "data" / "bombs.parquet")
+    write_manifest(manifest, table.set_column(0, "image", pa.array(images)), info)
+    uri = f"file://{root}/mlruns"
+    argv = (
+        *TINY_TRAIN, "--set", "data.max_image_pixels=1000000", "--set", f"tracking.mlflow_uri={uri}"
+    )  # fmt: skip
+    run_dir = root / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(
+            ["train", "--manifest", manifest, "--run-dir", str(run_dir), *argv, "--epochs", "1"]
+        )
+    assert code == 0, out.getvalue()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("campar").experiment_id])
+    return TinyRun(
+        manifest=manifest,
+        argv=argv,
+        run_dir=run_dir,
+        mlflow_uri=uri,
+        out=out.getvalue(),
+        skipped=json.loads((run_dir / "logits" / "skipped.json").read_text()),
+        epoch1=stage1_checkpoints(str(run_dir))[-1][1]["history"][0],
+        mlflow_run_id=run.info.run_id,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -119,3 +119,44 @@ def test_reference_recipe_is_the_baseline_15_classifier_with_the_floorless_cam()
     head = build_model(config.model, 7).head
     assert head.cam_norm == "min-max" and head.logit_norm is not None
     assert not config.model.prior_bias
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("seed=-1", "bad value -1 for seed: expected an integer in [0, 2**32)"),
+        ("seed=4294967296", "bad value 4294967296 for seed: expected an integer in [0, 2**32)"),
+        ("cfar.alpha=-0.5", "bad value -0.5 for cfar.alpha: expected a confidence slope >= 0"),
+        ("cfar.alpha=.inf", "bad value inf for cfar.alpha: expected a confidence slope >= 0"),
+        ("cfar.lam=0", "bad value 0.0 for cfar.lam: expected a regularisation > 0 (keeps every "
+         "D x D system invertible)"),
+        ("cfar.factors=0", "bad value 0 for cfar.factors: expected a latent dimension >= 1"),
+        ("cfar.keys=0", "bad value 0 for cfar.keys: expected a dictionary size >= 1"),
+        ("cfar.threshold=0", "bad value 0.0 for cfar.threshold: expected a threshold p_t in "
+         "(0, 1)"),
+        ("cfar.threshold=.nan", "bad value nan for cfar.threshold: expected a threshold p_t in "
+         "(0, 1)"),
+        ("cfar.actors=0", "bad value 0 for cfar.actors: expected a number of actors >= 1"),
+        ("cfar.iterations=0", "bad value 0 for cfar.iterations: expected a number of iterations "
+         ">= 1"),
+        ("cfar.tol=-1e-6", "bad value -1e-06 for cfar.tol: expected a relative change >= 0"),
+        ("cfar.fc2_lr=0", "bad value 0.0 for cfar.fc2_lr: expected a learning rate > 0"),
+        ("cfar.fc2_epochs=-1", "bad value -1 for cfar.fc2_epochs: expected a number of epochs "
+         ">= 0"),
+    ],
+)  # fmt: skip
+def test_seed_and_cfar_numbers_out_of_range_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert str(error.value) == message
+
+
+def test_seed_and_cfar_ranges_accept_their_edges():
+    edges = [
+        "seed=0", "cfar.alpha=0", "cfar.factors=1", "cfar.keys=1", "cfar.threshold=0.001",
+        "cfar.threshold=0.999", "cfar.actors=1", "cfar.iterations=1", "cfar.tol=0",
+        "cfar.fc2_epochs=0",
+    ]  # fmt: skip
+    config = load_config(None, edges)
+    assert (config.seed, config.cfar.alpha, config.cfar.tol, config.cfar.fc2_epochs) == (0, 0, 0, 0)
+    assert load_config(None, ["seed=4294967295"]).seed == 2**32 - 1

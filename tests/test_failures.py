@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from cli_checks import Payload, one_line, run_campar
+from cli_checks import TINY_TRAIN, Payload, one_line, run_campar
 from test_evaluate import SIZE, train_tiny_run
 
 from campar_ray.bundle import best_checkpoint
@@ -66,6 +66,17 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / folder.name))
 
 
+def _refused(capsys, folder: Path, out: Path, *argv: str) -> str:
+    """``campar ARGV`` refused: exit 2, nothing on stdout, nothing written to ``out`` and
+    nothing in ``folder`` changed. Returns the one error line."""
+    before = _state(folder)
+    code, text, err = run_campar(capsys, *argv)
+    assert code == 2 and text == ""
+    assert not out.exists()
+    assert _state(folder) == before
+    return one_line(err)
+
+
 def _state(folder: Path) -> dict[str, tuple[int, str]]:
     """Every file and folder under ``folder``: modification time and content digest."""
     return {
@@ -111,6 +122,11 @@ def _state(folder: Path) -> dict[str, tuple[int, str]]:
         ("data.decode_cpus=0", "bad value 0.0 for data.decode_cpus: expected a number of CPUs > 0"),
         ("data.starvation_threshold=1.5", "bad value 1.5 for data.starvation_threshold: expected "
          "a fraction in [0, 1]"),
+        ("seed=-1", "bad value -1 for seed: expected an integer in [0, 2**32)"),
+        ("cfar.threshold=1", "bad value 1.0 for cfar.threshold: expected a threshold p_t in "
+         "(0, 1)"),
+        ("cfar.lam=0", "bad value 0.0 for cfar.lam: expected a regularisation > 0 (keeps every "
+         "D x D system invertible)"),
     ],
 )  # fmt: skip
 def test_a_number_out_of_range_stops_train_before_ray_starts(
@@ -130,9 +146,11 @@ def test_the_edges_of_each_range_are_accepted():
             "train.grad_clip=0", "train.max_failures=-1", "train.checkpoint_every_minutes=0",
             "train.weight_decay=0", "data.pad=0", "data.prefetch_batches=0",
             "data.decode_concurrency=0", "data.starvation_threshold=1", "train.epochs=1",
+            "seed=0", "cfar.alpha=0", "cfar.tol=0", "cfar.fc2_epochs=0",
         ]
     )  # fmt: skip
     assert config.train.max_failures == -1 and config.data.starvation_threshold == 1
+    assert config.cfar.alpha == 0 and config.cfar.fc2_epochs == 0
 
 
 # --- Ctrl-C -------------------------------------------------------------------------------------
@@ -174,14 +192,10 @@ def test_missing_logits_name_the_command_that_writes_them(
     monkeypatch.setattr(runtime, "init_ray", lambda *a: pytest.fail("Ray started"))
     run_dir = _copy(trained[1], tmp_path)
     shutil.rmtree(run_dir / "logits")  # as a run stopped before its last step leaves it
-    before = _state(run_dir)
     command = [arg.format(tmp=tmp_path) for arg in argv]
-    code, out, err = run_campar(capsys, *command, "--run-dir", str(run_dir))
-    assert code == 2 and out == ""
+    line = _refused(capsys, run_dir, tmp_path / "bundle", *command, "--run-dir", str(run_dir))
     path = run_dir / "logits" / f"{split}.parquet"
-    assert one_line(err) == f"campar {argv[0]}: error: {path} {MISSING_LOGITS}"
-    assert _state(run_dir) == before
-    assert not (tmp_path / "bundle").exists()
+    assert line == f"campar {argv[0]}: error: {path} {MISSING_LOGITS}"
 
 
 # --- bundles ------------------------------------------------------------------------------------
@@ -200,14 +214,10 @@ def test_bundle_refuses_weights_that_are_not_this_networks_tensors(
     else:
         torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
         problem = f"{weights} does not hold the weights of a resnet18 network with 17 attributes: "
-    before = _state(run_dir)
     out = tmp_path / "bundle"
-    code, text, err = run_campar(capsys, "bundle", "--run-dir", str(run_dir), "--out", str(out))
-    assert code == 2 and text == ""
-    assert one_line(err).startswith(f"campar bundle: error: {problem}")
+    line = _refused(capsys, run_dir, out, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+    assert line.startswith(f"campar bundle: error: {problem}")
     assert not marker.exists()
-    assert not out.exists()  # nothing copied
-    assert _state(run_dir) == before
 
 
 @pytest.mark.parametrize(
@@ -229,13 +239,9 @@ def test_a_bundle_with_a_broken_file_is_refused_in_one_line_naming_it(
 ):
     broken = _copy(bundle, tmp_path)
     (broken / file).write_text(json.dumps(content))  # JSON is YAML too
-    before = _state(broken)
     out = tmp_path / "model.pt"
-    code, text, err = run_campar(capsys, "export", "--model", str(broken), "--out", str(out))
-    assert code == 2 and text == ""
-    assert one_line(err).startswith(f"campar export: error: {broken / file} {problem}")
-    assert not out.exists()
-    assert _state(broken) == before
+    line = _refused(capsys, broken, out, "export", "--model", str(broken), "--out", str(out))
+    assert line.startswith(f"campar export: error: {broken / file} {problem}")
 
 
 # --- Ray Train and Ray Data failures -------------------------------------------------------------
@@ -280,8 +286,9 @@ def test_a_ray_data_failure_is_its_root_cause_with_the_trace_in_the_run_log(
 
 
 @pytest.mark.ray
-def test_a_training_failure_is_its_root_cause_inone_line(ray_cluster, tmp_path, capsys):
-    """Every validation image corrupt: the worker's error, not Ray Train's three paragraphs."""
+def test_a_data_error_in_a_worker_fails_once_in_one_line(ray_cluster, tmp_path, capsys):
+    """Every validation image corrupt: the worker's error, not Ray Train's three paragraphs,
+    and no restart (a restart would fail the same way), though ``train.max_failures`` is 3."""
     manifest = generate_synthetic(str(tmp_path / "data"), n=48, size=SIZE)
     table, info = read_manifest(manifest)
     images = table.column("image").to_pylist()
@@ -294,10 +301,7 @@ def test_a_training_failure_is_its_root_cause_inone_line(ray_cluster, tmp_path, 
     run_dir = tmp_path / "run"
     code, _, err = run_campar(
         capsys, "train", "--manifest", corrupt, "--run-dir", str(run_dir), "--epochs", "1",
-        "--num-workers", "1", "--set", "model.backbone=resnet18", "--set", "model.fusion=false",
-        "--set", "data.image_size=[32,16]", "--set", "data.pad=2", "--set", "train.batch_size=16",
-        "--set", "train.cpus_per_worker=0.5", "--set", "tracking.tensorboard=false",
-        "--set", "train.max_failures=0",
+        *TINY_TRAIN, "--set", "tracking.tensorboard=true", "--set", "train.max_failures=3",
     )  # fmt: skip
     log = run_dir / "logs" / "campar-train.log"
     assert code == 1
@@ -305,6 +309,8 @@ def test_a_training_failure_is_its_root_cause_inone_line(ray_cluster, tmp_path, 
         "campar train: failed: ValueError: no decodable validation image on any worker; cannot "
         f"compute metrics (full trace: {log})"
     )
+    # Each start of the worker group opens a new TensorBoard event file: one start, no retry.
+    assert len(list((run_dir / "tensorboard" / "stage1").iterdir())) == 1
     trace = log.read_text()
-    assert "WorkerGroupError" in trace and "merge_predictions" in trace
+    assert "input or config error, not retried" in trace and "in merge_predictions" in trace
     assert not list((run_dir / "ray" / "stage1").glob("checkpoint_*"))

@@ -3,8 +3,9 @@
 It resumes only when the stored config matches on the keys that shape the network and its data
 (`RUN_KEYS`); otherwise one line names the differing keys and the two ways out, `--fresh` and
 `--resume`, and nothing in the directory changes. Weights are loaded into the built network on
-the driver before Ray Train starts. Three tiny trainings in all: the first run, `--fresh` on a
-copy of it, and more epochs on the original.
+the driver before Ray Train starts. A plain re-run continues the run and its MLflow run;
+`--fresh` starts both over. Two tiny trainings here, on the session's tiny run: more epochs,
+then `--fresh`.
 """
 
 from __future__ import annotations
@@ -16,19 +17,14 @@ import pytest
 import torch
 import yaml
 from cli_checks import one_line, run_campar
+from mlflow.tracking import MlflowClient
 
-from campar_ray.cli import main
 from campar_ray.config import Config, ModelConfig
-from campar_ray.data import generate_synthetic, read_manifest
+from campar_ray.data import read_manifest
 from campar_ray.model import build_model
+from campar_ray.tracking import KEY_TAG, SUPERSEDED_TAG, run_key
 from campar_ray.train.checkpoints import MODEL_FILE, resume_checkpoint, stage1_checkpoints
 from campar_ray.train.stage1 import check_run_dir
-
-ARGV = (
-    "--num-workers", "1", "--set", "model.backbone=resnet18", "--set", "model.fusion=false",
-    "--set", "data.image_size=[32,16]", "--set", "data.pad=2", "--set", "train.batch_size=16",
-    "--set", "train.cpus_per_worker=0.5", "--set", "tracking.tensorboard=false",
-)  # fmt: skip
 
 
 def _state(folder: Path) -> dict[str, tuple[int, int]]:
@@ -39,10 +35,11 @@ def _state(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def _train(capsys, manifest: str, run_dir: Path, *extra: str) -> tuple[int, str, str]:
+def _train(capsys, tiny_run, run_dir: Path, *extra: str) -> tuple[int, str, str]:
     return run_campar(
-        capsys, "train", "--manifest", manifest, "--run-dir", str(run_dir), *ARGV, *extra
-    )
+        capsys, "train", "--manifest", tiny_run.manifest, "--run-dir", str(run_dir),
+        *tiny_run.argv, *extra,
+    )  # fmt: skip
 
 
 def _checkpoint_folders(run_dir: Path) -> set[str]:
@@ -55,42 +52,43 @@ def _epochs(run_dir: Path) -> list[int]:
     return [meta["epoch"] for _, meta in stage1_checkpoints(str(run_dir))]
 
 
-@pytest.fixture(scope="module")
-def first_run(ray_cluster, tmp_path_factory) -> tuple[str, Path, dict]:
-    """(manifest, run dir, epoch 1's metrics) of a one-epoch resnet18 run."""
-    root = tmp_path_factory.mktemp("run-dir")
-    manifest = generate_synthetic(str(root / "data"), n=48, size=(32, 16))
-    run_dir = root / "run"
-    argv = ["train", "--manifest", manifest, "--run-dir", str(run_dir), *ARGV, "--epochs", "1"]
-    assert main(argv) == 0
-    return manifest, run_dir, stage1_checkpoints(str(run_dir))[-1][1]["history"][0]
+def _mlflow_runs(uri: str) -> dict[str, tuple[object, list[int]]]:
+    """Run id -> (run, the epochs it logged) of every stage-1 MLflow run in the store."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("campar").experiment_id])
+    return {
+        run.info.run_id: (
+            run,
+            sorted(point.step for point in client.get_metric_history(run.info.run_id, "epoch")),
+        )
+        for run in runs
+    }
 
 
 @pytest.mark.ray
-def test_another_backbone_is_refused_in_one_line_and_nothing_changes(first_run, capsys):
-    manifest, run_dir, _ = first_run
+def test_another_backbone_is_refused_in_one_line_and_nothing_changes(tiny_run, capsys):
+    run_dir = tiny_run.run_dir
     before, stored = _state(run_dir), (run_dir / "config.yaml").read_bytes()
-    code, _, err = _train(capsys, manifest, run_dir, "--set", "model.backbone=resnet34")
+    code, _, err = _train(capsys, tiny_run, run_dir, "--set", "model.backbone=resnet34")
     line = one_line(err)
     assert code == 2 and "model.backbone: resnet18 -> resnet34" in line
     assert "--fresh" in line and "--resume" in line
     assert _state(run_dir) == before and (run_dir / "config.yaml").read_bytes() == stored
     # --resume cannot honour a new learning rate: the optimiser state keeps the stored one.
-    code, _, err = _train(capsys, manifest, run_dir, "--resume", "--set", "train.lr=0.5")
+    code, _, err = _train(capsys, tiny_run, run_dir, "--resume", "--set", "train.lr=0.5")
     assert code == 2 and "train.lr: 0.0001 -> 0.5" in one_line(err)
     assert _state(run_dir) == before
 
 
 @pytest.mark.ray
-def test_weights_of_another_network_are_refused_on_the_driver(first_run, tmp_path, capsys):
-    manifest, run_dir, _ = first_run
-    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
-    attributes = len(read_manifest(manifest)[1].attributes)
+def test_weights_of_another_network_are_refused_on_the_driver(tiny_run, tmp_path, capsys):
+    copy = Path(shutil.copytree(tiny_run.run_dir, tmp_path / "run"))
+    attributes = len(read_manifest(tiny_run.manifest)[1].attributes)
     other = build_model(ModelConfig(backbone="resnet34", fusion=False), attributes)
     weights = Path(resume_checkpoint(str(copy))) / MODEL_FILE
     torch.save(other.state_dict(), weights)
     before = _state(copy)
-    code, _, err = _train(capsys, manifest, copy, "--epochs", "2")
+    code, _, err = _train(capsys, tiny_run, copy, "--epochs", "2")
     line = one_line(err)
     assert code == 2 and f"{weights} does not fit a model.backbone=resnet18 network" in line
     assert "unexpected, e.g. backbone.layer1.2." in line  # resnet34 has a third block per stage
@@ -98,32 +96,40 @@ def test_weights_of_another_network_are_refused_on_the_driver(first_run, tmp_pat
 
 
 @pytest.mark.ray
-def test_fresh_starts_over_in_place(first_run, tmp_path, capsys):
-    manifest, run_dir, _ = first_run
-    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
-    old = _checkpoint_folders(copy)
-    for stale in ("cfar/factors.npz", "tune/search.json"):
-        (copy / stale).parent.mkdir()
-        (copy / stale).write_text("from the old run")
-    argv = ("--set", "model.backbone=resnet34", "--epochs", "1", "--fresh")
-    code, out, _ = _train(capsys, manifest, copy, *argv)
-    assert code == 0 and "best checkpoint:" in out
-    assert _epochs(copy) == [1]
-    assert not old & _checkpoint_folders(copy)
-    assert not (copy / "cfar").exists() and not (copy / "tune").exists()
-    assert yaml.safe_load((copy / "config.yaml").read_text())["model"]["backbone"] == "resnet34"
-    assert (copy / "logits" / "val.parquet").exists()
-
-
-@pytest.mark.ray
-def test_more_epochs_resume_the_run(first_run, capsys):
-    manifest, run_dir, epoch1 = first_run
-    code, out, _ = _train(capsys, manifest, run_dir, "--epochs", "2")
+def test_more_epochs_resume_the_run_and_fresh_starts_over_in_place(tiny_run, capsys):
+    """The last test of the module: it changes the session's tiny run."""
+    run_dir, first = tiny_run.run_dir, tiny_run.mlflow_run_id
+    code, out, _ = _train(capsys, tiny_run, run_dir, "--epochs", "2")
     assert code == 0 and "best checkpoint:" in out
     assert _epochs(run_dir) == [1, 2]
     history = stage1_checkpoints(str(run_dir))[-1][1]["history"]
-    assert [m["epoch"] for m in history] == [1, 2] and history[0] == epoch1
+    assert [m["epoch"] for m in history] == [1, 2] and history[0] == tiny_run.epoch1
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 2
+    runs = _mlflow_runs(tiny_run.mlflow_uri)
+    assert list(runs) == [first] and runs[first][1] == [1, 2]  # the same MLflow run goes on
+
+    old = _checkpoint_folders(run_dir)
+    for stale in ("cfar/factors.npz", "tune/search.json"):
+        (run_dir / stale).parent.mkdir()
+        (run_dir / stale).write_text("from the old run")
+    argv = ("--set", "model.backbone=resnet34", "--epochs", "1", "--fresh")
+    code, out, _ = _train(capsys, tiny_run, run_dir, *argv)
+    assert code == 0 and "best checkpoint:" in out
+    assert _epochs(run_dir) == [1]
+    assert not old & _checkpoint_folders(run_dir)
+    assert not (run_dir / "cfar").exists() and not (run_dir / "tune").exists()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["backbone"] == "resnet34"
+    assert (run_dir / "logits" / "val.parquet").exists()
+    # A new MLflow run; the old one keeps what it logged, marked as started over.
+    runs = _mlflow_runs(tiny_run.mlflow_uri)
+    (new,) = set(runs) - {first}
+    (old_run, old_epochs), (new_run, new_epochs) = runs[first], runs[new]
+    assert old_epochs == [1, 2] and old_run.info.status == "FINISHED"
+    assert KEY_TAG not in old_run.data.tags
+    assert old_run.data.tags[SUPERSEDED_TAG] == run_key(str(run_dir))
+    assert new_epochs == [1] and new_run.info.status == "FINISHED"
+    assert new_run.data.tags[KEY_TAG] == run_key(str(run_dir))
+    assert new_run.data.params["model.backbone"] == "resnet34"
 
 
 # --- which differences refuse, which --resume keeps (no Ray) ---------------------------------

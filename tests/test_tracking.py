@@ -14,7 +14,15 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from campar_ray.config import ConfigError, DataConfig, TrackingConfig
-from campar_ray.tracking import open_tracker, resolve_tracking, run_key
+from campar_ray.tracking import (
+    KEY_TAG,
+    SUPERSEDED_TAG,
+    open_tracker,
+    resolve_tracking,
+    retire_runs,
+    run_key,
+    search_experiment,
+)
 from campar_ray.train.monitor import starvation_warning
 from campar_ray.train.stage1 import decode_tasks
 
@@ -71,6 +79,34 @@ def test_runs_without_a_key_or_with_another_key_are_new_runs(store, tmp_path):
         for name, key in (("a", None), ("b", None), ("c", run_key("c")))
     }
     assert len(ids) == 3
+
+
+def test_retired_runs_are_not_continued_and_other_runs_are_untouched(store, tmp_path):
+    """What ``campar train --fresh`` does to a run directory's MLflow runs."""
+    run_dir, other = str(tmp_path / "run"), str(tmp_path / "run2")
+    cfg = TrackingConfig(tensorboard=False, mlflow_uri=store.mlflow_uri, experiment="tests")
+    trials = search_experiment(cfg, run_dir)
+
+    def tracker(folder: str, experiment: str = "tests"):
+        tags = {"campar.run_dir": folder}
+        return open_tracker(
+            cfg, log_dir="", experiment=experiment, run_name="r", key=run_key(folder), tags=tags
+        )
+
+    stage1, finished = tracker(run_dir), tracker(other)
+    finished.close()
+    trial, stranger = tracker(f"{run_dir}/tune/t0", trials), tracker(f"{other}/tune/t0", trials)
+    retired = retire_runs(cfg, run_dir)
+    assert sorted(retired) == sorted([stage1.mlflow_run_id, trial.mlflow_run_id])
+    client = MlflowClient(store.mlflow_uri)
+    old = client.get_run(stage1.mlflow_run_id)
+    assert old.info.status == "KILLED" and KEY_TAG not in old.data.tags  # was left RUNNING
+    assert old.data.tags[SUPERSEDED_TAG] == run_key(run_dir)
+    assert tracker(run_dir).mlflow_run_id != stage1.mlflow_run_id  # a new run from here on
+    assert tracker(other).mlflow_run_id == finished.mlflow_run_id
+    assert client.get_run(finished.mlflow_run_id).info.status == "RUNNING"  # reopened above
+    assert client.get_run(stranger.mlflow_run_id).data.tags[KEY_TAG] == run_key(f"{other}/tune/t0")
+    assert retire_runs(TrackingConfig(), run_dir) == []  # no MLflow: nothing to do
 
 
 def test_tensorboard_alone_needs_no_mlflow_and_file_stores_work(tmp_path):

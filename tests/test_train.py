@@ -411,7 +411,7 @@ def _logged_epochs(config: Config, run: Any) -> list[int]:
 
 
 @pytest.mark.ray
-def test_run_reports_metrics_checkpoints_and_logits_then_resumes(killed_run, synthetic):
+def test_run_reports_metrics_checkpoints_and_logits(killed_run, synthetic):
     config, result, _ = killed_run
     manifest, corrupt = synthetic
     run_dir = Path(config.run.dir)
@@ -443,12 +443,7 @@ def test_run_reports_metrics_checkpoints_and_logits_then_resumes(killed_run, syn
         output = model(normalize(torch.from_numpy(np.stack(pixels))))
     assert np.allclose(output.specific.numpy(), val.specific[:8], atol=1e-4)
     assert meta["attributes"] == list(info.attributes)
-
-    # Re-running the same run directory continues at epoch 3 instead of starting over.
-    resumed = train_stage1(config.override({"train.epochs": 3}), progress=False)
-    assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
-    assert resumed.history[:2] == result.history
-    assert _logged_epochs(config, _mlflow_run(config)) == [1, 2, 3]  # the same MLflow run
+    # (A re-run in the same run directory continuing the run and its MLflow run: test_run_dir.)
 
 
 def test_resolve_config_names_bad_values_and_makes_paths_absolute():

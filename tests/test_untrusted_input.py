@@ -8,14 +8,11 @@ one line the user sees, the exit code, and that nothing was written or leaked.
 
 from __future__ import annotations
 
-import json
-import struct
-import zlib
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from cli_checks import one_line, run_campar
+from cli_checks import TINY_TRAIN, black_png, one_line, run_campar
 from PIL import Image
 
 from campar_ray import storage
@@ -23,24 +20,6 @@ from campar_ray.data import generate_synthetic, read_manifest, verify_manifest
 from campar_ray.data.manifest import ManifestError, read_info, write_manifest
 
 SECRET = b"aws_secret_access_key = TOP-SECRET-VALUE"
-
-
-def _png(path: Path, width: int, height: int) -> Path:
-    """A black 1-bit PNG of ``width`` x ``height``, written without ever holding its pixels: a
-    200-megapixel one is about 25 KB on disk."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data)
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
-    packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
-    return path
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -147,9 +126,9 @@ def test_prepare_verify_and_pack_skip_decompression_bombs_and_oversized_images(t
     root = tmp_path / "corpus"
     root.mkdir()
     Image.new("RGB", (8, 16)).save(root / "a.png")
-    bomb = _png(root / "bomb.png", 20000, 10000)  # 200 megapixels in a few KB
+    bomb = black_png(root / "bomb.png", 20000, 10000)  # 200 megapixels in a few KB
     assert bomb.stat().st_size < 100_000
-    _png(root / "big.png", 2000, 1000)
+    black_png(root / "big.png", 2000, 1000)
     (root / "labels.csv").write_text("image,x\na.png,1\nbomb.png,0\nbig.png,1\n")
     common = ("--root", str(root), "--ratios", "1,0,0", "--set", "data.max_image_pixels=1000000")
     out = root / "m.parquet"
@@ -168,39 +147,25 @@ def test_prepare_verify_and_pack_skip_decompression_bombs_and_oversized_images(t
 
 
 @pytest.mark.ray
-def test_training_refuses_outside_images_and_skips_bombs_and_oversized_ones(
-    ray_cluster, tmp_path, capsys
-):
-    """One 200-megapixel PNG used to kill the whole run; now it is one skipped image. An image
-    outside the manifest's folder stops the run before anything is written."""
-    manifest = generate_synthetic(str(tmp_path / "data"), n=48, size=(32, 16))
-    table, _ = read_manifest(manifest)
-    splits = table.column("split").to_pylist()
-    train = [row for row, split in enumerate(splits) if split == "train"]
-    val = [row for row, split in enumerate(splits) if split == "val"]
-    _png(tmp_path / "data" / "bomb.png", 20000, 10000)
-    _png(tmp_path / "data" / "big.png", 2000, 1000)
+def test_training_skips_bombs_and_oversized_images(tiny_run):
+    """One 200-megapixel PNG used to kill the whole run; now it is one skipped image (the
+    session's tiny run has one, and a 2-megapixel PNG over its ``data.max_image_pixels``)."""
+    assert "best checkpoint:" in tiny_run.out
+    assert sorted(tiny_run.skipped["train"]) == ["big.png", "bomb.png"]
+
+
+def test_training_refuses_outside_images_before_writing_anything(tmp_path, capsys):
+    manifest = generate_synthetic(str(tmp_path / "data"), n=12, size=(32, 16))
+    val = read_manifest(manifest)[0].column("split").to_pylist().index("val")
     Image.new("RGB", (16, 32), (9, 9, 9)).save(tmp_path / "outside.png")
-    bombs = {train[0]: "bomb.png", train[1]: "big.png"}
     outside = _with_images(
-        manifest, str(tmp_path / "data" / "outside.parquet"), {**bombs, val[0]: "../outside.png"}
+        manifest, str(tmp_path / "data" / "outside.parquet"), {val: "../outside.png"}
     )
-    attack = _with_images(manifest, str(tmp_path / "data" / "attack.parquet"), bombs)
     run_dir = tmp_path / "run"
-    argv = (
-        "--run-dir", str(run_dir), "--epochs", "1",
-        "--num-workers", "1", "--set", "model.backbone=resnet18", "--set", "model.fusion=false",
-        "--set", "data.image_size=[32,16]", "--set", "data.pad=2", "--set", "train.batch_size=16",
-        "--set", "train.cpus_per_worker=0.5", "--set", "tracking.tensorboard=false",
-        "--set", "data.max_image_pixels=1000000",
-    )  # fmt: skip
-    code, _, err = run_campar(capsys, "train", "--manifest", outside, *argv)
+    argv = ("train", "--manifest", outside, "--run-dir", str(run_dir), *TINY_TRAIN)
+    code, _, err = run_campar(capsys, *argv)
     assert code == 2 and "'../outside.png' is outside" in one_line(err)
     assert not run_dir.exists()
-    code, out, _ = run_campar(capsys, "train", "--manifest", attack, *argv)
-    assert code == 0 and "best checkpoint:" in out
-    skipped = json.loads((run_dir / "logits" / "skipped.json").read_text())
-    assert sorted(skipped["train"]) == ["big.png", "bomb.png"]
 
 
 # --- credentials never live in a URI ----------------------------------------------------------

@@ -50,7 +50,7 @@ from campar_ray.model import (
 )
 from campar_ray.preflight import check_cluster
 from campar_ray.runtime import init_ray
-from campar_ray.tracking import ensure_experiment, resolve_tracking
+from campar_ray.tracking import ensure_experiment, resolve_tracking, retire_runs
 from campar_ray.train.checkpoints import (
     CHECKPOINT_ROOT,
     CONFIG_FILE,
@@ -63,7 +63,7 @@ from campar_ray.train.inference import write_logits
 from campar_ray.train.loop import (
     SCHEDULERS,
 )
-from campar_ray.train.worker import worker_loop
+from campar_ray.train.worker import InputError, worker_loop
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def train_stage1(
     check_cluster(config)
     if existing_run == "fresh":
         _clear_run(config.run.dir)
+        retire_runs(config.tracking, config.run.dir)  # the new run is a new MLflow run
     storage.write_bytes(
         storage.join(config.run.dir, "config.yaml"),
         yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
@@ -202,7 +203,7 @@ def _trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=callbacks,
+            callbacks=[*callbacks, StopAtInputErrors()],
         ),
         datasets={
             "train": build_dataset(info, "train", config.data, train=True, seed=config.seed),
@@ -212,6 +213,21 @@ def _trainer(
             data_execution_options(cfg.max_workers * cfg.cpus_per_worker, gpus)
         ),
     )
+
+
+class StopAtInputErrors(ray.train.UserCallback):
+    """Ends a run at a worker's :class:`~.worker.InputError` instead of restarting it.
+
+    Ray Train V2 restarts the worker group on any worker error, up to
+    ``FailureConfig.max_failures``, and takes no policy of ours; an error raised by a
+    controller callback is not retried. So a run whose data or config is wrong fails on its
+    first try, and ``train.max_failures`` is spent only on crashes.
+    """
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for rank in sorted(worker_exceptions):
+            if isinstance(worker_exceptions[rank], InputError):
+                raise worker_exceptions[rank]
 
 
 def check_run_dir(config: Config, stored: dict[str, Any] | None, existing_run: str) -> Config:

@@ -5,7 +5,8 @@ with the checkpoint (see :mod:`campar_ray.train.checkpoints` for its files). A r
 worker group resumes at the epoch after the latest checkpoint, with learning rates rescaled
 to its size (``lr_scale``: ``train.lr`` is the full group's). With
 ``train.checkpoint_every_minutes`` the ranks also checkpoint mid-epoch (see
-:func:`_report_progress`), and a restart finishes the interrupted epoch from there.
+:func:`_report_progress`), and a restart finishes the interrupted epoch from there. A
+``ValueError`` (bad data or config) leaves the worker as :class:`InputError`: not retried.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import itertools
 import logging
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,8 +103,34 @@ class _CheckpointClock:
         return self._seconds > 0 and _all_gather(time.monotonic() - self._last >= self._seconds)[0]
 
 
+class InputError(ValueError):
+    """A ``ValueError`` raised in a worker: the run's data or config is wrong (every validation
+    image corrupt, labels that do not fit, a value our checks refuse), so a restart from the
+    checkpoint would raise it again. Ray Train's controller ends the run on it at once
+    (:class:`~campar_ray.train.stage1.StopAtInputErrors`), keeping ``train.max_failures`` for
+    crashes (a killed process, a lost node, memory).
+
+    ``cause`` is the worker's error; the message adds its traceback, which an exception loses
+    on its way to the driver.
+    """
+
+    def __init__(self, cause: BaseException, trace: str) -> None:
+        super().__init__(f"a worker's input or config error, not retried: {cause}\n{trace}")
+        self.cause, self.trace = cause, trace
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.cause, self.trace))
+
+
 def worker_loop(setup: dict[str, Any]) -> None:
     """One Ray Train worker: resume, then per epoch train, validate, report + checkpoint."""
+    try:
+        _worker_loop(setup)
+    except ValueError as error:
+        raise InputError(error, traceback.format_exc()) from error
+
+
+def _worker_loop(setup: dict[str, Any]) -> None:
     run = _start(setup)
     meta = restore_checkpoint(
         ray.train.get_checkpoint(), run.model, run.optimizer, run.scheduler, run.scaler
