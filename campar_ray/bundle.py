@@ -20,10 +20,8 @@ runs may live in object stores.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,14 +34,14 @@ import yaml
 from torch import Tensor
 
 from campar_ray import storage
-from campar_ray.artifacts import ArtifactError, load_arrays, load_json, load_tensors, save_arrays
+from campar_ray.artifacts import load_arrays, load_json, save_arrays
 from campar_ray.cfar.fit import CFAR_DIR, CfarPredictor, eval_columns, load_cfar
 from campar_ray.config import Config, ConfigError
 from campar_ray.data.images import ANY_PATH, read_image
 from campar_ray.data.manifest import read_manifest
-from campar_ray.data.transforms import normalize, resize
+from campar_ray.data.transforms import resize
 from campar_ray.metrics import THRESHOLD_PROTOCOLS, check_protocol, select_threshold
-from campar_ray.model import ParModel, ParOutput, build_model, prediction_logits
+from campar_ray.model import ParModel, ParOutput, Scorer, load_network, prediction_logits
 from campar_ray.train.checkpoints import (
     CHECKPOINT_ROOT,
     META_FILE,
@@ -155,9 +153,11 @@ class ParPredictor:
     """A trained network (+ CFAR) that turns images into attribute probabilities.
 
     ``predict_proba`` takes decoded images (``H x W x 3`` uint8 arrays of any size) or paths
-    and URIs; they are resized and normalised exactly as in training. Lower-level pieces
-    (``stage1`` on a normalised batch, ``probabilities`` of its output) serve evaluation
-    and export, which need the CAMs or a traced module.
+    and URIs; they are resized and normalised exactly as in training. ``score`` is what batch
+    prediction's actors call on decoded batches. Both go through the network's
+    :class:`~campar_ray.model.Scorer`, as stage 1's logits do. Lower-level pieces (``stage1``
+    on a normalised batch, ``probabilities`` of its output) serve evaluation and export,
+    which need the CAMs or a traced module.
     """
 
     def __init__(
@@ -169,14 +169,21 @@ class ParPredictor:
         threshold: Threshold,
         cfar: CfarPredictor | None,
     ):
-        self.model = model.eval()
+        self.scorer = Scorer(model)
         self.config = config
         self.attributes = tuple(attributes)
         self.eval_attributes = tuple(eval_attributes)
         self.decision = threshold
         """The threshold ``decide``/``predict`` apply, with its protocol and source."""
         self.cfar = cfar
-        self.device = torch.device("cpu")
+
+    @property
+    def model(self) -> ParModel:
+        return self.scorer.network
+
+    @property
+    def device(self) -> torch.device:
+        return self.scorer.device
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -197,8 +204,7 @@ class ParPredictor:
         return self.config.model.predict_from
 
     def to(self, device: str | torch.device) -> ParPredictor:
-        self.device = torch.device(device)
-        self.model.to(self.device)
+        self.scorer.to(device)
         return self
 
     def prepare(self, images: Sequence[Image]) -> Tensor:
@@ -216,10 +222,9 @@ class ParPredictor:
                 batch[index] = read_image(os.fspath(image), "", ANY_PATH, size=self.image_size)
         return torch.from_numpy(batch)
 
-    @torch.no_grad()
     def stage1(self, x: Tensor, return_cams: bool = False) -> ParOutput:
         """The network on a normalised ``N x 3 x H x W`` batch (eval mode, no gradients)."""
-        return self.model(x.to(self.device), return_cams=return_cams)
+        return self.scorer.forward(x, return_cams=return_cams)
 
     def cfar_input(self, output: ParOutput) -> Tensor:
         """The logits CFAR was fitted on: specific for CAM-PAR, shared for the baseline."""
@@ -232,12 +237,15 @@ class ParPredictor:
         logits = prediction_logits(output, self.predict_from)
         return torch.sigmoid(logits.float()).cpu().numpy()
 
+    def score(self, pixels: Tensor) -> dict[str, np.ndarray]:
+        """Final probabilities (``probs``, N x M) of a decoded, resized uint8 batch."""
+        return {"probs": self.probabilities(self.scorer(pixels))}
+
     def predict_proba(self, images: Sequence[Image], batch_size: int = 32) -> np.ndarray:
         """Probabilities of every attribute (N x M, in ``attributes`` order)."""
         chunks = [np.zeros((0, len(self.attributes)), dtype=np.float32)]
         for start in range(0, len(images), batch_size):
-            pixels = self.prepare(images[start : start + batch_size])
-            chunks.append(self.probabilities(self.stage1(normalize(pixels))))
+            chunks.append(self.score(self.prepare(images[start : start + batch_size]))["probs"])
         return np.concatenate(chunks)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
@@ -283,7 +291,7 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
     config = Config().override(meta["config"])
     attributes, evaluated = attribute_names(meta, storage.join(checkpoint, META_FILE))
     weights = storage.join(checkpoint, MODEL_FILE)
-    _build(config, len(attributes), weights)  # tensors only, and they fit: checked, then copied
+    load_network(config.model, len(attributes), weights)  # tensors that fit: checked, then copied
     cfar = load_cfar_if_fitted(run_dir)
     thresholds = {
         protocol: run_threshold(run_dir, config.model.predict_from, cfar, protocol)
@@ -426,7 +434,7 @@ def _load_bundle(path: str, protocol: str) -> ParPredictor:
             f"{storage.join(path, THRESHOLD_FILE)} has no {protocol!r} threshold (it holds "
             f"{', '.join(stored) or 'none'}); re-create the bundle with `campar bundle`"
         )
-    model = _build(config, len(attributes), storage.join(path, MODEL_FILE))
+    model = load_network(config.model, len(attributes), storage.join(path, MODEL_FILE))
     return ParPredictor(model, config, attributes, evaluated, threshold, load_cfar_if_fitted(path))
 
 
@@ -447,24 +455,10 @@ def _load_run(run_dir: str, protocol: str) -> ParPredictor:
     meta = read_meta(checkpoint)
     config = Config().override(meta["config"])
     attributes, evaluated = attribute_names(meta, storage.join(checkpoint, META_FILE))
-    model = _build(config, len(attributes), storage.join(checkpoint, MODEL_FILE))
+    model = load_network(config.model, len(attributes), storage.join(checkpoint, MODEL_FILE))
     cfar = load_cfar_if_fitted(run_dir)
     threshold = run_threshold(run_dir, config.model.predict_from, cfar, protocol)
     return ParPredictor(model, config, attributes, evaluated, threshold, cfar)
-
-
-def _build(config: Config, attributes: int, weights: str) -> ParModel:
-    """The network of ``config`` with the saved weights (pretrained weights never download)."""
-    model = build_model(dataclasses.replace(config.model, weights="none"), attributes)
-    try:
-        model.load_state_dict(load_tensors(weights))
-    except (RuntimeError, TypeError) as error:  # not a state dict of this network
-        detail = next((line.strip() for line in str(error).splitlines()[1:2]), str(error))
-        raise ArtifactError(
-            f"{weights} does not hold the weights of a {config.model.backbone} network with "
-            f"{attributes} attributes: {textwrap.shorten(detail, 200, placeholder=' ...')}"
-        ) from None
-    return model.eval()
 
 
 def load_cfar_if_fitted(path: str) -> CfarPredictor | None:

@@ -1,6 +1,7 @@
 """Batch inference over folders, globs and manifests with Ray Data (an actor pool).
 
-``list -> decode + resize (tasks) -> predict (actors, each loading the bundle once)``, streamed
+``list -> decode + resize (tasks, training's own decode) -> predict (the actors that write
+stage 1's logits, each loading the bundle's predictor once)``, streamed
 block by block, so any number of images runs in bounded memory and on as many actors (and
 GPUs) as the cluster offers. The driver receives only probabilities, never pixels, and
 writes one row per input in input order: ``path``, ``error`` (null when the image was read),
@@ -14,6 +15,7 @@ any size are resized as in training.
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
@@ -26,15 +28,15 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-import torch
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from campar_ray import storage
 from campar_ray.bundle import Threshold, load_model
-from campar_ray.data.images import ANY_PATH, read_image
+from campar_ray.data.images import ANY_PATH
 from campar_ray.data.manifest import BINARY_COLUMN, read_manifest
-from campar_ray.data.transforms import normalize
+from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.runtime import init_ray
+from campar_ray.train.inference import ScoringActor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OUTPUT_SUFFIXES = (".parquet", ".csv")
@@ -101,42 +103,6 @@ def _folder_images(folder: str) -> list[str]:
     return sorted(found)
 
 
-def decode_for_prediction(
-    batch: dict[str, np.ndarray],
-    *,
-    root: str,
-    size: tuple[int, int],
-    stored: tuple[int, int] | None = None,
-) -> dict[str, np.ndarray]:
-    """Read, decode and resize each image; record why one failed instead of raising."""
-    sources = batch[BINARY_COLUMN] if BINARY_COLUMN in batch else batch["image"]
-    images = np.zeros((len(sources), *size, 3), dtype=np.uint8)
-    errors = []
-    for index, source in enumerate(sources):
-        try:
-            images[index] = read_image(source, root, ANY_PATH, size=size, stored=stored)
-            errors.append("")
-        except Exception as error:  # one unreadable image must never fail its whole batch
-            errors.append(f"{type(error).__name__}: {error}")
-    return {"row": batch["row"], "image": images, "error": np.array(errors, dtype=str)}
-
-
-class BatchPredictor:
-    """A Ray Data actor: loads the bundle once, then scores decoded batches."""
-
-    def __init__(self, model: str, use_gpu: bool):
-        self.predictor = load_model(model).to("cuda" if use_gpu else "cpu")
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        valid = batch["error"] == ""
-        probs = np.full((len(valid), len(self.predictor.attributes)), np.nan, dtype=np.float32)
-        if valid.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][valid]))
-            output = self.predictor.stage1(normalize(pixels.to(self.predictor.device)))
-            probs[valid] = self.predictor.probabilities(output)
-        return {"row": batch["row"], "error": batch["error"], "probs": probs}
-
-
 def predict(
     model: str,
     source: str,
@@ -175,16 +141,22 @@ def predict(
     scored = (
         ray.data.from_arrow(blocks)
         .map_batches(
-            decode_for_prediction,
-            fn_kwargs={"root": inputs.root, "size": predictor.image_size, "stored": inputs.stored},
+            decode_batch,
+            fn_kwargs={
+                "root": inputs.root,
+                "size": predictor.image_size,
+                "limits": ANY_PATH,
+                "stored": inputs.stored,
+                "reasons": True,
+            },
             batch_format="numpy",
             batch_size=None,
             compute=TaskPoolStrategy(size=decode_concurrency),
             num_cpus=0.5,
         )
         .map_batches(
-            BatchPredictor,
-            fn_constructor_kwargs={"model": model, "use_gpu": gpu},
+            ScoringActor,
+            fn_constructor_kwargs={"load": functools.partial(load_model, model), "use_gpu": gpu},
             batch_format="numpy",
             batch_size=batch_size,
             compute=ActorPoolStrategy(size=actors),

@@ -7,6 +7,7 @@ inputs), so these tests pin the format itself; bundles saved from runs are cover
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from pathlib import Path
@@ -16,22 +17,25 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from campar_ray.bundle import Threshold, load_model
 from campar_ray.cli import main
 from campar_ray.config import Config
+from campar_ray.data.images import ANY_PATH
 from campar_ray.data.manifest import ManifestInfo, manifest_table, write_manifest
+from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.synthetic import render, sample_person
 from campar_ray.data.transforms import normalize, resize
 from campar_ray.model import build_model
 from campar_ray.predict import (
-    decode_for_prediction,
     list_inputs,
     predict,
     prediction_table,
     write_predictions,
 )
+from campar_ray.train.inference import ScoringActor, checkpoint_scorer
 
 SIZE = (32, 16)
 ATTRIBUTES = ("hat", "bag", "skirt", "jeans")
@@ -192,11 +196,46 @@ def test_decoding_records_errors_instead_of_raising(folder):
         "row": np.arange(3),
         "image": np.array(["a.png", "missing.png", "broken.jpg"], dtype=object),
     }
-    decoded = decode_for_prediction(batch, root=str(folder), size=SIZE)
+    decoded = decode_batch(batch, root=str(folder), size=SIZE, limits=ANY_PATH, reasons=True)
     assert decoded["image"].shape == (3, *SIZE, 3)
+    assert decoded["valid"].tolist() == [True, False, False]
     assert decoded["error"][0] == ""
     assert decoded["error"][1].startswith("FileNotFoundError: image not found")
     assert decoded["error"][2].startswith("ImageDecodeError")
+
+
+def test_logits_prediction_and_the_bundle_score_through_one_scorer(bundle, folder, tmp_path):
+    """A checkpoint's logits (as stage 1 writes them) and batch prediction's probabilities
+    are the bundle's own outputs on the same decoded pixels, bit for bit; undecodable rows
+    come back NaN with their reason, and a batch with nothing to score still has its columns."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "model.pt").symlink_to(bundle / "model.pt")
+    config = yaml.safe_load((bundle / "config.yaml").read_text())
+    meta = {"config": config, "attributes": list(ATTRIBUTES)}
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    names = ["a.png", "broken.jpg", "b.jpg", "sub/e.png"]
+    batch = {"row": np.arange(4), "image": np.array(names, dtype=object)}
+    decoded = decode_batch(batch, root=str(folder), size=SIZE, limits=ANY_PATH, reasons=True)
+    load_logits = functools.partial(
+        checkpoint_scorer, str(checkpoint), amp=False, channels_last=False
+    )
+    logits = ScoringActor(load_logits, use_gpu=False)(decoded)
+    probs = ScoringActor(functools.partial(load_model, str(bundle)), use_gpu=False)(decoded)
+
+    predictor = load_model(str(bundle))
+    good = [folder / name for name in names if name != "broken.jpg"]
+    output = predictor.stage1(normalize(predictor.prepare(good)))
+    valid = decoded["valid"]
+    assert valid.tolist() == [True, False, True, True]
+    np.testing.assert_array_equal(logits["shared"][valid], output.shared.numpy())
+    np.testing.assert_array_equal(logits["specific"][valid], output.specific.numpy())
+    np.testing.assert_array_equal(probs["probs"][valid], predictor.predict_proba(good))
+    assert np.isnan(logits["shared"][1]).all() and np.isnan(probs["probs"][1]).all()
+    assert probs["error"][1].startswith("ImageDecodeError")
+    assert probs["row"].tolist() == [0, 1, 2, 3]
+    nothing = {name: column[1:2] for name, column in decoded.items()}
+    assert ScoringActor(load_logits, use_gpu=False)(nothing)["specific"].shape == (1, 4)
 
 
 def test_csv_output_joins_names_and_leaves_failures_empty(tmp_path):
@@ -245,7 +284,10 @@ def test_predict_cli_applies_per_attribute_thresholds(
     out = tmp_path / "preds.parquet"
     args = ["predict", "--model", str(bundle), "--input", str(folder / "*.png"), "--out", str(out)]
     assert main([*args, "--threshold", "val-per-attribute"]) == 0
-    assert "threshold protocol val-per-attribute" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    [summary] = printed.out.splitlines()  # one line, no object dump: Ray's logs go to a file
+    assert f"-> {out}; threshold protocol val-per-attribute" in summary
+    assert "Running Dataset" not in printed.err
     table = pq.read_table(out)
     metadata = table.schema.metadata
     assert metadata[b"threshold_protocol"] == b"val-per-attribute"

@@ -64,26 +64,31 @@ def decode_batch(
     limits: ImageLimits = STRICT,
     pad: int | None = None,
     stored: tuple[int, int] | None = None,
+    reasons: bool = False,
 ) -> dict[str, np.ndarray]:
     """Load, decode and resize every image of a batch (and augment it, given ``pad``); flag
     the ones that fail. ``stored``: the manifest holds pixels decoded at that size
     (``ManifestInfo.pixels``), copied instead of decoded.
 
+    The one decode step of training, validation, stage 1's logits and batch prediction.
     Missing, corrupt and oversized images and references outside ``root`` (see
-    :class:`ImageLimits`) all fail the same way: flagged, never fatal to the batch. With
-    ``pad`` (training), each image gets its own random :class:`Shift` (fresh randomness every
-    call, so every epoch) as it is written into the block: augmenting in the decode task
-    costs one copy of each image, where a separate stage would move every block through the
-    object store twice.
+    :class:`ImageLimits`) all fail the same way: flagged and logged, never fatal to the
+    batch. With ``pad`` (training), each image gets its own random :class:`Shift` (fresh
+    randomness every call, so every epoch) as it is written into the block: augmenting in
+    the decode task costs one copy of each image, where a separate stage would move every
+    block through the object store twice.
 
-    Output columns: ``row``, ``image`` (uint8 ``N x H x W x 3``), ``labels`` (int8
-    ``N x M``), ``valid`` (bool). Encoded bytes and paths are not passed on: downstream
-    needs pixels, and ``row`` leads back to the manifest.
+    Output columns: ``row``, ``image`` (uint8 ``N x H x W x 3``), ``labels`` (int8 ``N x M``,
+    when the batch has labels), ``valid`` (bool) and, with ``reasons``, ``error``
+    (why each image failed, ``""`` for the ones read: prediction writes it out; training
+    batches stay all-tensor). Encoded bytes and paths are not passed on: downstream needs
+    pixels, and ``row`` leads back to the input.
     """
     sources = batch[BINARY_COLUMN] if BINARY_COLUMN in batch else batch["image"]
     count = len(sources)
     images = np.zeros((count, *size, 3), dtype=np.uint8)
     valid = np.zeros(count, dtype=bool)
+    errors = [""] * count
     shifts = [None] * count if pad is None else Shift.draw(count, pad, np.random.default_rng())
     for index, (source, shift) in enumerate(zip(sources, shifts, strict=True)):
         try:
@@ -91,18 +96,20 @@ def decode_batch(
             pixels = read_image(source, root, limits, size=size, mirror=mirror, stored=stored)
         except UNREADABLE as error:
             logger.warning("skipping image %s: %s", batch["image"][index], error)
+            errors[index] = f"{type(error).__name__}: {error}"
             continue
         if shift is None:
             images[index] = pixels
         else:
             shift_into(images[index], pixels, *shift.offset())
         valid[index] = True
-    return {
-        "row": np.asarray(batch["row"], dtype=np.int64),
-        "image": images,
-        "labels": np.stack(list(batch["labels"])).astype(np.int8),
-        "valid": valid,
-    }
+    out = {"row": np.asarray(batch["row"], dtype=np.int64), "image": images}
+    if "labels" in batch:
+        out["labels"] = np.stack(list(batch["labels"])).astype(np.int8)
+    out["valid"] = valid
+    if reasons:
+        out["error"] = np.array(errors, dtype=str)
+    return out
 
 
 def build_dataset(

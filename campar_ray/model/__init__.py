@@ -27,6 +27,13 @@ from campar_ray.model.pretrained import (
     load_weights,
     read_state_dict,
 )
+from campar_ray.model.scoring import (
+    Scorer,
+    WeightsMismatch,
+    autocast,
+    load_network,
+    rebuild_network,
+)
 
 __all__ = [
     "HEADS",
@@ -38,19 +45,24 @@ __all__ = [
     "MultiLevelFusion",
     "ParModel",
     "ParOutput",
+    "Scorer",
     "TimmBackbone",
     "WeightsError",
+    "WeightsMismatch",
     "attribute_weights",
+    "autocast",
     "bce",
     "build_backbone",
     "build_model",
     "class_activation_maps",
     "feature_weight_angles",
     "init_bias_from_prior",
+    "load_network",
     "load_weights",
     "positive_ratio",
     "prediction_logits",
     "read_state_dict",
+    "rebuild_network",
     "stage1_loss",
     "torchvision_backbones",
 ]

@@ -10,7 +10,6 @@ line instead of failing inside every worker (or, worse, loading a planted pickle
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ import yaml
 from campar_ray import storage
 from campar_ray.artifacts import ArtifactError, load_json, load_tensors
 from campar_ray.config import Config, ModelConfig
-from campar_ray.model import ParModel, build_model
+from campar_ray.model import ParModel, WeightsMismatch, load_network, rebuild_network
 
 if TYPE_CHECKING:  # serving (bundle, predict) loads checkpoints without Ray Train
     import ray.train
@@ -144,39 +143,13 @@ def check_weights(
     if checkpoint is None:
         return
     path = storage.join(checkpoint, MODEL_FILE)
-    mismatch = _load_weights(load_tensors(path), model, attributes)
-    if mismatch:
+    try:
+        rebuild_network(model, attributes, load_tensors(path))
+    except WeightsMismatch as mismatch:
         raise ArtifactError(
             f"cannot resume {run_dir}: {path} does not fit a model.backbone={model.backbone} "
             f"network ({mismatch}); no file was changed (--fresh starts over in place)"
-        )
-
-
-def _load_weights(weights: Any, model: ModelConfig, attributes: int) -> str:
-    """Load ``weights`` into the network ``model`` builds; what does not fit ('' if all does)."""
-    if not isinstance(weights, dict):
-        return f"it holds a {type(weights).__name__}, not a state dict"
-    network = build_model(dataclasses.replace(model, weights="none"), attributes)
-    expected = network.state_dict()
-    problems = {
-        "missing": [key for key in expected if key not in weights],
-        "unexpected": [key for key in weights if key not in expected],
-        "other shape": [
-            key
-            for key, value in weights.items()
-            if key in expected and getattr(value, "shape", None) != expected[key].shape
-        ],
-    }
-    summary = "; ".join(
-        f"{len(keys)} {kind}, e.g. {keys[0]}" for kind, keys in problems.items() if keys
-    )
-    if summary:
-        return summary
-    try:
-        network.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        return str(error).splitlines()[0]
-    return ""
+        ) from None
 
 
 def _differences(trained: list[str], manifest: tuple[str, ...]) -> str:
@@ -240,6 +213,5 @@ def load_stage1_checkpoint(path: str) -> tuple[ParModel, dict[str, Any]]:
     """
     meta = read_meta(path)
     model_config = Config().override(meta["config"]).model
-    model = build_model(dataclasses.replace(model_config, weights="none"), len(meta["attributes"]))
-    model.load_state_dict(load_tensors(storage.join(path, MODEL_FILE)))
-    return model.eval(), meta
+    weights = storage.join(path, MODEL_FILE)
+    return load_network(model_config, len(meta["attributes"]), weights), meta

@@ -1,7 +1,8 @@
 """Stage-1 logits of every image by distributed batch inference (Ray Data, actor pool).
 
 One pass over the whole manifest: the same decode + resize as validation, then a fixed pool
-of actors that each load the checkpoint once and score batches. The driver only receives the
+of :class:`ScoringActor` (batch prediction's actors too) that each load the checkpoint's
+:class:`~campar_ray.model.Scorer` once and score batches. The driver only receives the
 logits (two ``M``-wide float rows per image, never pixels) and writes one logits file per
 split in manifest order.
 
@@ -13,7 +14,9 @@ the row count equals the number of decodable images.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,38 +29,40 @@ from campar_ray import storage
 from campar_ray.config import DataConfig, TrainConfig
 from campar_ray.data.manifest import SPLITS, ManifestInfo, labels_matrix
 from campar_ray.data.ray_pipeline import build_dataset
-from campar_ray.data.transforms import normalize
+from campar_ray.model import Scorer
 from campar_ray.train.checkpoints import load_stage1_checkpoint
 from campar_ray.train.logits import SplitLogits, logits_path, write_split_logits
-from campar_ray.train.loop import autocast
+
+PASSED_ON = ("row", "valid", "error")
+"""Decoded-batch columns a :class:`ScoringActor` hands on beside its scores."""
 
 
-class LogitsPredictor:
-    """A Ray Data actor: loads the checkpoint once, then turns decoded batches into logits."""
+def checkpoint_scorer(checkpoint: str, *, amp: bool, channels_last: bool) -> Scorer:
+    """The scorer of a stage-1 checkpoint (folder or URI), on the CPU."""
+    model, _ = load_stage1_checkpoint(checkpoint)
+    return Scorer(model, amp=amp, channels_last=channels_last)
 
-    def __init__(self, checkpoint: str, *, use_gpu: bool, amp: bool, channels_last: bool):
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        model, _ = load_stage1_checkpoint(checkpoint)
-        self.model = model.to(self.device)
-        self.amp = amp
-        self.channels_last = channels_last
+
+class ScoringActor:
+    """A Ray Data actor: loads a scorer once, then scores decoded batches.
+
+    ``load`` returns a :class:`~campar_ray.model.Scorer` (stage-1 logits) or anything with
+    its ``to(device)`` and ``score(uint8 pixels) -> {name: N x K array}``, such as the
+    bundle's :class:`~campar_ray.bundle.ParPredictor` (probabilities). Each named score
+    comes back as a float32 column, NaN on the rows whose image could not be decoded.
+    """
+
+    def __init__(self, load: Callable[[], Any], *, use_gpu: bool):
+        self.scorer = load().to(torch.device("cuda" if use_gpu else "cpu"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         valid = np.asarray(batch["valid"], dtype=bool)
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"][valid])).to(self.device)
-        with torch.inference_mode(), autocast(self.device, self.amp):
-            output = self.model(normalize(images, channels_last=self.channels_last))
-        out = {"row": batch["row"], "valid": valid, "l_shared": self._scatter(output.shared, valid)}
-        if output.specific is not None:
-            out["l_specific"] = self._scatter(output.specific, valid)
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][valid]))
+        out = {name: batch[name] for name in PASSED_ON if name in batch}
+        for name, scores in self.scorer.score(pixels).items():
+            out[name] = np.full((len(valid), scores.shape[1]), np.nan, dtype=np.float32)
+            out[name][valid] = scores
         return out
-
-    @staticmethod
-    def _scatter(logits: torch.Tensor, valid: np.ndarray) -> np.ndarray:
-        """Logits back on the batch's rows; NaN rows for images that could not be decoded."""
-        full = np.full((len(valid), logits.shape[1]), np.nan, dtype=np.float32)
-        full[valid] = logits.float().cpu().numpy()
-        return full
 
 
 def write_logits(
@@ -76,14 +81,12 @@ def write_logits(
     the bounds of a range, as many as the cluster holds then) with the training workers'
     CPUs (and a GPU each when ``train.use_gpu``), ``train.batch_size`` images per call.
     """
+    load = functools.partial(
+        checkpoint_scorer, checkpoint, amp=train.amp, channels_last=train.channels_last
+    )
     scored = build_dataset(info, None, data, train=False).map_batches(
-        LogitsPredictor,
-        fn_constructor_kwargs={
-            "checkpoint": checkpoint,
-            "use_gpu": train.use_gpu,
-            "amp": train.amp,
-            "channels_last": train.channels_last,
-        },
+        ScoringActor,
+        fn_constructor_kwargs={"load": load, "use_gpu": train.use_gpu},
         batch_size=train.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=train.min_workers, max_size=train.max_workers),
@@ -105,8 +108,8 @@ def write_logits(
             SplitLogits(
                 images=images[keep].tolist(),
                 labels=labels[keep],
-                shared=columns["l_shared"][keep],
-                specific=columns["l_specific"][keep] if "l_specific" in columns else None,
+                shared=columns["shared"][keep],
+                specific=columns["specific"][keep] if "specific" in columns else None,
                 attributes=info.attributes,
                 eval_attributes=info.eval_attributes,
             ),
@@ -130,7 +133,7 @@ def _collect(scored: Any, rows: int) -> dict[str, np.ndarray]:
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
         index = batch["row"]
         columns["valid"][index] = batch["valid"]
-        for name in ("l_shared", "l_specific"):
+        for name in ("shared", "specific"):
             if name in batch:
                 if name not in columns:
                     columns[name] = np.full((rows, batch[name].shape[1]), np.nan, np.float32)
