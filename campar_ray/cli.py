@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     config = None
     try:
         config = load_config(args.config, _overrides(args))
+        _set_output(args, config)
         return args.handler(args, config)
     except _ray_failures() as error:  # first: Ray's errors may also be ValueErrors
         log, cause = _write_log(args, config, error), _root_cause(error)
@@ -86,7 +87,25 @@ def _common_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one config key, e.g. --set train.lr=3e-4 (repeatable)",
     )
+    common.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own logs and progress bars on the terminal (default: they go to "
+        "RUN/logs/ray-COMMAND.log)",
+    )
     return common
+
+
+def _set_output(args: argparse.Namespace, config: Config) -> None:
+    """Ray's output to ``<run dir>/logs/ray-COMMAND.log`` (a temporary folder for commands
+    without a run directory) unless ``--verbose``."""
+    from campar_ray.runtime import Output, set_output
+
+    if args.command == "demo":
+        log_dir: str | None = os.path.join(args.out, "run", "logs")
+    else:
+        log_dir = os.path.join(config.run.dir, "logs") if "run_dir" in vars(args) else None
+    set_output(Output(verbose=args.verbose, log_dir=log_dir, command=args.command))
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -270,11 +289,18 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.train.monitor import epoch_lines
     from campar_ray.train.stage1 import train_stage1
 
     if args.gpu:
         config = config.override({"train.use_gpu": True})
-    result = train_stage1(config, address=_cluster(args), existing_run=args.existing_run or "match")
+    with epoch_lines(config.train.epochs, config.data) as callbacks:
+        result = train_stage1(
+            config,
+            callbacks=callbacks,
+            address=_cluster(args),
+            existing_run=args.existing_run or "match",
+        )
     print(f"best checkpoint: {result.checkpoint}")
     return 0
 
@@ -347,8 +373,7 @@ def _tune(args: argparse.Namespace, config: Config) -> int:
         search_space=args.search_space,
         metric=args.metric,
         resume=args.resume,
-    )
-    print(result.summary())
+    )  # prints its progress and summary
     return 0 if result.complete else 1
 
 
@@ -495,9 +520,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _demo(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.demo import run_demo
-    from campar_ray.runtime import init_ray
 
-    init_ray(_cluster(args))
     result = run_demo(
         args.data,
         args.out,
@@ -505,6 +528,7 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
         overrides=args.overrides,
         trials=args.trials,
         images=args.images,
+        address=_cluster(args),
     )
     print(result.summary())
     return 0

@@ -20,6 +20,7 @@ from typing import Any
 from campar_ray import storage
 from campar_ray.config import Config, load_config
 from campar_ray.metrics import protocol_statement
+from campar_ray.runtime import init_ray
 
 PETA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "peta"
 DEMO_CONFIG = "demo.yaml"
@@ -61,16 +62,20 @@ def run_demo(
     overrides: list[str] | None = None,
     trials: int = 8,
     images: int = 2000,
+    address: str | None = None,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run every step on ``data`` (``synthetic``, ``peta`` or a manifest path) into ``out``.
 
     ``images`` sizes the synthetic data set; ``overrides`` (``key=value``) adjust the
-    packaged recipe (``campar_ray/demo.yaml``); ``trials`` is the search's budget.
+    packaged recipe (``campar_ray/demo.yaml``); ``trials`` is the search's budget. Ray is
+    joined at ``address`` (see :func:`init_ray`; a local cluster when None) once ``out`` is
+    ready, so a quiet run's log file in it survives ``fresh``.
     """
     out = str(Path(out).resolve())
     if fresh and Path(out).exists():
         shutil.rmtree(out)
+    init_ray(address)
     timings: dict[str, float] = {}
 
     def step(name: str, done: bool, work: Callable[[], Any]) -> None:
@@ -125,9 +130,11 @@ def _prepare(data: str, manifest: str, images: int, log: Callable[[str], None]) 
 
 
 def _train(config: Config) -> None:
+    from campar_ray.train.monitor import epoch_lines
     from campar_ray.train.stage1 import train_stage1
 
-    train_stage1(config)
+    with epoch_lines(config.train.epochs, config.data) as callbacks:
+        train_stage1(config, callbacks=callbacks)
 
 
 def _fit(config: Config) -> None:

@@ -3,10 +3,20 @@
 The library itself never starts Ray (it runs wherever it is called from); the CLI and the
 jobs call :func:`init_ray` once. A local cluster gets more logical CPUs than physical cores
 so that fractional-CPU training workers and Ray Data decode tasks can run side by side on
-a laptop (the documented way around the Data/Train resource deadlock), and binds its
-dashboard to localhost only. Its token authentication is Ray's own default for local
-clusters since 2.59 (``RAY_AUTH_MODE`` is read once per process, before this code runs, so
-setting it here would split the driver and the cluster it starts).
+a laptop (the documented way around the Data/Train resource deadlock), and starts Ray's
+dashboard on 127.0.0.1 only (its URL is printed once; Ray Train's state API needs it too).
+Its token authentication is Ray's own default for local clusters since 2.59
+(``RAY_AUTH_MODE`` is read once per process, before this code runs, so setting it here
+would split the driver and the cluster it starts).
+
+Quiet output (:func:`set_output`, the CLI's default): Ray's own output stays off the
+terminal, with official switches rather than text filters. Workers' stdout/stderr are not
+forwarded to the driver (``log_to_driver=False``; they stay in Ray's session logs), Ray Data
+shows no progress bars (``DataContext.enable_progress_bars``), and the driver's ``ray``,
+``ray.data`` and ``optuna`` loggers and Python warnings go to one log file, which names the
+session log folder, and Ray Tune runs its legacy console output (``RAY_AIR_NEW_OUTPUT=0``),
+silent at ``verbose=0``. campar then prints its own progress (:func:`is_quiet` tells it to);
+``--verbose`` keeps Ray's output on the terminal instead.
 
 A Ray cluster that accepts clients without a token runs any code anyone who can reach it
 sends. :func:`require_authentication` refuses such a cluster unless the user says
@@ -16,10 +26,13 @@ authentication mode is fixed per process) and only an "unauthenticated" refusal 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 
 HOST_PORT = re.compile(r"^[\w.\-]+:\d+$")
 PROBE = """
@@ -33,6 +46,30 @@ except AuthenticationError:
 sys.exit(3)
 """
 PROBE_REFUSED, PROBE_OPEN = 0, 3
+QUIET_LOGGERS = ("ray", "ray.data", "optuna", "py.warnings")
+"""Driver-side loggers whose terminal handlers a quiet process replaces by its log file."""
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+"""Python warnings raised from here still reach the terminal of a quiet process."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where this process shows Ray's output: the terminal (``verbose``), or the log file
+    ``<log_dir>/ray-<command>.log`` (a temporary folder when ``log_dir`` is None or a URI)."""
+
+    verbose: bool = True
+    log_dir: str | None = None
+    command: str = "campar"
+
+    def log_file(self) -> str:
+        local = self.log_dir and "://" not in self.log_dir
+        folder = self.log_dir if local else tempfile.mkdtemp(prefix="campar-logs-")
+        return os.path.join(folder, f"ray-{self.command}.log")
+
+
+_output = Output()
+_routed: str | None = None
+"""The log file Ray's output goes to since the last :func:`set_output`, once routed."""
 
 
 class InsecureClusterError(ValueError):
@@ -80,19 +117,97 @@ def require_authentication(address: str, insecure: bool = False) -> None:
     raise InsecureClusterError(f"refusing to use the Ray cluster at {address}: {why}")
 
 
+def set_output(output: Output) -> None:
+    """How Ray's output is shown from now on in this process (the CLI sets it per command)."""
+    global _output, _routed
+    _output, _routed = output, None
+
+
+def is_quiet() -> bool:
+    """True when Ray's output goes to the log file, so campar prints its own progress."""
+    return not _output.verbose
+
+
 def init_ray(address: str | None = None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``) when given, else start a local cluster."""
+    """Join ``address`` (or ``RAY_ADDRESS``) when given, else start a local cluster.
+
+    A quiet process (:func:`set_output`) sends Ray's output to its log file, also when Ray
+    was already joined, and on joining prints one line: where that file is, and the
+    dashboard's URL.
+    """
     import ray
 
     if ray.is_initialized():
+        if is_quiet():
+            _route_output()
         return
     address = cluster_address(address)
+    quiet = is_quiet()
+    log_file = _route_output() if quiet else None
     if address:
-        ray.init(address=address)
-        return
-    ray.init(
-        num_cpus=local_logical_cpus(),
-        dashboard_host="127.0.0.1",
-        include_dashboard=False,
-        log_to_driver=True,
-    )
+        context = ray.init(address=address, log_to_driver=not quiet)
+    else:
+        context = ray.init(
+            num_cpus=local_logical_cpus(),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=not quiet,
+        )
+    if quiet:
+        session = context.address_info.get("session_dir") or "Ray's session folder"
+        logging.getLogger("ray").info("campar: Ray's worker and actor logs: %s/logs", session)
+        where = f"cluster {address}" if address else "local cluster"
+        dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
+        print(f"[ray] {where}{dashboard}; Ray's logs: {log_file}", file=sys.stderr, flush=True)
+
+
+class _LogFile(logging.FileHandler):
+    """The quiet process's log file, appended to. It is opened, and its folder made, at the
+    first record: a command refused before Ray says anything leaves its run directory as it
+    was."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, mode="a", delay=True)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def _open(self):  # logging.FileHandler opens the file here
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
+
+
+def _route_output() -> str:
+    """Route the driver's Ray, Ray Data and Optuna logs and Python warnings to the log file
+    instead of the terminal, and turn Ray Data's progress bars off; returns the file.
+
+    Once per :func:`set_output`: a command joins Ray from several places.
+    """
+    import optuna  # noqa: F401  (its logger gets its terminal handler when imported)
+    import ray.data
+
+    global _routed
+    if _routed is not None:
+        return _routed
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Tune's new console engine prints an experiment header even at verbose=0; its legacy
+    # one, chosen by Ray's own switch, prints nothing there.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    log_file = _output.log_file()
+    handler = _LogFile(log_file)
+    logging.captureWarnings(True)
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            terminal = isinstance(old, logging.StreamHandler) and not isinstance(
+                old, logging.FileHandler
+            )
+            if terminal or isinstance(old, _LogFile):
+                logger.removeHandler(old)
+                if isinstance(old, _LogFile):  # an earlier command's file (same process)
+                    old.close()
+        logger.addHandler(handler)
+        logger.propagate = False
+    own = logging.StreamHandler(sys.stderr)  # campar's own warnings stay on the terminal
+    own.addFilter(lambda record: PACKAGE_DIR in record.getMessage())
+    logging.getLogger("py.warnings").addHandler(own)
+    _routed = log_file
+    return log_file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,6 +23,31 @@ COMMANDS = [
     "export",
     "demo",
     "config",
+]
+
+QUIET_TRAIN = {
+    "model.backbone": "timm:mobilenetv3_small_050",
+    "model.fusion": "false",
+    "data.image_size": "[32, 16]",
+    "data.pad": "2",
+    "train.batch_size": "16",
+    "train.cpus_per_worker": "0.5",
+    "train.epochs": "2",
+}
+RAY_NOISE = [
+    "Failed to query Ray Train Controller actor state",  # Ray Train's PlacementGroupCleaner
+    "PlacementGroupCleaner",
+    "(TrainController",  # any forwarded worker or actor line
+    "(RayTrainWorker",
+    "(SplitCoordinator",
+    "Running Dataset",  # Ray Data's progress bars and their logged form
+    "Execution plan of Dataset",
+    "row/s]",  # a tqdm bar
+    "\x1b[A",  # a tqdm redraw
+    "Token authentication is enabled",
+    "Started a local Ray instance",
+    "Configuration for experiment",  # Ray Tune's header
+    "View detailed results here",
 ]
 
 
@@ -77,6 +103,9 @@ def test_demo_runs_every_step_then_reuses_them(ray_cluster, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Stage 1 + CFAR" in out
+    assert len(out.splitlines()) < 80, out  # campar's own lines; Ray's go to the log file
+    for noise in RAY_NOISE:
+        assert noise not in out, out
     metrics = json.loads((tmp_path / "run" / "report" / "test" / "metrics.json").read_text())
     assert "stage1_cfar" in metrics["sources"]
     assert (tmp_path / "run" / "report" / "test" / "report.html").exists()
@@ -86,3 +115,33 @@ def test_demo_runs_every_step_then_reuses_them(ray_cluster, tmp_path, capsys):
     assert main(args) == 0
     rerun = capsys.readouterr().out
     assert rerun.count("already done") == 4
+
+
+@pytest.mark.ray
+def test_training_prints_its_own_progress_and_keeps_ray_quiet(tmp_path):
+    """A fresh process, as a user runs it: one line per epoch and step, no Ray output."""
+    manifest = tmp_path / "data" / "manifest.parquet"
+    assert (
+        main(["prepare", "synthetic", "--out", str(manifest), "--n", "120", "--size", "32,16"]) == 0
+    )
+    settings = [arg for key, value in QUIET_TRAIN.items() for arg in ("--set", f"{key}={value}")]
+    run_dir = tmp_path / "run"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = ["train", "--manifest", str(manifest), "--run-dir", str(run_dir), *settings]
+    result = subprocess.run(
+        [sys.executable, "-m", "campar_ray.cli", *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    lines = output.splitlines()
+    assert len(lines) <= 16, output
+    for noise in RAY_NOISE:
+        assert noise not in output, output
+    assert sum(line.startswith("[stage1] epoch ") and "val mA" in line for line in lines) == 2
+    log = run_dir / "logs" / "ray-train.log"
+    assert f"Ray's logs: {log}" in output
+    assert "Started a local Ray instance" in log.read_text()

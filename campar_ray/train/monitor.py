@@ -11,17 +11,29 @@
 
 Only rank 0 logs: every rank reports the same merged metrics, and one writer per run keeps
 the MLflow run and the event files single-threaded.
+
+On the driver, :func:`epoch_lines` prints one line per epoch while a run trains quietly
+(Ray's worker logs, rank 0's line among them, then stay off the terminal): a Ray Train
+callback on the controller posts each report to a small actor the driver reads every second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+import sys
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+import ray
+from ray.train import UserCallback
 
 from campar_ray import storage
 from campar_ray.config import DataConfig, TrackingConfig
+from campar_ray.runtime import is_quiet
 from campar_ray.tracking import TENSORBOARD_DIR, Tracker, markdown_table, open_tracker, run_key
 
 logger = logging.getLogger(__name__)
@@ -87,8 +99,9 @@ def starvation_warning(metrics: Mapping[str, float], data: DataConfig) -> str | 
         f"[stage1] epoch {int(metrics['epoch'])}: training waited for data {wait:.0%} of the "
         f"time at {metrics['images_per_s']:.0f} images/s "
         f"(data.starvation_threshold={data.starvation_threshold:g}). To feed it faster: more "
-        f"decode tasks (data.decode_concurrency, now {data.decode_concurrency}), more batches "
-        f"ready ahead of each worker (data.prefetch_batches, now {data.prefetch_batches}), "
+        f"decode tasks (data.decode_concurrency, now {data.decode_concurrency or '0 = auto'}), "
+        f"more batches ready ahead of each worker (data.prefetch_batches, now "
+        f"{data.prefetch_batches}), "
         f"more CPUs left to decoding (data.decode_cpus, now {data.decode_cpus:g}; fewer "
         "train.cpus_per_worker), or a packed manifest (campar prepare ... --pack: a few large "
         "files instead of one read per image)."
@@ -111,3 +124,99 @@ def stage1_report(best: Mapping[str, float], history: list[dict[str, float]]) ->
         f"val mA {100 * best['val_mA']:.2f} (its checkpoint writes the logits).\n\n"
         f"{markdown_table(rows)}\n\n{speed}\n"
     )
+
+
+@contextlib.contextmanager
+def epoch_lines(epochs: int, data: DataConfig) -> Iterator[list[UserCallback]]:
+    """Print each epoch's line on the driver while the ``with`` block trains a quiet run.
+
+    Yields the Ray Train callbacks to pass to the run (none when Ray's output reaches the
+    terminal, where rank 0's own line shows). The data-starvation advice is printed once.
+    """
+    if not is_quiet():
+        yield []
+        return
+    name = f"campar-epochs-{uuid.uuid4().hex[:12]}"
+    stop = threading.Event()
+    printer = threading.Thread(
+        target=_print_epochs, args=(name, epochs, data, stop), name="campar-epochs", daemon=True
+    )
+    printer.start()
+    try:
+        yield [EpochReports(name)]
+    finally:
+        stop.set()
+        printer.join()
+
+
+class EpochReports(UserCallback):
+    """Runs on Ray Train's controller: posts rank 0's report of each epoch (or mid-epoch
+    checkpoint) to the driver's mailbox actor ``mailbox``, without waiting on it."""
+
+    def __init__(self, mailbox: str) -> None:
+        self._name, self._box = mailbox, None
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+        if self._box is None:
+            try:
+                self._box = ray.get_actor(self._name)
+            except ValueError:  # no mailbox (the driver is gone): the line stays in the logs
+                return
+        self._box.put.remote(dict(metrics[0]))
+
+
+class _Mailbox:
+    """An actor holding the reports not yet printed."""
+
+    def __init__(self) -> None:
+        self._reports: list[dict[str, Any]] = []
+
+    def put(self, report: dict[str, Any]) -> None:
+        self._reports.append(report)
+
+    def take(self) -> list[dict[str, Any]]:
+        reports, self._reports = self._reports, []
+        return reports
+
+
+def _print_epochs(name: str, epochs: int, data: DataConfig, stop: threading.Event) -> None:
+    """The driver's printer thread: creates the mailbox once Ray is joined (the run joins it
+    only after checking its inputs), prints what arrives, and a last time after ``stop``."""
+    while not ray.is_initialized():
+        if stop.wait(0.2):
+            return
+    box = ray.remote(num_cpus=0)(_Mailbox).options(name=name).remote()
+    history: list[dict[str, Any]] = []
+    warned = False
+    try:
+        while True:
+            stopping = stop.wait(1.0)
+            for metrics in ray.get(box.take.remote()):
+                print(epoch_line(metrics, history, epochs), flush=True)
+                finished = "data_wait_fraction" in metrics  # not a mid-epoch checkpoint
+                warning = starvation_warning(metrics, data) if finished and not warned else None
+                if warning:
+                    print(warning, file=sys.stderr, flush=True)
+                    warned = True
+            if stopping:
+                break
+    except ray.exceptions.RayError as error:  # Ray shut down under the thread
+        logger.debug("epoch lines stopped: %s", error)
+    finally:
+        if ray.is_initialized():
+            ray.kill(box)
+
+
+def epoch_line(metrics: dict[str, Any], history: list[dict[str, Any]], epochs: int) -> str:
+    """The line of one report: a finished epoch (appended to ``history``, whose last epochs
+    give the ETA) or a mid-epoch checkpoint."""
+    # Imported here: the worker imports this module.
+    from campar_ray.train.worker import PROGRESS_KEY, _progress_line
+
+    if PROGRESS_KEY in metrics:
+        return (
+            f"[stage1] epoch {int(metrics['epoch'])}: checkpoint at "
+            f"{100 * metrics[PROGRESS_KEY]:.0f}% of the epoch"
+        )
+    history.append(metrics)
+    return _progress_line(metrics, history, epochs)

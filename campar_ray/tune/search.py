@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import secrets
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from ray.tune.search.optuna import OptunaSearch
 from campar_ray import storage
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import Config, ConfigError
-from campar_ray.runtime import init_ray
+from campar_ray.runtime import init_ray, is_quiet
 from campar_ray.tracking import ensure_experiment, resolve_tracking, search_experiment
 from campar_ray.train.logits import logits_path
 from campar_ray.train.stage1 import resolve_config
@@ -189,7 +190,10 @@ def run_search(
     remaining = num_samples - len(rows)
     if remaining > 0:
         recorder = _RecordTrials(tune_dir, space, rows)
-        tuner = _tuner(plan, replay, max_concurrent, [*callbacks, recorder], progress)
+        callbacks = [*callbacks, recorder]
+        if progress and is_quiet():  # else Tune's own status tables show the progress
+            callbacks.append(_TrialLines(num_samples, len(rows), metric))
+        tuner = _tuner(plan, replay, max_concurrent, callbacks, progress)
         rows += [
             report.trial_row(
                 result.metrics.get("trial_id") or os.path.basename(result.path),
@@ -261,7 +265,7 @@ def _tuner(
             # Trials keep their own state: stage 1 checkpoints into the trial's run directory.
             checkpoint_config=ray.tune.CheckpointConfig(checkpoint_at_end=False),
             callbacks=list(callbacks),
-            verbose=1 if progress else 0,
+            verbose=1 if progress and not is_quiet() else 0,
         ),
     )
 
@@ -325,6 +329,45 @@ class _RecordTrials(ray.tune.Callback):
         )
         self._rows[trial.trial_id] = row
         write_record(self._tune_dir, list(self._rows.values()), self._space)
+
+
+class _TrialLines(ray.tune.Callback):
+    """One line per finished trial, or a progress bar when stdout is a terminal (driver)."""
+
+    def __init__(self, total: int, done: int, metric: str):
+        self._total, self._done, self._metric = total, done, metric
+        self._best: float | None = None
+        self._bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=done, unit="trial", desc="[tune]")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished(trial, (trial.last_result or {}).get(self._metric))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished(trial, None)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def _finished(self, trial: Any, value: float | None) -> None:
+        self._done += 1
+        if value is not None and (self._best is None or value > self._best):
+            self._best = value
+        best = "" if self._best is None else f"best {self._metric} {100 * self._best:.2f}"
+        if self._bar is not None:
+            self._bar.set_postfix_str(best, refresh=False)
+            self._bar.update(1)
+            return
+        result = "failed" if value is None else f"{self._metric} {100 * value:.2f}"
+        print(
+            f"[tune] trial {self._done}/{self._total} {trial.trial_id}: {result}"
+            + (f" ({best})" if best else ""),
+            flush=True,
+        )
 
 
 class _TrialError(Exception):
