@@ -348,8 +348,9 @@ def run_row(row: Row, seed: int, base: Config, args: argparse.Namespace, device:
 
 
 EVIDENCE_DIR = "peta_evidence"
-"""Under ``--out``: each run's val/test logits (and CFAR probabilities), the evidence behind
-every diagnostic, so a later question is answered from files instead of a retraining."""
+"""Under ``--out``: each run's train/val/test logits (and CFAR probabilities), the evidence
+behind every diagnostic, so a later question is answered from files instead of a retraining
+(the training split's logits show what a head learnt to separate, against what held out)."""
 
 
 def diagnose(row: Row, config: Config, out: Path) -> dict[str, Any]:
@@ -393,10 +394,10 @@ def diagnose(row: Row, config: Config, out: Path) -> dict[str, Any]:
 
 
 def _keep_evidence(run_dir: str, out: Path) -> None:
-    """The run's val/test logits, trimmed to the evaluated attributes (a third of PETA's)."""
+    """The run's logits, trimmed to the evaluated attributes (a third of PETA's)."""
     folder = out / EVIDENCE_DIR / os.path.basename(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):
         logits = read_split_logits(logits_path(run_dir, split))
         columns = eval_columns(logits)
         trimmed = SplitLogits(
