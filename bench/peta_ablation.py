@@ -630,7 +630,8 @@ def _metric_table(table: list[dict[str, Any]]) -> list[str]:
 
 
 RARE = 0.1
-"""An attribute is rare when under this share of the test images have it (16 of PETA's 35)."""
+"""An attribute is rare when under this share of the test images have it (12 of the 35 PETA
+attributes evaluated)."""
 
 
 def _diagnostics_table(rows: list[dict]) -> list[str]:
