@@ -53,13 +53,14 @@ from ray.train import RunConfig, ScalingConfig
 from bench.common import write_results
 from campar_ray.config import DataConfig
 from campar_ray.data import read_manifest
+from campar_ray.data.concurrency import decode_tasks
 from campar_ray.data.converters import prepare
 from campar_ray.data.images import decode_image, load_image_bytes, read_image
 from campar_ray.data.manifest import resolve_image, write_manifest
 from campar_ray.data.pack import pack_manifest
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
 from campar_ray.train.loop import prepare_batch
-from campar_ray.train.stage1 import ShardConfig, decode_tasks
+from campar_ray.train.stage1 import ShardConfig
 
 NAME = "input_pipeline"
 KINDS = ("path", "packed", "decoded")

@@ -298,8 +298,9 @@ def _train(args: argparse.Namespace, config: Config) -> int:
         result = train_stage1(
             config,
             callbacks=callbacks,
-            address=_cluster(args),
+            address=args.address,
             existing_run=args.existing_run or "match",
+            insecure=args.insecure,
         )
     print(f"best checkpoint: {result.checkpoint}")
     return 0
@@ -328,7 +329,7 @@ def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
 
     require_logits(config.run.dir, SPLITS)
     if config.cfar.solver == "ray":
-        init_ray(_cluster(args))
+        init_ray(args.address, insecure=args.insecure)
     result = fit_cfar(
         config.run.dir,
         config.cfar,
@@ -364,7 +365,7 @@ def _tune(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.runtime import init_ray
     from campar_ray.tune import run_search
 
-    init_ray(_cluster(args))
+    init_ray(args.address, insecure=args.insecure)
     result = run_search(
         config,
         run_dir=config.run.dir,
@@ -469,7 +470,7 @@ def _predict(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.predict import predict
     from campar_ray.runtime import init_ray
 
-    init_ray(_cluster(args))
+    init_ray(args.address, insecure=args.insecure)
     result = predict(
         args.model,
         args.input,
@@ -528,7 +529,8 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
         overrides=args.overrides,
         trials=args.trials,
         images=args.images,
-        address=_cluster(args),
+        address=args.address,
+        insecure=args.insecure,
     )
     print(result.summary())
     return 0
@@ -564,7 +566,7 @@ def _doctor(args: argparse.Namespace, config: Config) -> int:
             check()
         except (OSError, ValueError) as error:
             problems.append(Finding("error", f"{what}: {error}"))
-    init_ray(_cluster(args))
+    init_ray(args.address, insecure=args.insecure)
     report, fits = doctor_report(config, ClusterShape.from_ray(), problems)
     print(report)
     return 0 if fits else 1
@@ -673,16 +675,6 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a cluster that accepts clients without a token (trusted networks only)",
     )
-
-
-def _cluster(args: argparse.Namespace) -> str | None:
-    """The cluster to join (None: a local one), refused when it accepts anyone's code."""
-    from campar_ray.runtime import cluster_address, require_authentication
-
-    address = cluster_address(args.address)
-    if address:
-        require_authentication(address, insecure=args.insecure)
-    return address
 
 
 def _print_cfar_metrics(metrics: dict) -> None:

@@ -144,8 +144,9 @@ class TrainConfig:
     max_failures: int = 3
     """Worker failures tolerated (-1: no limit); each restart resumes from the latest
     checkpoint. Only failures another attempt can get past count (a killed worker, a lost
-    node): an error in the data or the config (any ``ValueError`` a worker raises) stops the
-    run at once, since it would fail the same way every time."""
+    node): an error in the data or the config (any ``ValueError`` a worker or its Ray Data read
+    tasks raise) or a training loss that stops being finite stops the run at once, since it
+    would fail the same way every time."""
     node_wait_minutes: float = 20.0
     """On an autoscaling cluster, how long training waits for the nodes the run needs (the
     autoscaler is asked for them) before it gives up; ``0``: refuse when they are missing."""

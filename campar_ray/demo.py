@@ -63,19 +63,21 @@ def run_demo(
     trials: int = 8,
     images: int = 2000,
     address: str | None = None,
+    insecure: bool = False,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
     """Run every step on ``data`` (``synthetic``, ``peta`` or a manifest path) into ``out``.
 
     ``images`` sizes the synthetic data set; ``overrides`` (``key=value``) adjust the
     packaged recipe (``campar_ray/demo.yaml``); ``trials`` is the search's budget. Ray is
-    joined at ``address`` (see :func:`init_ray`; a local cluster when None) once ``out`` is
-    ready, so a quiet run's log file in it survives ``fresh``.
+    joined at ``address`` (see :func:`init_ray`, which ``insecure`` is passed to; a local
+    cluster when None) once ``out`` is ready, so a quiet run's log file in it survives
+    ``fresh``.
     """
     out = str(Path(out).resolve())
     if fresh and Path(out).exists():
         shutil.rmtree(out)
-    init_ray(address)
+    init_ray(address, insecure=insecure)
     timings: dict[str, float] = {}
 
     def step(name: str, done: bool, work: Callable[[], Any]) -> None:

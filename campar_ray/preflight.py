@@ -9,11 +9,14 @@ task and checkpoint upload fails there).
 
 A run is planned the way Ray's autoscaler places it: the training workers' bundles, then
 the decode tasks', packed onto the live nodes first and then onto nodes of the types the
-autoscaler may add (up to each type's maximum). :func:`plan` says which nodes are missing,
-or why the run can never fit; :func:`check_cluster` (what training calls) refuses only the
-latter, and otherwise asks the autoscaler for the missing nodes and waits for them up to
-``train.node_wait_minutes``. :func:`doctor_report` renders everything for ``campar doctor``.
-The shapes of the shipped clusters come from their files (:func:`launcher_shape`,
+autoscaler may add (up to each type's maximum). Automatic decoding (``data.decode_concurrency
+= 0``) is first made concrete for the cluster the workers get (:func:`resolve_decoding`,
+through :mod:`campar_ray.data.concurrency`), so the plan counts the decode tasks training
+will run. :func:`plan` says which nodes are missing, or why the run can never fit;
+:func:`check_cluster` (what training calls) refuses only the latter, otherwise asks the
+autoscaler for the missing nodes and waits for them up to ``train.node_wait_minutes``, and
+hands back the config it planned. :func:`doctor_report` renders everything for ``campar
+doctor``. The shapes of the shipped clusters come from their files (:func:`launcher_shape`,
 :func:`kuberay_shape`), so the recipes can be planned against them without a cloud.
 """
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 
 from campar_ray import storage
 from campar_ray.config import Config
+from campar_ray.data.concurrency import AUTO, least_decode_tasks, with_decode_tasks
 
 GIB = 1024**3
 IMAGE_BYTES_PER_PIXEL = 3  # decoded uint8 RGB blocks travel through the object store
@@ -112,25 +116,30 @@ class Reservation:
     worker_bundle: dict[str, float]
     decode_bundle: dict[str, float]
     decode_tasks: int
-    """Decode tasks wanted at once: ``data.decode_concurrency``, or 1 for automatic (it then
-    takes whatever the workers leave)."""
+    """Decode tasks wanted at once: ``data.decode_concurrency``, made concrete by
+    :func:`resolve_decoding`."""
     prefetch_bytes: float
     """Decoded images held in the object store: prefetched batches plus blocks in flight."""
 
     @classmethod
     def of(cls, config: Config) -> Reservation:
+        """What ``config`` asks for; its ``data.decode_concurrency`` must be concrete (see
+        :func:`resolve_decoding`, which :func:`plan` applies)."""
         from campar_ray.data.ray_pipeline import BLOCK_ROWS
 
         train, data = config.train, config.data
-        bundle = {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
+        if data.decode_concurrency == AUTO:
+            raise ValueError(
+                "Reservation.of needs a concrete data.decode_concurrency: resolve_decoding()"
+            )
         image = data.image_size[0] * data.image_size[1] * IMAGE_BYTES_PER_PIXEL
         batches = (data.prefetch_batches + 1) * train.batch_size * train.max_workers
-        blocks = max(data.decode_concurrency, 1) * BLOCK_ROWS * 2  # one in flight, one queued
+        blocks = data.decode_concurrency * BLOCK_ROWS * 2  # one in flight, one queued
         return cls(
             workers=train.max_workers,
-            worker_bundle=bundle,
+            worker_bundle=_worker_bundle(config),
             decode_bundle={"CPU": data.decode_cpus},
-            decode_tasks=max(data.decode_concurrency, 1),
+            decode_tasks=data.decode_concurrency,
             prefetch_bytes=float((batches + blocks) * image),
         )
 
@@ -161,12 +170,31 @@ class Plan:
         return _sum(self.nodes).get("CPU", 0.0) - used
 
 
+def resolve_decoding(config: Config, shape: ClusterShape) -> Config:
+    """``config`` with ``data.decode_concurrency`` concrete for the cluster ``shape`` gives the
+    run: its live nodes plus those the autoscaler adds for the training workers and the decode
+    tasks the run cannot start without (see :mod:`campar_ray.data.concurrency`)."""
+    workers = [_worker_bundle(config)] * config.train.max_workers
+    decoding = [{"CPU": config.data.decode_cpus}] * least_decode_tasks(config.data)
+    placed = _grow([*workers, *decoding], shape)
+    added = [_type(shape, name).resources for name in _each(placed[1])] if placed else []
+    return with_decode_tasks(config, _sum([*shape.nodes, *added]).get("CPU", 0.0))
+
+
+def _worker_bundle(config: Config) -> dict[str, float]:
+    """One training worker's bundle: its CPUs, and a GPU with ``train.use_gpu``."""
+    train = config.train
+    return {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
+
+
 def plan(config: Config, shape: ClusterShape) -> Plan:
     """Place ``config``'s run on ``shape``: every worker and every decode task it wants, else
-    every worker and one decode task; :attr:`Plan.problem` says why not even that fits."""
-    need = Reservation.of(config)
+    every worker and one decode task; :attr:`Plan.problem` says why not even that fits.
+    Automatic decoding (:func:`resolve_decoding`) takes what the workers leave and adds no node."""
+    need = Reservation.of(resolve_decoding(config, shape))
+    least = need.bundles[: need.workers + least_decode_tasks(config.data)]
     first = need.bundles[: need.workers + 1]
-    for wanted in (need.bundles, first):
+    for wanted in (least, first):
         placed = _grow(wanted, shape)
         if placed is not None:
             bins, add = placed
@@ -189,7 +217,7 @@ def findings(
     found: list[Finding] = []
     if placed.problem:
         found.append(Finding("error", placed.problem))
-    elif placed.decode_fit < placed.need.decode_tasks:
+    elif placed.decode_fit < least_decode_tasks(config.data):
         found.append(
             Finding(
                 "warning",
@@ -270,10 +298,13 @@ def check_cluster(
     request: Callable[[list[dict[str, float]]], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
-) -> None:
+) -> Config:
     """Raise :class:`PreflightError` for the first error of ``config`` on the connected
     cluster; when it only lacks nodes the autoscaler can add, ask for them (``request``, by
-    default Ray's ``request_resources``) and wait up to ``train.node_wait_minutes``."""
+    default Ray's ``request_resources``) and wait up to ``train.node_wait_minutes``.
+
+    Returns ``config`` as planned for the cluster the run gets (:func:`resolve_decoding`): what
+    training builds its datasets with."""
     shape = observe()
     # Images inside the manifest's folder are where the manifest is (checked as such); only
     # data.allow_outside_root lets a manifest name local images elsewhere.
@@ -284,7 +315,10 @@ def check_cluster(
         raise PreflightError(errors[0].message)
     placed = plan(config, shape)
     if placed.add:
-        _wait_for_nodes(config, placed, observe, request or _request_resources, sleep, clock)
+        shape = _wait_for_nodes(
+            config, placed, observe, request or _request_resources, sleep, clock
+        )
+    return resolve_decoding(config, shape)
 
 
 def _wait_for_nodes(
@@ -294,13 +328,16 @@ def _wait_for_nodes(
     request: Callable[[list[dict[str, float]]], None],
     sleep: Callable[[float], None],
     clock: Callable[[], float],
-) -> None:
+) -> ClusterShape:
+    """The cluster once the autoscaler added what ``placed`` lacks, asking it for the bundles
+    the run cannot start without (automatic decoding takes what the workers leave)."""
+    need = placed.need
     minutes = config.train.node_wait_minutes
     deadline = clock() + 60 * minutes
     print(
         f"[preflight] waiting up to {minutes:g} min (train.node_wait_minutes) for the "
-        f"autoscaler to add {_describe(placed.add)} for {placed.need.workers} training "
-        f"worker(s) x {_format(placed.need.worker_bundle)} and Ray Data decoding",
+        f"autoscaler to add {_describe(placed.add)} for {need.workers} training "
+        f"worker(s) x {_format(need.worker_bundle)} and Ray Data decoding",
         file=sys.stderr,
         flush=True,
     )
@@ -308,11 +345,11 @@ def _wait_for_nodes(
         while True:
             # Asked again at every look: a request replaces any earlier one, such as another
             # trial's of the same search.
-            request(placed.need.bundles)
+            request(need.bundles[: need.workers + least_decode_tasks(config.data)])
             shape = observe()
             now = plan(config, shape)
             if not now.problem and not now.add:
-                return
+                return shape
             if clock() >= deadline:
                 missing = _describe(now.add) if now.add else "the nodes it needs"
                 raise PreflightError(

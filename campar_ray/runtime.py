@@ -1,13 +1,15 @@
 """Connecting to Ray: an existing cluster when one is named, else a small local one.
 
-The library itself never starts Ray (it runs wherever it is called from); the CLI and the
-jobs call :func:`init_ray` once. A local cluster gets more logical CPUs than physical cores
-so that fractional-CPU training workers and Ray Data decode tasks can run side by side on
-a laptop (the documented way around the Data/Train resource deadlock), and starts Ray's
-dashboard on 127.0.0.1 only (its URL is printed once; Ray Train's state API needs it too).
-Its token authentication is Ray's own default for local clusters since 2.59
-(``RAY_AUTH_MODE`` is read once per process, before this code runs, so setting it here
-would split the driver and the cluster it starts).
+:func:`init_ray` is the only way campar joins Ray: the CLI (and so the jobs), the demo,
+training, a search and prediction all call it, and it does nothing in a process that has
+joined already, so the library runs on whatever cluster its caller chose. A named cluster
+is checked for token authentication before it is joined. A local cluster gets more logical
+CPUs than physical cores so that fractional-CPU training workers and Ray Data decode tasks
+can run side by side on a laptop (the documented way around the Data/Train resource
+deadlock), and starts Ray's dashboard on 127.0.0.1 only (its URL is printed once; Ray
+Train's state API needs it too). Its token authentication is Ray's own default for local
+clusters since 2.59 (``RAY_AUTH_MODE`` is read once per process, before this code runs, so
+setting it here would split the driver and the cluster it starts).
 
 Quiet output (:func:`set_output`, the CLI's default): Ray's own output stays off the
 terminal, with official switches rather than text filters. Workers' stdout/stderr are not
@@ -128,10 +130,12 @@ def is_quiet() -> bool:
     return not _output.verbose
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, insecure: bool = False) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``) when given, else start a local cluster.
 
-    A quiet process (:func:`set_output`) sends Ray's output to its log file, also when Ray
+    A named cluster must demand a token (:func:`require_authentication`; ``insecure`` skips
+    that). Nothing is joined or checked when this process has joined Ray already. A quiet
+    process (:func:`set_output`) sends Ray's output to its log file, also when Ray
     was already joined, and on joining prints one line: where that file is, and the
     dashboard's URL.
     """
@@ -142,6 +146,8 @@ def init_ray(address: str | None = None) -> None:
             _route_output()
         return
     address = cluster_address(address)
+    if address:
+        require_authentication(address, insecure=insecure)
     quiet = is_quiet()
     log_file = _route_output() if quiet else None
     if address:

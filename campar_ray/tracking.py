@@ -9,7 +9,8 @@ function.
 Resuming. A run keyed by a name (its run directory) is found again in MLflow by the tag
 ``campar.run_key``, a hash of that name: a stage-1 run restarted after a failure, or re-run
 in the same directory, continues the same MLflow run, and a metric already stored for a step
-is not sent again; ``campar train --fresh`` starts a new one (:func:`retire_runs`).
+is not sent again; ``campar train --fresh`` starts a new one (:func:`retire_runs`), and a
+new search starts new trial runs (:func:`retire_trials`).
 TensorBoard cannot look back into its files, so every (re)start writes a new event file that
 begins by purging all earlier steps (TensorBoard's restart marker), and the caller re-logs
 what the run holds (stage 1: its checkpointed history): a restart never leaves a duplicated
@@ -110,10 +111,30 @@ def retire_runs(cfg: TrackingConfig, run_dir: str) -> list[str]:
     if not cfg.mlflow_uri:
         return []
     client = _client(cfg.mlflow_uri)
-    inside = run_dir.rstrip("/") + "/"
     runs = _runs(client, cfg.experiment, f"tags.`{KEY_TAG}` = '{run_key(run_dir)}'")
+    return _retire(client, runs + _trial_runs(client, cfg, run_dir, run_dir))
+
+
+def retire_trials(cfg: TrackingConfig, run_dir: str, folder: str) -> list[str]:
+    """For a new search in ``run_dir``: the trial runs keyed by folders under ``folder`` (the
+    search's own folder, where an earlier search that was deleted to start over left them)
+    are retired as :func:`retire_runs` retires them; the stage-1 run searched from is not.
+    """
+    if not cfg.mlflow_uri:
+        return []
+    client = _client(cfg.mlflow_uri)
+    return _retire(client, _trial_runs(client, cfg, run_dir, folder))
+
+
+def _trial_runs(client: Any, cfg: TrackingConfig, run_dir: str, folder: str) -> list[Any]:
+    """The keyed runs of ``run_dir``'s search experiment whose folder lies under ``folder``
+    (the experiment is named after ``run_dir``'s last part, which other run dirs may share)."""
+    inside = folder.rstrip("/") + "/"
     trials = _runs(client, search_experiment(cfg, run_dir), f"tags.`{KEY_TAG}` != ''")
-    runs += [run for run in trials if run.data.tags.get(RUN_DIR_TAG, "").startswith(inside)]
+    return [run for run in trials if run.data.tags.get(RUN_DIR_TAG, "").startswith(inside)]
+
+
+def _retire(client: Any, runs: list[Any]) -> list[str]:
     for run in runs:
         client.set_tag(run.info.run_id, SUPERSEDED_TAG, run.data.tags[KEY_TAG])
         client.delete_tag(run.info.run_id, KEY_TAG)

@@ -37,6 +37,7 @@ LAYER = {part: index for index, parts in enumerate(LAYERS) for part in parts}
 RAY_FREE = (
     "campar_ray.metrics",
     "campar_ray.model",
+    "campar_ray.data.concurrency",
     "campar_ray.data.images",
     "campar_ray.data.manifest",
     "campar_ray.data.transforms",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -314,3 +315,67 @@ def test_a_data_error_in_a_worker_fails_once_in_one_line(ray_cluster, tmp_path, 
     trace = log.read_text()
     assert "input or config error, not retried" in trace and "in merge_predictions" in trace
     assert not list((run_dir / "ray" / "stage1").glob("checkpoint_*"))
+
+
+@pytest.mark.parametrize(
+    ("error", "recurs"),
+    [
+        (ValueError("labels do not fit"), True),
+        (FloatingPointError("training loss became nan"), True),
+        (OSError("connection reset"), False),
+        (RuntimeError("NCCL timeout"), False),
+    ],
+)
+def test_a_worker_error_is_judged_by_its_cause_through_ray_task_errors(error, recurs):
+    """A Ray Data read task's error reaches the worker as ``RayTaskError`` (the wrapper that
+    subclasses the cause, or the plain one when Ray cannot make that class); a map function's
+    as ``UserCodeException``, whose cause is gone by then: retried."""
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    from campar_ray.train import worker
+
+    wrapped = RayTaskError("read", "trace", error)
+    assert worker.recurs(error) is recurs
+    assert (
+        worker.recurs(wrapped) is recurs and worker.recurs(wrapped.as_instanceof_cause()) is recurs
+    )
+    assert not worker.recurs(RayTaskError("map", "trace", UserCodeException(str(error))))
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("case", ["diverged", "unreadable row"])
+def test_an_error_a_restart_would_meet_again_fails_once_in_one_line(
+    ray_cluster, tmp_path, capsys, case
+):
+    """A loss that is no longer finite (``train.lr`` far too high), and a manifest row that
+    names a URI no reader opens (read with ``data.allow_outside_root``, so it reaches a Ray Data
+    read task, whose error the worker gets wrapped in Ray's ``RayTaskError``): each ends the
+    run on its first try, ``train.max_failures`` 3 unspent, with the cause in one line."""
+    manifest = generate_synthetic(str(tmp_path / "data"), n=48, size=SIZE)
+    options: tuple[str, ...] = ("--set", "train.lr=1e20")
+    cause = (
+        r"FloatingPointError: training loss became (nan|inf) at step \d+ with learning rate "
+        r"1e\+20: training diverged; lower train\.lr"
+    )
+    if case == "unreadable row":
+        table, info = read_manifest(manifest)
+        images = table.column("image").to_pylist()
+        images[table.column("split").to_pylist().index("train")] = "https://example.com/a.png"
+        manifest = str(tmp_path / "data" / "url.parquet")
+        write_manifest(manifest, table.set_column(0, "image", pa.array(images)), info)
+        options = ("--set", "data.allow_outside_root=true")
+        cause = r"ArrowInvalid: Unrecognized filesystem type in URI: https://example\.com/a\.png"
+    run_dir = tmp_path / "run"
+    code, _, err = run_campar(
+        capsys, "train", "--manifest", manifest, "--run-dir", str(run_dir), "--epochs", "2",
+        *TINY_TRAIN, *options, "--set", "tracking.tensorboard=true",
+        "--set", "train.max_failures=3",
+    )  # fmt: skip
+    log = run_dir / "logs" / "campar-train.log"
+    assert code == 1
+    assert re.fullmatch(
+        f"campar train: failed: {cause} \\(full trace: {re.escape(str(log))}\\)", one_line(err)
+    )
+    # Each start of the worker group opens a new TensorBoard event file: one start, no retry.
+    assert len(list((run_dir / "tensorboard" / "stage1").iterdir())) == 1
+    assert "input or config error, not retried" in log.read_text()

@@ -12,6 +12,7 @@ import yaml
 from campar_ray.cli import main
 from campar_ray.config import Config, load_config
 from campar_ray.data import generate_synthetic
+from campar_ray.data.concurrency import decode_tasks, least_decode_tasks, with_decode_tasks
 from campar_ray.preflight import (
     GIB,
     ClusterShape,
@@ -24,6 +25,7 @@ from campar_ray.preflight import (
     image_folders,
     launcher_shape,
     plan,
+    resolve_decoding,
 )
 
 LAPTOP = ClusterShape(nodes=({"CPU": 4.0, "object_store_memory": 2.0 * GIB},))
@@ -122,8 +124,10 @@ class FakeCluster:
     def sleep(self, seconds: float) -> None:
         self.now += seconds
 
-    def check(self, config: Config) -> None:
-        check_cluster(config, self.observe, self.requests.append, self.sleep, lambda: self.now)
+    def check(self, config: Config) -> Config:
+        return check_cluster(
+            config, self.observe, self.requests.append, self.sleep, lambda: self.now
+        )
 
 
 def test_a_cold_autoscaling_cluster_is_planned_against_its_node_types():
@@ -184,6 +188,60 @@ def test_decode_tasks_that_do_not_all_fit_are_a_warning():
     (warning,) = findings(GPU_RECIPE, tight)
     assert warning.level == "warning"
     assert warning.message.startswith("only 4 of data.decode_concurrency=8 decode tasks fit")
+
+
+# --- automatic decoding (data.decode_concurrency = 0), made concrete before the plan ----------
+
+
+def test_the_one_reading_of_decode_concurrency():
+    assert decode_tasks(5, 0.5, free_cpus=1.0) == 5  # set explicitly: kept
+    assert decode_tasks(0, 0.5, free_cpus=3.0) == 6  # 2 cores, 4 logical CPUs, 1 worker
+    assert decode_tasks(0, 1.0, free_cpus=0.5) == 1  # always at least one
+    auto = RUN.override({"data.decode_concurrency": 0})
+    assert least_decode_tasks(auto.data) == 1 and least_decode_tasks(RUN.data) == 2
+    assert with_decode_tasks(auto, cluster_cpus=4.0).data.decode_concurrency == 4  # 2 left
+    assert with_decode_tasks(RUN, cluster_cpus=64.0) == RUN
+    with pytest.raises(ValueError, match="needs a concrete"):
+        Reservation.of(auto)
+
+
+def test_automatic_decoding_is_planned_with_the_tasks_training_runs():
+    auto = RUN.override({"data.decode_concurrency": 0})
+    planned = plan(auto, LAPTOP)
+    assert planned.need.decode_tasks == planned.decode_fit == 4  # 2 CPUs left / 0.5
+    assert planned.need.prefetch_bytes == (3 * 32 * 2 + 4 * 256 * 2) * 64 * 32 * 3
+    assert resolve_decoding(auto, LAPTOP).data.decode_concurrency == 4
+    cluster = FakeCluster([LAPTOP])
+    assert cluster.check(auto).data.decode_concurrency == 4 and cluster.requests == []
+
+
+def test_automatic_decoding_on_a_cold_cluster_counts_the_nodes_the_workers_bring():
+    auto = GPU_RECIPE.override({"data.decode_concurrency": 0})
+    planned = plan(auto, COLD)
+    assert planned.add == {"gpu_worker": 4}
+    assert planned.need.decode_tasks == planned.decode_fit == 16  # 4 x 8 CPU, less 4 x 4
+    cluster = FakeCluster([COLD, GROWN])
+    assert cluster.check(auto).data.decode_concurrency == 16
+    # The autoscaler is asked for the workers and the first decode task only: the rest
+    # takes what the workers leave and is no reason for a node.
+    assert cluster.requests[0] == [{"CPU": 4.0, "GPU": 1.0}] * 4 + [{"CPU": 1.0}]
+
+
+def test_automatic_decoding_adds_no_node_and_warns_of_nothing():
+    # 3 CPUs less 1 worker leave 2 tasks' worth, in halves that hold one task between them.
+    halves = ClusterShape(
+        nodes=({"CPU": 1.5},) * 2, node_types=(NodeType("cpu", {"CPU": 8.0}, max_count=4),)
+    )
+    auto = RUN.override(
+        {
+            "data": {"manifest": "s3://b/m", "decode_concurrency": 0, "decode_cpus": 1.0},
+            "train.num_workers": 1,
+            "run.dir": "s3://b/r",
+        }
+    )
+    planned = plan(auto, halves)
+    assert planned.add == {} and (planned.need.decode_tasks, planned.decode_fit) == (2, 1)
+    assert findings(auto, halves) == []
 
 
 MULTI_MACHINE = ClusterShape(nodes=({"CPU": 4.0},) * 2, hosts=("10.0.0.1", "10.0.0.2"))

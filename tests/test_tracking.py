@@ -14,17 +14,18 @@ from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from campar_ray.config import ConfigError, DataConfig, TrackingConfig
+from campar_ray.data.concurrency import decode_tasks
 from campar_ray.tracking import (
     KEY_TAG,
     SUPERSEDED_TAG,
     open_tracker,
     resolve_tracking,
     retire_runs,
+    retire_trials,
     run_key,
     search_experiment,
 )
 from campar_ray.train.monitor import starvation_warning
-from campar_ray.train.stage1 import decode_tasks
 
 
 @pytest.fixture(scope="module")
@@ -86,27 +87,46 @@ def test_retired_runs_are_not_continued_and_other_runs_are_untouched(store, tmp_
     run_dir, other = str(tmp_path / "run"), str(tmp_path / "run2")
     cfg = TrackingConfig(tensorboard=False, mlflow_uri=store.mlflow_uri, experiment="tests")
     trials = search_experiment(cfg, run_dir)
-
-    def tracker(folder: str, experiment: str = "tests"):
-        tags = {"campar.run_dir": folder}
-        return open_tracker(
-            cfg, log_dir="", experiment=experiment, run_name="r", key=run_key(folder), tags=tags
-        )
-
-    stage1, finished = tracker(run_dir), tracker(other)
+    stage1, finished = _keyed(cfg, run_dir), _keyed(cfg, other)
     finished.close()
-    trial, stranger = tracker(f"{run_dir}/tune/t0", trials), tracker(f"{other}/tune/t0", trials)
+    trial = _keyed(cfg, f"{run_dir}/tune/t0", trials)
+    stranger = _keyed(cfg, f"{other}/tune/t0", trials)
     retired = retire_runs(cfg, run_dir)
     assert sorted(retired) == sorted([stage1.mlflow_run_id, trial.mlflow_run_id])
     client = MlflowClient(store.mlflow_uri)
     old = client.get_run(stage1.mlflow_run_id)
     assert old.info.status == "KILLED" and KEY_TAG not in old.data.tags  # was left RUNNING
     assert old.data.tags[SUPERSEDED_TAG] == run_key(run_dir)
-    assert tracker(run_dir).mlflow_run_id != stage1.mlflow_run_id  # a new run from here on
-    assert tracker(other).mlflow_run_id == finished.mlflow_run_id
+    assert _keyed(cfg, run_dir).mlflow_run_id != stage1.mlflow_run_id  # a new run from here on
+    assert _keyed(cfg, other).mlflow_run_id == finished.mlflow_run_id
     assert client.get_run(finished.mlflow_run_id).info.status == "RUNNING"  # reopened above
     assert client.get_run(stranger.mlflow_run_id).data.tags[KEY_TAG] == run_key(f"{other}/tune/t0")
     assert retire_runs(TrackingConfig(), run_dir) == []  # no MLflow: nothing to do
+
+
+def test_a_new_search_retires_the_old_trials_but_not_the_run_it_searches_from(store, tmp_path):
+    """What a search started in a run directory whose old ``tune/`` was deleted does."""
+    run_dir = str(tmp_path / "run")
+    cfg = TrackingConfig(tensorboard=False, mlflow_uri=store.mlflow_uri, experiment="tests")
+    trials = search_experiment(cfg, run_dir)
+    stage1 = _keyed(cfg, run_dir)
+    old = _keyed(cfg, f"{run_dir}/tune/trials/t0", trials)
+    elsewhere = _keyed(cfg, f"{run_dir}/tuned/t0", trials)  # a sibling folder, not the search's
+    assert retire_trials(cfg, run_dir, f"{run_dir}/tune") == [old.mlflow_run_id]
+    client = MlflowClient(store.mlflow_uri)
+    assert KEY_TAG not in client.get_run(old.mlflow_run_id).data.tags
+    assert _keyed(cfg, f"{run_dir}/tune/trials/t0", trials).mlflow_run_id != old.mlflow_run_id
+    assert _keyed(cfg, run_dir).mlflow_run_id == stage1.mlflow_run_id
+    assert _keyed(cfg, f"{run_dir}/tuned/t0", trials).mlflow_run_id == elsewhere.mlflow_run_id
+    assert retire_trials(TrackingConfig(), run_dir, f"{run_dir}/tune") == []
+
+
+def _keyed(cfg: TrackingConfig, folder: str, experiment: str = "tests"):
+    """The tracker of the run keyed by ``folder``, as stage 1 and search trials open theirs."""
+    tags = {"campar.run_dir": folder}
+    return open_tracker(
+        cfg, log_dir="", experiment=experiment, run_name="r", key=run_key(folder), tags=tags
+    )
 
 
 def test_tensorboard_alone_needs_no_mlflow_and_file_stores_work(tmp_path):

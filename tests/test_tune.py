@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from campar_ray.cfar.fit import fit_cfar, load_cfar
 from campar_ray.cli import main as cli_main
 from campar_ray.config import Config, load_config
 from campar_ray.data.synthetic import generate_synthetic
+from campar_ray.tracking import KEY_TAG, SUPERSEDED_TAG, run_key
 from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits, write_split_logits
 from campar_ray.tune import SearchResult, SearchSpaceError, load_search_space, run_search
 from campar_ray.tune.full_trial import FullTrial
@@ -435,6 +437,30 @@ def test_each_trial_is_one_mlflow_run_of_the_search_experiment_across_the_resume
     selected = json.loads((run / "cfar" / "metrics.json").read_text())["selected"]
     assert refit.data.metrics[f"final/test/{selected}/mA"] == second.test["test_mA"]
     assert "als_objective" in refit.data.metrics
+
+
+@pytest.mark.ray
+def test_a_search_started_over_opens_new_mlflow_runs_and_keeps_the_old_ones(ray_cluster, tmp_path):
+    """``tune/`` deleted (as the refusal to start a second search says) and searched again
+    with ``campar tune``: the old trials' runs are retired with their metrics, not continued."""
+    run = tmp_path / "run"
+    write_tiny_run(run)
+    common = {"run_dir": str(run), "scope": "cfar", "num_samples": 1, "seed": 0}
+    run_search(_tracked(BASE, run), **common, progress=False)
+    old = _mlflow_runs(run, "campar-search-run")
+    shutil.rmtree(run / "tune")
+    argv = _cli_args(run)
+    argv[argv.index("--num-samples") + 1] = "1"
+    assert cli_main(["tune", *argv]) == 0
+    runs = {r.info.run_id: r for r in _mlflow_runs(run, "campar-search-run")}
+    (new,) = set(runs) - {r.info.run_id for r in old}
+    assert runs[new].data.tags[KEY_TAG] == run_key(runs[new].data.tags["campar.run_dir"])
+    assert runs[new].data.metrics["trial/val_mA"] > 0
+    for before in old:
+        after = runs[before.info.run_id]
+        assert KEY_TAG not in after.data.tags
+        assert after.data.tags[SUPERSEDED_TAG] == before.data.tags[KEY_TAG]
+        assert after.data.metrics == before.data.metrics and after.info.status == "FINISHED"
 
 
 @pytest.mark.ray

@@ -176,7 +176,7 @@ def train_one_epoch(
             scaler.update()
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {steps + 1}")
+                raise _diverged(value, steps + 1, optimizer, fp16=amp and device.type == "cuda")
             loss_sum += value * len(x)
             images += len(x)
             steps += 1
@@ -188,6 +188,24 @@ def train_one_epoch(
         data_seconds=data_seconds,
         skipped=skipped,
         batches=taken,
+    )
+
+
+def _diverged(
+    value: float, step: int, optimizer: torch.optim.Optimizer, *, fp16: bool
+) -> FloatingPointError:
+    """The error of a loss that stopped being finite, naming the setting to change.
+
+    Labels are 0/1 (the manifest is checked when read) and inputs are normalised bytes, so a
+    non-finite loss means the weights blew up: the learning rate is too high for this model
+    and data, or fp16 autocast overflowed. A restart from the last checkpoint would train
+    with the same rate and diverge again, so the worker does not retry it.
+    """
+    rate = optimizer.param_groups[0]["lr"]
+    change = "lower train.lr" + (" or set train.amp=false" if fp16 else "")
+    return FloatingPointError(
+        f"training loss became {value} at step {step} with learning rate {rate:g}: training "
+        f"diverged; {change}"
     )
 
 

@@ -105,13 +105,17 @@ def train_stage1(
     callbacks: list[Any] | None = None,
     address: str | None = None,
     existing_run: str = "match",
+    insecure: bool = False,
 ) -> Stage1Result:
     """Train stage 1 as ``config`` says, resuming the run in ``run.dir`` when there is one.
 
     ``callbacks`` are Ray Train callbacks for the run's controller (``RunConfig.callbacks``):
     how a caller such as a Tune trial follows the run epoch by epoch. Ray is joined at
-    ``address`` (see :func:`init_ray`) only after the inputs have been checked.
-    ``existing_run`` is ``match``, ``resume`` or ``fresh`` (see :func:`check_run_dir`).
+    ``address`` (see :func:`init_ray`, which ``insecure`` is passed to) only after the inputs
+    have been checked. ``existing_run`` is ``match``, ``resume`` or ``fresh`` (see
+    :func:`check_run_dir`). ``data.decode_concurrency`` 0 (automatic) is made concrete by the
+    preflight for the cluster the run gets; ``config.yaml`` keeps the 0, so a resume on
+    another cluster decides again.
     """
     config = resolve_config(config)
     # Everything that can be checked is checked before the first byte is written.
@@ -130,8 +134,8 @@ def train_stage1(
         config = check_run_dir(config, stored, existing_run)
         check_weights(config.run.dir, checkpoint, config.model, len(info.attributes))
     storage.check_writable(config.run.dir)
-    init_ray(address)
-    check_cluster(config)
+    init_ray(address, insecure=insecure)
+    planned = check_cluster(config)
     if existing_run == "fresh":
         _clear_run(config.run.dir)
         retire_runs(config.tracking, config.run.dir)  # the new run is a new MLflow run
@@ -140,7 +144,7 @@ def train_stage1(
         yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
     )
     ensure_experiment(config.tracking, config.tracking.experiment)
-    config = _with_decode_tasks(config)
+    config = planned  # config.yaml keeps an automatic 0; the run uses the planned number
     result = _trainer(config, table, info, progress, callbacks or []).fit()
     best = result.get_best_checkpoint(metric="val_mA", mode="max")
     if best is None or result.checkpoint is None:
@@ -357,23 +361,6 @@ def resolve_config(config: Config) -> Config:
             "tracking": dataclasses.asdict(resolve_tracking(config.tracking)),
         }
     )
-
-
-def _with_decode_tasks(config: Config) -> Config:
-    """``data.decode_concurrency`` 0 (auto) made concrete from the CPUs training leaves free."""
-    cfg = config.train
-    gpus = cfg.max_workers if cfg.use_gpu else 0
-    free = data_execution_options(cfg.max_workers * cfg.cpus_per_worker, gpus).resource_limits.cpu
-    tasks = decode_tasks(config.data.decode_concurrency, config.data.decode_cpus, free)
-    return config.override({"data.decode_concurrency": tasks})
-
-
-def decode_tasks(concurrency: int, decode_cpus: float, free_cpus: float) -> int:
-    """``concurrency``, or for 0 as many tasks of ``decode_cpus`` as ``free_cpus`` hold (at
-    least one): one pool of tasks reads, decodes, resizes and augments."""
-    if concurrency > 0:
-        return concurrency
-    return max(1, int(free_cpus // decode_cpus))
 
 
 def _absolute(path: str) -> str:

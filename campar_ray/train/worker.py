@@ -5,8 +5,9 @@ with the checkpoint (see :mod:`campar_ray.train.checkpoints` for its files). A r
 worker group resumes at the epoch after the latest checkpoint, with learning rates rescaled
 to its size (``lr_scale``: ``train.lr`` is the full group's). With
 ``train.checkpoint_every_minutes`` the ranks also checkpoint mid-epoch (see
-:func:`_report_progress`), and a restart finishes the interrupted epoch from there. A
-``ValueError`` (bad data or config) leaves the worker as :class:`InputError`: not retried.
+:func:`_report_progress`), and a restart finishes the interrupted epoch from there. An error
+a restart would meet again (bad data or config, a diverged loss) leaves the worker as
+:class:`InputError`: not retried.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.exceptions import RayTaskError
 
 from campar_ray.model import (
     ParModel,
@@ -104,9 +106,10 @@ class _CheckpointClock:
 
 
 class InputError(ValueError):
-    """A ``ValueError`` raised in a worker: the run's data or config is wrong (every validation
-    image corrupt, labels that do not fit, a value our checks refuse), so a restart from the
-    checkpoint would raise it again. Ray Train's controller ends the run on it at once
+    """An error of a worker that a restart from the checkpoint would raise again (see
+    :func:`recurs`): the run's data or config is wrong (every validation image corrupt, labels
+    that do not fit, a manifest row no reader can open, a value our checks refuse) or the loss
+    diverged (the rate is too high). Ray Train's controller ends the run on it at once
     (:class:`~campar_ray.train.stage1.StopAtInputErrors`), keeping ``train.max_failures`` for
     crashes (a killed process, a lost node, memory).
 
@@ -126,8 +129,24 @@ def worker_loop(setup: dict[str, Any]) -> None:
     """One Ray Train worker: resume, then per epoch train, validate, report + checkpoint."""
     try:
         _worker_loop(setup)
-    except ValueError as error:
+    except Exception as error:
+        if not recurs(error):
+            raise
         raise InputError(error, traceback.format_exc()) from error
+
+
+def recurs(error: BaseException) -> bool:
+    """True when a restart from the checkpoint would meet ``error`` again: a ``ValueError``
+    (bad data or config) or a ``FloatingPointError`` (a diverged loss), raised in the worker
+    or in a Ray Data read task feeding it.
+
+    A read task's error reaches the worker as a ``RayTaskError`` holding the task's own
+    exception in ``cause``; it is judged by that exception, never by the wrapper's type or
+    name, so Ray's own failures (a lost object, a dead task) are still retried.
+    """
+    while isinstance(error, RayTaskError) and error.cause is not None:
+        error = error.cause
+    return isinstance(error, ValueError | FloatingPointError)
 
 
 def _worker_loop(setup: dict[str, Any]) -> None:

@@ -42,7 +42,12 @@ from campar_ray import storage
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import Config, ConfigError
 from campar_ray.runtime import init_ray, is_quiet
-from campar_ray.tracking import ensure_experiment, resolve_tracking, search_experiment
+from campar_ray.tracking import (
+    ensure_experiment,
+    resolve_tracking,
+    retire_trials,
+    search_experiment,
+)
 from campar_ray.train.logits import logits_path
 from campar_ray.train.stage1 import resolve_config
 from campar_ray.tune import report
@@ -172,6 +177,8 @@ def run_search(
         "base": base.to_dict(),
     }
     _record_settings(tune_dir, settings, resume)
+    if not resume:  # an earlier search here was deleted: its trials' runs are not continued
+        retire_trials(tracking, run_dir, tune_dir)
     trials_dir = storage.join(tune_dir, TRIALS_DIR)
     replay = Replay([], [])
     if resume:

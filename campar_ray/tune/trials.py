@@ -20,6 +20,7 @@ from campar_ray import storage
 from campar_ray.cfar.fit import CFAR_DIR
 from campar_ray.cfar.ray_als import ACTOR_CPUS
 from campar_ray.config import Config
+from campar_ray.data.concurrency import least_decode_tasks
 from campar_ray.tracking import TENSORBOARD_DIR, Tracker, markdown_table, open_tracker, run_key
 from campar_ray.tune.space import SearchSpace
 from campar_ray.tune.stage2 import fit_cfar_on_val
@@ -100,8 +101,8 @@ def trial_footprint(config: Config, scope: str) -> dict[str, float]:
     if scope == "full":
         cfg = config.train
         cpus += cfg.max_workers * cfg.cpus_per_worker
-        # Auto (0) decoding takes the CPUs its trial's workers leave: count its first task.
-        cpus += max(config.data.decode_concurrency, 1) * config.data.decode_cpus
+        # Automatic decoding takes what its trial's workers leave: counted by its first task.
+        cpus += least_decode_tasks(config.data) * config.data.decode_cpus
         gpus = float(cfg.max_workers) if cfg.use_gpu else 0.0
     return {"CPU": cpus, "GPU": gpus}
 

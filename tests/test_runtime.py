@@ -1,0 +1,81 @@
+"""Joining Ray: one function, which checks a named cluster before it joins. No Ray starts here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import ray
+
+from campar_ray import runtime
+from campar_ray.cli import main
+
+PACKAGE = Path(__file__).resolve().parents[1] / "campar_ray"
+
+
+def _calls_ray_init(tree: ast.AST) -> bool:
+    return any(
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "init"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "ray"
+        for node in ast.walk(tree)
+    )
+
+
+def test_only_runtime_joins_ray():
+    joining = [
+        path.relative_to(PACKAGE).as_posix()
+        for path in PACKAGE.rglob("*.py")
+        if _calls_ray_init(ast.parse(path.read_text()))
+    ]
+    assert joining == ["runtime.py"]
+
+
+@pytest.fixture
+def unjoined(monkeypatch):
+    """A process that has not joined Ray, whose ``ray.init`` must not be reached, and whose
+    cluster probe records what it was asked and refuses."""
+    asked = []
+
+    def refuse(address: str, insecure: bool = False) -> None:
+        asked.append((address, insecure))
+        raise runtime.InsecureClusterError(f"refusing to use the Ray cluster at {address}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **_: pytest.fail("joined an unchecked cluster"))
+    monkeypatch.setattr(runtime, "require_authentication", refuse)
+    monkeypatch.setattr(runtime, "_output", runtime._output)  # restored after main() sets it
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return asked
+
+
+def test_a_named_cluster_is_checked_before_it_is_joined(unjoined, monkeypatch):
+    with pytest.raises(runtime.InsecureClusterError):
+        runtime.init_ray("10.0.0.2:6379", insecure=True)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(runtime.InsecureClusterError):
+        runtime.init_ray()  # how a search and prediction join: RAY_ADDRESS is checked too
+    assert unjoined == [("10.0.0.2:6379", True), ("10.0.0.1:6379", False)]
+
+
+def test_a_process_that_joined_is_neither_probed_nor_joined_again(monkeypatch):
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "init", lambda **_: pytest.fail("joined twice"))
+    monkeypatch.setattr(runtime, "require_authentication", lambda *_, **__: pytest.fail("probed"))
+    monkeypatch.setattr(runtime, "_output", runtime.Output(verbose=True))
+    runtime.init_ray("10.0.0.1:6379")
+
+
+@pytest.mark.parametrize("command", ["tune", "doctor"])
+def test_the_cli_joins_through_init_ray_with_its_address_and_insecure(
+    unjoined, tmp_path, capsys, command
+):
+    argv = [command, "--run-dir", str(tmp_path / "run"), "--address", "10.0.0.3:6379"]
+    assert main([*argv, "--insecure"]) == 2
+    assert main(argv) == 2
+    assert unjoined == [("10.0.0.3:6379", True), ("10.0.0.3:6379", False)]
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"campar {command}: error: refusing to use the Ray cluster at 10.0.0.3:6379"
