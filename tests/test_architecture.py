@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "campar_ray"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
@@ -128,9 +126,3 @@ def test_maths_and_serving_load_without_ray():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", f"Ray was loaded: {done.stdout.strip()[:500]}"
-
-
-@pytest.mark.parametrize("module", RAY_FREE)
-def test_ray_free_modules_exist(module):
-    path = PACKAGE.parent / (module.replace(".", "/"))
-    assert path.with_suffix(".py").exists() or (path / "__init__.py").exists()

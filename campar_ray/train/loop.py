@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from campar_ray.data.transforms import normalize
 from campar_ray.metrics import par_metrics, summary
+from campar_ray.model.scoring import autocast
 
 Batch = Mapping[str, torch.Tensor]
 SCHEDULERS = ("plateau", "cosine")
@@ -98,12 +99,6 @@ def step_scheduler(
         scheduler.step(val_ma)
     else:
         scheduler.step()
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU (no scaler needed), fp16 on GPU (paired with a GradScaler)."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
 def make_grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
