@@ -43,7 +43,8 @@ from bench.common import write_results
 from campar_ray.cfar.als import check_probabilities, initial_attribute_factors
 from campar_ray.cfar.als import probabilities as sigmoid
 from campar_ray.cfar.implicit_als import fit_implicit
-from campar_ray.train.logits import ROW_GROUP_SIZE, count_rows, read_split_logits
+from campar_ray.config import AlsSettings
+from campar_ray.run.logits import ROW_GROUP_SIZE, count_rows, read_split_logits
 
 PARAMS = dict(alpha=10.0, lam=0.1, threshold=0.5)
 CHUNK = 65_536
@@ -96,18 +97,16 @@ def _matrix(values: np.ndarray, kind: pa.DataType, width: int) -> pa.FixedSizeLi
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), kind), width)
 
 
-def run_ray(path: str, actors: int, Y0: np.ndarray, iterations: int) -> dict[str, Any]:
+def run_ray(path: str, actors: int, Y0: np.ndarray, settings: AlsSettings) -> dict[str, Any]:
     from campar_ray.cfar.ray_als import ShardedAls
 
     start = time.perf_counter()
-    with ShardedAls(path, actors=actors, cpus_per_actor=1.0, **PARAMS) as solver:
+    with ShardedAls(path, settings, actors=actors, cpus_per_actor=1.0) as solver:
         solver.pids()  # returns once every actor has loaded its shard
         setup = time.perf_counter() - start
         before = solver.usage()
         stamps: list[float] = []
-        result = solver.fit(
-            Y0, iterations=iterations, tol=0.0, callback=lambda *values: stamps.append(values[3])
-        )
+        result = solver.fit(Y0, lambda *values: stamps.append(values[3]))
         after = solver.usage()
     cpu = sum(a["cpu_seconds"] - b["cpu_seconds"] for a, b in zip(after, before, strict=True))
     return {
@@ -115,23 +114,23 @@ def run_ray(path: str, actors: int, Y0: np.ndarray, iterations: int) -> dict[str
         "cores": actors,
         "setup_s": setup,
         "iteration_s": _median_step(stamps),
-        "cpu_s_per_iteration": cpu / iterations,
+        "cpu_s_per_iteration": cpu / settings.iterations,
         "peak_rss_mb": max(a["peak_rss"] for a in after) / 2**20,
         "objective": result.objectives[-1],
     }
 
 
 def run_implicit(
-    path: str, threads: int, Y0: np.ndarray, iterations: int, dtype: str = "float32"
+    path: str, threads: int, Y0: np.ndarray, settings: AlsSettings, dtype: str = "float32"
 ) -> dict[str, Any]:
     """implicit in a fresh process, so that its peak memory is its own."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_implicit_worker, path, threads, Y0, iterations, dtype).result()
+        return pool.submit(_implicit_worker, path, threads, Y0, settings, dtype).result()
 
 
 def _implicit_worker(
-    path: str, threads: int, Y0: np.ndarray, iterations: int, dtype: str
+    path: str, threads: int, Y0: np.ndarray, settings: AlsSettings, dtype: str
 ) -> dict[str, Any]:
     start = time.perf_counter()
     r = check_probabilities(sigmoid(read_split_logits(path).prediction))
@@ -141,19 +140,17 @@ def _implicit_worker(
     result = fit_implicit(
         r,
         Y0,
-        iterations=iterations,
-        tol=0.0,
-        threads=threads,
-        callback=lambda *values: stamps.append(values[3]),
+        settings,
+        threads,
+        lambda *values: stamps.append(values[3]),
         dtype=np.dtype(dtype).type,
-        **PARAMS,
     )
     return {
         "solver": f"implicit x{threads}" + ("" if dtype == "float32" else f" {dtype}"),
         "cores": threads,
         "setup_s": load,
         "iteration_s": _median_step(stamps),
-        "cpu_s_per_iteration": (time.process_time() - cpu_start) / iterations,
+        "cpu_s_per_iteration": (time.process_time() - cpu_start) / settings.iterations,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "objective": result.objectives[-1],
     }
@@ -165,6 +162,7 @@ def _median_step(cumulative: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
+    settings = AlsSettings(factors=args.factors, iterations=args.iterations, tol=0.0, **PARAMS)
     import ray
 
     ray.init(num_cpus=max(args.actors), include_dashboard=False, log_to_driver=False)
@@ -180,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if rows <= args.float64_up_to:
                 jobs.append((run_implicit, 1, {"dtype": "float64"}))
             for run, actors, options in jobs:
-                record = run(str(path), actors, Y0, args.iterations, **options)
+                record = run(str(path), actors, Y0, settings, **options)
                 record.update(rows=rows, load_average=os.getloadavg()[0])
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()})
                 runs.append(record)

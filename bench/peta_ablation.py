@@ -72,7 +72,7 @@ from campar_ray.bundle import (
     stage1_probabilities,
     validation_threshold,
 )
-from campar_ray.cfar.fit import CFAR_DIR, PROBABILITIES_FILE, eval_columns, fit_cfar
+from campar_ray.cfar.fit import PROBABILITIES_FILE, eval_columns, fit_cfar
 from campar_ray.config import Config
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import read_manifest, write_manifest
@@ -80,9 +80,9 @@ from campar_ray.evaluate.diagnostics import attribute_auc, floor_ties, protocol_
 from campar_ray.evaluate.plots import angle_boxplot
 from campar_ray.evaluate.probes import angle_summary, angles, load_split_images
 from campar_ray.metrics import SUMMARY_KEYS, THRESHOLD_PROTOCOLS, par_metrics, summary
-from campar_ray.train.logits import (
+from campar_ray.run.layout import RunDir
+from campar_ray.run.logits import (
     SplitLogits,
-    logits_path,
     read_split_logits,
     write_split_logits,
 )
@@ -287,7 +287,7 @@ def limited_manifest(manifest: str, limit: int) -> str:
 def stage1_figures(run_dir: str, predict_from: str) -> dict[str, float]:
     """Test metrics of the stage-1 prediction at the threshold chosen on validation."""
     threshold = validation_threshold(run_dir, predict_from, None).value
-    test = read_split_logits(logits_path(run_dir, "test"))
+    test = read_split_logits(RunDir(run_dir).logits("test"))
     columns = eval_columns(test)
     probs = stage1_probabilities(test, predict_from)[:, columns]
     return {
@@ -298,7 +298,7 @@ def stage1_figures(run_dir: str, predict_from: str) -> dict[str, float]:
 
 def cfar_figures(run_dir: str, config: Config, column: str) -> dict[str, float]:
     """Test metrics of stage 1 + CFAR from ``cfar/metrics.json`` (fitted once per run)."""
-    path = storage.join(run_dir, "cfar", "metrics.json")
+    path = RunDir(run_dir).cfar_metrics
     if not storage.exists(path):
         fit_cfar(run_dir, config.cfar, seed=config.seed)
     metrics = json.loads(storage.read_bytes(path))
@@ -309,7 +309,7 @@ def ensure_stage1(config: Config) -> tuple[int, float]:
     """Train (or resume) the run unless its logits exist; return (best epoch, train seconds)."""
     run_dir = config.run.dir
     start = time.perf_counter()
-    if not storage.exists(logits_path(run_dir, "test")):
+    if not storage.exists(RunDir(run_dir).logits("test")):
         train_stage1(config, progress=True)
     seconds = time.perf_counter() - start
     meta = json.loads(storage.read_bytes(storage.join(best_checkpoint(run_dir), "meta.json")))
@@ -398,7 +398,7 @@ def _keep_evidence(run_dir: str, out: Path) -> None:
     folder = out / EVIDENCE_DIR / os.path.basename(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test"):
-        logits = read_split_logits(logits_path(run_dir, split))
+        logits = read_split_logits(RunDir(run_dir).logits(split))
         columns = eval_columns(logits)
         trimmed = SplitLogits(
             images=logits.images,
@@ -409,7 +409,7 @@ def _keep_evidence(run_dir: str, out: Path) -> None:
             eval_attributes=logits.eval_attributes,
         )
         write_split_logits(str(folder / f"{split}.parquet"), trimmed)
-    cfar = storage.join(run_dir, CFAR_DIR, PROBABILITIES_FILE)
+    cfar = storage.join(RunDir(run_dir).cfar, PROBABILITIES_FILE)
     if storage.exists(cfar):
         shutil.copyfile(cfar, folder / f"cfar-{PROBABILITIES_FILE}")
 
@@ -433,9 +433,9 @@ def record_diagnostics(
     run_dir = config.run.dir
     if found is None or _diagnosed(found):
         return False
-    if storage.exists(logits_path(run_dir, "test")):
+    if storage.exists(RunDir(run_dir).logits("test")):
         if row.source != STAGE1 and not storage.exists(
-            storage.join(run_dir, CFAR_DIR, PROBABILITIES_FILE)
+            storage.join(RunDir(run_dir).cfar, PROBABILITIES_FILE)
         ):
             fit_cfar(run_dir, config.cfar, seed=config.seed)
             refreshed = cfar_figures(run_dir, config, row.source)
@@ -713,7 +713,11 @@ def record_angles(
     key = f"{_args_variant(args)}/{row.name}/seed{seed}"
     samples = figures.setdefault(ANGLE_SAMPLES["decision"], {})
     run_dir = row_config(base, row, seed, args.runs, args.init, args.classifier).run.dir
-    if row not in ANGLE_ROWS or key in samples or not storage.exists(logits_path(run_dir, "test")):
+    if (
+        row not in ANGLE_ROWS
+        or key in samples
+        or not storage.exists(RunDir(run_dir).logits("test"))
+    ):
         return False
     predictor = load_model(run_dir)
     images = load_split_images(base.data.manifest, "test", predictor.image_size, args.angle_images)

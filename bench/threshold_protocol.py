@@ -36,7 +36,8 @@ from campar_ray.evaluate.metrics_table import (
     source_probabilities,
 )
 from campar_ray.metrics import choose_threshold, par_metrics, summary
-from campar_ray.train.logits import logits_path, read_split_logits
+from campar_ray.run.layout import RunDir
+from campar_ray.run.logits import read_split_logits
 
 WIDE_GRID = np.round(np.linspace(0.01, 0.99, 99), 2)
 FIXED = 0.5
@@ -71,7 +72,7 @@ def score_run(run_dir: str) -> dict[str, dict[str, dict[str, float]]]:
     """Per prediction source of the run (its stage-1 prediction, and CFAR when fitted)."""
     predict_from = run_config(run_dir).model.predict_from
     cfar = load_cfar_if_fitted(run_dir)
-    val, test = (read_split_logits(logits_path(run_dir, split)) for split in ("val", "test"))
+    val, test = (read_split_logits(RunDir(run_dir).logits(split)) for split in ("val", "test"))
     columns = eval_columns(val)
     val_probs = source_probabilities(val, predict_from, cfar)
     test_probs = source_probabilities(test, predict_from, cfar)

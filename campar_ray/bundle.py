@@ -35,23 +35,18 @@ from torch import Tensor
 
 from campar_ray import storage
 from campar_ray.artifacts import load_arrays, load_json, save_arrays
-from campar_ray.cfar.fit import CFAR_DIR, CfarPredictor, eval_columns, load_cfar
+from campar_ray.cfar.fit import CfarPredictor, eval_columns, load_cfar
+from campar_ray.cfar.model import MODEL_FILE as CFAR_MODEL_FILE
 from campar_ray.config import Config, ConfigError
 from campar_ray.data.images import ANY_PATH, read_image
 from campar_ray.data.manifest import read_manifest
 from campar_ray.data.transforms import resize
 from campar_ray.metrics import THRESHOLD_PROTOCOLS, check_protocol, select_threshold
 from campar_ray.model import ParModel, ParOutput, Scorer, load_network, prediction_logits
-from campar_ray.train.checkpoints import (
-    CHECKPOINT_ROOT,
-    META_FILE,
-    MODEL_FILE,
-    read_meta,
-    stage1_checkpoints,
-)
-from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits
+from campar_ray.run.checkpoints import META_FILE, MODEL_FILE, read_meta, stage1_checkpoints
+from campar_ray.run.layout import CFAR_DIR, CONFIG_FILE, RunDir
+from campar_ray.run.logits import SplitLogits, read_split_logits
 
-CONFIG_FILE = "config.yaml"
 ATTRIBUTES_FILE = "attributes.json"
 THRESHOLD_FILE = "threshold.json"
 SAMPLES_FILE = "samples.npz"
@@ -128,7 +123,7 @@ def run_threshold(
     final = "stage 1 + CFAR" if cfar is not None else f"stage 1 ({predict_from} logits)"
     if protocol == "val" and cfar is not None:
         return Threshold(cfar.threshold, f"val: maximises mA of {final} (fit-cfar)", protocol)
-    val = read_split_logits(logits_path(run_dir, "val"))
+    val = read_split_logits(RunDir(run_dir).logits("val"))
     probs = (
         stage1_probabilities(val, predict_from)
         if cfar is None
@@ -269,11 +264,12 @@ def load_model(path: str, threshold: str = "0.5") -> ParPredictor:
     check_protocol(threshold)
     if storage.exists(storage.join(path, MODEL_FILE)):
         return _load_bundle(path, threshold)
-    if storage.exists(storage.join(path, *CHECKPOINT_ROOT)):
+    checkpoints = RunDir(path).checkpoints
+    if storage.exists(checkpoints):
         return _load_run(path, threshold)
     raise FileNotFoundError(
         f"{path} is neither a model bundle (no {MODEL_FILE}) nor a run directory "
-        f"(no {'/'.join(CHECKPOINT_ROOT)}); make a bundle with save_bundle(run_dir, out)"
+        f"(no {checkpoints}); make a bundle with save_bundle(run_dir, out)"
     )
 
 
@@ -308,7 +304,7 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
         {name: {"value": t.value, "source": t.source} for name, t in thresholds.items()},
     )
     if cfar is not None:
-        _copy_folder(storage.join(run_dir, CFAR_DIR), storage.join(out, CFAR_DIR))
+        _copy_folder(RunDir(run_dir).cfar, storage.join(out, CFAR_DIR))
     if samples > 0:
         images = sample_images(config, "val", samples)
         if len(images):
@@ -463,7 +459,7 @@ def _load_run(run_dir: str, protocol: str) -> ParPredictor:
 
 def load_cfar_if_fitted(path: str) -> CfarPredictor | None:
     """The CFAR predictor of a run or bundle, or None when ``fit-cfar`` has not run."""
-    if storage.exists(storage.join(path, CFAR_DIR, "cfar.json")):
+    if storage.exists(storage.join(path, CFAR_DIR, CFAR_MODEL_FILE)):
         return load_cfar(path)
     return None
 

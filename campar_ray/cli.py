@@ -99,12 +99,14 @@ def _common_parser() -> argparse.ArgumentParser:
 def _set_output(args: argparse.Namespace, config: Config) -> None:
     """Ray's output to ``<run dir>/logs/ray-COMMAND.log`` (a temporary folder for commands
     without a run directory) unless ``--verbose``."""
+    from campar_ray.demo import demo_run_dir
+    from campar_ray.run.layout import RunDir
     from campar_ray.runtime import Output, set_output
 
     if args.command == "demo":
-        log_dir: str | None = os.path.join(args.out, "run", "logs")
+        log_dir: str | None = RunDir(demo_run_dir(args.out)).logs
     else:
-        log_dir = os.path.join(config.run.dir, "logs") if "run_dir" in vars(args) else None
+        log_dir = RunDir(config.run.dir).logs if "run_dir" in vars(args) else None
     set_output(Output(verbose=args.verbose, log_dir=log_dir, command=args.command))
 
 
@@ -324,8 +326,8 @@ def _fit_cfar_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.cfar.fit import SPLITS, fit_cfar
+    from campar_ray.run.logits import require_logits
     from campar_ray.runtime import init_ray
-    from campar_ray.train.logits import require_logits
 
     require_logits(config.run.dir, SPLITS)
     if config.cfar.solver == "ray":
@@ -641,12 +643,13 @@ def _write_log(args: argparse.Namespace, config: Config | None, error: BaseExcep
     import traceback
 
     from campar_ray import storage
+    from campar_ray.run.layout import RunDir
 
     name = f"campar-{args.command}.log"
     text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} campar {args.command}\n"
     text += "".join(traceback.format_exception(error))
     if config is not None and "run_dir" in vars(args):
-        path = storage.join(config.run.dir, "logs", name)
+        path = storage.join(RunDir(config.run.dir).logs, name)
         try:
             storage.write_bytes(path, text.encode())
             return path

@@ -217,8 +217,46 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class AlsSettings:
+    """What the ALS of stage 2 fits (eq. 17-18), handed whole to every solver: ``factors`` = D,
+    ``c = 1 + alpha * r``, ``p = 1[r >= threshold]``, L2 weight ``lam`` on both factor
+    matrices, at most ``iterations`` iterations, stopping once the relative objective change
+    falls below ``tol``.
+
+    The fields are the ``cfar`` keys of the same names (documented on :class:`CfarConfig`),
+    which :attr:`CfarConfig.als` gathers. Their ranges are checked here and nowhere else,
+    whether the numbers come from a config file or from code, and a bad one is named by its
+    config key. How a fit is solved (solver, actors, seed) is not part of it: the same settings
+    reach the same factors on every solver.
+    """
+
+    factors: int
+    alpha: float
+    lam: float
+    threshold: float
+    iterations: int = 15
+    tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_ranges(
+            "cfar",
+            ("alpha", self.alpha, 0 <= self.alpha < math.inf, "a confidence slope >= 0"),
+            ("lam", self.lam, 0 < self.lam < math.inf,
+             "a regularisation > 0 (keeps every D x D system invertible)"),
+            ("factors", self.factors, self.factors >= 1, "a latent dimension >= 1"),
+            ("threshold", self.threshold, 0 < self.threshold < 1, "a threshold p_t in (0, 1)"),
+            ("iterations", self.iterations, self.iterations >= 1, "a number of iterations >= 1"),
+            ("tol", self.tol, 0 <= self.tol < math.inf, "a relative change >= 0"),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class CfarConfig:
-    """Stage 2: implicit-feedback ALS, the attribute-set dictionary and fc2."""
+    """Stage 2: implicit-feedback ALS, the attribute-set dictionary and fc2.
+
+    The ALS keys stay flat here (``cfar.alpha``, as files and ``--set`` spell them) and are
+    read together as :attr:`als`, which owns their ranges.
+    """
 
     alpha: float = 10.0
     """Confidence slope: ``c = 1 + alpha * r``."""
@@ -236,28 +274,28 @@ class CfarConfig:
     """Ray actors sharing the rows of ``r``."""
     solver: str = "ray"
     """``ray`` (sharded actors), ``local`` (NumPy) or ``implicit`` (reference library)."""
-    iterations: int = 15
-    tol: float = 1e-6
+    iterations: int = AlsSettings.iterations
+    tol: float = AlsSettings.tol
     """Early stop when the relative objective change falls below this."""
     fc2_lr: float = 1e-2
     fc2_epochs: int = 200
 
     def __post_init__(self) -> None:
+        _ = self.als  # AlsSettings checks the ALS keys; the others are checked here
         _check_ranges(
             "cfar",
-            ("alpha", self.alpha, 0 <= self.alpha < math.inf, "a confidence slope >= 0"),
-            ("lam", self.lam, 0 < self.lam < math.inf,
-             "a regularisation > 0 (keeps every D x D system invertible)"),
-            ("factors", self.factors, self.factors >= 1, "a latent dimension >= 1"),
             ("keys", self.keys, self.keys >= 1, "a dictionary size >= 1"),
-            ("threshold", self.threshold, 0 < self.threshold < 1, "a threshold p_t in (0, 1)"),
             ("actors", self.actors, self.actors >= 1, "a number of actors >= 1"),
-            ("iterations", self.iterations, self.iterations >= 1, "a number of iterations >= 1"),
-            ("tol", self.tol, 0 <= self.tol < math.inf, "a relative change >= 0"),
             ("fc2_lr", self.fc2_lr, 0 < self.fc2_lr < math.inf, "a learning rate > 0"),
             ("fc2_epochs", self.fc2_epochs, self.fc2_epochs >= 0,
              "a number of epochs >= 0"),
         )  # fmt: skip
+
+    @property
+    def als(self) -> AlsSettings:
+        """The ALS keys as the one value every solver takes (its fields name the keys)."""
+        names = [f.name for f in dataclasses.fields(AlsSettings)]
+        return AlsSettings(**{name: getattr(self, name) for name in names})
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Any
 from campar_ray import storage
 from campar_ray.config import Config, load_config
 from campar_ray.metrics import protocol_statement
+from campar_ray.run.layout import RunDir
 from campar_ray.runtime import init_ray
 
 PETA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "peta"
@@ -51,7 +52,12 @@ class DemoResult:
 def demo_config(out: str, manifest: str, overrides: list[str] | None = None) -> Config:
     """The packaged demo recipe, pointed at ``manifest`` and ``out``."""
     config = load_config(Path(__file__).with_name(DEMO_CONFIG), overrides)
-    return config.override({"data.manifest": manifest, "run.dir": storage.join(out, "run")})
+    return config.override({"data.manifest": manifest, "run.dir": demo_run_dir(out)})
+
+
+def demo_run_dir(out: str) -> str:
+    """The run directory inside the demo's folder ``out`` (next to its data)."""
+    return storage.join(out, "run")
 
 
 def run_demo(
@@ -94,16 +100,16 @@ def run_demo(
     # The built-in PETA stays where it ships, outside the demo's folder: trusted by choice.
     trusted = ["data.allow_outside_root=true"] if data == "peta" else []
     config = demo_config(out, manifest, [*trusted, *(overrides or [])])
-    run = config.run.dir
-    step("stage 1", _has(run, "logits", "test.parquet"), lambda: _train(config))
-    step("stage 2", _has(run, "cfar", "metrics.json"), lambda: _fit(config))
-    step("search", _has(run, "tune", "best.yaml"), lambda: _search(config, trials))
+    run = RunDir(config.run.dir)
+    step("stage 1", storage.exists(run.logits("test")), lambda: _train(config))
+    step("stage 2", storage.exists(run.cfar_metrics), lambda: _fit(config))
+    step("search", storage.exists(run.best_config), lambda: _search(config, trials))
     metrics: dict[str, Any] = {}
-    step("evaluate", False, lambda: metrics.update(_evaluate(run)))
+    step("evaluate", False, lambda: metrics.update(_evaluate(run.path)))
     result = DemoResult(
         out=out,
         manifest=manifest,
-        report=storage.join(run, "report", "test", "report.html"),
+        report=metrics["files"]["html"],
         timings=timings,
         metrics=metrics,
     )
@@ -161,10 +167,6 @@ def _evaluate(run: str) -> dict[str, Any]:
     from campar_ray.evaluate import evaluate
 
     return evaluate(run, "test")
-
-
-def _has(*parts: str) -> bool:
-    return storage.exists(storage.join(*parts))
 
 
 def _record_timings(out: str, timings: dict[str, float]) -> None:

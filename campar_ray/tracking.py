@@ -50,7 +50,6 @@ RUN_DIR_TAG = "campar.run_dir"
 NOTE_TAG = "mlflow.note.content"
 """MLflow shows this tag as the run's description (markdown): where the report goes, so that
 tracking needs no artifact store."""
-TENSORBOARD_DIR = "tensorboard"
 
 
 def run_key(name: str) -> str:

@@ -176,7 +176,7 @@ def tiny_run(ray_cluster, tmp_path_factory) -> TinyRun:
     from campar_ray.cli import main
     from campar_ray.data import generate_synthetic, read_manifest
     from campar_ray.data.manifest import write_manifest
-    from campar_ray.train.checkpoints import stage1_checkpoints
+    from campar_ray.run.checkpoints import stage1_checkpoints
 
     root = tmp_path_factory.mktemp("tiny-run")
     table, info = read_manifest(generate_synthetic(str(root / "data"), n=48, size=(32, 16)))

@@ -11,10 +11,16 @@ import pytest
 
 from campar_ray.cfar import als, implicit_als
 from campar_ray.cfar.solver import fit_als
-from campar_ray.train.logits import SplitLogits, write_split_logits
+from campar_ray.config import AlsSettings, CfarConfig, ConfigError
+from campar_ray.run.logits import SplitLogits, write_split_logits
 
 N, M, D = 240, 8, 4
 PARAMS = dict(alpha=10.0, lam=0.1, threshold=0.5)
+
+
+def settings(**change) -> AlsSettings:
+    """The test problem's settings (D factors, PARAMS), with ``change`` applied."""
+    return AlsSettings(**(dict(factors=D, **PARAMS) | change))
 
 
 def low_rank_logits(n: int = N, m: int = M, seed: int = 0) -> np.ndarray:
@@ -100,9 +106,9 @@ def test_objective_from_statistics_equals_direct_objective(r):
 
 
 def test_local_solver_matches_implicit(r):
-    common = dict(factors=D, iterations=15, tol=0.0, seed=0, **PARAMS)
-    local = fit_als(r, solver="local", **common)
-    reference = fit_als(r, solver="implicit", actors=1, **common)
+    fifteen = settings(iterations=15, tol=0.0)
+    local = fit_als(r, fifteen, solver="local", seed=0)
+    reference = fit_als(r, fifteen, solver="implicit", actors=1, seed=0)
     assert local.iterations == reference.iterations == 15
     np.testing.assert_allclose(local.objectives, reference.objectives, rtol=1e-3)
     assert local.objectives[-1] == pytest.approx(
@@ -110,12 +116,7 @@ def test_local_solver_matches_implicit(r):
     )
     # implicit with float64 factors (its confidences stay float32): the factors themselves agree.
     exact = implicit_als.fit_implicit(
-        r,
-        als.initial_attribute_factors(M, D, 0),
-        iterations=15,
-        tol=0.0,
-        dtype=np.float64,
-        **PARAMS,
+        r, als.initial_attribute_factors(M, D, 0), fifteen, dtype=np.float64
     )
     np.testing.assert_allclose(local.X, exact.X, atol=1e-6 * np.abs(local.X).max())
     np.testing.assert_allclose(local.Y, exact.Y, atol=1e-6 * np.abs(local.Y).max())
@@ -125,12 +126,9 @@ def test_objective_never_increases_and_callback_reports_each_iteration(r):
     seen = []
     result = fit_als(
         r,
+        settings(iterations=10, tol=0.0),
         solver="local",
-        factors=D,
-        iterations=10,
-        tol=0.0,
         callback=lambda *values: seen.append(values),
-        **PARAMS,
     )
     assert [s[0] for s in seen] == list(range(10))
     assert [s[1] for s in seen] == result.objectives
@@ -141,7 +139,7 @@ def test_objective_never_increases_and_callback_reports_each_iteration(r):
 
 @pytest.mark.parametrize("solver", ["local", "implicit"])
 def test_early_stop_on_tolerance(r, solver):
-    result = fit_als(r, solver=solver, factors=D, iterations=200, tol=1e-3, **PARAMS)
+    result = fit_als(r, settings(iterations=200, tol=1e-3), solver=solver)
     assert result.converged
     assert result.iterations < 200
     last, previous = result.objectives[-1], result.objectives[-2]
@@ -153,19 +151,19 @@ def test_nan_factors_raise_named_error(r, fit):
     Y0 = np.ones((M, D))
     Y0[1, 2] = np.nan
     with pytest.raises(als.AlsDivergedError, match="iteration 0"):
-        fit(r, Y0, iterations=3, tol=0.0, **PARAMS)
+        fit(r, Y0, settings(iterations=3, tol=0.0))
 
 
 def test_attribute_never_predicted_positive_gets_zero_factor(r):
     never = r.copy()
     never[:, 3] = 0.2  # below p_t for every image: p_.3 = 0
-    result = fit_als(never, solver="local", factors=D, iterations=5, **PARAMS)
+    result = fit_als(never, settings(iterations=5), solver="local")
     np.testing.assert_array_equal(result.Y[3], 0.0)
     assert np.isfinite(result.X).all()
 
 
 def test_more_factors_than_attributes_is_well_posed(r):
-    result = fit_als(r, solver="local", factors=2 * M, iterations=8, tol=0.0, **PARAMS)
+    result = fit_als(r, settings(factors=2 * M, iterations=8, tol=0.0), solver="local")
     assert result.X.shape == (N, 2 * M)
     assert np.isfinite(result.objectives).all()
     assert result.objectives[-1] < result.objectives[0]
@@ -174,34 +172,62 @@ def test_more_factors_than_attributes_is_well_posed(r):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
+        ({"lam": 0.0}, r"bad value 0.0 for cfar.lam: expected a regularisation > 0"),
+        ({"alpha": float("nan")}, "bad value nan for cfar.alpha: expected a confidence slope"),
+        ({"threshold": 1.0}, r"bad value 1.0 for cfar.threshold: .* in \(0, 1\)"),
+        ({"factors": 0}, "bad value 0 for cfar.factors: expected a latent dimension >= 1"),
+        ({"iterations": 0}, "bad value 0 for cfar.iterations: expected a number of iterations"),
+        ({"tol": -1.0}, "bad value -1.0 for cfar.tol: expected a relative change >= 0"),
+    ],
+)
+def test_bad_settings_are_named_by_their_config_key(change, message):
+    """AlsSettings owns the ALS ranges: built from code or from a config, the same message."""
+    with pytest.raises(ConfigError, match=message):
+        settings(**change)
+    with pytest.raises(ConfigError, match=message):
+        CfarConfig(**change)
+
+
+def test_config_hands_its_als_keys_over_as_one_value():
+    config = CfarConfig(factors=7, alpha=2.0, lam=0.3, threshold=0.4, iterations=9, tol=1e-3)
+    assert config.als == AlsSettings(
+        factors=7, alpha=2.0, lam=0.3, threshold=0.4, iterations=9, tol=1e-3
+    )
+    assert CfarConfig().als == AlsSettings(factors=16, alpha=10.0, lam=0.1, threshold=0.5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
         ({"solver": "spark"}, "solver must be one of ray, local, implicit"),
-        ({"lam": 0.0}, "lam must be finite and > 0"),
-        ({"alpha": float("nan")}, "alpha must be finite"),
-        ({"threshold": 1.0}, r"threshold p_t must lie in \(0, 1\)"),
-        ({"factors": 0}, "factors must be >= 1"),
         ({"actors": 0}, "actors must be >= 1"),
     ],
 )
-def test_bad_parameters_are_named(r, change, message):
-    kwargs = dict(solver="local", factors=D, iterations=2, actors=1, **PARAMS) | change
+def test_bad_solver_arguments_are_named(r, change, message):
     with pytest.raises(ValueError, match=message):
-        fit_als(r, **kwargs)
+        fit_als(r, settings(iterations=2), **(dict(solver="local", actors=1) | change))
+
+
+@pytest.mark.parametrize("fit", [als.fit_local, implicit_als.fit_implicit])
+def test_starting_factors_must_match_the_settings(r, fit):
+    with pytest.raises(ValueError, match=rf"starting Y must be {M} x {D + 1}"):
+        fit(r, als.initial_attribute_factors(M, D, 0), settings(factors=D + 1))
 
 
 def test_bad_inputs_are_refused(r):
     with pytest.raises(TypeError, match="logits Parquet path"):
-        fit_als(r, solver="ray", factors=D, **PARAMS)
+        fit_als(r, settings(), solver="ray")
     broken = r.copy()
     broken[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        fit_als(broken, solver="local", factors=D, **PARAMS)
+        fit_als(broken, settings(), solver="local")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        fit_als(r * 2, solver="local", factors=D, **PARAMS)
+        fit_als(r * 2, settings(), solver="local")
 
 
 def test_local_solver_reads_a_logits_file(r, logits_file):
-    from_file = fit_als(logits_file, solver="local", factors=D, iterations=3, **PARAMS)
-    in_memory = fit_als(r, solver="local", factors=D, iterations=3, **PARAMS)
+    from_file = fit_als(logits_file, settings(iterations=3), solver="local")
+    in_memory = fit_als(r, settings(iterations=3), solver="local")
     assert from_file.objectives == in_memory.objectives
 
 
@@ -209,15 +235,15 @@ def test_more_actors_than_rows_is_refused(logits_file):
     from campar_ray.cfar.ray_als import ShardedAls
 
     with pytest.raises(ValueError, match=f"actors={N + 1} exceeds the {N} rows"):
-        ShardedAls(logits_file, actors=N + 1, **PARAMS)
+        ShardedAls(logits_file, settings(), actors=N + 1)
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize("actors", [1, 2])
 def test_ray_solver_equals_local_solver(ray_cluster, r, logits_file, actors):
-    common = dict(factors=D, iterations=6, tol=0.0, seed=3, **PARAMS)
-    local = fit_als(r, solver="local", **common)
-    sharded = fit_als(logits_file, solver="ray", actors=actors, **common)
+    six = settings(iterations=6, tol=0.0)
+    local = fit_als(r, six, solver="local", seed=3)
+    sharded = fit_als(logits_file, six, solver="ray", actors=actors, seed=3)
     np.testing.assert_allclose(sharded.objectives, local.objectives, rtol=1e-10)
     np.testing.assert_allclose(sharded.X, local.X, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(sharded.Y, local.Y, rtol=1e-8, atol=1e-10)
@@ -230,11 +256,10 @@ def test_ray_solver_survives_killed_actors(ray_cluster, r, logits_file):
     from campar_ray.cfar.ray_als import ShardedAls
 
     iterations = 6
-    undisturbed = als.fit_local(
-        r, als.initial_attribute_factors(M, D, 0), iterations=iterations, tol=0.0, **PARAMS
-    )
+    six = settings(iterations=iterations, tol=0.0)
+    undisturbed = als.fit_local(r, als.initial_attribute_factors(M, D, 0), six)
     killed = []
-    with ShardedAls(logits_file, actors=2, **PARAMS) as solver:
+    with ShardedAls(logits_file, six, actors=2) as solver:
 
         def kill(iteration, *_):
             if iteration in (2, iterations - 1):
@@ -242,9 +267,7 @@ def test_ray_solver_survives_killed_actors(ray_cluster, r, logits_file):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
-        result = solver.fit(
-            als.initial_attribute_factors(M, D, 0), iterations=iterations, tol=0.0, callback=kill
-        )
+        result = solver.fit(als.initial_attribute_factors(M, D, 0), kill)
         survivors = solver.pids()
     assert len(set(killed)) == 2 and not set(killed) & set(survivors)
     np.testing.assert_allclose(result.objectives, undisturbed.objectives, rtol=1e-6)

@@ -3,7 +3,8 @@
 Every import between the package's parts must point down the layers below: a part imports only
 parts of lower layers (and its own modules). Read statically from the source, so an import
 inside a function counts as much as one at the top. A second check imports the maths and the
-inference products in a fresh interpreter and requires that Ray was never loaded.
+inference products in a fresh interpreter and requires that Ray was never loaded. A third
+checks that the names inside a run directory are spelled in ``run`` only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runtime", "tracking"),
     ("data",),
     ("model", "preflight"),
+    ("run",),
     ("train",),
     ("cfar",),
     ("tune", "bundle"),
@@ -42,11 +44,33 @@ RAY_FREE = (
     "campar_ray.cfar.als",
     "campar_ray.cfar.model",
     "campar_ray.cfar.solver",
+    "campar_ray.run.layout",
+    "campar_ray.run.logits",
+    "campar_ray.run.checkpoints",
     "campar_ray.evaluate.diagnostics",
     "campar_ray.bundle",
     "campar_ray.export",
 )
 """The maths and what serves a trained model: usable (and testable) without Ray."""
+
+RUN_NAMES = frozenset(
+    {
+        "config.yaml",
+        "logits",
+        "skipped.json",
+        "best.yaml",
+        "tensorboard",
+        "data_stats",
+        "logs",
+        "model.pt",
+        "train_state.pt",
+        "meta.json",
+        "checkpoint_manager_snapshot.json",
+    }
+)
+"""Names inside a run directory that only ``run`` may spell. ``cfar``, ``tune``, ``report``,
+``ray`` and ``stage1`` are run-directory names too, but also a config section, a search
+scope, a solver or a stage's tracking name, so a string alone cannot tell them apart."""
 
 
 def _part(path: Path, package: Path = PACKAGE) -> str:
@@ -101,6 +125,30 @@ def test_imports_point_down_the_layers():
     assert not upward, "imports against docs/ARCHITECTURE.md:\n" + "\n".join(upward)
 
 
+def spelled_outside(names: frozenset[str], owner: str, package: Path = PACKAGE) -> list[str]:
+    """``file:line: 'name'`` for every string constant equal to one of ``names`` (a docstring
+    or message that mentions a name is longer, so it never equals one) outside ``owner``."""
+    return sorted(
+        f"{path.relative_to(package.parent)}:{node.lineno}: {node.value!r}"
+        for path in package.rglob("*.py")
+        if _part(path, package) != owner
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+    )
+
+
+def test_only_run_spells_the_names_inside_a_run_directory():
+    outside = spelled_outside(RUN_NAMES, "run")
+    assert not outside, "use campar_ray.run.layout (RunDir) instead:\n" + "\n".join(outside)
+    spelled = {
+        node.value
+        for path in (PACKAGE / "run").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+    assert not RUN_NAMES - spelled, f"no longer spelled in run: {sorted(RUN_NAMES - spelled)}"
+
+
 def test_the_rule_catches_upward_and_sideways_imports(tmp_path):
     """The check itself, on a package holding one import of each kind (one inside a function)."""
     package = tmp_path / "campar_ray"
@@ -110,8 +158,8 @@ def test_the_rule_catches_upward_and_sideways_imports(tmp_path):
     )
     (package / "tune.py").write_text("import campar_ray.bundle\nfrom campar_ray.cfar import fit\n")
     assert upward_imports(package) == [
-        "campar_ray/data/pipeline.py: data (layer 3) imports train (layer 5)",
-        "campar_ray/tune.py: tune (layer 7) imports bundle (layer 7)",
+        "campar_ray/data/pipeline.py: data (layer 3) imports train (layer 6)",
+        "campar_ray/tune.py: tune (layer 8) imports bundle (layer 8)",
     ]
 
 

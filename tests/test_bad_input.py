@@ -25,7 +25,7 @@ from campar_ray.cli import main
 from campar_ray.config import Config
 from campar_ray.data import generate_synthetic, read_manifest
 from campar_ray.data.manifest import write_manifest
-from campar_ray.train.checkpoints import STATE_FILE, resume_checkpoint
+from campar_ray.run.checkpoints import STATE_FILE, resume_checkpoint
 from campar_ray.train.stage1 import train_stage1
 
 MARKER = "pwned"

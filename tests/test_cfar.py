@@ -14,9 +14,10 @@ from campar_ray.cfar.als import fit_local, initial_attribute_factors, probabilit
 from campar_ray.cfar.dictionary import build_dictionary
 from campar_ray.cfar.fit import fit_cfar, load_cfar
 from campar_ray.cfar.head import Fc2, Fc2Split, train_fc2
-from campar_ray.config import CfarConfig, ConfigError
+from campar_ray.config import AlsSettings, CfarConfig, ConfigError
 from campar_ray.metrics import par_metrics
-from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits, write_split_logits
+from campar_ray.run.layout import RunDir
+from campar_ray.run.logits import SplitLogits, read_split_logits, write_split_logits
 
 M = 10
 ATTRIBUTES = tuple(f"attr{j}" for j in range(M))
@@ -39,7 +40,7 @@ def write_tiny_run(run_dir: Path, seed: int = 0) -> None:
         specific = 1.2 * signal + rng.normal(scale=1.4, size=(n, M))
         specific[:, NEVER] = -3.0 + 0.3 * rng.normal(size=n)
         write_split_logits(
-            logits_path(str(run_dir), split),
+            RunDir(str(run_dir)).logits(split),
             SplitLogits(
                 images=[f"{split}/{i}.jpg" for i in range(n)],
                 labels=labels.astype(np.int8),
@@ -109,7 +110,7 @@ def test_cfar_is_not_worse_than_stage1_on_validation(fitted):
 def test_load_cfar_round_trip(fitted):
     run_dir, result, _ = fitted
     loaded = load_cfar(str(run_dir))
-    test = read_split_logits(logits_path(str(run_dir), "test"))
+    test = read_split_logits(RunDir(str(run_dir)).logits("test"))
     np.testing.assert_array_equal(
         loaded.probabilities(test.prediction), result.predictor.probabilities(test.prediction)
     )
@@ -166,15 +167,8 @@ def test_dictionary_lookup_reconstructs_confidences_of_training_rows():
         sets[rng.integers(4, size=200)] * 0.8 + 0.1 + rng.normal(scale=0.02, size=(200, M)), 0, 1
     )
     r = r.astype(np.float32)
-    als = fit_local(
-        r,
-        initial_attribute_factors(M, 6, 0),
-        alpha=10.0,
-        lam=0.1,
-        threshold=0.5,
-        iterations=15,
-        tol=0.0,
-    )
+    settings = AlsSettings(factors=6, alpha=10.0, lam=0.1, threshold=0.5, iterations=15, tol=0.0)
+    als = fit_local(r, initial_attribute_factors(M, 6, 0), settings)
     dictionary = build_dictionary(r, als.X, keys=4)
     r_hat = dictionary.factors(r) @ als.Y.T
     assert np.mean((r_hat > 0.5) == (r > 0.5)) > 0.99
@@ -200,8 +194,8 @@ def test_bad_config_values_are_named(tmp_path, change, message):
 def test_fit_cfar_with_the_ray_solver_matches_local(ray_cluster, fitted, tmp_path):
     run_dir, local, _ = fitted
     for split in SIZES:
-        source = logits_path(str(run_dir), split)
-        storage.write_bytes(logits_path(str(tmp_path), split), storage.read_bytes(source))
+        source = RunDir(str(run_dir)).logits(split)
+        storage.write_bytes(RunDir(str(tmp_path)).logits(split), storage.read_bytes(source))
     sharded = fit_cfar(str(tmp_path), dataclasses.replace(CONFIG, solver="ray", actors=2))
     np.testing.assert_allclose(sharded.als.objectives, local.als.objectives, rtol=1e-9)
     assert sharded.metrics["val"]["cfar_dictionary"]["mA"] == pytest.approx(

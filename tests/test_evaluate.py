@@ -45,8 +45,9 @@ from campar_ray.evaluate import compare_runs, evaluate
 from campar_ray.evaluate.metrics_table import source_probabilities
 from campar_ray.metrics import THRESHOLD_PROTOCOLS, choose_threshold, par_metrics
 from campar_ray.model import build_model, prediction_logits, stage1_loss
-from campar_ray.train.checkpoints import load_stage1_checkpoint, save_checkpoint
-from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits, write_split_logits
+from campar_ray.run.checkpoints import load_stage1_checkpoint, save_checkpoint
+from campar_ray.run.layout import RunDir
+from campar_ray.run.logits import SplitLogits, read_split_logits, write_split_logits
 from campar_ray.train.loop import (
     build_optimizer,
     build_scheduler,
@@ -140,7 +141,7 @@ def train_tiny_run(run_dir: Path, manifest: str, head: str, epochs: int = 2) -> 
             outputs = [best(normalize(batch["image"])) for batch in batches]
         rows = split_rows(table, split)
         write_split_logits(
-            logits_path(str(run_dir), split),
+            RunDir(str(run_dir)).logits(split),
             SplitLogits(
                 images=rows.column("image").to_pylist(),
                 labels=labels_matrix(rows),
@@ -300,7 +301,7 @@ def test_every_report_states_its_threshold_protocol(protocol_reports):
 
 def _val_probabilities(run_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Val labels and each source's val probabilities, over the evaluated attributes."""
-    val = read_split_logits(logits_path(str(run_dir), "val"))
+    val = read_split_logits(RunDir(str(run_dir)).logits("val"))
     columns = eval_columns(val)
     probs = source_probabilities(val, "specific", load_cfar_if_fitted(str(run_dir)))
     return val.labels[:, columns], {name: p[:, columns] for name, p in probs.items()}
@@ -349,7 +350,7 @@ def test_default_protocol_metrics_are_par_metrics_at_half(runs, tmp_path):
     flags = ["--split", "val", "--out", str(tmp_path), "--angle-images", "8"]
     assert main(["evaluate", "--run-dir", str(runs["campar"]), *flags]) == 0
     result = json.loads((tmp_path / "metrics.json").read_text())
-    logits = read_split_logits(logits_path(str(runs["campar"]), "val"))
+    logits = read_split_logits(RunDir(str(runs["campar"])).logits("val"))
     columns = [logits.attributes.index(name) for name in logits.eval_attributes]
     probs = 1 / (1 + np.exp(-logits.specific.astype(np.float64)))
     expected = par_metrics(logits.labels[:, columns], probs[:, columns], 0.5)
@@ -382,7 +383,7 @@ def test_fig7_angles_baseline_next_to_campar(report, runs):
 
 
 def test_predictor_of_a_run_reproduces_its_logits(runs, tmp_path):
-    logits = read_split_logits(logits_path(str(runs["campar"]), "test"))
+    logits = read_split_logits(RunDir(str(runs["campar"])).logits("test"))
     images = [str(runs["manifest"].parent / name) for name in logits.images[:6]]
     predictor = load_model(str(runs["campar"]))
     expected = stage1_probabilities(logits, "specific")[:6]

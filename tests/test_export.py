@@ -24,7 +24,8 @@ from campar_ray.data.synthetic import render, sample_person
 from campar_ray.data.transforms import normalize
 from campar_ray.export import ExportError, export_model
 from campar_ray.model import build_model
-from campar_ray.train.logits import SplitLogits, logits_path, write_split_logits
+from campar_ray.run.layout import RunDir
+from campar_ray.run.logits import SplitLogits, write_split_logits
 
 SIZE = (32, 16)
 ATTRIBUTES = ("hat", "bag", "skirt", "jeans", "logo")
@@ -61,7 +62,7 @@ def make_run(run_dir: Path, head: str, fusion: bool) -> Path:
         labels = rng.integers(0, 2, (count, len(ATTRIBUTES))).astype(np.int8)
         logits = (2 * labels - 1) + rng.normal(0, 1.5, labels.shape)
         write_split_logits(
-            logits_path(str(run_dir), split),
+            RunDir(str(run_dir)).logits(split),
             SplitLogits(
                 images=[f"{split}_{i}.png" for i in range(count)],
                 labels=labels,

@@ -165,7 +165,7 @@ def test_rows_are_diagnosed_again_from_their_evidence_when_the_run_folder_is_gon
         get_args_parser,
         record_diagnostics,
     )
-    from campar_ray.train.logits import SplitLogits, write_split_logits
+    from campar_ray.run.logits import SplitLogits, write_split_logits
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "out" / EVIDENCE_DIR / "reference-campar-seed0"

@@ -22,8 +22,8 @@ from mlflow.tracking import MlflowClient
 from campar_ray.config import Config, ModelConfig
 from campar_ray.data import read_manifest
 from campar_ray.model import build_model
+from campar_ray.run.checkpoints import MODEL_FILE, resume_checkpoint, stage1_checkpoints
 from campar_ray.tracking import KEY_TAG, SUPERSEDED_TAG, run_key
-from campar_ray.train.checkpoints import MODEL_FILE, resume_checkpoint, stage1_checkpoints
 from campar_ray.train.stage1 import check_run_dir
 
 

@@ -28,8 +28,9 @@ from campar_ray.cfar.fit import fit_cfar, load_cfar
 from campar_ray.cli import main as cli_main
 from campar_ray.config import Config, load_config
 from campar_ray.data.synthetic import generate_synthetic
+from campar_ray.run.layout import RunDir
+from campar_ray.run.logits import SplitLogits, read_split_logits, write_split_logits
 from campar_ray.tracking import KEY_TAG, SUPERSEDED_TAG, run_key
-from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits, write_split_logits
 from campar_ray.tune import SearchResult, SearchSpaceError, load_search_space, run_search
 from campar_ray.tune.full_trial import FullTrial
 from campar_ray.tune.report import best_row, param_importances, trial_row
@@ -56,7 +57,7 @@ def write_tiny_run(run_dir: Path, seed: int = 0) -> None:
         labels = SETS[rng.integers(len(SETS), size=n)] ^ (rng.random((n, SETS.shape[1])) < 0.05)
         specific = 1.2 * (2.0 * labels - 1.0) + rng.normal(scale=1.4, size=labels.shape)
         write_split_logits(
-            logits_path(str(run_dir), split),
+            RunDir(str(run_dir)).logits(split),
             SplitLogits(
                 images=[f"{split}/{i}.jpg" for i in range(n)],
                 labels=labels.astype(np.int8),
@@ -184,7 +185,7 @@ def test_a_trial_saves_the_model_fit_cfar_saves(tmp_path, lookup):
     assert ours["fc2"][lookup] == theirs["fc2"][lookup]
     for key in ("config", "seed", "attributes", "als", "keys_used", "threshold"):
         assert ours[key] == theirs[key], key
-    test = read_split_logits(logits_path(str(run), "test")).prediction
+    test = read_split_logits(RunDir(str(run)).logits("test")).prediction
     np.testing.assert_array_equal(
         load_cfar(str(tmp_path / "trial")).probabilities(test),
         load_cfar(str(run)).probabilities(test),

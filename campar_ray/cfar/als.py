@@ -9,6 +9,10 @@ additive share of the M attribute systems. :func:`fit_local` runs the kernels on
 hands the same problem to the ``implicit`` library, the reference the tests compare against,
 and :func:`campar_ray.cfar.solver.fit_als` picks one of the three.
 
+The solvers take the settings as one :class:`~campar_ray.config.AlsSettings` (checked where it
+is built) and a starting ``Y`` that must match them; the kernels below take the plain numbers
+they use, so that they stay readable as the equations and testable on their own.
+
 The objective is read off the attribute-step statistics (``objective_from_stats``), so
 monitoring convergence costs O(M D^2) per iteration instead of another pass over r.
 """
@@ -19,9 +23,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import expit
+
+if TYPE_CHECKING:
+    from campar_ray.config import AlsSettings
 
 CHUNK_ROWS = 2048
 
@@ -189,16 +197,11 @@ class Shard:
     """Rows of r held by one worker, and their image factors from the latest step."""
 
     def __init__(
-        self,
-        r: np.ndarray,
-        *,
-        alpha: float,
-        threshold: float,
-        lam: float,
-        chunk_rows: int = CHUNK_ROWS,
+        self, r: np.ndarray, settings: AlsSettings, *, chunk_rows: int = CHUNK_ROWS
     ) -> None:
         self.r = check_probabilities(r)
-        self.alpha, self.threshold, self.lam, self.chunk_rows = alpha, threshold, lam, chunk_rows
+        self.alpha, self.threshold, self.lam = settings.alpha, settings.threshold, settings.lam
+        self.chunk_rows = chunk_rows
         self.X: np.ndarray | None = None
 
     def solve(self, Y: np.ndarray, YtY: np.ndarray) -> np.ndarray:
@@ -234,6 +237,16 @@ def check_probabilities(r: np.ndarray) -> np.ndarray:
     return r
 
 
+def check_start(Y0: np.ndarray, attributes: int, settings: AlsSettings) -> None:
+    """Raise a ValueError unless the starting Y is M x D, D being ``settings.factors``: the
+    settings, not the array, say how many factors a fit has."""
+    if np.shape(Y0) != (attributes, settings.factors):
+        raise ValueError(
+            f"the starting Y must be {attributes} x {settings.factors} (attributes x "
+            f"settings.factors), got shape {np.shape(Y0)}"
+        )
+
+
 class Monitor:
     """Objective bookkeeping shared by every solver: NaN check, callback, early stop."""
 
@@ -267,22 +280,19 @@ class Monitor:
 def alternate(
     step: Callable[[np.ndarray], AttributeStats],
     Y: np.ndarray,
-    *,
-    lam: float,
-    iterations: int,
-    tol: float,
+    settings: AlsSettings,
     callback: AlsCallback | None = None,
 ) -> tuple[np.ndarray, Monitor]:
     """The ALS loop around ``step(Y)`` (image step + attribute statistics, on any shards).
 
     Returns the final Y and the monitor holding the objective after each iteration.
     """
-    monitor = Monitor(tol, callback)
+    monitor = Monitor(settings.tol, callback)
     start = time.perf_counter()
-    for iteration in range(iterations):
+    for iteration in range(settings.iterations):
         stats = step(Y)
-        Y = solve_attribute_factors(stats, lam)
-        value = objective_from_stats(stats, Y, lam)
+        Y = solve_attribute_factors(stats, settings.lam)
+        value = objective_from_stats(stats, Y, settings.lam)
         if monitor.record(iteration, value, time.perf_counter() - start, Y):
             break
     return Y, monitor
@@ -291,23 +301,13 @@ def alternate(
 def fit_local(
     r: np.ndarray,
     Y0: np.ndarray,
-    *,
-    alpha: float,
-    lam: float,
-    threshold: float,
-    iterations: int,
-    tol: float,
+    settings: AlsSettings,
     callback: AlsCallback | None = None,
+    *,
     chunk_rows: int = CHUNK_ROWS,
 ) -> AlsResult:
-    """ALS in this process on an in-memory r (one shard)."""
-    shard = Shard(r, alpha=alpha, threshold=threshold, lam=lam, chunk_rows=chunk_rows)
-    Y, monitor = alternate(
-        lambda Y: shard.step(Y, gram(Y)),
-        Y0,
-        lam=lam,
-        iterations=iterations,
-        tol=tol,
-        callback=callback,
-    )
+    """ALS in this process on an in-memory r (one shard), from the starting ``Y0``."""
+    shard = Shard(r, settings, chunk_rows=chunk_rows)
+    check_start(Y0, shard.r.shape[1], settings)
+    Y, monitor = alternate(lambda Y: shard.step(Y, gram(Y)), Y0, settings, callback)
     return AlsResult(shard.X, Y, monitor.objectives, len(monitor.objectives), monitor.converged)

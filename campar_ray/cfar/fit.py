@@ -1,8 +1,8 @@
 """Stage 2 of a run: ``campar fit-cfar`` on a run's stage-1 logits, with its metrics.
 
-Reads ``<run_dir>/logits/{train,val,test}.parquet``, fits stage 2 with
+Reads a run's train, val and test logits, fits stage 2 with
 :func:`campar_ray.cfar.model.fit_model` for both lookups (fc2 takes seconds) and saves the
-configured one with :func:`~campar_ray.cfar.model.save_model` into ``<run_dir>/cfar/``
+configured one with :func:`~campar_ray.cfar.model.save_model` into the run's ``cfar/``
 (``factors.npz``, ``dictionary.npz``, ``fc2.npz``, ``cfar.json``; loaded by
 :func:`load_cfar`), next to:
 
@@ -40,16 +40,12 @@ from campar_ray.cfar.model import (
 )
 from campar_ray.config import CfarConfig, TrackingConfig
 from campar_ray.metrics import choose_threshold, par_metrics, summary
-from campar_ray.tracking import (
-    TENSORBOARD_DIR,
-    Tracker,
-    markdown_table,
-    open_tracker,
-    resolve_tracking,
-)
-from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits
+from campar_ray.run.layout import RunDir
+from campar_ray.run.logits import SplitLogits, read_split_logits
+from campar_ray.tracking import Tracker, markdown_table, open_tracker, resolve_tracking
 
-CFAR_DIR = "cfar"
+STAGE = "cfar"
+"""The stage's name in tracking: its TensorBoard folder, its MLflow run name and tag."""
 SPLITS = ("train", "val", "test")
 REPORTED = ("val", "test")
 
@@ -89,8 +85,9 @@ def fit_cfar(
     test metrics of every column and a short report. Each fit is a new MLflow run.
     """
     check_cfar_config(cfg)
+    run = RunDir(run_dir)
     tracker = _open_tracker(run_dir, cfg, seed, resolve_tracking(tracking or TrackingConfig()))
-    splits = {name: read_split_logits(logits_path(run_dir, name)) for name in SPLITS}
+    splits = {name: read_split_logits(run.logits(name)) for name in SPLITS}
     check_same_attributes(splits)
     model = fit_model(
         splits["train"],
@@ -98,14 +95,14 @@ def fit_cfar(
         cfg,
         seed=seed,
         compare_lookups=True,
-        train_path=logits_path(run_dir, "train"),
+        train_path=run.logits("train"),
         progress=_tracked(progress or (lambda stage, values: None), tracker),
     )
     columns = eval_columns(splits["train"])
     probs = _probabilities(splits, model.predictors, columns)
     metrics = _metrics(splits, probs, model.predictors, columns, selected=cfg.lookup)
 
-    output_dir = storage.join(run_dir, CFAR_DIR)
+    output_dir = run.cfar
     save_model(output_dir, model)
     save_arrays(  # the evidence behind metrics.json, so any protocol can be re-scored later
         storage.join(output_dir, PROBABILITIES_FILE),
@@ -115,7 +112,7 @@ def fit_cfar(
             for split, values in by.items()
         },
     )
-    _write_json(storage.join(output_dir, "metrics.json"), metrics)
+    _write_json(run.cfar_metrics, metrics)
     tracker.log_final(
         {
             f"{split}/{column}/{name}": value
@@ -131,7 +128,7 @@ def fit_cfar(
 
 def load_cfar(run_dir: str) -> CfarPredictor:
     """The saved stage-2 predictor of a run (the configured lookup, fc2, threshold)."""
-    return load_predictor(storage.join(run_dir, CFAR_DIR))
+    return load_predictor(RunDir(run_dir).cfar)
 
 
 def cfar_report(metrics: dict[str, Any]) -> str:
@@ -143,10 +140,10 @@ def cfar_report(metrics: dict[str, Any]) -> str:
 def _open_tracker(run_dir: str, cfg: CfarConfig, seed: int, tracking: TrackingConfig) -> Tracker:
     tracker = open_tracker(
         tracking,
-        log_dir=storage.join(run_dir, TENSORBOARD_DIR, CFAR_DIR),
+        log_dir=RunDir(run_dir).tensorboard(STAGE),
         experiment=tracking.experiment,
-        run_name=f"{os.path.basename(run_dir.rstrip('/'))}/{CFAR_DIR}",
-        tags={"campar.run_dir": run_dir, "campar.stage": CFAR_DIR},
+        run_name=f"{os.path.basename(run_dir.rstrip('/'))}/{STAGE}",
+        tags={"campar.run_dir": run_dir, "campar.stage": STAGE},
     )
     tracker.log_config({"cfar": dataclasses.asdict(cfg), "seed": seed})
     return tracker

@@ -71,6 +71,9 @@ class Fc2Fit:
     epochs_run: int
     val_mA: float
     val_loss: float
+    curve: tuple[float, ...]
+    """Validation mA after each epoch, epoch 0 (the stage-1 prediction) first: what a study
+    of fc2's training data reads (``bench/fc2_heldout.py``)."""
 
 
 def train_fc2(
@@ -107,12 +110,14 @@ def train_fc2(
 
     best_epoch, (best_mA, best_loss), best_state = 0, validate(), head.arrays()
     lowest_loss, lowest_epoch = best_loss, 0
+    curve = [best_mA]
     epoch = 0
     for epoch in range(1, epochs + 1):
         optimiser.zero_grad()
         binary_cross_entropy_with_logits(head(*inputs), target).backward()
         optimiser.step()
         mA, loss = validate()
+        curve.append(mA)
         if (mA, -loss) > (best_mA, -best_loss):
             best_epoch, best_mA, best_loss, best_state = epoch, mA, loss, head.arrays()
         if loss < lowest_loss:
@@ -120,7 +125,7 @@ def train_fc2(
         elif epoch - lowest_epoch >= patience:
             break
     kept = Fc2.from_arrays(best_state["weight"], best_state["bias"])
-    return Fc2Fit(kept, best_epoch, epoch, best_mA, best_loss)
+    return Fc2Fit(kept, best_epoch, epoch, best_mA, best_loss, tuple(curve))
 
 
 def _tensor(values: np.ndarray) -> torch.Tensor:

@@ -2,19 +2,31 @@
 
 ``implicit`` treats a stored ``v > 0`` as p = 1 with confidence v and ``v < 0`` as p = 0
 with confidence |v| (METHOD.md, ALS notes), so a CSR matrix with every entry stored states
-eq. 17-18 exactly; started from the same factors, it reaches the objective of
+eq. 17-18 exactly; started from the same factors with the same
+:class:`~campar_ray.config.AlsSettings`, it reaches the objective of
 :func:`campar_ray.cfar.als.fit_local`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from campar_ray.cfar.als import AlsCallback, AlsResult, Monitor, check_probabilities, objective
+from campar_ray.cfar.als import (
+    AlsCallback,
+    AlsResult,
+    Monitor,
+    check_probabilities,
+    check_start,
+    objective,
+)
+
+if TYPE_CHECKING:
+    from campar_ray.config import AlsSettings
 
 
 def confidence_matrix(r: np.ndarray, alpha: float, threshold: float) -> sp.csr_matrix:
@@ -39,14 +51,10 @@ class _Converged(Exception):
 def fit_implicit(
     r: np.ndarray,
     Y0: np.ndarray,
-    *,
-    alpha: float,
-    lam: float,
-    threshold: float,
-    iterations: int,
-    tol: float,
+    settings: AlsSettings,
     threads: int = 1,
     callback: AlsCallback | None = None,
+    *,
     dtype: type = np.float32,
 ) -> AlsResult:
     """The same fit with ``implicit.cpu.als.AlternatingLeastSquares`` (the reference).
@@ -61,20 +69,22 @@ def fit_implicit(
     from implicit.cpu.als import AlternatingLeastSquares
 
     r = check_probabilities(r)
+    check_start(Y0, r.shape[1], settings)
+    alpha, threshold, lam = settings.alpha, settings.threshold, settings.lam
     matrix = confidence_matrix(r, alpha, threshold)
-    monitor = Monitor(tol, callback)
+    monitor = Monitor(settings.tol, callback)
     elapsed = 0.0
     with threadpool_limits(1, "blas"):
         model = AlternatingLeastSquares(
-            factors=Y0.shape[1],
+            factors=settings.factors,
             regularization=lam,
             alpha=1.0,
             dtype=dtype,
             use_cg=False,
-            iterations=iterations,
+            iterations=settings.iterations,
             num_threads=threads,
         )
-        model.user_factors = np.zeros((len(r), Y0.shape[1]), dtype=dtype)
+        model.user_factors = np.zeros((len(r), settings.factors), dtype=dtype)
         model.item_factors = Y0.astype(dtype)
 
         def on_iteration(iteration: int, seconds: float, _loss: float | None) -> None:

@@ -40,7 +40,7 @@ from campar_ray.cfar.head import Fc2, Fc2Fit, Fc2Split, train_fc2
 from campar_ray.cfar.solver import SOLVERS, fit_als
 from campar_ray.config import CfarConfig, ConfigError
 from campar_ray.metrics import choose_threshold
-from campar_ray.train.logits import SplitLogits
+from campar_ray.run.logits import SplitLogits
 
 FACTORS_FILE = "factors.npz"
 DICTIONARY_FILE = "dictionary.npz"
@@ -92,7 +92,9 @@ class CfarModel:
 
 def check_cfar_config(cfg: CfarConfig) -> None:
     """Raise a ConfigError naming a ``cfar`` choice that does not exist; the numbers were
-    range-checked when the config was built (:class:`~campar_ray.config.CfarConfig`)."""
+    range-checked when the config was built (:class:`~campar_ray.config.CfarConfig`, and
+    :class:`~campar_ray.config.AlsSettings` for the ALS keys it hands the solver as
+    ``cfg.als``)."""
     for key, value, valid in (("solver", cfg.solver, SOLVERS), ("lookup", cfg.lookup, LOOKUPS)):
         if value not in valid:
             raise ConfigError(f"cfar: {key} must be one of {', '.join(valid)}, got {value!r}")
@@ -122,13 +124,8 @@ def fit_model(
     r_train = probabilities(train.prediction)
     als = fit_als(
         train_path if cfg.solver == "ray" else r_train,
+        cfg.als,
         solver=cfg.solver,
-        factors=cfg.factors,
-        alpha=cfg.alpha,
-        lam=cfg.lam,
-        threshold=cfg.threshold,
-        iterations=cfg.iterations,
-        tol=cfg.tol,
         actors=cfg.actors,
         seed=seed,
         callback=lambda iteration, value, change, elapsed: report(

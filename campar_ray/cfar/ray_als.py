@@ -5,7 +5,9 @@ and keeps their image factors. Per iteration the driver puts ``(Y, Y^T Y)`` in t
 store once; every actor runs the image step on its rows and returns its additive share of the
 M attribute systems (M x D x D + M x D + M + 1 numbers); the driver adds the shares, solves
 the M systems for Y and reads the objective off the same sums. Traffic per actor and
-iteration is O(M D^2), whatever the number of rows.
+iteration is O(M D^2), whatever the number of rows. Each actor receives the fit's
+:class:`~campar_ray.config.AlsSettings` once, when it is created, since its shard's
+confidences and preferences depend on them.
 
 Failures: an actor that dies is restarted (``max_restarts``) by rerunning its constructor,
 which reloads its shard; an in-flight call is retried (``max_task_retries``). The lost X needs
@@ -20,6 +22,7 @@ import itertools
 import math
 import os
 import resource
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -31,11 +34,15 @@ from campar_ray.cfar.als import (
     AttributeStats,
     Shard,
     alternate,
+    check_start,
     gram,
     initial_attribute_factors,
     probabilities,
 )
-from campar_ray.train.logits import count_rows, read_split_logits
+from campar_ray.run.logits import count_rows, read_split_logits
+
+if TYPE_CHECKING:
+    from campar_ray.config import AlsSettings
 
 MAX_RESTARTS = 3
 """Restarts per actor (and retries per call) before a fit gives up with RayActorError."""
@@ -48,21 +55,11 @@ class ShardActor:
     """Rows ``[start, stop)`` of one logits file, loaded by the actor itself."""
 
     def __init__(
-        self,
-        path: str,
-        start: int,
-        stop: int,
-        *,
-        alpha: float,
-        threshold: float,
-        lam: float,
-        threads: int,
+        self, path: str, start: int, stop: int, settings: AlsSettings, *, threads: int
     ) -> None:
         threadpool_limits(threads)
         logits = read_split_logits(path, start, stop)
-        self._shard = Shard(
-            probabilities(logits.prediction), alpha=alpha, threshold=threshold, lam=lam
-        )
+        self._shard = Shard(probabilities(logits.prediction), settings)
         self._step: int | None = None
 
     def step(self, side: tuple[np.ndarray, np.ndarray], step: int) -> AttributeStats:
@@ -89,7 +86,8 @@ class ShardActor:
 
 
 class ShardedAls:
-    """Actors holding the row shards of one logits file; ``fit`` may be called repeatedly.
+    """Actors holding the row shards of one logits file, set up for one ``settings`` (each
+    shard's confidences depend on them); ``fit`` may be called repeatedly.
 
     ``cpus_per_actor`` may be fractional (0.5 lets two actors share a core on a laptop);
     each actor pins its BLAS to ``max(1, floor(cpus_per_actor))`` threads.
@@ -98,11 +96,9 @@ class ShardedAls:
     def __init__(
         self,
         path: str,
+        settings: AlsSettings,
         *,
         actors: int,
-        alpha: float,
-        lam: float,
-        threshold: float,
         cpus_per_actor: float = ACTOR_CPUS,
     ) -> None:
         rows = count_rows(path)
@@ -110,7 +106,7 @@ class ShardedAls:
             raise ValueError(f"actors={actors} exceeds the {rows} rows of {path}")
         self.rows = rows
         self.attributes = len(read_split_logits(path, 0, 0).attributes)
-        self.lam = lam
+        self.settings = settings
         bounds = np.linspace(0, rows, actors + 1).astype(int)
         options = ShardActor.options(num_cpus=cpus_per_actor)
         self.actors = [
@@ -118,23 +114,15 @@ class ShardedAls:
                 path,
                 int(start),
                 int(stop),
-                alpha=alpha,
-                threshold=threshold,
-                lam=lam,
+                settings,
                 threads=max(1, math.floor(cpus_per_actor)),
             )
             for start, stop in itertools.pairwise(bounds)
         ]
 
-    def fit(
-        self,
-        Y0: np.ndarray,
-        *,
-        iterations: int,
-        tol: float,
-        callback: AlsCallback | None = None,
-    ) -> AlsResult:
+    def fit(self, Y0: np.ndarray, callback: AlsCallback | None = None) -> AlsResult:
         """ALS from ``Y0``; the actors keep their shards for the next fit."""
+        check_start(Y0, self.attributes, self.settings)
         side, number = None, -1
 
         def step(Y: np.ndarray) -> AttributeStats:
@@ -143,9 +131,7 @@ class ShardedAls:
             shares = ray.get([actor.step.remote(side, number) for actor in self.actors])
             return sum(shares[1:], shares[0])
 
-        Y, monitor = alternate(
-            step, Y0, lam=self.lam, iterations=iterations, tol=tol, callback=callback
-        )
+        Y, monitor = alternate(step, Y0, self.settings, callback)
         parts = [actor.image_factors.remote(side, number) for actor in self.actors]
         X = np.concatenate(ray.get(parts))
         return AlsResult(X, Y, monitor.objectives, len(monitor.objectives), monitor.converged)
@@ -170,26 +156,15 @@ class ShardedAls:
 
 def fit_ray(
     path: str,
-    *,
-    factors: int,
-    alpha: float,
-    lam: float,
-    threshold: float,
-    iterations: int,
-    tol: float,
+    settings: AlsSettings,
     actors: int,
     seed: int = 0,
     callback: AlsCallback | None = None,
+    *,
     cpus_per_actor: float = ACTOR_CPUS,
 ) -> AlsResult:
-    """One ALS fit on Ray actors; they are released afterwards."""
-    with ShardedAls(
-        path,
-        actors=actors,
-        alpha=alpha,
-        lam=lam,
-        threshold=threshold,
-        cpus_per_actor=cpus_per_actor,
-    ) as solver:
-        Y0 = initial_attribute_factors(solver.attributes, factors, seed)
-        return solver.fit(Y0, iterations=iterations, tol=tol, callback=callback)
+    """One ALS fit on Ray actors from the seeded starting Y; the actors are released
+    afterwards."""
+    with ShardedAls(path, settings, actors=actors, cpus_per_actor=cpus_per_actor) as solver:
+        Y0 = initial_attribute_factors(solver.attributes, settings.factors, seed)
+        return solver.fit(Y0, callback)

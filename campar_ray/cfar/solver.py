@@ -6,13 +6,17 @@ Three solvers fit eq. 18 from the same start and reach the same factors:
 - ``"ray"``: the same kernels on row shards held by Ray actors (:mod:`.ray_als`);
 - ``"implicit"``: the ``implicit`` library (:mod:`.implicit_als`), the reference.
 
+What is fitted travels as one value, :class:`~campar_ray.config.AlsSettings`, from the config
+down to every solver, so that no layer forwards (or re-checks) its numbers one by one; how it
+is solved (solver, actors, seed) stays in the arguments of :func:`fit_als`.
+
 The Ray and ``implicit`` modules are imported when chosen, so that loading a fitted stage 2
 (bundles, prediction) needs neither.
 """
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,60 +28,27 @@ from campar_ray.cfar.als import (
     initial_attribute_factors,
     probabilities,
 )
-from campar_ray.train.logits import read_split_logits
+from campar_ray.run.logits import read_split_logits
+
+if TYPE_CHECKING:
+    from campar_ray.config import AlsSettings
 
 SOLVERS = ("ray", "local", "implicit")
 
 
-def check_als_params(
-    *,
-    solver: str,
-    factors: int,
-    alpha: float,
-    lam: float,
-    threshold: float,
-    iterations: int,
-    tol: float,
-    actors: int,
-) -> None:
-    """Raise a ValueError naming the first bad ALS setting and the values it may take."""
-    checks = [
-        (solver in SOLVERS, f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}"),
-        (0 <= alpha < math.inf, f"alpha must be finite and >= 0, got {alpha}"),
-        (
-            0 < lam < math.inf,
-            f"lam must be finite and > 0 (keeps every D x D system invertible), got {lam}",
-        ),
-        (factors >= 1, f"factors must be >= 1, got {factors}"),
-        (0 < threshold < 1, f"threshold p_t must lie in (0, 1), got {threshold}"),
-        (iterations >= 1, f"iterations must be >= 1, got {iterations}"),
-        (tol >= 0, f"tol must be >= 0, got {tol}"),
-        (actors >= 1, f"actors must be >= 1, got {actors}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
 def fit_als(
     source: np.ndarray | str,
+    settings: AlsSettings,
     *,
     solver: str = "ray",
-    factors: int,
-    alpha: float,
-    lam: float,
-    threshold: float,
-    iterations: int = 15,
-    tol: float = 1e-6,
     actors: int = 2,
     seed: int = 0,
     callback: AlsCallback | None = None,
 ) -> AlsResult:
-    """Fit eq. 18 on r: ``factors`` = D, ``c = 1 + alpha * r``, ``p = 1[r >= threshold]``,
-    L2 weight ``lam`` on both factor matrices.
+    """Fit eq. 18 on r with ``settings`` (what is fitted; range-checked when they were built).
 
     ``source`` is r itself (N x M, in [0, 1]) or the path/URI of a stage-1 logits Parquet
-    file, from which r = sigmoid(prediction logits). ``solver``:
+    file, from which r = sigmoid(prediction logits). ``solver`` says how:
 
     - ``"ray"``: rows sharded over ``actors`` Ray actors that read their own rows of the file
       (needs the path; the driver never holds r).
@@ -87,19 +58,13 @@ def fit_als(
     Every solver starts from the same seeded ``Y`` (``seed``) and calls ``callback`` after
     each iteration. D > M is allowed: ``lam > 0`` keeps every system positive definite,
     although ``X Y^T`` cannot have rank above M, so the extra dimensions add nothing. Stops
-    early when the relative objective change falls below ``tol``; raises AlsDivergedError on
-    NaN.
+    early when the relative objective change falls below ``settings.tol``; raises
+    AlsDivergedError on NaN.
     """
-    check_als_params(
-        solver=solver,
-        factors=factors,
-        alpha=alpha,
-        lam=lam,
-        threshold=threshold,
-        iterations=iterations,
-        tol=tol,
-        actors=actors,
-    )
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if actors < 1:
+        raise ValueError(f"actors must be >= 1, got {actors}")
     if solver == "ray":
         if not isinstance(source, str):
             raise TypeError(
@@ -108,43 +73,13 @@ def fit_als(
             )
         from campar_ray.cfar.ray_als import fit_ray
 
-        return fit_ray(
-            source,
-            factors=factors,
-            alpha=alpha,
-            lam=lam,
-            threshold=threshold,
-            iterations=iterations,
-            tol=tol,
-            actors=actors,
-            seed=seed,
-            callback=callback,
-        )
+        return fit_ray(source, settings, actors, seed, callback)
     r = check_probabilities(
         probabilities(read_split_logits(source).prediction) if isinstance(source, str) else source
     )
-    Y0 = initial_attribute_factors(r.shape[1], factors, seed)
+    Y0 = initial_attribute_factors(r.shape[1], settings.factors, seed)
     if solver == "local":
-        return fit_local(
-            r,
-            Y0,
-            alpha=alpha,
-            lam=lam,
-            threshold=threshold,
-            iterations=iterations,
-            tol=tol,
-            callback=callback,
-        )
+        return fit_local(r, Y0, settings, callback)
     from campar_ray.cfar.implicit_als import fit_implicit
 
-    return fit_implicit(
-        r,
-        Y0,
-        alpha=alpha,
-        lam=lam,
-        threshold=threshold,
-        iterations=iterations,
-        tol=tol,
-        threads=actors,
-        callback=callback,
-    )
+    return fit_implicit(r, Y0, settings, actors, callback)

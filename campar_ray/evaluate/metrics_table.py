@@ -22,7 +22,8 @@ from campar_ray.bundle import protocol_threshold, stage1_probabilities
 from campar_ray.cfar.fit import CfarPredictor, eval_columns
 from campar_ray.config import Config
 from campar_ray.metrics import SUMMARY_KEYS, check_protocol, par_metrics
-from campar_ray.train.logits import SplitLogits, logits_path, read_split_logits
+from campar_ray.run.layout import RunDir
+from campar_ray.run.logits import SplitLogits, read_split_logits
 
 SPLITS = ("val", "test")
 LABELS = {
@@ -54,10 +55,8 @@ class Scored:
 
 
 def run_config(run_dir: str) -> Config:
-    """The resolved config a run was trained with (``<run>/config.yaml``)."""
-    return Config().override(
-        yaml.safe_load(storage.read_bytes(storage.join(run_dir, "config.yaml")))
-    )
+    """The resolved config a run was trained with (the one stage 1 wrote)."""
+    return Config().override(yaml.safe_load(storage.read_bytes(RunDir(run_dir).config_file)))
 
 
 def check_split(split: str) -> None:
@@ -98,7 +97,7 @@ def score_split(
     """Score every source of a run on ``split`` under the threshold protocol ``threshold``."""
     check_split(split)
     check_protocol(threshold)
-    logits = read_split_logits(logits_path(run_dir, split))
+    logits = read_split_logits(RunDir(run_dir).logits(split))
     columns = eval_columns(logits)
     probs = source_probabilities(logits, predict_from, cfar)
     thresholds = _thresholds(run_dir, predict_from, cfar, threshold)
@@ -115,7 +114,7 @@ def _thresholds(
     run_dir: str, predict_from: str, cfar: CfarPredictor | None, protocol: str
 ) -> dict[str, float | np.ndarray]:
     """Each source's threshold under ``protocol`` (per attribute: all M), from its val probs."""
-    val = read_split_logits(logits_path(run_dir, "val"))
+    val = read_split_logits(RunDir(run_dir).logits("val"))
     chosen = {
         name: protocol_threshold(protocol, val, values)
         for name, values in source_probabilities(val, predict_from, cfar).items()

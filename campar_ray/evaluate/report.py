@@ -48,6 +48,7 @@ from campar_ray.metrics import (
     check_protocol,
     protocol_statement,
 )
+from campar_ray.run.layout import RunDir
 
 HEADERS = {"mA": "mA", "accuracy": "Acc", "precision": "Prec", "recall": "Rec", "f1": "F1"}
 
@@ -74,7 +75,7 @@ def evaluate(
     """
     check_split(split)
     check_protocol(threshold)
-    out_dir = out_dir or storage.join(run_dir, "report", split)
+    out_dir = out_dir or RunDir(run_dir).report(split)
     config = run_config(run_dir)
     predictor = load_model(run_dir, threshold)
     scored, logits = score_split(

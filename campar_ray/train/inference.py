@@ -7,9 +7,9 @@ logits (two ``M``-wide float rows per image, never pixels) and writes one logits
 split in manifest order.
 
 Images that cannot be decoded get no logits row: they are left out of the file, and listed
-(by manifest image reference) in the returned ``skipped`` mapping and in
-``<run.dir>/logits/skipped.json``, so every row of a logits file is a real prediction and
-the row count equals the number of decodable images.
+(by manifest image reference) in the returned ``skipped`` mapping and in the run's
+:attr:`~campar_ray.run.layout.RunDir.skipped_images`, so every row of a logits file is a real
+prediction and the row count equals the number of decodable images.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from campar_ray.config import DataConfig, TrainConfig
 from campar_ray.data.manifest import SPLITS, ManifestInfo, labels_matrix
 from campar_ray.data.ray_pipeline import build_dataset
 from campar_ray.model import Scorer
-from campar_ray.train.checkpoints import load_stage1_checkpoint
-from campar_ray.train.logits import SplitLogits, logits_path, write_split_logits
+from campar_ray.run.checkpoints import load_stage1_checkpoint
+from campar_ray.run.layout import RunDir
+from campar_ray.run.logits import SplitLogits, write_split_logits
 
 PASSED_ON = ("row", "valid", "error")
 """Decoded-batch columns a :class:`ScoringActor` hands on beside its scores."""
@@ -74,7 +75,7 @@ def write_logits(
     train: TrainConfig,
     progress: bool = True,
 ) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Score every manifest image with ``checkpoint``; write ``<run_dir>/logits/<split>.parquet``.
+    """Score every manifest image with ``checkpoint``; write the logits of every split.
 
     Returns the path of each split's file and the images each split left out. Decoding
     follows ``data`` (as in validation); scoring uses ``train.num_workers`` actors (between
@@ -102,7 +103,7 @@ def write_logits(
         in_split = np.asarray(pc.equal(table.column("split"), split).to_numpy(zero_copy_only=False))
         keep = in_split & columns["valid"]
         skipped[split] = images[in_split & ~columns["valid"]].tolist()
-        paths[split] = logits_path(run_dir, split)
+        paths[split] = RunDir(run_dir).logits(split)
         write_split_logits(
             paths[split],
             SplitLogits(
@@ -120,10 +121,7 @@ def write_logits(
                 + (f" ({len(skipped[split])} undecodable left out)" if skipped[split] else ""),
                 flush=True,
             )
-    storage.write_bytes(
-        storage.join(run_dir, "logits", "skipped.json"),
-        json.dumps(skipped, indent=1).encode(),
-    )
+    storage.write_bytes(RunDir(run_dir).skipped_images, json.dumps(skipped, indent=1).encode())
     return paths, skipped
 
 

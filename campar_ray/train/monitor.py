@@ -15,6 +15,9 @@ the MLflow run and the event files single-threaded.
 On the driver, :func:`epoch_lines` prints one line per epoch while a run trains quietly
 (Ray's worker logs, rank 0's line among them, then stay off the terminal): a Ray Train
 callback on the controller posts each report to a small actor the driver reads every second.
+Rank 0 also posts the epoch's progress to that actor about once a second
+(:class:`StepPoster`), which the driver shows as a progress bar inside the epoch when its
+stdout is a terminal: a ResNet-50 epoch on CPUs takes an hour, and a silent hour looks hung.
 """
 
 from __future__ import annotations
@@ -24,22 +27,26 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TextIO
 
 import ray
 from ray.train import UserCallback
 
 from campar_ray import storage
 from campar_ray.config import DataConfig, TrackingConfig
+from campar_ray.run.layout import RunDir
 from campar_ray.runtime import is_quiet
-from campar_ray.tracking import TENSORBOARD_DIR, Tracker, markdown_table, open_tracker, run_key
+from campar_ray.tracking import Tracker, markdown_table, open_tracker, run_key
 
 logger = logging.getLogger(__name__)
 
-DATA_STATS_DIR = "data_stats"
 VAL_METRICS = ("val_mA", "val_accuracy", "val_precision", "val_recall", "val_f1")
+ROWS_KEY = "rows_trained"
+"""Marks rank 0's progress post inside an epoch: the group's rows trained so far."""
+POST_EVERY_SECONDS = 1.0
 
 
 class EpochMonitor:
@@ -61,7 +68,7 @@ class EpochMonitor:
         """Open the run's tracker (continuing its MLflow run) and log what it already holds."""
         tracker = open_tracker(
             tracking,
-            log_dir=storage.join(run_dir, TENSORBOARD_DIR, "stage1"),
+            log_dir=RunDir(run_dir).tensorboard("stage1"),
             experiment=tracking.experiment,
             run_name=os.path.basename(run_dir.rstrip("/")),
             key=run_key(run_dir),
@@ -76,7 +83,7 @@ class EpochMonitor:
         """Log one finished (checkpointed) epoch, save Ray Data's stats, warn on starvation."""
         epoch = int(metrics["epoch"])
         self._tracker.log_metrics(metrics, step=epoch)
-        path = storage.join(self._run_dir, DATA_STATS_DIR, f"epoch_{epoch:03d}.txt")
+        path = RunDir(self._run_dir).data_stats(epoch)
         storage.write_bytes(path, data_stats.encode())
         warning = starvation_warning(metrics, self._data)
         if warning:
@@ -128,7 +135,8 @@ def stage1_report(best: Mapping[str, float], history: list[dict[str, float]]) ->
 
 @contextlib.contextmanager
 def epoch_lines(epochs: int, data: DataConfig) -> Iterator[list[UserCallback]]:
-    """Print each epoch's line on the driver while the ``with`` block trains a quiet run.
+    """Print each epoch's line on the driver while the ``with`` block trains a quiet run, with
+    a progress bar inside each epoch when stdout is a terminal.
 
     Yields the Ray Train callbacks to pass to the run (none when Ray's output reaches the
     terminal, where rank 0's own line shows). The data-starvation advice is printed once.
@@ -138,31 +146,74 @@ def epoch_lines(epochs: int, data: DataConfig) -> Iterator[list[UserCallback]]:
         return
     name = f"campar-epochs-{uuid.uuid4().hex[:12]}"
     stop = threading.Event()
-    printer = threading.Thread(
-        target=_print_epochs, args=(name, epochs, data, stop), name="campar-epochs", daemon=True
+    printer = EpochPrinter(epochs, data, sys.stdout, bar=sys.stdout.isatty())
+    thread = threading.Thread(
+        target=_serve_mailbox, args=(name, printer, stop), name="campar-epochs", daemon=True
     )
-    printer.start()
+    thread.start()
     try:
         yield [EpochReports(name)]
     finally:
         stop.set()
-        printer.join()
+        thread.join()
 
 
 class EpochReports(UserCallback):
     """Runs on Ray Train's controller: posts rank 0's report of each epoch (or mid-epoch
-    checkpoint) to the driver's mailbox actor ``mailbox``, without waiting on it."""
+    checkpoint) to the driver's mailbox actor ``mailbox``, without waiting on it.
+
+    :func:`~campar_ray.train.stage1.train_stage1` also hands ``mailbox`` to rank 0, whose
+    :class:`StepPoster` posts the progress inside each epoch there.
+    """
 
     def __init__(self, mailbox: str) -> None:
-        self._name, self._box = mailbox, None
+        self.mailbox, self._box = mailbox, None
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
         if self._box is None:
-            try:
-                self._box = ray.get_actor(self._name)
-            except ValueError:  # no mailbox (the driver is gone): the line stays in the logs
+            self._box = _find_mailbox(self.mailbox)
+            if self._box is None:  # the driver is gone: the line stays in the logs
                 return
         self._box.put.remote(dict(metrics[0]))
+
+
+class StepPoster:
+    """Rank 0's side of the progress bar: counts the rows of the batches it trains and posts
+    the group's estimate to the driver's mailbox at most once per ``every`` seconds.
+
+    Posting is a fire-and-forget actor call, so the step never waits on the driver; a run
+    without a mailbox (verbose, a search trial) posts nothing.
+    """
+
+    def __init__(
+        self, mailbox: str | None, world: int, epoch_rows: int, every: float = POST_EVERY_SECONDS
+    ) -> None:
+        self._box = _find_mailbox(mailbox) if mailbox else None
+        self._world, self._epoch_rows, self._every = world, epoch_rows, every
+
+    def count(self, batches: Iterable[dict[str, Any]], epoch: int, done: int) -> Iterator[Any]:
+        """Yield ``batches`` unchanged; ``done`` rows of the epoch were trained before them
+        (a resumed epoch). Shards are equal, so the group trained ``world`` times rank 0's."""
+        if self._box is None:
+            yield from batches
+            return
+        rows, last = 0, time.monotonic()
+        for batch in batches:
+            yield batch
+            rows += len(next(iter(batch.values())))
+            if time.monotonic() - last >= self._every:
+                last = time.monotonic()
+                trained = min(done + rows * self._world, self._epoch_rows)
+                self._box.put.remote(
+                    {"epoch": epoch, ROWS_KEY: trained, "epoch_rows": self._epoch_rows}
+                )
+
+
+def _find_mailbox(name: str) -> Any:
+    try:
+        return ray.get_actor(name)
+    except ValueError:  # the driver created none (or is gone)
+        return None
 
 
 class _Mailbox:
@@ -179,30 +230,76 @@ class _Mailbox:
         return reports
 
 
-def _print_epochs(name: str, epochs: int, data: DataConfig, stop: threading.Event) -> None:
+class EpochPrinter:
+    """Turns the mailbox's posts into terminal output: one line per finished epoch (or
+    mid-epoch checkpoint), the starvation advice once, and with ``bar`` a progress bar over
+    the epoch in training, cleared before each line."""
+
+    def __init__(self, epochs: int, data: DataConfig, stream: TextIO, bar: bool) -> None:
+        self._epochs, self._data, self._stream, self._with_bar = epochs, data, stream, bar
+        self._history: list[dict[str, Any]] = []
+        self._warned = False
+        self._bar: Any = None
+        self._bar_epoch = 0
+
+    def show(self, post: dict[str, Any]) -> None:
+        if ROWS_KEY in post:
+            self._advance(post)
+            return
+        self.close()
+        print(epoch_line(post, self._history, self._epochs), file=self._stream, flush=True)
+        finished = "data_wait_fraction" in post  # not a mid-epoch checkpoint
+        if finished and not self._warned:
+            warning = starvation_warning(post, self._data)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+                self._warned = True
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _advance(self, post: dict[str, Any]) -> None:
+        if not self._with_bar:
+            return
+        epoch = int(post["epoch"])
+        if self._bar is not None and self._bar_epoch != epoch:
+            self.close()
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=int(post["epoch_rows"]),
+                desc=f"[stage1] epoch {epoch}/{self._epochs}",
+                unit="img",
+                leave=False,
+                file=self._stream,
+                dynamic_ncols=True,
+                mininterval=0,  # posts come once a second: draw each
+            )
+            self._bar_epoch = epoch
+        self._bar.update(int(post[ROWS_KEY]) - self._bar.n)
+
+
+def _serve_mailbox(name: str, printer: EpochPrinter, stop: threading.Event) -> None:
     """The driver's printer thread: creates the mailbox once Ray is joined (the run joins it
-    only after checking its inputs), prints what arrives, and a last time after ``stop``."""
+    only after checking its inputs), shows what arrives, and a last time after ``stop``."""
     while not ray.is_initialized():
         if stop.wait(0.2):
             return
     box = ray.remote(num_cpus=0)(_Mailbox).options(name=name).remote()
-    history: list[dict[str, Any]] = []
-    warned = False
     try:
         while True:
             stopping = stop.wait(1.0)
-            for metrics in ray.get(box.take.remote()):
-                print(epoch_line(metrics, history, epochs), flush=True)
-                finished = "data_wait_fraction" in metrics  # not a mid-epoch checkpoint
-                warning = starvation_warning(metrics, data) if finished and not warned else None
-                if warning:
-                    print(warning, file=sys.stderr, flush=True)
-                    warned = True
+            for post in ray.get(box.take.remote()):
+                printer.show(post)
             if stopping:
                 break
     except ray.exceptions.RayError as error:  # Ray shut down under the thread
         logger.debug("epoch lines stopped: %s", error)
     finally:
+        printer.close()
         if ray.is_initialized():
             ray.kill(box)
 

@@ -49,25 +49,17 @@ from campar_ray.model import (
     positive_ratio,
 )
 from campar_ray.preflight import check_cluster
+from campar_ray.run.checkpoints import check_resumable, check_weights, read_meta, stored_config
+from campar_ray.run.layout import DERIVED, STAGE1_RUN, RunDir
 from campar_ray.runtime import init_ray
 from campar_ray.tracking import ensure_experiment, resolve_tracking, retire_runs
-from campar_ray.train.checkpoints import (
-    CHECKPOINT_ROOT,
-    CONFIG_FILE,
-    check_resumable,
-    check_weights,
-    read_meta,
-    stored_config,
-)
 from campar_ray.train.inference import write_logits
-from campar_ray.train.loop import (
-    SCHEDULERS,
-)
+from campar_ray.train.loop import SCHEDULERS
+from campar_ray.train.monitor import EpochReports
 from campar_ray.train.worker import InputError, worker_loop
 
 logger = logging.getLogger(__name__)
 
-RUN_NAME = "stage1"
 LOSSES = ("bce", "weighted_bce")
 RUN_KEYS = ("model", "data.manifest", "data.image_size", "data.pad", "train.loss", "seed")
 """Config keys (a section name: all its keys) that shape the network and what it learns from.
@@ -76,9 +68,6 @@ keeps the stored values); the manifest's attribute list is checked against the c
 STATE_KEYS = ("train.lr", "train.weight_decay", "train.scheduler")
 """Keys a checkpoint's optimiser and scheduler state fix: a resume keeps the stored values, so
 new ones are refused (so is a new ``train.epochs`` under ``cosine``, whose length is stored)."""
-RUN_STATE = (CONFIG_FILE, posixpath.join(*CHECKPOINT_ROOT), "logits", "cfar", "tune")
-RUN_STATE += ("tensorboard", "data_stats", "report")
-"""What ``--fresh`` deletes from a run directory: everything a previous run derived."""
 EXISTING_RUN = ("match", "resume", "fresh")
 
 
@@ -140,7 +129,7 @@ def train_stage1(
         _clear_run(config.run.dir)
         retire_runs(config.tracking, config.run.dir)  # the new run is a new MLflow run
     storage.write_bytes(
-        storage.join(config.run.dir, "config.yaml"),
+        RunDir(config.run.dir).config_file,
         yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
     )
     ensure_experiment(config.tracking, config.tracking.experiment)
@@ -187,6 +176,7 @@ def _trainer(
         "config": config.to_dict(),
         "seed": config.seed,
         "progress": progress,
+        "mailbox": next((c.mailbox for c in callbacks if isinstance(c, EpochReports)), None),
     }
     gpus = cfg.max_workers if cfg.use_gpu else 0
     return ray.train.torch.TorchTrainer(
@@ -199,8 +189,8 @@ def _trainer(
             elastic_resize_monitor_interval_s=cfg.resize_check_seconds,
         ),
         run_config=RunConfig(
-            name=RUN_NAME,
-            storage_path=storage.join(config.run.dir, "ray"),
+            name=STAGE1_RUN,
+            storage_path=RunDir(config.run.dir).ray_storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute="val_mA",
@@ -310,9 +300,10 @@ def _value(value: Any) -> str:
 
 
 def _clear_run(run_dir: str) -> None:
-    """Delete what a previous run left in ``run_dir`` (:data:`RUN_STATE`), for ``--fresh``."""
+    """Delete what a previous run left in ``run_dir`` (:data:`~campar_ray.run.layout.DERIVED`),
+    for ``--fresh``."""
     filesystem, inner = storage.resolve(run_dir)
-    for name in RUN_STATE:
+    for name in DERIVED:
         path = posixpath.join(inner, name)
         kind = filesystem.get_file_info(path).type
         if kind == pafs.FileType.Directory:

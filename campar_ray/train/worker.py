@@ -1,7 +1,7 @@
 """One Ray Train worker of stage 1: resume, then per epoch train, validate, report + checkpoint.
 
 Each epoch every worker reports the same metrics (Ray Train needs equal report counts), rank 0
-with the checkpoint (see :mod:`campar_ray.train.checkpoints` for its files). A restarted
+with the checkpoint (see :mod:`campar_ray.run.checkpoints` for its files). A restarted
 worker group resumes at the epoch after the latest checkpoint, with learning rates rescaled
 to its size (``lr_scale``: ``train.lr`` is the full group's). With
 ``train.checkpoint_every_minutes`` the ranks also checkpoint mid-epoch (see
@@ -38,7 +38,7 @@ from campar_ray.model import (
     prediction_logits,
     stage1_loss,
 )
-from campar_ray.train.checkpoints import restore_checkpoint, save_checkpoint
+from campar_ray.run.checkpoints import restore_checkpoint, save_checkpoint
 from campar_ray.train.loop import (
     EpochStats,
     Predictions,
@@ -56,7 +56,7 @@ from campar_ray.train.loop import (
     train_one_epoch,
     validation_metrics,
 )
-from campar_ray.train.monitor import EpochMonitor
+from campar_ray.train.monitor import EpochMonitor, StepPoster
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class _Run:
     world: int
     rank: int
     clock: _CheckpointClock
+    steps: StepPoster
 
 
 class _CheckpointClock:
@@ -217,6 +218,11 @@ def _start(setup: dict[str, Any]) -> _Run:
         world=context.get_world_size(),
         rank=context.get_world_rank(),
         clock=_CheckpointClock(cfg.checkpoint_every_minutes),
+        steps=StepPoster(
+            setup["mailbox"] if context.get_world_rank() == 0 else None,
+            context.get_world_size(),
+            setup["epoch_rows"],
+        ),
     )
 
 
@@ -249,7 +255,7 @@ def _train_epoch(
     if resumed:
         limit = batches_left(run.setup["epoch_rows"], done.rows, run.world, cfg.batch_size)
     chunk = CHECK_EVERY_BATCHES if cfg.checkpoint_every_minutes > 0 else None
-    batches = iter(shard.iter_torch_batches(**run.batches))
+    batches = iter(run.steps.count(shard.iter_torch_batches(**run.batches), epoch, done.rows))
     mine = _NO_STATS
     while True:
         left = None if limit is None else limit - mine.batches

@@ -36,8 +36,8 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.util.queue import Queue
 
 from campar_ray import storage
-from campar_ray.cfar.fit import CFAR_DIR
 from campar_ray.config import Config
+from campar_ray.run.layout import RunDir
 from campar_ray.train.stage1 import train_stage1
 from campar_ray.train.worker import PROGRESS_KEY
 from campar_ray.tune.stage2 import fit_cfar_on_val
@@ -89,9 +89,7 @@ class FullTrial(ray.tune.Trainable):
             relays = [_ControllerRelay(self._events), _EpochRelay(self._events)]
             # Stage 1 tracks its epochs (rank 0) in the MLflow run keyed by this folder.
             stage1 = train_stage1(config, progress=False, callbacks=relays)
-            metrics = fit_cfar_on_val(
-                folder, storage.join(folder, CFAR_DIR), config.cfar, config.seed
-            )
+            metrics = fit_cfar_on_val(folder, RunDir(folder).cfar, config.cfar, config.seed)
             tracker = open_trial_tracker(context, folder, self.trial_id)
             finish_trial_tracking(tracker, params, metrics)
             final = {

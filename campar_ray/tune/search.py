@@ -41,6 +41,7 @@ from ray.tune.search.optuna import OptunaSearch
 from campar_ray import storage
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import Config, ConfigError
+from campar_ray.run.layout import RunDir
 from campar_ray.runtime import init_ray, is_quiet
 from campar_ray.tracking import (
     ensure_experiment,
@@ -48,7 +49,6 @@ from campar_ray.tracking import (
     retire_trials,
     search_experiment,
 )
-from campar_ray.train.logits import logits_path
 from campar_ray.train.stage1 import resolve_config
 from campar_ray.tune import report
 from campar_ray.tune.full_trial import FullTrial
@@ -63,7 +63,7 @@ from campar_ray.tune.trials import (
 )
 
 METRICS = ("val_mA", "val_accuracy", "val_precision", "val_recall", "val_f1")
-TUNE_DIR, EXPERIMENT, TRIALS_DIR = "tune", "search", "trials"
+EXPERIMENT, TRIALS_DIR = "search", "trials"
 ASHA_REDUCTION = 3
 """ASHA keeps the top third at each rung (grace period: one epoch)."""
 
@@ -166,7 +166,7 @@ def run_search(
     if scope == "cfar":
         _require_logits(run_dir)
     space = load_search_space(search_space, base, scope)
-    tune_dir = storage.join(run_dir, TUNE_DIR)
+    tune_dir = RunDir(run_dir).tune
     settings = {
         "scope": scope,
         "metric": metric,
@@ -424,7 +424,7 @@ def _score_best(result: SearchResult, best: dict[str, Any], plan: _Plan) -> Sear
     config = context.space.apply(context.base, sampled)
     fit_dir = context.run_dir if plan.scope == "cfar" else best["trial_dir"]
     config = config.override({"run.dir": fit_dir})
-    best_config = storage.join(result.tune_dir, "best.yaml")
+    best_config = RunDir(context.run_dir).best_config
     storage.write_bytes(best_config, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     fitted = fit_cfar(fit_dir, config.cfar, seed=config.seed, tracking=config.tracking).metrics
     selected = fitted["selected"]
@@ -440,7 +440,7 @@ def _score_best(result: SearchResult, best: dict[str, Any], plan: _Plan) -> Sear
 
 def _require_logits(run_dir: str) -> None:
     for split in ("train", "val"):
-        path = logits_path(run_dir, split)
+        path = RunDir(run_dir).logits(split)
         if not storage.exists(path):
             raise FileNotFoundError(
                 f"scope 'cfar' reuses a finished stage-1 run, but {path} does not exist; "

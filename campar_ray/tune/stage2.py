@@ -24,7 +24,8 @@ from campar_ray.cfar.als import probabilities
 from campar_ray.cfar.model import eval_columns, fit_model, save_model
 from campar_ray.config import CfarConfig
 from campar_ray.metrics import choose_threshold, par_metrics, summary
-from campar_ray.train.logits import logits_path, read_split_logits
+from campar_ray.run.layout import CFAR_METRICS_FILE, RunDir
+from campar_ray.run.logits import read_split_logits
 
 
 def fit_cfar_on_val(
@@ -35,9 +36,9 @@ def fit_cfar_on_val(
     Returns ``val_<metric>`` for stage 1 + CFAR (at its validation-chosen threshold),
     ``stage1_val_<metric>`` for stage 1 alone (likewise), the threshold, and fit details.
     """
-    train_path = logits_path(logits_dir, "train")
+    train_path = RunDir(logits_dir).logits("train")
     train = read_split_logits(train_path)
-    val = read_split_logits(logits_path(logits_dir, "val"))
+    val = read_split_logits(RunDir(logits_dir).logits("val"))
     model = fit_model(train, val, cfg, seed=seed, train_path=train_path)
     predictor = model.predictor
     columns = eval_columns(train)
@@ -58,7 +59,7 @@ def fit_cfar_on_val(
     save_model(output_dir, model, image_factors=False)
     payload = {"config": dataclasses.asdict(cfg), "seed": seed, "metrics": metrics}
     storage.write_bytes(
-        storage.join(output_dir, "metrics.json"), json.dumps(payload, indent=2).encode()
+        storage.join(output_dir, CFAR_METRICS_FILE), json.dumps(payload, indent=2).encode()
     )
     return metrics
 

@@ -17,11 +17,11 @@ import ray.tune
 import yaml
 
 from campar_ray import storage
-from campar_ray.cfar.fit import CFAR_DIR
 from campar_ray.cfar.ray_als import ACTOR_CPUS
 from campar_ray.config import Config
 from campar_ray.data.concurrency import least_decode_tasks
-from campar_ray.tracking import TENSORBOARD_DIR, Tracker, markdown_table, open_tracker, run_key
+from campar_ray.run.layout import RunDir
+from campar_ray.tracking import Tracker, markdown_table, open_tracker, run_key
 from campar_ray.tune.space import SearchSpace
 from campar_ray.tune.stage2 import fit_cfar_on_val
 
@@ -50,9 +50,7 @@ def cfar_trial(params: dict[str, Any], context: TrialContext) -> None:
     _save_config(config, folder)
     tracker = open_trial_tracker(context, folder, trial_id)
     tracker.log_config(config.to_dict())
-    metrics = fit_cfar_on_val(
-        context.run_dir, storage.join(folder, CFAR_DIR), config.cfar, config.seed
-    )
+    metrics = fit_cfar_on_val(context.run_dir, RunDir(folder).cfar, config.cfar, config.seed)
     finish_trial_tracking(tracker, params, metrics)
     ray.tune.report({**metrics, "complete": True, "trial_dir": folder})
 
@@ -61,7 +59,7 @@ def open_trial_tracker(context: TrialContext, folder: str, trial_id: str) -> Tra
     """The trial's tracker; a scope-``full`` trial's stage-1 run logs to the same MLflow run."""
     return open_tracker(
         context.base.tracking,
-        log_dir=storage.join(folder, TENSORBOARD_DIR, "trial"),
+        log_dir=RunDir(folder).tensorboard("trial"),
         experiment=context.experiment,
         run_name=trial_id,
         key=run_key(folder),
@@ -115,6 +113,6 @@ def max_concurrent_trials(available: dict[str, float], footprint: dict[str, floa
 
 def _save_config(config: Config, folder: str) -> None:
     storage.write_bytes(
-        storage.join(folder, "config.yaml"),
+        RunDir(folder).config_file,
         yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
     )

@@ -1,11 +1,11 @@
-"""The layout of stage-1 checkpoints in a run directory, and which of them can be trusted.
+"""The files of a stage-1 checkpoint, and which checkpoints of a run can be trusted.
 
-A checkpoint is a folder ``<run.dir>/ray/stage1/checkpoint_*`` with ``model.pt`` (weights),
-``train_state.pt`` (optimiser, scheduler, scaler) and ``meta.json`` (epoch, config,
-attribute names, metrics and history). Ray Train V2 resumes a run from the latest one named
-in ``checkpoint_manager_snapshot.json``; :func:`check_resumable` looks at that same
-checkpoint on the driver, so a damaged or foreign one stops the run in seconds with one
-line instead of failing inside every worker (or, worse, loading a planted pickle).
+A checkpoint is a folder ``checkpoint_*`` in :attr:`.layout.RunDir.checkpoints` with
+``model.pt`` (weights), ``train_state.pt`` (optimiser, scheduler, scaler) and ``meta.json``
+(epoch, config, attribute names, metrics and history). Ray Train V2 resumes a run from the
+latest one named in ``checkpoint_manager_snapshot.json``; :func:`check_resumable` looks at
+that same checkpoint on the driver, so a damaged or foreign one stops the run in seconds with
+one line instead of failing inside every worker (or, worse, loading a planted pickle).
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from campar_ray import storage
 from campar_ray.artifacts import ArtifactError, load_json, load_tensors
 from campar_ray.config import Config, ModelConfig
 from campar_ray.model import ParModel, WeightsMismatch, load_network, rebuild_network
+from campar_ray.run.layout import RunDir
 
 if TYPE_CHECKING:  # serving (bundle, predict) loads checkpoints without Ray Train
     import ray.train
 
-CHECKPOINT_ROOT = ("ray", "stage1")
-"""Where stage 1 keeps its Ray Train checkpoints inside a run directory."""
 MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
-CONFIG_FILE = "config.yaml"
-"""The resolved config of a run, at the top of its run directory."""
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
@@ -46,7 +43,7 @@ def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
     checkpoints (``partial`` in their metadata) are left out too: they exist to resume from
     and hold no finished epoch's weights or metrics.
     """
-    root = storage.join(run_dir, *CHECKPOINT_ROOT)
+    root = RunDir(run_dir).checkpoints
     filesystem, inner = storage.resolve(root)
     if filesystem.get_file_info(inner).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"no stage-1 checkpoints in {run_dir} (expected {root})")
@@ -75,13 +72,14 @@ def _registered(root: str) -> set[str] | None:
 
 def resume_checkpoint(run_dir: str) -> str | None:
     """The checkpoint Ray Train will resume ``run_dir`` from, or None for a fresh run."""
-    snapshot = storage.join(run_dir, *CHECKPOINT_ROOT, SNAPSHOT_FILE)
+    root = RunDir(run_dir).checkpoints
+    snapshot = storage.join(root, SNAPSHOT_FILE)
     if not storage.exists(snapshot):
         return None
     latest = load_json(snapshot).get("latest_checkpoint_result")
     if not latest:
         return None
-    return storage.join(run_dir, *CHECKPOINT_ROOT, latest["checkpoint_dir_name"])
+    return storage.join(root, latest["checkpoint_dir_name"])
 
 
 def stored_config(run_dir: str) -> dict[str, Any] | None:
@@ -91,7 +89,7 @@ def stored_config(run_dir: str) -> dict[str, Any] | None:
     ``config.yaml`` (a run stopped before its first checkpoint). Both are plain JSON/YAML.
     """
     checkpoint = resume_checkpoint(run_dir)
-    path = storage.join(run_dir, CONFIG_FILE)
+    path = RunDir(run_dir).config_file
     try:
         if checkpoint is not None:
             stored = read_meta(checkpoint).get("config")

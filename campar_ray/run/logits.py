@@ -1,6 +1,6 @@
 """The stage-1 logits files: the hand-off from stage 1 to stage 2 (and to evaluation).
 
-One Parquet file per split at ``<run_dir>/logits/<split>.parquet``, one row per image:
+One Parquet file per split (:meth:`.layout.RunDir.logits`), one row per image:
 ``image`` (the manifest's image reference), ``labels`` (M x int8), ``l_shared`` (M x float32)
 and, for the CAM-PAR head, ``l_specific`` (M x float32). The schema metadata key ``campar``
 holds the attribute names. Rows are written in row groups so that a reader (an ALS actor)
@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from campar_ray import storage
+from campar_ray.run.layout import RunDir
 
 ROW_GROUP_SIZE = 8192
 
@@ -37,10 +38,6 @@ class SplitLogits:
     def prediction(self) -> np.ndarray:
         """The logits stage 2 builds on: specific when the head has them, else shared."""
         return self.shared if self.specific is None else self.specific
-
-
-def logits_path(run_dir: str, split: str) -> str:
-    return storage.join(run_dir, "logits", f"{split}.parquet")
 
 
 def write_split_logits(path: str, logits: SplitLogits) -> None:
@@ -97,7 +94,7 @@ def require_logits(run_dir: str, splits: tuple[str, ...]) -> None:
     """Raise :func:`read_split_logits`'s error for the first split without logits, so a
     command that needs them can stop before it starts anything."""
     for split in splits:
-        path = logits_path(run_dir, split)
+        path = RunDir(run_dir).logits(split)
         if not storage.exists(path):
             raise _missing(path)
 

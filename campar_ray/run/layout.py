@@ -1,0 +1,113 @@
+"""Every name inside a run directory, in one place.
+
+A run directory is what ``run.dir`` names: each stage writes its part of it and later stages,
+the bundle, evaluation and the demo read those parts back. Spelling the paths here, and
+nowhere else, lets ``train``, ``cfar``, ``tune``, ``evaluate`` and ``bundle`` find each
+other's files without importing each other. A search trial's folder is a run directory too
+(scope ``full`` trains stage 1 into it).
+
+What a folder holds inside, when only the part that writes it reads it, stays with that part:
+the checkpoint files (:mod:`.checkpoints`), the stage-2 model files
+(:mod:`campar_ray.cfar.model`, shared with bundles), a search's record (:mod:`campar_ray.tune`)
+and the report's files (:mod:`campar_ray.evaluate.report`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from campar_ray import storage
+
+CONFIG_FILE = "config.yaml"
+"""The resolved config of a run (a bundle keeps its config under the same name)."""
+LOGITS_DIR = "logits"
+SKIPPED_FILE = "skipped.json"
+CFAR_DIR = "cfar"
+"""Stage 2's artefacts (a bundle copies them under the same name)."""
+CFAR_METRICS_FILE = "metrics.json"
+TUNE_DIR = "tune"
+BEST_CONFIG_FILE = "best.yaml"
+REPORT_DIR = "report"
+TENSORBOARD_DIR = "tensorboard"
+DATA_STATS_DIR = "data_stats"
+LOGS_DIR = "logs"
+RAY_DIR = "ray"
+STAGE1_RUN = "stage1"
+"""Stage 1's Ray Train run, stored under :data:`RAY_DIR`: the folder of its checkpoints."""
+
+DERIVED = (
+    CONFIG_FILE,
+    f"{RAY_DIR}/{STAGE1_RUN}",
+    LOGITS_DIR,
+    CFAR_DIR,
+    TUNE_DIR,
+    TENSORBOARD_DIR,
+    DATA_STATS_DIR,
+    REPORT_DIR,
+)
+"""What ``campar train --fresh`` deletes: everything a previous run derived (its logs stay)."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory (a local folder or a URI)."""
+
+    path: str
+
+    def _join(self, *parts: str) -> str:
+        return storage.join(self.path, *parts)
+
+    @property
+    def config_file(self) -> str:
+        return self._join(CONFIG_FILE)
+
+    @property
+    def ray_storage(self) -> str:
+        """Ray Train's ``storage_path``; its run :data:`STAGE1_RUN` holds the checkpoints."""
+        return self._join(RAY_DIR)
+
+    @property
+    def checkpoints(self) -> str:
+        return self._join(RAY_DIR, STAGE1_RUN)
+
+    def logits(self, split: str) -> str:
+        """The stage-1 logits of ``split``: what stage 2, evaluation and the bundle read."""
+        return self._join(LOGITS_DIR, f"{split}.parquet")
+
+    @property
+    def skipped_images(self) -> str:
+        """The images of each split left out of the logits (they could not be decoded)."""
+        return self._join(LOGITS_DIR, SKIPPED_FILE)
+
+    @property
+    def cfar(self) -> str:
+        return self._join(CFAR_DIR)
+
+    @property
+    def cfar_metrics(self) -> str:
+        return self._join(CFAR_DIR, CFAR_METRICS_FILE)
+
+    @property
+    def tune(self) -> str:
+        return self._join(TUNE_DIR)
+
+    @property
+    def best_config(self) -> str:
+        """The best config a search found (``campar train --config`` accepts it)."""
+        return self._join(TUNE_DIR, BEST_CONFIG_FILE)
+
+    def report(self, split: str) -> str:
+        return self._join(REPORT_DIR, split)
+
+    def tensorboard(self, stage: str) -> str:
+        """The event files of ``stage`` (``stage1``, ``cfar``, a search's ``trial``)."""
+        return self._join(TENSORBOARD_DIR, stage)
+
+    def data_stats(self, epoch: int) -> str:
+        """Ray Data's statistics of one stage-1 epoch."""
+        return self._join(DATA_STATS_DIR, f"epoch_{epoch:03d}.txt")
+
+    @property
+    def logs(self) -> str:
+        """The command's tracebacks and Ray's output when it runs quietly."""
+        return self._join(LOGS_DIR)
