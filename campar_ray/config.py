@@ -15,6 +15,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,11 @@ class AlsSettings:
     iterations: int = 15
     tol: float = 1e-6
 
+    @classmethod
+    def of(cls, cfar: Mapping[str, Any]) -> AlsSettings:
+        """The settings among a ``cfar`` section's keys (a config, or one saved as JSON)."""
+        return cls(**{field.name: cfar[field.name] for field in dataclasses.fields(cls)})
+
     def __post_init__(self) -> None:
         _check_ranges(
             "cfar",
@@ -293,9 +299,8 @@ class CfarConfig:
 
     @property
     def als(self) -> AlsSettings:
-        """The ALS keys as the one value every solver takes (its fields name the keys)."""
-        names = [f.name for f in dataclasses.fields(AlsSettings)]
-        return AlsSettings(**{name: getattr(self, name) for name in names})
+        """The ALS keys as the one value every solver and lookup takes."""
+        return AlsSettings.of(dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)

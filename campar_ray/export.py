@@ -63,9 +63,9 @@ class CfarModule(nn.Module):
         super().__init__()
         estimator = cfar.estimator
         self.lookup = estimator.lookup
-        self.alpha = float(estimator.alpha)
-        self.p_t = float(estimator.threshold)
-        self.lam = float(estimator.lam)
+        self.alpha = float(estimator.als.alpha)
+        self.p_t = float(estimator.als.threshold)
+        self.lam = float(estimator.als.lam)
         y = np.asarray(estimator.Y, dtype=np.float64)
         self.register_buffer(
             "keys", torch.as_tensor(estimator.dictionary.keys, dtype=torch.float32)

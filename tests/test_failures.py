@@ -141,6 +141,31 @@ def test_a_number_out_of_range_stops_train_before_ray_starts(
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("backbone", "line"),
+    [
+        ("resnet5", "model.backbone: unknown backbone 'resnet5'; valid: convnext_base"),
+        ("timm:convnext_atoo", "model.backbone: unknown timm model 'convnext_atoo'; close "
+         "names: convnext_atto"),
+    ],
+)  # fmt: skip
+def test_an_unknown_backbone_stops_train_before_ray_starts(
+    trained, tmp_path, capsys, monkeypatch, backbone, line
+):
+    from campar_ray.train import stage1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(stage1, "init_ray", refuse)
+    run_dir = tmp_path / "run"
+    argv = ("--manifest", trained[0], "--run-dir", str(run_dir))
+    code, out, err = run_campar(capsys, "train", *argv, "--set", f"model.backbone={backbone}")
+    assert code == 2 and out == ""
+    assert one_line(err).startswith(f"campar train: error: {line}")
+    assert not run_dir.exists()
+
+
 def test_the_edges_of_each_range_are_accepted():
     config = load_config(
         overrides=[

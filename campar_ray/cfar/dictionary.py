@@ -21,6 +21,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import pairwise_distances_argmin
 
 from campar_ray.cfar.als import gram, solve_image_factors
+from campar_ray.config import AlsSettings
 
 LOOKUPS = ("dictionary", "fold-in")
 MINIBATCH_ABOVE = 50_000
@@ -83,12 +84,16 @@ def build_dictionary(
     return AttributeSetDictionary(centroids[used], sums[used] / counts[used, None])
 
 
-def fold_in(
-    r: np.ndarray, Y: np.ndarray, *, alpha: float, threshold: float, lam: float
-) -> np.ndarray:
-    """Each row's own factor: the ALS image step for that row given Y (N x D)."""
+def fold_in(r: np.ndarray, Y: np.ndarray, settings: AlsSettings) -> np.ndarray:
+    """Each row's own factor: the ALS image step for that row given Y (N x D), with the
+    confidences, targets and regularisation the factors were fitted with."""
     return solve_image_factors(
-        np.asarray(r, dtype=np.float32), Y, gram(Y), alpha=alpha, threshold=threshold, lam=lam
+        np.asarray(r, dtype=np.float32),
+        Y,
+        gram(Y),
+        alpha=settings.alpha,
+        threshold=settings.threshold,
+        lam=settings.lam,
     )
 
 
@@ -99,9 +104,8 @@ class ConfidenceEstimator:
     Y: np.ndarray
     dictionary: AttributeSetDictionary
     lookup: str
-    alpha: float
-    threshold: float
-    lam: float
+    als: AlsSettings
+    """What Y was fitted with: fold-in solves the same image step."""
 
     def __post_init__(self) -> None:
         if self.lookup not in LOOKUPS:
@@ -110,7 +114,7 @@ class ConfidenceEstimator:
     def image_factors(self, r: np.ndarray) -> np.ndarray:
         if self.lookup == "dictionary":
             return self.dictionary.factors(r)
-        return fold_in(r, self.Y, alpha=self.alpha, threshold=self.threshold, lam=self.lam)
+        return fold_in(r, self.Y, self.als)
 
     def reconstruct(self, r: np.ndarray) -> np.ndarray:
         """r_hat (N x M) for rows of r."""

@@ -38,7 +38,7 @@ from campar_ray.cfar.dictionary import (
 )
 from campar_ray.cfar.head import Fc2, Fc2Fit, Fc2Split, train_fc2
 from campar_ray.cfar.solver import SOLVERS, fit_als
-from campar_ray.config import CfarConfig, ConfigError
+from campar_ray.config import AlsSettings, CfarConfig, ConfigError
 from campar_ray.metrics import choose_threshold
 from campar_ray.run.logits import SplitLogits
 
@@ -142,9 +142,7 @@ def fit_model(
     report("dictionary", {"keys": len(dictionary.keys)})
     predictors, fits = {}, {}
     for lookup in LOOKUPS if compare_lookups else (cfg.lookup,):
-        estimator = ConfidenceEstimator(
-            als.Y, dictionary, lookup, cfg.alpha, cfg.threshold, cfg.lam
-        )
+        estimator = ConfidenceEstimator(als.Y, dictionary, lookup, cfg.als)
         predictors[lookup], fits[lookup] = _fit_predictor(estimator, train, val, cfg, columns)
         report("fc2", {"lookup": lookup, **_fc2_summary(fits[lookup])})
     return CfarModel(
@@ -198,9 +196,7 @@ def load_predictor(directory: str) -> CfarPredictor:
         factors["Y"],
         AttributeSetDictionary(entries["keys"], entries["values"]),
         cfg["lookup"],
-        cfg["alpha"],
-        cfg["threshold"],
-        cfg["lam"],
+        AlsSettings.of(cfg),
     )
     return CfarPredictor(
         estimator,

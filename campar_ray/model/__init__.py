@@ -1,7 +1,13 @@
 """Stage-1 model: encoders with three taps, feature fusion, CAM-PAR/baseline heads, losses."""
 
 from campar_ray.model.angles import feature_weight_angles
-from campar_ray.model.backbone import Backbone, TimmBackbone, build_backbone, torchvision_backbones
+from campar_ray.model.backbone import (
+    Backbone,
+    TimmBackbone,
+    build_backbone,
+    check_backbone,
+    torchvision_backbones,
+)
 from campar_ray.model.campar import (
     HEADS,
     PREDICT_FROM,
@@ -54,6 +60,7 @@ __all__ = [
     "bce",
     "build_backbone",
     "build_model",
+    "check_backbone",
     "class_activation_maps",
     "feature_weight_angles",
     "init_bias_from_prior",

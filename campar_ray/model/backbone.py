@@ -96,12 +96,7 @@ class TimmBackbone(Backbone):
         super().__init__()
         import timm
 
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=5)
-            raise ValueError(
-                f"unknown timm model {name!r}; close names: {', '.join(close) or 'none'}. "
-                f"{_TIMM_HINT}"
-            )
+        _check_timm_name(name)
         try:
             self.body = timm.create_model(
                 name, pretrained=False, features_only=True, out_indices=tuple(range(-LEVELS, 0))
@@ -129,6 +124,25 @@ class TimmBackbone(Backbone):
         """
         children = [child for _, child in self.body.named_children()]
         load_weights(children[0] if len(children) == 1 else self.body, state)
+
+
+def check_backbone(name: str) -> None:
+    """Raise a ValueError naming the valid choices when ``model.backbone`` names no encoder
+    this module can build: on the driver, before a cluster starts and a worker meets it."""
+    if name.startswith(TIMM_PREFIX):
+        _check_timm_name(name[len(TIMM_PREFIX) :])
+    else:
+        _torchvision_family(name)
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise ValueError(
+            f"unknown timm model {name!r}; close names: {', '.join(close) or 'none'}. {_TIMM_HINT}"
+        )
 
 
 def build_backbone(name: str, weights: str = "none") -> Backbone:

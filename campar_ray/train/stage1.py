@@ -45,9 +45,7 @@ from campar_ray.data.manifest import (
     read_manifest,
 )
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
-from campar_ray.model import (
-    positive_ratio,
-)
+from campar_ray.model import check_backbone, positive_ratio
 from campar_ray.preflight import check_cluster
 from campar_ray.run.checkpoints import check_resumable, check_weights, read_meta, stored_config
 from campar_ray.run.layout import DERIVED, STAGE1_RUN, RunDir
@@ -326,25 +324,14 @@ def resolve_config(config: Config) -> Config:
         raise ConfigError("data.manifest is empty; give the manifest to train on (--manifest)")
     if cfg.loss not in LOSSES:
         raise ConfigError(f"unknown train.loss {cfg.loss!r}; valid: {', '.join(LOSSES)}")
-    for key, value, low in (
-        ("train.epochs", cfg.epochs, 1),
-        ("train.batch_size", cfg.batch_size, 1),
-        ("train.resize_check_seconds", cfg.resize_check_seconds, 0),
-        ("train.checkpoint_every_minutes", cfg.checkpoint_every_minutes, 0),
-        ("data.decode_concurrency", config.data.decode_concurrency, 0),
-        ("data.prefetch_batches", config.data.prefetch_batches, 0),
-    ):
-        if value < low:
-            raise ConfigError(f"{key} must be at least {low}, got {value}")
-    if cfg.cpus_per_worker <= 0 or config.data.decode_cpus <= 0:
-        raise ConfigError(
-            "train.cpus_per_worker and data.decode_cpus must be positive, got "
-            f"{cfg.cpus_per_worker} and {config.data.decode_cpus}"
-        )
     if cfg.scheduler not in SCHEDULERS:
         raise ConfigError(
             f"unknown train.scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}"
         )
+    try:  # here, not in a worker minutes after the cluster started
+        check_backbone(config.model.backbone)
+    except ValueError as error:
+        raise ConfigError(f"model.backbone: {error}") from None
     return config.override(
         {
             "run.dir": _absolute(config.run.dir),
