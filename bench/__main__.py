@@ -2,7 +2,9 @@
 
 ``bench.peta_ablation`` (the paper's Table 2 on PETA, hours on a CPU) is left out: run it
 alone, in the background; it saves each finished row and continues where it stopped.
-``bench.threshold_protocol`` re-scores that run's folders, so it is left out too.
+``bench.threshold_protocol`` re-scores that run's folders, and ``bench.fc2_heldout`` studies
+fc2 on the logits it kept, so they are left out too. ``bench.input_pipeline`` needs the PETA
+images, and is left out for that reason.
 Each script also runs alone (``python -m bench.<name>``); each writes
 ``bench/results/<name>.json`` and prints its ratios. ``python -m bench NAME ...`` runs a subset.
 """
