@@ -153,11 +153,15 @@ def init_ray(address: str | None = None, insecure: bool = False) -> None:
     if address:
         context = ray.init(address=address, log_to_driver=not quiet)
     else:
+        cpus = local_logical_cpus()
         context = ray.init(
-            num_cpus=local_logical_cpus(),
+            num_cpus=cpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             log_to_driver=not quiet,
+            # Ray starts at most min(cores, CPUs) workers at once and warns past 4x that; a
+            # 2-core laptop given 4 logical CPUs then warns on every training run.
+            _system_config={"worker_maximum_startup_concurrency": cpus},
         )
     if quiet:
         session = context.address_info.get("session_dir") or "Ray's session folder"

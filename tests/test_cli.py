@@ -46,6 +46,7 @@ RAY_NOISE = [
     "\x1b[A",  # a tqdm redraw
     "Token authentication is enabled",
     "Started a local Ray instance",
+    "worker processes have been started",  # the raylet's startup-concurrency warning
     "Configuration for experiment",  # Ray Tune's header
     "View detailed results here",
 ]
