@@ -15,7 +15,9 @@ training data are compared, from the logits each ablation run kept
 - ``val, folds by person``: the same with folds split by PETA identity (the manifest's
   ``identity``), the honest estimate of what held-out logits can teach fc2.
 
-Every figure is mA at the fixed threshold 0.5 on the 35 evaluated attributes; the test split
+Stage 1's own mA at 0.5 on each split, with its two halves (recall of positives, rejection
+of negatives), shows how differently it scores the images it trained on. Every figure is mA
+at the fixed threshold 0.5 on the 35 evaluated attributes; the test split
 is scored once per source, with the epoch its own selection chose.
 
     python -m bench.fc2_heldout          # every kept run with train logits
@@ -80,6 +82,17 @@ def mA(labels: np.ndarray, probs: np.ndarray, columns: np.ndarray) -> float:
     return 100 * par_metrics(labels[:, columns], probs[:, columns], 0.5)["mA"]
 
 
+def halves(split: SplitLogits, columns: np.ndarray) -> dict[str, float]:
+    """mA at 0.5 split into its two halves (mean recall of positives, mean rejection of
+    negatives), in percent: where the stage-1 decision moves between seen and new images."""
+    present = split.labels[:, columns] > 0
+    predicted = split.prediction[:, columns] > 0
+    return {
+        "recall": 100 * float(np.mean((predicted & present).sum(0) / present.sum(0).clip(1))),
+        "tnr": 100 * float(np.mean((~predicted & ~present).sum(0) / (~present).sum(0).clip(1))),
+    }
+
+
 def study(splits: dict[str, SplitLogits], persons: dict[str, str]) -> dict:
     """Every figure of one run (module doc)."""
     train, val, test = splits["train"], splits["val"], splits["test"]
@@ -106,6 +119,7 @@ def study(splits: dict[str, SplitLogits], persons: dict[str, str]) -> dict:
             name: mA(split.labels, probabilities(split.prediction), columns)
             for name, split in splits.items()
         },
+        "stage1_at_half": {name: halves(split, columns) for name, split in splits.items()},
         "train": {
             "epoch": fitted.best_epoch,
             "val_mA": 100 * fitted.val_mA,
