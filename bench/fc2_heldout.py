@@ -15,7 +15,10 @@ training data are compared, from the logits each ablation run kept
 - ``val, folds by person``: the same with folds split by PETA identity (the manifest's
   ``identity``), the honest estimate of what held-out logits can teach fc2.
 
-Stage 1's own mA at 0.5 on each split, with its two halves (recall of positives, rejection
+The evidence keeps the evaluated attributes only (35 of PETA's 105), so ALS, the dictionary and
+fc2 are fitted on those here, while the ablation's CFAR rows fit all the attributes of their
+run's logits: the ``train`` figures can differ from those rows'. Stage 1's own mA at 0.5 on
+each split, with its two halves (recall of positives, rejection
 of negatives), shows how differently it scores the images it trained on. Every figure is mA
 at the fixed threshold 0.5 on the 35 evaluated attributes; the test split
 is scored once per source, with the epoch its own selection chose.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +78,12 @@ def person_of(manifest: str, peta_root: str) -> dict[str, str]:
     return dict(zip(map(_key, images), table.column("identity").to_pylist(), strict=True))
 
 
+def seed_of(run: str) -> int:
+    """The seed an ablation folder was trained and fitted with (``<row>-seed<k>``)."""
+    match = re.search(r"-seed(\d+)$", run)
+    return int(match.group(1)) if match else 0
+
+
 def _key(image: str) -> str:
     return image.split(PETA_IMAGES, 1)[-1]
 
@@ -93,12 +103,13 @@ def halves(split: SplitLogits, columns: np.ndarray) -> dict[str, float]:
     }
 
 
-def study(splits: dict[str, SplitLogits], persons: dict[str, str]) -> dict:
-    """Every figure of one run (module doc)."""
+def study(splits: dict[str, SplitLogits], persons: dict[str, str], seed: int = 0) -> dict:
+    """Every figure of one run (module doc); ``seed`` seeds ALS and k-means as the run's own
+    CFAR fit did (its ``seed``), so the ``train`` figures are that fit's."""
     train, val, test = splits["train"], splits["val"], splits["test"]
     columns = eval_columns(train)
     cfg = CfarConfig(solver="local")
-    model = fit_model(train, val, cfg, seed=0)
+    model = fit_model(train, val, cfg, seed=seed)
     estimator = model.predictor.estimator
 
     def fc2_split(split: SplitLogits, rows: np.ndarray | slice = slice(None)) -> Fc2Split:
@@ -179,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             name: read_split_logits(str(evidence / run / f"{name}.parquet"))
             for name in ("train", "val", "test")
         }
-        results[run] = study(splits, persons)
+        results[run] = study(splits, persons, seed_of(run))
         print(table({run: results[run]}).splitlines()[-1], flush=True)
     print(table(results))
     write_results(NAME, {"runs": results, "folds": FOLDS, "threshold": 0.5})
