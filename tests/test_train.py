@@ -45,6 +45,7 @@ from campar_ray.train.loop import (
     train_one_epoch,
     validation_metrics,
 )
+from campar_ray.train.monitor import StepPoster
 from campar_ray.train.stage1 import Stage1Result, resolve_config, train_stage1
 
 CPU = torch.device("cpu")
@@ -244,6 +245,7 @@ def _worker(minutes: float = 0.0) -> worker._Run:
         world=1,
         rank=0,
         clock=worker._CheckpointClock(minutes),
+        steps=StepPoster(None, world=1, epoch_rows=320),
     )
 
 
