@@ -94,13 +94,13 @@ def mA(labels: np.ndarray, probs: np.ndarray, columns: np.ndarray) -> float:
 
 def halves(split: SplitLogits, columns: np.ndarray) -> dict[str, float]:
     """mA at 0.5 split into its two halves (mean recall of positives, mean rejection of
-    negatives), in percent: where the stage-1 decision moves between seen and new images."""
-    present = split.labels[:, columns] > 0
-    predicted = split.prediction[:, columns] > 0
-    return {
-        "recall": 100 * float(np.mean((predicted & present).sum(0) / present.sum(0).clip(1))),
-        "tnr": 100 * float(np.mean((~predicted & ~present).sum(0) / (~present).sum(0).clip(1))),
-    }
+    negatives), in percent: where the stage-1 decision moves between seen and new images.
+    Each attribute's mA term is the mean of the two, so rejection = 2 * term - recall."""
+    metrics = par_metrics(
+        split.labels[:, columns], probabilities(split.prediction[:, columns]), 0.5
+    )
+    recall, term = metrics["attr_recall"], metrics["attr_accuracy"]
+    return {"recall": 100 * float(recall.mean()), "tnr": 100 * float((2 * term - recall).mean())}
 
 
 def study(splits: dict[str, SplitLogits], persons: dict[str, str], seed: int = 0) -> dict:

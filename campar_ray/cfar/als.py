@@ -200,8 +200,7 @@ class Shard:
         self, r: np.ndarray, settings: AlsSettings, *, chunk_rows: int = CHUNK_ROWS
     ) -> None:
         self.r = check_probabilities(r)
-        self.alpha, self.threshold, self.lam = settings.alpha, settings.threshold, settings.lam
-        self.chunk_rows = chunk_rows
+        self.settings, self.chunk_rows = settings, chunk_rows
         self.X: np.ndarray | None = None
 
     def solve(self, Y: np.ndarray, YtY: np.ndarray) -> np.ndarray:
@@ -210,9 +209,9 @@ class Shard:
             self.r,
             Y,
             YtY,
-            alpha=self.alpha,
-            threshold=self.threshold,
-            lam=self.lam,
+            alpha=self.settings.alpha,
+            threshold=self.settings.threshold,
+            lam=self.settings.lam,
             chunk_rows=self.chunk_rows,
         )
         return self.X
@@ -221,7 +220,11 @@ class Shard:
         """Image step, then this shard's share of the attribute step."""
         X = self.solve(Y, YtY)
         return attribute_stats(
-            self.r, X, alpha=self.alpha, threshold=self.threshold, chunk_rows=self.chunk_rows
+            self.r,
+            X,
+            alpha=self.settings.alpha,
+            threshold=self.settings.threshold,
+            chunk_rows=self.chunk_rows,
         )
 
 
