@@ -266,8 +266,8 @@ def test_folder_seeded_split(tmp_path):
     [
         ("file,x\na.png,1\n", "has no 'image' column"),
         ("image,split\na.png,train\n", "no attribute columns"),
-        ("image,x\na.png,1\nb.png,2\n", r"line 3, column 'x': '2' is not 0 or 1"),
-        ("image,x\na.png,1\nb.png,\n", r"line 3, column 'x': '' is not 0 or 1"),
+        ("image,x\na.png,1\nb.png,2\n", r"line 3, column 'x': '2' is not 1, 0 or -1"),
+        ("image,x\na.png,1\nb.png,\n", r"line 3, column 'x': '' is not 1, 0 or -1"),
         ("image,x\na.png,1\nzz.png,0\n", r"1 images named in .*labels.csv are missing .*zz.png"),
         (
             "image,split,x\na.png,dev,1\n",

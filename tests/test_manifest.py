@@ -81,8 +81,9 @@ def test_wider_label_types_are_accepted_and_made_int8(tmp_path):
          r"rows 0 and 3 have the same image 'a.png'"),
         (toy_table(labels=np.array([[1, 0, 1], [0, 0, 0], [1, 2, 0], [0, 1, 1]])),
          r"row 2 \(image 'sub/c.png'\): column 'labels' holds 2 for attribute 'hat'"),
-        (toy_table(labels=np.array([[1, 0, 1], [0, 0, 0], [1, 0, 0], [0, 1, -1]])),
-         r"row 3 \(image 'd.png'\): column 'labels' holds -1 for attribute 'bag'"),
+        (toy_table(labels=np.array([[1, 0, 1], [0, 0, 0], [1, 0, 0], [0, 1, -2]])),
+         r"row 3 \(image 'd.png'\): column 'labels' holds -2 for attribute 'bag'; labels must "
+         r"be 1, 0 or -1 \(not annotated\)"),
         (toy_table().drop_columns(["identity"]), r"no column 'identity'; required columns"),
         (toy_table().set_column(3, "identity", pa.array([1, 2, 3, 4])),
          r"column 'identity' must hold strings"),

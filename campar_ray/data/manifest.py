@@ -1,7 +1,7 @@
 """The manifest: the one Parquet format every converter writes and everything downstream reads.
 
 One row per image: ``image`` (a path relative to the manifest's folder, an absolute path or an
-``s3://``/``gs://`` URI), ``labels`` (list<int8>, one 0/1 value per attribute), ``split``
+``s3://``/``gs://`` URI), ``labels`` (list<int8>, one value per attribute: 1 present, 0 absent, -1 not annotated), ``split``
 (``train``/``val``/``test``), ``identity`` (person id) and ``source`` (subset or origin). A
 *packed* manifest also has a ``binary`` column with the encoded image bytes, so a cluster
 reads a few large files instead of many small ones; ``image`` still names each row.
@@ -35,6 +35,10 @@ import pyarrow.parquet as pq
 from campar_ray import storage
 
 SPLITS = ("train", "val", "test")
+UNKNOWN = -1
+"""The label value of an attribute nobody annotated on that image: training, stage 2 and the
+metrics leave such an entry out, instead of reading it as a negative."""
+LABEL_VALUES = (UNKNOWN, 0, 1)
 REQUIRED_COLUMNS = ("image", "labels", "split", "identity", "source")
 BINARY_COLUMN = "binary"
 METADATA_KEY = b"campar"
@@ -181,6 +185,16 @@ def manifest_table(
             "source": pa.array(list(sources), pa.string()),
         }
     )
+
+
+def unknown_counts(labels: np.ndarray, attributes: Sequence[str]) -> dict[str, int]:
+    """How many images leave each attribute unannotated (:data:`UNKNOWN`), for every attribute
+    with at least one; empty when every label is known."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return {}
+    counts = (labels == UNKNOWN).sum(axis=0)
+    return {name: int(n) for name, n in zip(attributes, counts, strict=True) if n}
 
 
 def labels_matrix(table: pa.Table) -> np.ndarray:
@@ -559,13 +573,13 @@ def _check_labels(table: pa.Table, attributes: tuple[str, ...]) -> pa.Table:
     bad = (
         np.flatnonzero(pc.is_null(values).to_numpy(zero_copy_only=False))
         if values.null_count
-        else np.flatnonzero((numbers < 0) | (numbers > 1))
+        else np.flatnonzero((numbers < UNKNOWN) | (numbers > 1))
     )
     if bad.size:
         row, attribute = divmod(int(bad[0]), m)
         raise ManifestError(
             f"{_row(images, row)}: column 'labels' holds {values[int(bad[0])].as_py()} for "
-            f"attribute {attributes[attribute]!r}; labels must be 0 or 1"
+            f"attribute {attributes[attribute]!r}; labels must be 1, 0 or -1 (not annotated)"
         )
     if pa.types.is_list(kind) and kind.value_type == pa.int8():
         return table

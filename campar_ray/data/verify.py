@@ -1,5 +1,8 @@
 """Decode every image of a manifest once, before a long training run finds the broken one.
 
+The report also counts, per attribute, the labels nobody annotated (value -1), so a corpus
+whose annotation rounds missed an attribute shows it before training.
+
 Reading and decoding run on a small thread pool: file reads and Pillow's codecs release the
 GIL, and on object stores the reads dominate.
 """
@@ -11,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from campar_ray.data.images import STRICT, UNREADABLE, ImageLimits, read_image
-from campar_ray.data.manifest import BINARY_COLUMN, read_manifest
+from campar_ray.data.manifest import BINARY_COLUMN, labels_matrix, read_manifest, unknown_counts
 
 CHUNK = 256
 
@@ -23,6 +26,8 @@ class VerifyReport:
     total: int
     bad: list[tuple[str, str]] = field(default_factory=list)
     """``(image, error)`` for each unreadable or corrupt image, in manifest order."""
+    unknown: dict[str, int] = field(default_factory=dict)
+    """Images whose label is unknown (-1), per attribute that has any."""
 
     @property
     def ok(self) -> bool:
@@ -31,6 +36,9 @@ class VerifyReport:
     def summary(self) -> str:
         lines = [f"verified {self.total} images: {len(self.bad)} unreadable or corrupt"]
         lines += [f"  {image}: {error}" for image, error in self.bad]
+        if self.unknown:
+            counts = ", ".join(f"{name} {count}" for name, count in self.unknown.items())
+            lines.append(f"unknown labels (-1) per attribute, of {self.total} images: {counts}")
         return "\n".join(lines)
 
 
@@ -68,4 +76,5 @@ def verify_manifest(
                     bad.append((images[row], error))
             if progress is not None:
                 progress(rows.stop, total)
-    return VerifyReport(total=total, bad=bad)
+    unknown = unknown_counts(labels_matrix(table), info.attributes)
+    return VerifyReport(total=total, bad=bad, unknown=unknown)

@@ -2,7 +2,7 @@
 
 The CSV's header is ``image,<attr1>,<attr2>,...``: ``image`` is a path relative to the folder
 (or absolute, or a URI; outside the folder only with ``--allow-outside-root``) and each
-attribute column holds 0 or 1. Optional columns: ``split`` (train/val/test; without it the
+attribute column holds 1, 0 or -1 (not annotated: left out of training and scoring). Optional columns: ``split`` (train/val/test; without it the
 split is seeded and person-disjoint by ``ratios``), ``identity`` (person id; without it each
 image is its own person) and ``source``.
 """
@@ -18,6 +18,7 @@ import numpy as np
 from campar_ray import storage
 from campar_ray.data.converters.common import Converted, DatasetError, Option, require_images
 from campar_ray.data.manifest import (
+    UNKNOWN,
     SPLITS,
     ManifestInfo,
     is_absolute,
@@ -104,8 +105,10 @@ def _read_csv(path: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
 
 def _binary(row: dict[str, str], attribute: str, path: str, line: int) -> int:
     value = row[attribute]
-    if value not in ("0", "1"):
-        raise DatasetError(f"{path} line {line}, column {attribute!r}: {value!r} is not 0 or 1")
+    if value not in ("0", "1", str(UNKNOWN)):
+        raise DatasetError(
+            f"{path} line {line}, column {attribute!r}: {value!r} is not 1, 0 or -1 (not annotated)"
+        )
     return int(value)
 
 
