@@ -32,7 +32,7 @@ def partial(tmp_path_factory) -> str:
 
 
 def test_unknown_labels_round_trip_through_write_read_and_pack(partial, tmp_path):
-    table, info = read_manifest(partial)
+    table, _ = read_manifest(partial)
     labels = labels_matrix(table)
     assert (labels == UNKNOWN).any() and set(np.unique(labels)) == {UNKNOWN, 0, 1}
     packed = str(tmp_path / "packed")

@@ -1,15 +1,14 @@
 """The manifest: the one Parquet format every converter writes and everything downstream reads.
 
 One row per image: ``image`` (a path relative to the manifest's folder, an absolute path or an
-``s3://``/``gs://`` URI), ``labels`` (list<int8>, one value per attribute: 1 present, 0 absent, -1 not annotated), ``split``
-(``train``/``val``/``test``), ``identity`` (person id) and ``source`` (subset or origin). A
-*packed* manifest also has a ``binary`` column with the encoded image bytes, so a cluster
-reads a few large files instead of many small ones; ``image`` still names each row.
-A manifest is one ``.parquet`` file or a folder of Parquet shards (read in file-name order);
-:class:`ManifestWriter` writes either form chunk by chunk, so memory holds one chunk
-whatever the corpus size.
-The schema metadata key ``campar`` holds JSON with the dataset name, the ordered attribute
-names and the attributes the dataset's protocol evaluates.
+``s3://``/``gs://`` URI), ``labels`` (list<int8>, one value per attribute: 1 present, 0 absent,
+-1 not annotated), ``split`` (``train``/``val``/``test``), ``identity`` (person id) and
+``source`` (subset or origin). A *packed* manifest also has a ``binary`` column with the
+encoded image bytes, so a cluster reads a few large files instead of many small ones; ``image``
+still names each row. A manifest is one ``.parquet`` file or a folder of Parquet shards (read
+in file-name order); :class:`ManifestWriter` writes either form chunk by chunk, so memory holds
+one chunk whatever the corpus size. The schema metadata key ``campar`` holds JSON with the
+dataset name, the ordered attribute names and the attributes the dataset's protocol evaluates.
 
 Validation is vectorised (``pyarrow.compute``), so a million-row manifest checks in well under a
 second, and every error names the row (index and image), the column and the bad value.

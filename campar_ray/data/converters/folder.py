@@ -2,9 +2,9 @@
 
 The CSV's header is ``image,<attr1>,<attr2>,...``: ``image`` is a path relative to the folder
 (or absolute, or a URI; outside the folder only with ``--allow-outside-root``) and each
-attribute column holds 1, 0 or -1 (not annotated: left out of training and scoring). Optional columns: ``split`` (train/val/test; without it the
-split is seeded and person-disjoint by ``ratios``), ``identity`` (person id; without it each
-image is its own person) and ``source``.
+attribute column holds 1, 0 or -1 (not annotated: left out of training and scoring). Optional
+columns: ``split`` (train/val/test; without it the split is seeded and person-disjoint by
+``ratios``), ``identity`` (person id; without it each image is its own person) and ``source``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 from campar_ray import storage
 from campar_ray.data.converters.common import Converted, DatasetError, Option, require_images
 from campar_ray.data.manifest import (
-    UNKNOWN,
     SPLITS,
+    UNKNOWN,
     ManifestInfo,
     is_absolute,
     manifest_table,
