@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
+import torch.nn.functional as F
 from test_converters import folder_with_csv
 
 from campar_ray.data import generate_synthetic, labels_matrix, read_manifest, verify_manifest
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import UNKNOWN, write_manifest
 from campar_ray.data.pack import pack_manifest
+from campar_ray.model import ParOutput, bce, positive_ratio, stage1_loss
 
 
 def hide(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -72,3 +75,58 @@ def test_unknown_labels_round_trip_through_object_storage(partial, s3_server):
     write_manifest(uri, table, info, shard_mb=0.001)
     again, _ = read_manifest(uri)
     np.testing.assert_array_equal(labels_matrix(again), labels_matrix(table))
+
+
+# --- stage 1: the loss and the positive rates leave unknowns out -------------------------------
+
+
+def test_masked_bce_is_each_attributes_mean_over_its_known_images_summed():
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3], [-2.0, 1.0, 0.0]])
+    targets = torch.tensor([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0], [-1.0, 0.0, -1.0]])
+    ratio = torch.tensor([0.3, 0.6, 0.1])
+    terms = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0), reduction="none")
+    weights = torch.exp(targets.clamp(min=0) * (1 - ratio) + (1 - targets.clamp(min=0)) * ratio)
+    for r, w in ((None, torch.ones_like(terms)), (ratio, weights)):
+        expected = sum(
+            sum(float(terms[i, j] * w[i, j]) for i in range(3) if targets[i, j] >= 0)
+            / int((targets[:, j] >= 0).sum())
+            for j in range(3)
+        )
+        assert bce(logits, targets, r).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_unknown_entries_send_no_gradient_and_do_not_move_the_loss():
+    targets = torch.tensor([[1.0, -1.0], [0.0, 1.0], [-1.0, 0.0]])
+    logits = torch.randn(3, 2, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    specific = (logits * 2).detach().requires_grad_()
+    loss = stage1_loss(ParOutput(logits, specific, None), targets, torch.tensor([0.5, 0.5]))
+    loss.backward()
+    unknown = targets < 0
+    assert (logits.grad[unknown] == 0).all() and (specific.grad[unknown] == 0).all()
+    assert (logits.grad[~unknown] != 0).all()
+    moved = logits.detach().clone()
+    moved[unknown] = 100.0
+    assert bce(moved, targets).item() == bce(logits.detach(), targets).item()
+
+
+def test_with_every_label_known_the_loss_is_todays_reduction_bit_for_bit():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(16, 7, generator=generator)
+    targets = (torch.rand(16, 7, generator=generator) > 0.6).float()
+    ratio = torch.rand(7, generator=generator)
+    for r in (None, ratio):
+        today = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        if r is not None:
+            today = today * torch.exp(targets * (1 - r) + (1 - targets) * r)
+        assert torch.equal(bce(logits, targets, r), today.sum(dim=1).mean())
+
+
+def test_positive_ratio_counts_known_labels_only_and_refuses_an_unlabelled_attribute():
+    labels = np.array([[1, -1, 0], [0, -1, 1], [-1, -1, 1], [1, -1, -1]])
+    labels[0, 1] = 1
+    np.testing.assert_allclose(positive_ratio(labels).numpy(), [2 / 3, 1.0, 2 / 3])
+    full = np.random.default_rng(0).integers(0, 2, (50, 4))
+    assert torch.equal(positive_ratio(full), torch.from_numpy((full > 0).mean(axis=0)).float())
+    labels[0, 1] = UNKNOWN
+    with pytest.raises(ValueError, match=r"^attribute 'hat' has no known label in the training "):
+        positive_ratio(labels, ("male", "hat", "bag"))

@@ -5,9 +5,17 @@ BCE (the baseline's [15] ``size_sum`` reduction). The two therefore share one sc
 weights lie in [1, e], so switching ``train.loss`` moves the loss by at most a factor e and
 the reference learning rate suits both. Summing (not averaging) over attributes keeps the
 gradient per attribute independent of how many attributes a dataset has.
+
+Unknown labels (-1, "not annotated") are left out: when a batch has any, each attribute's term
+is the mean over the images that know it (0 for an attribute no image of the batch knows), and
+the terms are summed over attributes. With every label known this is the sum over attributes
+of the mean over images, i.e. the reduction above, which is then computed exactly as before.
+The positive rates behind the weights count known labels only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -17,12 +25,24 @@ from torch import Tensor
 from campar_ray.model.campar import ParOutput
 
 
-def positive_ratio(labels: np.ndarray) -> Tensor:
-    """Per-attribute positive rate of the (training) labels, N x M -> M, float32."""
+def positive_ratio(labels: np.ndarray, attributes: Sequence[str] | None = None) -> Tensor:
+    """Per-attribute positive rate of the (training) labels among the known ones, N x M -> M,
+    float32. An attribute with no known label has no rate: refused, named by ``attributes``."""
     labels = np.asarray(labels)
     if labels.ndim != 2 or len(labels) == 0:
         raise ValueError(f"labels must be a non-empty N x M array, got shape {labels.shape}")
-    return torch.from_numpy((labels > 0).mean(axis=0)).float()
+    known = labels >= 0
+    if known.all():
+        return torch.from_numpy((labels > 0).mean(axis=0)).float()
+    counts = known.sum(axis=0)
+    if not counts.all():
+        index = int(np.flatnonzero(counts == 0)[0])
+        name = repr(attributes[index]) if attributes is not None else f"number {index}"
+        raise ValueError(
+            f"attribute {name} has no known label in the training split (all -1): "
+            "annotate some training images or leave the attribute out of the manifest"
+        )
+    return torch.from_numpy((labels > 0).sum(axis=0) / counts).float()
 
 
 def attribute_weights(targets: Tensor, ratio: Tensor) -> Tensor:
@@ -32,15 +52,23 @@ def attribute_weights(targets: Tensor, ratio: Tensor) -> Tensor:
 
 
 def bce(logits: Tensor, targets: Tensor, ratio: Tensor | None = None) -> Tensor:
-    """BCE with logits, summed over attributes and averaged over images.
+    """BCE with logits, summed over attributes and averaged over images (over the images that
+    know each attribute when some ``targets`` are -1, see the module doc).
 
     With ``ratio`` (M positive rates) each term is weighted by :func:`attribute_weights`.
     """
     targets = targets.to(torch.float32)
+    known = targets >= 0
+    every_label_known = bool(known.all())
+    if not every_label_known:
+        targets = targets.clamp(min=0)
     losses = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
     if ratio is not None:
         losses = losses * attribute_weights(targets, ratio)
-    return losses.sum(dim=1).mean()
+    if every_label_known:
+        return losses.sum(dim=1).mean()
+    per_attribute = (losses * known).sum(dim=0) / known.sum(dim=0).clamp(min=1)
+    return per_attribute.sum()
 
 
 def stage1_loss(output: ParOutput, targets: Tensor, positive_ratio: Tensor | None = None) -> Tensor:

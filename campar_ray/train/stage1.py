@@ -113,6 +113,9 @@ def train_stage1(
     for split in ("train", "val"):
         if not pc.any(pc.equal(table.column("split"), split)).as_py():
             raise ValueError(f"manifest {config.data.manifest} has no {split!r} images")
+    # An attribute no training image annotates has no positive rate and no loss term: refused
+    # here, before Ray starts (_trainer computes the same rates for the workers).
+    positive_ratio(labels_matrix(_split_rows(table, "train")), info.attributes)
     if not config.data.allow_outside_root and not is_packed(config.data.manifest):
         # Refused here, in one line, rather than every image skipped by the decode tasks.
         check_images_inside_root(table.column("image").to_pylist(), info.root)
@@ -159,7 +162,7 @@ def _trainer(
 ) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer of a run: worker loop, scaling, storage in the run dir, datasets."""
     cfg = config.train
-    train_labels = labels_matrix(table.filter(pc.equal(table.column("split"), "train")))
+    train_labels = labels_matrix(_split_rows(table, "train"))
     setup = {
         "model": config.model,
         "train": cfg,
@@ -169,7 +172,7 @@ def _trainer(
         "attributes": info.attributes,
         "eval_attributes": info.eval_attributes,
         "eval_indices": info.eval_indices().tolist(),
-        "positive_ratio": positive_ratio(train_labels).tolist(),
+        "positive_ratio": positive_ratio(train_labels, info.attributes).tolist(),
         "epoch_rows": len(train_labels),
         "config": config.to_dict(),
         "seed": config.seed,
@@ -393,3 +396,7 @@ def _print_summary(meta: dict[str, Any], path: str, skipped: dict[str, list[str]
         + ", ".join(f"{split} {len(images)}" for split, images in skipped.items()),
         flush=True,
     )
+
+
+def _split_rows(table: pa.Table, split: str) -> pa.Table:
+    return table.filter(pc.equal(table.column("split"), split))
