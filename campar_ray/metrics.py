@@ -1,5 +1,8 @@
 """PAR metrics exactly as the field's reference code computes them (eq. 21-25).
 
+Labels are 1, 0 or -1 (unknown, not annotated): unknown entries are left out of every figure
+(:func:`par_metrics`), which with every label known is the reference code, bit for bit.
+
 Label-based: mA = mean over attributes of (TP/P + TN/N) / 2. Instance-based: accuracy,
 precision and recall per image, averaged over images, with an empty denominator scoring 0;
 F1 from the *averaged* precision and recall. All vectorised over an N x M array.
@@ -27,18 +30,53 @@ THRESHOLD_PROTOCOLS = tuple(_PROTOCOLS)
 def par_metrics(
     labels: np.ndarray, probs: np.ndarray, threshold: float | np.ndarray = 0.5
 ) -> dict[str, float | np.ndarray]:
-    """Metrics of ``probs >= threshold`` against binary ``labels`` (both N x M).
+    """Metrics of ``probs >= threshold`` against ``labels`` (both N x M; 1, 0 or -1 unknown).
 
     ``threshold`` may be one value or one per attribute. Returns fractions in [0, 1]:
     ``mA``, ``accuracy``, ``precision``, ``recall``, ``f1`` and per-attribute arrays
     ``attr_accuracy`` (the mA term), ``attr_precision``, ``attr_recall``, ``attr_f1``,
     ``attr_positive_rate`` (ground truth) and ``attr_predicted_rate``.
+
+    Unknown labels are left out, and so is the prediction on them: each attribute is scored
+    over the images that know it (NaN for an attribute no image knows, which mA then skips),
+    each image over the attributes it knows (an image that knows none is not averaged). With
+    every label known the figures are those of the reference code, computed as before.
     """
     truth, pred = _binary(labels, probs, threshold)
+    known = np.asarray(labels) >= 0
+    if known.all():
+        return _scores(truth, pred, ~truth, len(truth))
+    scores = _scores(truth, pred & known, known & ~truth, known.sum(0), known)
+    annotated = known.any(0)
+    for key in _ATTRIBUTE_KEYS:
+        scores[key] = np.where(annotated, scores[key], np.nan)
+    return scores
+
+
+_ATTRIBUTE_KEYS = (
+    "attr_accuracy",
+    "attr_precision",
+    "attr_recall",
+    "attr_f1",
+    "attr_positive_rate",
+    "attr_predicted_rate",
+)
+
+
+def _scores(
+    truth: np.ndarray,
+    pred: np.ndarray,
+    negative: np.ndarray,
+    rows: int | np.ndarray,
+    known: np.ndarray | None = None,
+) -> dict[str, float | np.ndarray]:
+    """eq. 21-25 from boolean N x M truth and prediction (predictions on unknown labels
+    already off) and the known negatives; ``rows`` counts each attribute's known labels and
+    ``known`` (None: all) says which attributes and images have any to be averaged over."""
     tp = (truth & pred).sum(0).astype(np.float64)
-    tn = (~truth & ~pred).sum(0).astype(np.float64)
+    tn = (negative & ~pred).sum(0).astype(np.float64)
     positives = truth.sum(0).astype(np.float64)
-    negatives = (~truth).sum(0).astype(np.float64)
+    negatives = negative.sum(0).astype(np.float64)
     predicted = pred.sum(0).astype(np.float64)
     label_accuracy = (tp / (positives + EPS) + tn / (negatives + EPS)) / 2
     attr_precision = tp / (predicted + EPS)
@@ -46,11 +84,21 @@ def par_metrics(
 
     intersection = (truth & pred).sum(1).astype(np.float64)
     union = (truth | pred).sum(1).astype(np.float64)
-    accuracy = np.mean(intersection / (union + EPS))
-    precision = np.mean(intersection / (pred.sum(1) + EPS))
-    recall = np.mean(intersection / (truth.sum(1) + EPS))
+    per_image = (
+        intersection / (union + EPS),
+        intersection / (pred.sum(1) + EPS),
+        intersection / (truth.sum(1) + EPS),
+    )
+    if known is None:
+        accuracy, precision, recall = (np.mean(values) for values in per_image)
+        mean_accuracy = label_accuracy.mean()
+    else:
+        images, attributes = known.any(1), known.any(0)
+        accuracy, precision, recall = (_mean(values[images]) for values in per_image)
+        mean_accuracy = _mean(label_accuracy[attributes])
+    rows = np.maximum(rows, 1)
     return {
-        "mA": float(label_accuracy.mean()),
+        "mA": float(mean_accuracy),
         "accuracy": float(accuracy),
         "precision": float(precision),
         "recall": float(recall),
@@ -59,8 +107,28 @@ def par_metrics(
         "attr_precision": attr_precision,
         "attr_recall": attr_recall,
         "attr_f1": 2 * attr_precision * attr_recall / (attr_precision + attr_recall + EPS),
-        "attr_positive_rate": positives / max(len(truth), 1),
-        "attr_predicted_rate": predicted / max(len(truth), 1),
+        "attr_positive_rate": positives / rows,
+        "attr_predicted_rate": predicted / rows,
+    }
+
+
+def _mean(values: np.ndarray) -> float:
+    """The mean, NaN (without a warning) when there is nothing to average."""
+    return float(values.mean()) if values.size else float("nan")
+
+
+def metrics_by_group(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float | np.ndarray,
+    groups: np.ndarray,
+) -> dict[str, dict[str, float]]:
+    """:func:`summary` of :func:`par_metrics` for the rows of each group (e.g. each image's
+    ``source``: every dataset of a merged corpus), groups in sorted order."""
+    groups = np.asarray(groups)
+    return {
+        str(group): summary(par_metrics(labels[groups == group], probs[groups == group], threshold))
+        for group in np.unique(groups)
     }
 
 
@@ -91,7 +159,10 @@ def choose_threshold(
         scores = [par_metrics(labels, probs, t)[metric] for t in grid]
         return float(grid[int(np.argmax(scores))])
     per_threshold = np.stack([par_metrics(labels, probs, t)["attr_accuracy"] for t in grid])
-    return grid[np.argmax(per_threshold, axis=0)]
+    # An attribute no validation image knows scores NaN at every threshold: it keeps 0.5.
+    unscored = np.isnan(per_threshold).all(axis=0)
+    chosen = grid[np.argmax(np.nan_to_num(per_threshold, nan=-1.0), axis=0)]
+    return np.where(unscored, 0.5, chosen) if unscored.any() else chosen
 
 
 def check_protocol(protocol: str) -> None:

@@ -13,6 +13,7 @@ from campar_ray.data import generate_synthetic, labels_matrix, read_manifest, ve
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import UNKNOWN, write_manifest
 from campar_ray.data.pack import pack_manifest
+from campar_ray.metrics import choose_threshold, metrics_by_group, par_metrics, summary
 from campar_ray.model import ParOutput, bce, positive_ratio, stage1_loss
 
 
@@ -130,3 +131,101 @@ def test_positive_ratio_counts_known_labels_only_and_refuses_an_unlabelled_attri
     labels[0, 1] = UNKNOWN
     with pytest.raises(ValueError, match=r"^attribute 'hat' has no known label in the training "):
         positive_ratio(labels, ("male", "hat", "bag"))
+
+
+# --- metrics: unknown entries are left out, and with none the figures are today's -------------
+
+
+def reference_par_metrics(labels, probs, threshold=0.5):
+    """``campar_ray.metrics.par_metrics`` as it was before unknown labels (commit 052d198),
+    frozen here so that the masked version is held to it bit for bit."""
+    truth, pred = np.asarray(labels) > 0, np.asarray(probs) >= np.asarray(threshold)
+    eps = 1e-20
+    tp = (truth & pred).sum(0).astype(np.float64)
+    tn = (~truth & ~pred).sum(0).astype(np.float64)
+    positives = truth.sum(0).astype(np.float64)
+    negatives = (~truth).sum(0).astype(np.float64)
+    predicted = pred.sum(0).astype(np.float64)
+    label_accuracy = (tp / (positives + eps) + tn / (negatives + eps)) / 2
+    attr_precision = tp / (predicted + eps)
+    attr_recall = tp / (positives + eps)
+    intersection = (truth & pred).sum(1).astype(np.float64)
+    union = (truth | pred).sum(1).astype(np.float64)
+    accuracy = np.mean(intersection / (union + eps))
+    precision = np.mean(intersection / (pred.sum(1) + eps))
+    recall = np.mean(intersection / (truth.sum(1) + eps))
+    return {
+        "mA": float(label_accuracy.mean()),
+        "accuracy": float(accuracy),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(2 * precision * recall / (precision + recall + eps)),
+        "attr_accuracy": label_accuracy,
+        "attr_precision": attr_precision,
+        "attr_recall": attr_recall,
+        "attr_f1": 2 * attr_precision * attr_recall / (attr_precision + attr_recall + eps),
+        "attr_positive_rate": positives / max(len(truth), 1),
+        "attr_predicted_rate": predicted / max(len(truth), 1),
+    }
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_with_every_label_known_the_metrics_are_todays_bit_for_bit(seed):
+    rng = np.random.default_rng(seed)
+    n, m = rng.integers(1, 60), rng.integers(1, 12)
+    labels = (rng.random((n, m)) < rng.random(m)).astype(np.int8)
+    probs = rng.random((n, m)).astype(np.float32)
+    for threshold in (0.5, rng.random(m), 0.05):
+        ours, theirs = (
+            par_metrics(labels, probs, threshold),
+            reference_par_metrics(labels, probs, threshold),
+        )
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert np.array_equal(ours[key], value), key
+    grid = np.round(np.linspace(0.05, 0.95, 19), 2)
+    best = grid[int(np.argmax([reference_par_metrics(labels, probs, t)["mA"] for t in grid]))]
+    assert choose_threshold(labels, probs) == float(best)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_unknown_labels_score_as_if_their_entries_were_absent(seed):
+    """Each attribute over the images that know it, each image over the attributes it knows:
+    the reference metrics of every column (or row) cut down to its known entries."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((40, 6)) < 0.4).astype(np.int8)
+    probs = rng.random((40, 6))
+    partial = hide(labels, 0.3, seed)
+    partial[:, 5] = UNKNOWN  # an attribute no image knows
+    partial[3] = UNKNOWN  # an image that knows nothing
+    ours = par_metrics(partial, probs)
+    terms = []
+    for j in range(5):
+        rows = partial[:, j] >= 0
+        column = reference_par_metrics(labels[rows, j : j + 1], probs[rows, j : j + 1])
+        for key in ("attr_accuracy", "attr_precision", "attr_recall", "attr_positive_rate"):
+            assert ours[key][j] == pytest.approx(column[key][0], rel=1e-12)
+        terms.append(column["attr_accuracy"][0])
+    assert np.isnan(ours["attr_accuracy"][5]) and np.isnan(ours["attr_f1"][5])
+    assert ours["mA"] == pytest.approx(np.mean(terms), rel=1e-12)
+    images = [i for i in range(40) if (partial[i] >= 0).any()]
+    per_image = [
+        reference_par_metrics(labels[i : i + 1, partial[i] >= 0], probs[i : i + 1, partial[i] >= 0])
+        for i in images
+    ]
+    for key in ("accuracy", "precision", "recall"):
+        assert ours[key] == pytest.approx(np.mean([p[key] for p in per_image]), rel=1e-12)
+    thresholds = choose_threshold(partial, probs, per_attribute=True)
+    assert thresholds[5] == 0.5 and len(thresholds) == 6
+
+
+def test_metrics_by_group_scores_each_source_on_its_own_rows():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((30, 4)) < 0.5).astype(np.int8)
+    probs = rng.random((30, 4))
+    groups = np.array(["peta"] * 18 + ["pa100k"] * 12)
+    labels[18:, 3] = UNKNOWN
+    scored = metrics_by_group(labels, probs, 0.5, groups)
+    assert list(scored) == ["pa100k", "peta"]
+    assert scored["peta"] == summary(par_metrics(labels[:18], probs[:18]))
+    assert scored["pa100k"]["mA"] == par_metrics(labels[18:, :3], probs[18:, :3])["mA"]
