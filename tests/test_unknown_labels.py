@@ -7,14 +7,21 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
+from test_als import low_rank_logits
 from test_converters import folder_with_csv
 
+from campar_ray.cfar import als, implicit_als
+from campar_ray.cfar.dictionary import build_dictionary, known_mean_filled
+from campar_ray.cfar.head import Fc2Split, train_fc2
+from campar_ray.cfar.solver import fit_als
+from campar_ray.config import AlsSettings
 from campar_ray.data import generate_synthetic, labels_matrix, read_manifest, verify_manifest
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import UNKNOWN, write_manifest
 from campar_ray.data.pack import pack_manifest
 from campar_ray.metrics import choose_threshold, metrics_by_group, par_metrics, summary
 from campar_ray.model import ParOutput, bce, positive_ratio, stage1_loss
+from campar_ray.run.logits import SplitLogits, write_split_logits
 
 
 def hide(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -229,3 +236,132 @@ def test_metrics_by_group_scores_each_source_on_its_own_rows():
     assert list(scored) == ["pa100k", "peta"]
     assert scored["peta"] == summary(par_metrics(labels[:18], probs[:18]))
     assert scored["pa100k"]["mA"] == par_metrics(labels[18:, :3], probs[18:, :3])["mA"]
+
+
+# --- stage 2: unknown training labels are no observation for ALS, left out by k-means and fc2 --
+
+ALS_PARAMS = dict(alpha=10.0, lam=0.1, threshold=0.5)
+
+
+@pytest.fixture(scope="module")
+def partial_logits(tmp_path_factory) -> tuple[str, np.ndarray, np.ndarray]:
+    """test_als's low-rank problem with a quarter of its labels unknown: (file, r, known)."""
+    logits = low_rank_logits()
+    labels = hide((logits > 0).astype(np.int8), 0.25, seed=4)
+    names = tuple(f"a{j}" for j in range(logits.shape[1]))
+    path = str(tmp_path_factory.mktemp("partial_run") / "logits" / "train.parquet")
+    write_split_logits(
+        path,
+        SplitLogits(
+            [f"img{i}.jpg" for i in range(len(logits))], labels, logits - 0.1, logits, names, names
+        ),
+    )
+    return path, als.probabilities(logits), labels != UNKNOWN
+
+
+def direct_masked_image_step(r, known, Y, alpha, threshold, lam):
+    """x_i = (Y^T C_i Y + lam I)^-1 Y^T C_i p_i with c = 1, p = 0 where unknown, per row."""
+    X = np.empty((len(r), Y.shape[1]))
+    for i, row in enumerate(r.astype(np.float64)):
+        c = np.where(known[i], 1 + alpha * row, 1.0)
+        p = (known[i] & (r[i] >= threshold)).astype(np.float64)
+        X[i] = np.linalg.solve(Y.T @ np.diag(c) @ Y + lam * np.eye(Y.shape[1]), Y.T @ (c * p))
+    return X
+
+
+def test_masked_image_step_equals_direct_solve_and_implicit(partial_logits):
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    _, r, known = partial_logits
+    Y = np.random.default_rng(1).normal(size=(r.shape[1], 4))
+    expected = direct_masked_image_step(r, known, Y, **ALS_PARAMS)
+    batched = als.solve_image_factors(r, Y, als.gram(Y), chunk_rows=7, known=known, **ALS_PARAMS)
+    np.testing.assert_allclose(batched, expected, rtol=1e-6, atol=1e-9)
+    model = AlternatingLeastSquares(factors=4, regularization=0.1, dtype=np.float64)
+    model.item_factors = Y
+    matrix = implicit_als.confidence_matrix(r, 10.0, 0.5, known)
+    assert matrix.nnz == known.sum()  # an unknown label is an entry implicit does not store
+    np.testing.assert_allclose(
+        model.recalculate_user(np.arange(len(r)), matrix), expected, rtol=1e-6, atol=1e-6
+    )
+    stats = als.attribute_stats(r, batched, alpha=10.0, threshold=0.5, known=known)
+    direct = als.objective(r, batched, Y, known=known, **ALS_PARAMS)
+    assert als.objective_from_stats(stats, Y, lam=0.1) == pytest.approx(direct, rel=1e-10)
+    np.testing.assert_allclose(  # the attribute step is the image step of the transpose
+        als.solve_attribute_factors(stats, 0.1),
+        direct_masked_image_step(r.T, known.T, batched, **ALS_PARAMS),
+        rtol=1e-8,
+        atol=1e-10,
+    )
+
+
+def test_masked_local_solver_matches_implicit_and_reads_the_mask_from_a_file(partial_logits):
+    path, r, known = partial_logits
+    fifteen = AlsSettings(factors=4, iterations=15, tol=0.0, **ALS_PARAMS)
+    local = fit_als(r, fifteen, solver="local", known=known)
+    exact = implicit_als.fit_implicit(
+        r, als.initial_attribute_factors(r.shape[1], 4, 0), fifteen, dtype=np.float64, known=known
+    )
+    np.testing.assert_allclose(local.X, exact.X, atol=1e-6 * np.abs(local.X).max())
+    np.testing.assert_allclose(local.Y, exact.Y, atol=1e-6 * np.abs(local.Y).max())
+    assert fit_als(path, fifteen, solver="local").objectives == local.objectives
+    assert fit_als(r, fifteen, solver="local").objectives != local.objectives
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("actors", [1, 2])
+def test_masked_ray_solver_equals_local_solver(ray_cluster, partial_logits, actors):
+    path, r, known = partial_logits
+    six = AlsSettings(factors=4, iterations=6, tol=0.0, **ALS_PARAMS)
+    local = fit_als(r, six, solver="local", seed=3, known=known)
+    sharded = fit_als(path, six, solver="ray", actors=actors, seed=3)
+    np.testing.assert_allclose(sharded.objectives, local.objectives, rtol=1e-10)
+    np.testing.assert_allclose(sharded.X, local.X, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(sharded.Y, local.Y, rtol=1e-8, atol=1e-10)
+
+
+def test_dictionary_clusters_unknown_entries_at_their_attributes_known_mean():
+    rng = np.random.default_rng(0)
+    r = rng.random((60, 3)).astype(np.float32)
+    known = rng.random((60, 3)) > 0.3
+    X = rng.normal(size=(60, 2))
+    filled = known_mean_filled(r, known)
+    np.testing.assert_array_equal(filled[known], r[known])
+    for j in range(3):
+        assert np.allclose(filled[~known[:, j], j], r[known[:, j], j].mean())
+    masked = build_dictionary(r, X, 5, seed=1, known=known)
+    moved = build_dictionary(np.where(known, r, 1 - r), X, 5, seed=1, known=known)
+    np.testing.assert_array_equal(masked.keys, moved.keys)  # unknown entries do not count
+    np.testing.assert_array_equal(masked.keys, build_dictionary(filled, X, 5, seed=1).keys)
+
+
+def test_fc2_treats_images_with_no_known_label_as_absent():
+    """The masked losses are means over known entries: rows that know nothing weigh nothing,
+    in training and in validation, so fc2 fits as if they were not there."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(100, 3)).astype(np.float32)
+    labels = (logits + rng.normal(size=(100, 3)) > 0).astype(np.int8)
+    r_hat = rng.random((100, 3)).astype(np.float32)
+    blank = np.zeros(100, dtype=bool)
+    blank[::4] = True  # every fourth image knows no label
+    hidden = np.where(blank[:, None], UNKNOWN, labels).astype(np.int8)
+
+    def fit(rows, targets):
+        train, val = rows.copy(), rows.copy()
+        train[60:], val[:60] = False, False
+        return train_fc2(
+            Fc2Split(r_hat[train], logits[train], targets[train]),
+            Fc2Split(r_hat[val], logits[val], targets[val]),
+            lr=0.05,
+            epochs=30,
+            patience=100,
+        )
+
+    everything = np.ones(100, dtype=bool)
+    masked, dropped = fit(everything, hidden), fit(~blank, labels)
+    np.testing.assert_allclose(masked.curve, dropped.curve, rtol=1e-5)
+    assert masked.best_epoch == dropped.best_epoch > 0
+    np.testing.assert_allclose(
+        masked.head.arrays()["weight"], dropped.head.arrays()["weight"], rtol=1e-4, atol=1e-6
+    )
+    assert fit(everything, labels).curve != masked.curve

@@ -13,6 +13,11 @@ The solvers take the settings as one :class:`~campar_ray.config.AlsSettings` (ch
 is built) and a starting ``Y`` that must match them; the kernels below take the plain numbers
 they use, so that they stay readable as the equations and testable on their own.
 
+Unknown labels (-1) of training images are "no observation", the place implicit feedback has
+for an entry nobody saw: preference 0 at the lowest confidence 1, whatever stage 1 predicted
+there (``known``, N x M, masks r out of p and c; None when every label is known). ``implicit``
+states the same by not storing the entry.
+
 The objective is read off the attribute-step statistics (``objective_from_stats``), so
 monitoring convergence costs O(M D^2) per iteration instead of another pass over r.
 """
@@ -85,10 +90,21 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     return expit(np.asarray(logits, dtype=np.float32))
 
 
-def targets(r: np.ndarray, alpha: float, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Preferences ``p = 1[r >= p_t]`` and confidences ``c = 1 + alpha * r`` (float64)."""
+def targets(
+    r: np.ndarray, alpha: float, threshold: float, known: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Preferences ``p = 1[r >= p_t]`` and confidences ``c = 1 + alpha * r`` (float64); an
+    entry that is not ``known`` is no observation: ``p = 0``, ``c = 1``."""
     r = np.asarray(r)
-    return (r >= threshold).astype(np.float64), 1.0 + alpha * r.astype(np.float64)
+    if known is None:
+        return (r >= threshold).astype(np.float64), 1.0 + alpha * r.astype(np.float64)
+    return (known & (r >= threshold)).astype(np.float64), 1.0 + alpha * (r * known).astype(
+        np.float64
+    )
+
+
+def _rows(known: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
+    return None if known is None else known[start:stop]
 
 
 def gram(factors: np.ndarray) -> np.ndarray:
@@ -110,6 +126,7 @@ def solve_image_factors(
     threshold: float,
     lam: float,
     chunk_rows: int = CHUNK_ROWS,
+    known: np.ndarray | None = None,
 ) -> np.ndarray:
     """Image step for rows ``r``: ``x_i = (Y^T C_i Y + lam I)^-1 Y^T C_i p_i`` for every row.
 
@@ -124,7 +141,8 @@ def solve_image_factors(
     base = YtY + lam * np.eye(d)
     X = np.empty((n, d))
     for start in range(0, n, chunk_rows):
-        p, c = targets(r[start : start + chunk_rows], alpha, threshold)
+        stop = start + chunk_rows
+        p, c = targets(r[start:stop], alpha, threshold, _rows(known, start, stop))
         lhs = ((c - 1.0) @ outer).reshape(-1, d, d) + base
         rhs = (c * p) @ Y
         X[start : start + len(p)] = np.linalg.solve(lhs, rhs[..., None])[..., 0]
@@ -138,6 +156,7 @@ def attribute_stats(
     alpha: float,
     threshold: float,
     chunk_rows: int = CHUNK_ROWS,
+    known: np.ndarray | None = None,
 ) -> AttributeStats:
     """The attribute-step statistics of rows ``r`` with image factors ``X``.
 
@@ -150,8 +169,9 @@ def attribute_stats(
     rhs = np.zeros((m, d))
     weighted_targets = np.zeros(m)
     for start in range(0, len(r), chunk_rows):
-        p, c = targets(r[start : start + chunk_rows], alpha, threshold)
-        x = X[start : start + chunk_rows]
+        stop = start + chunk_rows
+        p, c = targets(r[start:stop], alpha, threshold, _rows(known, start, stop))
+        x = X[start:stop]
         lhs += c.T @ (x[:, :, None] * x[:, None, :]).reshape(-1, d * d)
         rhs += (c * p).T @ x
         weighted_targets += (c * p * p).sum(0)
@@ -184,22 +204,31 @@ def objective(
     threshold: float,
     lam: float,
     chunk_rows: int = CHUNK_ROWS,
+    known: np.ndarray | None = None,
 ) -> float:
     """Eq. 18 computed directly, entry by entry (the obviously-correct reference)."""
     total = 0.0
     for start in range(0, len(r), chunk_rows):
-        p, c = targets(r[start : start + chunk_rows], alpha, threshold)
-        total += float(np.sum(c * (p - X[start : start + chunk_rows] @ Y.T) ** 2))
+        stop = start + chunk_rows
+        p, c = targets(r[start:stop], alpha, threshold, _rows(known, start, stop))
+        total += float(np.sum(c * (p - X[start:stop] @ Y.T) ** 2))
     return total + lam * float(np.sum(X * X) + np.sum(Y * Y))
 
 
 class Shard:
-    """Rows of r held by one worker, and their image factors from the latest step."""
+    """Rows of r held by one worker, which of them are known (None: all), and their image
+    factors from the latest step."""
 
     def __init__(
-        self, r: np.ndarray, settings: AlsSettings, *, chunk_rows: int = CHUNK_ROWS
+        self,
+        r: np.ndarray,
+        settings: AlsSettings,
+        *,
+        chunk_rows: int = CHUNK_ROWS,
+        known: np.ndarray | None = None,
     ) -> None:
         self.r = check_probabilities(r)
+        self.known = check_known(known, self.r.shape)
         self.settings, self.chunk_rows = settings, chunk_rows
         self.X: np.ndarray | None = None
 
@@ -213,6 +242,7 @@ class Shard:
             threshold=self.settings.threshold,
             lam=self.settings.lam,
             chunk_rows=self.chunk_rows,
+            known=self.known,
         )
         return self.X
 
@@ -225,7 +255,18 @@ class Shard:
             alpha=self.settings.alpha,
             threshold=self.settings.threshold,
             chunk_rows=self.chunk_rows,
+            known=self.known,
         )
+
+
+def check_known(known: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``known`` as a boolean array of r's shape (or None: every entry known)."""
+    if known is None:
+        return None
+    known = np.asarray(known, dtype=bool)
+    if known.shape != shape:
+        raise ValueError(f"known must have r's shape {shape}, got {known.shape}")
+    return known
 
 
 def check_probabilities(r: np.ndarray) -> np.ndarray:
@@ -308,9 +349,11 @@ def fit_local(
     callback: AlsCallback | None = None,
     *,
     chunk_rows: int = CHUNK_ROWS,
+    known: np.ndarray | None = None,
 ) -> AlsResult:
-    """ALS in this process on an in-memory r (one shard), from the starting ``Y0``."""
-    shard = Shard(r, settings, chunk_rows=chunk_rows)
+    """ALS in this process on an in-memory r (one shard), from the starting ``Y0``; entries
+    outside ``known`` (None: all known) are no observation."""
+    shard = Shard(r, settings, chunk_rows=chunk_rows, known=known)
     check_start(Y0, shard.r.shape[1], settings)
     Y, monitor = alternate(lambda Y: shard.step(Y, gram(Y)), Y0, settings, callback)
     return AlsResult(shard.X, Y, monitor.objectives, len(monitor.objectives), monitor.converged)

@@ -8,7 +8,10 @@ ALS gives factors only to the training images. A new image gets one in one of tw
 - ``fold-in`` (beyond the paper): the image's own exact least-squares factor against Y with
   the same confidence weighting, i.e. the ALS image step for that one row.
 
-Either way ``r_hat = f^T Y``.
+Either way ``r_hat = f^T Y``. The k-means sees only known entries of the training r: an entry
+whose label is unknown takes its attribute's mean r over the known training entries, the same
+value for every such image, so that images are told apart by what was annotated only. A new
+image has no labels: its lookup uses all of its r.
 """
 
 from __future__ import annotations
@@ -50,9 +53,11 @@ def distinct_rows(r: np.ndarray) -> int:
 
 
 def build_dictionary(
-    r: np.ndarray, X: np.ndarray, keys: int, seed: int = 0
+    r: np.ndarray, X: np.ndarray, keys: int, seed: int = 0, known: np.ndarray | None = None
 ) -> AttributeSetDictionary:
     """k-means with ``keys`` clusters on training r (N x M); values = mean X per cluster.
+    Entries outside ``known`` (None: all known) are first set to their attribute's mean over
+    the known ones (module doc).
 
     ``keys`` above the number of distinct rows of r is clamped to it with a warning (k-means
     cannot place more distinct centroids). Training images are assigned to their nearest
@@ -64,6 +69,8 @@ def build_dictionary(
     if len(r) != len(X):
         raise ValueError(f"r has {len(r)} rows but X has {len(X)}")
     r = np.asarray(r, dtype=np.float32)
+    if known is not None:
+        r = known_mean_filled(r, known)
     distinct = distinct_rows(r)
     if keys > distinct:
         warnings.warn(
@@ -82,6 +89,14 @@ def build_dictionary(
     sums = np.stack([np.bincount(nearest, X[:, d], minlength=keys) for d in range(X.shape[1])], 1)
     used = counts > 0
     return AttributeSetDictionary(centroids[used], sums[used] / counts[used, None])
+
+
+def known_mean_filled(r: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """``r`` with each entry outside ``known`` replaced by its column's mean over the known
+    entries (0 for a column with none), float32."""
+    counts = np.maximum(known.sum(axis=0), 1)
+    means = (np.where(known, r, 0).sum(axis=0) / counts).astype(np.float32)
+    return np.where(known, r, means).astype(np.float32)
 
 
 def fold_in(r: np.ndarray, Y: np.ndarray, settings: AlsSettings) -> np.ndarray:

@@ -5,6 +5,9 @@ It starts *as* the stage-1 prediction (weights ``[0 | I]`` on ``concat(r_hat, lo
 0), and the epoch kept is the one with the best validation mA, epoch 0 included. So on the
 validation data that selects it, CFAR is never worse than stage 1 at the selection threshold:
 it can only move away from stage 1 where that helps.
+
+Unknown labels (-1) are left out of fc2's training and validation losses (the mean over the
+known entries; today's plain mean when every label is known) and of its validation mA.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits
 
+from campar_ray.data.manifest import known_entries
 from campar_ray.metrics import par_metrics
 
 PATIENCE = 20
@@ -96,15 +100,15 @@ def train_fc2(
     head = Fc2(train.logits.shape[1])
     optimiser = torch.optim.Adam(head.parameters(), lr=lr)
     inputs = (_tensor(train.r_hat), _tensor(train.logits))
-    target = _tensor(train.labels > 0)
+    target, known = _tensor(train.labels > 0), _known(train.labels)
     val_inputs = (_tensor(val.r_hat), _tensor(val.logits))
-    val_target = _tensor(val.labels > 0)
+    val_target, val_known = _tensor(val.labels > 0), _known(val.labels)
     columns = np.arange(train.logits.shape[1]) if columns is None else columns
 
     def validate() -> tuple[float, float]:
         with torch.no_grad():
             out = head(*val_inputs)
-            loss = float(binary_cross_entropy_with_logits(out, val_target))
+            loss = float(_bce(out, val_target, val_known))
         probs = torch.sigmoid(out).numpy()
         return par_metrics(val.labels[:, columns], probs[:, columns])["mA"], loss
 
@@ -114,7 +118,7 @@ def train_fc2(
     epoch = 0
     for epoch in range(1, epochs + 1):
         optimiser.zero_grad()
-        binary_cross_entropy_with_logits(head(*inputs), target).backward()
+        _bce(head(*inputs), target, known).backward()
         optimiser.step()
         mA, loss = validate()
         curve.append(mA)
@@ -126,6 +130,20 @@ def train_fc2(
             break
     kept = Fc2.from_arrays(best_state["weight"], best_state["bias"])
     return Fc2Fit(kept, best_epoch, epoch, best_mA, best_loss, tuple(curve))
+
+
+def _known(labels: np.ndarray) -> torch.Tensor | None:
+    """The known entries of ``labels`` as a float mask, None when every label is known."""
+    known = known_entries(labels)
+    return None if known is None else _tensor(known)
+
+
+def _bce(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """Mean BCE over the known entries (the plain mean when ``known`` is None)."""
+    if known is None:
+        return binary_cross_entropy_with_logits(logits, target)
+    losses = binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (losses * known).sum() / known.sum().clamp(min=1)
 
 
 def _tensor(values: np.ndarray) -> torch.Tensor:

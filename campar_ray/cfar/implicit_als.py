@@ -1,8 +1,9 @@
 """The same ALS handed to the ``implicit`` library: the reference the project's solvers match.
 
 ``implicit`` treats a stored ``v > 0`` as p = 1 with confidence v and ``v < 0`` as p = 0
-with confidence |v| (METHOD.md, ALS notes), so a CSR matrix with every entry stored states
-eq. 17-18 exactly; started from the same factors with the same
+with confidence |v| (METHOD.md, ALS notes) and an entry it does not store as p = 0 with
+confidence 1, so a CSR matrix with every known entry stored states eq. 17-18 exactly, unknown
+labels being no observation; started from the same factors with the same
 :class:`~campar_ray.config.AlsSettings`, it reaches the objective of
 :func:`campar_ray.cfar.als.fit_local`.
 """
@@ -20,6 +21,7 @@ from campar_ray.cfar.als import (
     AlsCallback,
     AlsResult,
     Monitor,
+    check_known,
     check_probabilities,
     check_start,
     objective,
@@ -29,19 +31,26 @@ if TYPE_CHECKING:
     from campar_ray.config import AlsSettings
 
 
-def confidence_matrix(r: np.ndarray, alpha: float, threshold: float) -> sp.csr_matrix:
-    """Eq. 17 in ``implicit``'s convention, as a CSR matrix with every entry stored.
+def confidence_matrix(
+    r: np.ndarray, alpha: float, threshold: float, known: np.ndarray | None = None
+) -> sp.csr_matrix:
+    """Eq. 17 in ``implicit``'s convention, as a CSR matrix with every known entry stored.
 
     A stored ``v > 0`` means p = 1 with confidence v, ``v < 0`` p = 0 with confidence |v|,
-    so ``where(p, 1, -1) * (1 + alpha * r)`` states eq. 18 exactly. Built from the flat
-    arrays directly, never through a dense float64 copy.
+    so ``where(p, 1, -1) * (1 + alpha * r)`` states eq. 18 exactly; an entry left out
+    (not ``known``) is implicit's p = 0 with confidence 1, no observation. Built from the
+    flat arrays directly, never through a dense float64 copy.
     """
     n, m = r.shape
     confidence = (1.0 + alpha * np.asarray(r, dtype=np.float32)).astype(np.float32)
     data = np.where(np.asarray(r) >= threshold, confidence, -confidence).ravel()
     indices = np.tile(np.arange(m, dtype=np.int32), n)
-    indptr = np.arange(0, n * m + 1, m, dtype=np.int64)
-    return sp.csr_matrix((data, indices, indptr), shape=(n, m))
+    if known is None:
+        indptr = np.arange(0, n * m + 1, m, dtype=np.int64)
+        return sp.csr_matrix((data, indices, indptr), shape=(n, m))
+    stored = np.asarray(known, dtype=bool).ravel()
+    indptr = np.concatenate([[0], np.cumsum(known.sum(axis=1), dtype=np.int64)])
+    return sp.csr_matrix((data[stored], indices[stored], indptr), shape=(n, m))
 
 
 class _Converged(Exception):
@@ -56,6 +65,7 @@ def fit_implicit(
     callback: AlsCallback | None = None,
     *,
     dtype: type = np.float32,
+    known: np.ndarray | None = None,
 ) -> AlsResult:
     """The same fit with ``implicit.cpu.als.AlternatingLeastSquares`` (the reference).
 
@@ -69,9 +79,10 @@ def fit_implicit(
     from implicit.cpu.als import AlternatingLeastSquares
 
     r = check_probabilities(r)
+    known = check_known(known, r.shape)
     check_start(Y0, r.shape[1], settings)
     alpha, threshold, lam = settings.alpha, settings.threshold, settings.lam
-    matrix = confidence_matrix(r, alpha, threshold)
+    matrix = confidence_matrix(r, alpha, threshold, known)
     monitor = Monitor(settings.tol, callback)
     elapsed = 0.0
     with threadpool_limits(1, "blas"):
@@ -91,7 +102,7 @@ def fit_implicit(
             nonlocal elapsed
             elapsed += seconds
             X, Y = model.user_factors, model.item_factors
-            value = objective(r, X, Y, alpha=alpha, threshold=threshold, lam=lam)
+            value = objective(r, X, Y, alpha=alpha, threshold=threshold, lam=lam, known=known)
             if monitor.record(iteration, value, elapsed, X, Y):
                 raise _Converged
 

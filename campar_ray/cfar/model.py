@@ -39,6 +39,7 @@ from campar_ray.cfar.dictionary import (
 from campar_ray.cfar.head import Fc2, Fc2Fit, Fc2Split, train_fc2
 from campar_ray.cfar.solver import SOLVERS, fit_als
 from campar_ray.config import AlsSettings, CfarConfig, ConfigError
+from campar_ray.data.manifest import known_entries
 from campar_ray.metrics import choose_threshold
 from campar_ray.run.logits import SplitLogits
 
@@ -122,12 +123,14 @@ def fit_model(
     report = progress or _silent
     columns = eval_columns(train)
     r_train = probabilities(train.prediction)
+    known = known_entries(train.labels)  # unknown training labels: no observation
     als = fit_als(
         train_path if cfg.solver == "ray" else r_train,
         cfg.als,
         solver=cfg.solver,
         actors=cfg.actors,
         seed=seed,
+        known=known,
         callback=lambda iteration, value, change, elapsed: report(
             "als",
             {
@@ -138,7 +141,7 @@ def fit_model(
             },
         ),
     )
-    dictionary = build_dictionary(r_train, als.X, cfg.keys, seed)
+    dictionary = build_dictionary(r_train, als.X, cfg.keys, seed, known)
     report("dictionary", {"keys": len(dictionary.keys)})
     predictors, fits = {}, {}
     for lookup in LOOKUPS if compare_lookups else (cfg.lookup,):

@@ -1,7 +1,8 @@
 """The ALS of :mod:`campar_ray.cfar.als` with the image rows sharded over Ray actors.
 
-Each actor reads its own rows of the stage-1 logits Parquet file (the driver never holds r)
-and keeps their image factors. Per iteration the driver puts ``(Y, Y^T Y)`` in the object
+Each actor reads its own rows of the stage-1 logits Parquet file (the driver never holds r),
+with their labels, whose unknown entries are no observation as in the local solver, and keeps
+their image factors. Per iteration the driver puts ``(Y, Y^T Y)`` in the object
 store once; every actor runs the image step on its rows and returns its additive share of the
 M attribute systems (M x D x D + M x D + M + 1 numbers); the driver adds the shares, solves
 the M systems for Y and reads the objective off the same sums. Traffic per actor and
@@ -39,6 +40,7 @@ from campar_ray.cfar.als import (
     initial_attribute_factors,
     probabilities,
 )
+from campar_ray.data.manifest import known_entries
 from campar_ray.run.logits import count_rows, read_split_logits
 
 if TYPE_CHECKING:
@@ -59,7 +61,9 @@ class ShardActor:
     ) -> None:
         threadpool_limits(threads)
         logits = read_split_logits(path, start, stop)
-        self._shard = Shard(probabilities(logits.prediction), settings)
+        self._shard = Shard(
+            probabilities(logits.prediction), settings, known=known_entries(logits.labels)
+        )
         self._step: int | None = None
 
     def step(self, side: tuple[np.ndarray, np.ndarray], step: int) -> AttributeStats:

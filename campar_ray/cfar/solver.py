@@ -28,6 +28,7 @@ from campar_ray.cfar.als import (
     initial_attribute_factors,
     probabilities,
 )
+from campar_ray.data.manifest import known_entries
 from campar_ray.run.logits import read_split_logits
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ def fit_als(
     actors: int = 2,
     seed: int = 0,
     callback: AlsCallback | None = None,
+    known: np.ndarray | None = None,
 ) -> AlsResult:
     """Fit eq. 18 on r with ``settings`` (what is fitted; range-checked when they were built).
 
@@ -56,10 +58,11 @@ def fit_als(
     - ``"implicit"``: the ``implicit`` library with ``actors`` threads (same core budget).
 
     Every solver starts from the same seeded ``Y`` (``seed``) and calls ``callback`` after
-    each iteration. D > M is allowed: ``lam > 0`` keeps every system positive definite,
-    although ``X Y^T`` cannot have rank above M, so the extra dimensions add nothing. Stops
-    early when the relative objective change falls below ``settings.tol``; raises
-    AlsDivergedError on NaN.
+    each iteration. Unknown labels are no observation: a file's come from its ``labels``,
+    an in-memory r's from ``known`` (N x M, None: every label known). D > M is allowed:
+    ``lam > 0`` keeps every system positive definite, although ``X Y^T`` cannot have rank
+    above M, so the extra dimensions add nothing. Stops early when the relative objective
+    change falls below ``settings.tol``; raises AlsDivergedError on NaN.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
@@ -74,12 +77,13 @@ def fit_als(
         from campar_ray.cfar.ray_als import fit_ray
 
         return fit_ray(source, settings, actors, seed, callback)
-    r = check_probabilities(
-        probabilities(read_split_logits(source).prediction) if isinstance(source, str) else source
-    )
+    if isinstance(source, str):
+        logits = read_split_logits(source)
+        source, known = probabilities(logits.prediction), known_entries(logits.labels)
+    r = check_probabilities(source)
     Y0 = initial_attribute_factors(r.shape[1], settings.factors, seed)
     if solver == "local":
-        return fit_local(r, Y0, settings, callback)
+        return fit_local(r, Y0, settings, callback, known=known)
     from campar_ray.cfar.implicit_als import fit_implicit
 
-    return fit_implicit(r, Y0, settings, actors, callback)
+    return fit_implicit(r, Y0, settings, actors, callback, known=known)

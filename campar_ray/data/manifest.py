@@ -186,6 +186,13 @@ def manifest_table(
     )
 
 
+def known_entries(labels: np.ndarray) -> np.ndarray | None:
+    """Which entries of an N x M label array are annotated (N x M bool), or None when all
+    are: callers then run the arithmetic they ran before unknown labels existed, bit for bit."""
+    known = np.asarray(labels) != UNKNOWN
+    return None if known.all() else known
+
+
 def unknown_counts(labels: np.ndarray, attributes: Sequence[str]) -> dict[str, int]:
     """How many images leave each attribute unannotated (:data:`UNKNOWN`), for every attribute
     with at least one; empty when every label is known."""
