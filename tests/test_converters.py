@@ -309,7 +309,7 @@ def test_unknown_format_and_option(tmp_path):
 
 
 def test_every_format_declares_exactly_its_converter_options():
-    assert set(FORMATS) == {"pa100k", "rap1", "rap2", "peta", "folder", "synthetic"}
+    assert set(FORMATS) == {"pa100k", "rap1", "rap2", "peta", "folder", "synthetic", "merge"}
     for spec in FORMATS.values():
         parameters = list(inspect.signature(spec.convert).parameters.values())
         assert [p.name for p in parameters[:2]] == ["root", "seed"]

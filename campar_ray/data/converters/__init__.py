@@ -14,6 +14,8 @@ peta       ``PETA dataset/<subset>/archive/`` + ``Label.txt``    ratios, strict
 folder     images + a CSV ``image,<attr>,...``                   csv, ratios,
                                                                  eval_attributes, name
 synthetic  (written here) ``images/``                            n, size, ratios
+merge      manifests to merge into one attribute space           manifests, attribute_map,
+                                                                 name
 ========== ===================================================== ============================
 """
 
@@ -29,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from campar_ray import storage
-from campar_ray.data.converters import folder, pa100k, peta, rap, synthetic
+from campar_ray.data.converters import folder, merge, pa100k, peta, rap, synthetic
 from campar_ray.data.converters.common import Converted, DatasetError, Option
 from campar_ray.data.images import STRICT, ImageLimits
 from campar_ray.data.manifest import (
@@ -91,6 +93,12 @@ FORMATS: dict[str, Format] = {
             "procedural pedestrians, generated into root (default: the manifest's folder)",
             synthetic.convert,
             synthetic.OPTIONS,
+        ),
+        Format(
+            "merge",
+            "several manifests in one attribute space (unannotated attributes unknown)",
+            merge.convert,
+            merge.OPTIONS,
         ),
     )
 }
