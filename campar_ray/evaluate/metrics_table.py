@@ -7,6 +7,10 @@ attributes. Every source follows one threshold protocol
 (:data:`campar_ray.metrics.THRESHOLD_PROTOCOLS`): 0.5, as PAR papers report; ``val``, its own
 threshold chosen on the validation split (maximising mA, as stage 2 chooses CFAR's); or
 ``val-per-attribute``, its own threshold per attribute, chosen on validation likewise.
+
+When the split's images come from several data sources (the manifest's ``source`` column: the
+datasets of a merged corpus, PETA's subsets), each prediction source is also scored on each
+data source's images alone (:func:`campar_ray.metrics.metrics_by_group`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from campar_ray import storage
 from campar_ray.bundle import protocol_threshold, stage1_probabilities
 from campar_ray.cfar.fit import CfarPredictor, eval_columns
 from campar_ray.config import Config
-from campar_ray.metrics import SUMMARY_KEYS, check_protocol, par_metrics
+from campar_ray.data.manifest import ManifestError, read_manifest
+from campar_ray.metrics import SUMMARY_KEYS, check_protocol, metrics_by_group, par_metrics
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits
 
@@ -52,6 +57,8 @@ class Scored:
     threshold_source: str
     metrics: dict[str, Any]
     """``par_metrics`` over the evaluated attributes (fractions, per-attribute arrays)."""
+    by_source: dict[str, dict[str, float]] | None = None
+    """The five headline figures on each data source's images (None: one source)."""
 
 
 def run_config(run_dir: str) -> Config:
@@ -93,21 +100,39 @@ def score_split(
     predict_from: str,
     cfar: CfarPredictor | None,
     threshold: str = "0.5",
+    manifest: str | None = None,
 ) -> tuple[list[Scored], SplitLogits]:
-    """Score every source of a run on ``split`` under the threshold protocol ``threshold``."""
+    """Score every source of a run on ``split`` under the threshold protocol ``threshold``;
+    with the run's ``manifest``, also on each of its data sources (module doc)."""
     check_split(split)
     check_protocol(threshold)
     logits = read_split_logits(RunDir(run_dir).logits(split))
     columns = eval_columns(logits)
+    groups = row_sources(manifest, logits.images) if manifest else None
     probs = source_probabilities(logits, predict_from, cfar)
     thresholds = _thresholds(run_dir, predict_from, cfar, threshold)
     scored = []
     for name, values in probs.items():
         value = thresholds[name]
         value = value if np.ndim(value) == 0 else value[columns]
-        metrics = par_metrics(logits.labels[:, columns], values[:, columns], value)
-        scored.append(Scored(name, value, _source_text(name, threshold), metrics))
+        labels, probs = logits.labels[:, columns], values[:, columns]
+        metrics = par_metrics(labels, probs, value)
+        by_source = None if groups is None else metrics_by_group(labels, probs, value, groups)
+        scored.append(Scored(name, value, _source_text(name, threshold), metrics, by_source))
     return scored, logits
+
+
+def row_sources(manifest: str, images: list[str]) -> np.ndarray | None:
+    """Each image's ``source`` in ``manifest``; None when they share one (nothing to break
+    down) or the manifest can no longer be read (the logits alone still score the split)."""
+    try:
+        table, _ = read_manifest(manifest, with_bytes=False)
+    except ManifestError:
+        return None
+    source = dict(zip(table.column("image").to_pylist(), table.column("source").to_pylist(),
+                      strict=True))  # fmt: skip
+    sources = np.array([source.get(image, "") for image in images])
+    return sources if len(np.unique(sources)) > 1 else None
 
 
 def _thresholds(
@@ -165,6 +190,8 @@ def metrics_document(
                 for i, name in enumerate(names)
             },
         }
+        if item.by_source is not None:
+            sources[item.name]["by_source"] = item.by_source
     return {
         "run_dir": run_dir,
         "split": split,

@@ -79,7 +79,7 @@ def evaluate(
     config = run_config(run_dir)
     predictor = load_model(run_dir, threshold)
     scored, logits = score_split(
-        run_dir, split, config.model.predict_from, predictor.cfar, threshold
+        run_dir, split, config.model.predict_from, predictor.cfar, threshold, config.data.manifest
     )
     document = metrics_document(
         run_dir, split, config, scored, logits, predictor.cfar is not None, threshold
@@ -87,6 +87,7 @@ def evaluate(
     sections = [
         _overview(document),
         _overall_section(document),
+        *_source_sections(document),
         _attribute_section(document),
     ]
     image_sections, angle_stats = _image_sections(
@@ -161,6 +162,32 @@ def _overall_section(document: dict[str, Any]) -> Section:
             Table(header, rows),
         ],
     )
+
+
+def _source_sections(document: dict[str, Any]) -> list[Section]:
+    """Per data source (the manifest's ``source``): every prediction source's figures on that
+    source's images alone; none when the split has one data source."""
+    sources = document["sources"]
+    if not any("by_source" in source for source in sources.values()):
+        return []
+    rows = [
+        [data_source, source["label"], *(percent(figures[key]) for key in SUMMARY_KEYS)]
+        for name, source in sources.items()
+        for data_source, figures in source["by_source"].items()
+    ]
+    rows.sort(key=lambda row: row[0])
+    header = ["Data source", "Predictions", *(f"{HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
+    return [
+        Section(
+            "Metrics per data source",
+            [
+                "The overall metrics on each data source's images alone (the manifest's source "
+                "column), at the same thresholds; unknown labels are left out, so a data source "
+                "is scored on the attributes it annotates.",
+                Table(header, rows),
+            ],
+        )
+    ]
 
 
 def _attribute_section(document: dict[str, Any]) -> Section:

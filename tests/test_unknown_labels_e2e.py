@@ -1,0 +1,134 @@
+"""A corpus with unknown labels through the whole command line, and today's figures without.
+
+Two synthetic datasets with partly different attribute names are merged (``campar prepare
+merge``; the second annotates five attributes, so the others are unknown on its images) and a
+quarter of the remaining labels are hidden. That manifest trains (one tiny run), fits CFAR on
+Ray actors, evaluates per data source, predicts and exports through ``campar``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from cli_checks import TINY_TRAIN, one_line, run_campar
+from test_merge import two_datasets
+from test_unknown_labels import hide, reference_par_metrics
+
+from campar_ray.bundle import stage1_probabilities
+from campar_ray.cfar.als import probabilities
+from campar_ray.cfar.solver import fit_als
+from campar_ray.config import AlsSettings
+from campar_ray.data import labels_matrix, read_manifest
+from campar_ray.data.converters import prepare
+from campar_ray.data.manifest import UNKNOWN, write_manifest
+from campar_ray.evaluate.metrics_table import eval_columns, score_split
+from campar_ray.metrics import SUMMARY_KEYS, par_metrics, summary
+from campar_ray.run.logits import read_split_logits
+
+CFAR = ("--set", "cfar.actors=1", "--set", "cfar.keys=4", "--set", "cfar.factors=4",
+        "--set", "cfar.fc2_epochs=20")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory) -> str:
+    """The merged manifest with a quarter of its known labels hidden as well."""
+    root = tmp_path_factory.mktemp("heterogeneous")
+    a, b = two_datasets(root)
+    (root / "map.yaml").write_text(
+        "datasets:\n  b: {isWoman: female, headwear: hat, bagOnBack: backpack}\n"
+    )
+    merged = prepare("merge", "", str(root / "merged.parquet"), manifests=f"{a},{b}",
+                     attribute_map=str(root / "map.yaml")).path  # fmt: skip
+    table, info = read_manifest(merged)
+    labels = labels_matrix(table)
+    labels = np.where(labels == UNKNOWN, UNKNOWN, hide(labels, 0.25, seed=2))
+    path = str(root / "partial.parquet")
+    write_manifest(
+        path, table.set_column(1, "labels", pa.array(labels.tolist(), pa.list_(pa.int8()))), info
+    )
+    return path
+
+
+@pytest.mark.ray
+def test_unknown_labels_train_fit_cfar_evaluate_predict_and_export(
+    ray_cluster, partial, tmp_path, capsys
+):
+    run = str(tmp_path / "run")
+    code, _, err = run_campar(capsys, "train", "--manifest", partial, "--run-dir", run,
+                              *TINY_TRAIN, "--epochs", "1")  # fmt: skip
+    assert code == 0, err
+    train = read_split_logits(f"{run}/logits/train.parquet")
+    assert (train.labels == UNKNOWN).any()  # the logits keep the unknowns for stage 2
+
+    code, _, err = run_campar(capsys, "fit-cfar", "--run-dir", run, *CFAR)
+    assert code == 0, err
+    fitted = json.loads((tmp_path / "run" / "cfar" / "cfar.json").read_text())
+    local = fit_als(  # the Ray actors read the mask with their rows: the local fit, exactly
+        probabilities(train.prediction),
+        AlsSettings.of(fitted["config"]),
+        solver="local",
+        seed=fitted["seed"],
+        known=train.labels != UNKNOWN,
+    )
+    np.testing.assert_allclose(fitted["als"]["objectives"], local.objectives, rtol=1e-10)
+
+    out = tmp_path / "report"
+    code, _, err = run_campar(capsys, "evaluate", "--run-dir", run, "--out", str(out),
+                              "--angle-images", "4", "--cam-images", "1")  # fmt: skip
+    assert code == 0, err
+    document = json.loads((out / "metrics.json").read_text())
+    test = read_split_logits(f"{run}/logits/test.parquet")
+    columns = eval_columns(test)
+    probs = stage1_probabilities(test, "shared")
+    shared = document["sources"]["stage1_shared"]
+    expected = par_metrics(test.labels[:, columns], probs[:, columns], 0.5)
+    assert {key: shared[key] for key in SUMMARY_KEYS} == summary(expected)
+    assert set(shared["by_source"]) == {"synthetic", "cam_b"}
+    assert "Metrics per data source" in (out / "report.md").read_text()
+
+    code, stdout, err = run_campar(capsys, "predict", "--model", run, "--input", partial,
+                                   "--out", str(tmp_path / "predictions.csv"))  # fmt: skip
+    assert code == 0, err
+    assert stdout.startswith(f"{read_manifest(partial)[0].num_rows} images (0 unreadable)")
+    code, _, err = run_campar(capsys, "export", "--model", run, "--out", str(tmp_path / "m.pt"))
+    assert code == 0, err
+
+
+def test_an_attribute_no_training_image_annotates_is_refused_in_one_line(partial, tmp_path, capsys):
+    table, info = read_manifest(partial)
+    labels = labels_matrix(table).copy()
+    labels[np.array(table.column("split").to_pylist()) == "train", 2] = UNKNOWN
+    path = str(tmp_path.parent / "no-hat.parquet")
+    write_manifest(
+        path, table.set_column(1, "labels", pa.array(labels.tolist(), pa.list_(pa.int8()))), info
+    )
+    run = str(tmp_path / "run")
+    code, _, err = run_campar(capsys, "train", "--manifest", path, "--run-dir", run, *TINY_TRAIN)
+    assert code == 2
+    assert one_line(err) == (
+        f"campar train: error: attribute {info.attributes[2]!r} has no known label in the training "
+        "split (all -1): annotate some training images or leave the attribute out of the manifest"
+    )
+
+
+@pytest.mark.ray
+def test_with_every_label_known_an_evaluation_scores_todays_figures_bit_for_bit(tiny_run):
+    """The shared tiny run (every label known): each figure of every prediction source, and
+    each per-source one, is the pre-unknown-labels reference code's, exactly."""
+    scored, logits = score_split(
+        str(tiny_run.run_dir), "test", "specific", None, "0.5", tiny_run.manifest
+    )
+    columns = eval_columns(logits)
+    assert (logits.labels != UNKNOWN).all()
+    for item in scored:
+        probs = {"stage1_shared": logits.shared, "stage1_specific": logits.specific}[item.name]
+        reference = reference_par_metrics(
+            logits.labels[:, columns], probabilities(probs)[:, columns]
+        )
+        assert summary(item.metrics) == summary(reference)
+        for key in ("attr_accuracy", "attr_precision", "attr_recall", "attr_f1"):
+            assert np.array_equal(item.metrics[key], reference[key])
+        assert item.by_source is None  # one synthetic source: nothing to break down
