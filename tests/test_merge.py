@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import numpy as np
 import pyarrow as pa
@@ -140,3 +141,18 @@ def test_merge_command_and_its_one_line_errors(tmp_path, attribute_map, capsys):
     code, _, err = run_campar(capsys, "prepare", "merge", "--manifests", f"{a},{b}", "--out",
                               str(tmp_path / "shards"), "--root", str(tmp_path))  # fmt: skip
     assert code == 0, err
+
+
+def test_the_shipped_peta_pa100k_map_names_real_peta_attributes():
+    from campar_ray.data.converters import peta
+    from campar_ray.data.converters.merge import read_attribute_map
+
+    path = pathlib.Path(__file__).parents[1] / "configs" / "attribute_maps" / "peta_pa100k.yaml"
+    mapping = read_attribute_map(str(path))
+    assert set(mapping.datasets) == {"peta", "pa100k"}
+    assert set(mapping.datasets["peta"]) <= set(peta.ATTRIBUTES)
+    for names in mapping.datasets.values():
+        assert sorted(names.values()) == sorted(mapping.attributes)
+    info = ManifestInfo("peta", peta.ATTRIBUTES, peta.EVALUATED)
+    renamed = mapping.rename(info, str(path))
+    assert sum(name in mapping.attributes for name in renamed) == 12
