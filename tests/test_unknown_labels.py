@@ -365,3 +365,21 @@ def test_fc2_treats_images_with_no_known_label_as_absent():
         masked.head.arrays()["weight"], dropped.head.arrays()["weight"], rtol=1e-4, atol=1e-6
     )
     assert fit(everything, labels).curve != masked.curve
+
+
+def test_diagnostics_leave_unknown_labels_out():
+    from campar_ray.evaluate.diagnostics import attribute_auc, floor_ties
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((50, 3)) < 0.4).astype(np.int8)
+    scores = rng.normal(size=(50, 3))
+    scores[:10] = scores.min()  # ties at the floor
+    partial = hide(labels, 0.3, seed=1)
+    auc, ties = attribute_auc(partial, scores), floor_ties(partial, scores)
+    for j in range(3):
+        rows = partial[:, j] >= 0
+        column = labels[rows, j : j + 1]
+        assert auc[j] == attribute_auc(column, scores[rows, j : j + 1])[0]
+        alone = floor_ties(column, scores[rows, j : j + 1])
+        assert ties["negatives"][j] == alone["negatives"][0]
+        assert ties["positives"][j] == alone["positives"][0]

@@ -31,16 +31,19 @@ this only absorbs BatchNorm's folded arithmetic."""
 
 
 def attribute_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC AUC per attribute (Mann-Whitney, ties counted half); NaN where a class is absent."""
-    labels = np.asarray(labels) > 0
+    """ROC AUC per attribute (Mann-Whitney, ties counted half) over the images that know it
+    (labels -1 are left out); NaN where a class is absent."""
+    labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)
     auc = np.full(labels.shape[1], np.nan)
     for j in range(labels.shape[1]):
-        positives = int(labels[:, j].sum())
-        negatives = len(labels) - positives
+        known = labels[:, j] >= 0
+        present, column = labels[known, j] > 0, scores[known, j]
+        positives = int(present.sum())
+        negatives = len(present) - positives
         if positives and negatives:
-            ranks = rankdata(scores[:, j])
-            auc[j] = (ranks[labels[:, j]].sum() - positives * (positives + 1) / 2) / (
+            ranks = rankdata(column)
+            auc[j] = (ranks[present].sum() - positives * (positives + 1) / 2) / (
                 positives * negatives
             )
     return auc
@@ -50,15 +53,16 @@ def floor_ties(labels: np.ndarray, specific: np.ndarray) -> dict[str, np.ndarray
     """Share of negatives and of positives whose specific logit ties at the attribute's minimum.
 
     Returns ``negatives`` and ``positives`` (M values each, NaN where a class is absent) and
-    ``floor`` (the minimum itself, M values).
+    ``floor`` (the minimum itself, M values). Unknown labels (-1) count in neither class.
     """
-    labels = np.asarray(labels) > 0
+    labels = np.asarray(labels)
+    present, absent = labels > 0, labels == 0
     specific = np.asarray(specific, dtype=np.float64)
     floor = specific.min(axis=0)
     tied = np.isclose(specific, floor, rtol=TIE_RTOL, atol=TIE_RTOL)
     with np.errstate(invalid="ignore", divide="ignore"):
-        negatives = (tied & ~labels).sum(0) / (~labels).sum(0)
-        positives = (tied & labels).sum(0) / labels.sum(0)
+        negatives = (tied & absent).sum(0) / absent.sum(0)
+        positives = (tied & present).sum(0) / present.sum(0)
     return {"negatives": negatives, "positives": positives, "floor": floor}
 
 

@@ -97,7 +97,7 @@ def cam_grid(
             axes = grid[row, column]
             axes.imshow(sample.pixels)
             axes.imshow(sample.cams[index], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            label = "present" if sample.labels[index] else "absent"
+            label = {1: "present", 0: "absent"}.get(int(sample.labels[index]), "unknown")
             axes.set_title(
                 f"{attributes[index]}\np={sample.probs[index]:.2f} ({label})", fontsize=7
             )
