@@ -98,9 +98,8 @@ def targets(
     r = np.asarray(r)
     if known is None:
         return (r >= threshold).astype(np.float64), 1.0 + alpha * r.astype(np.float64)
-    return (known & (r >= threshold)).astype(np.float64), 1.0 + alpha * (r * known).astype(
-        np.float64
-    )
+    observed = np.where(known, r, 0).astype(np.float64)
+    return (known & (r >= threshold)).astype(np.float64), 1.0 + alpha * observed
 
 
 def _rows(known: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
