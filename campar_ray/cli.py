@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 
 from campar_ray.config import Config, ConfigError, config_keys, load_config
+from campar_ray.progress import set_interval
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     config = None
     try:
         config = load_config(args.config, _overrides(args))
+        set_interval(config.tracking.progress_seconds)
         _set_output(args, config)
         return args.handler(args, config)
     except _ray_failures() as error:  # first: Ray's errors may also be ValueErrors

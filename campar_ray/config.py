@@ -319,6 +319,17 @@ class TrackingConfig:
     experiment: str = "campar"
     """MLflow experiment of stage-1 runs and CFAR fits; a search logs its trials to
     ``<experiment>-search-<run dir name>``."""
+    progress_seconds: float = 30.0
+    """Seconds between the progress lines of a long phase (training steps, logits, CFAR,
+    search, evaluate, predict) when the output is not a terminal (a log file, CI, a notebook;
+    a terminal shows a bar). ``CAMPAR_PROGRESS_SECONDS`` in the environment wins over it."""
+
+    def __post_init__(self) -> None:
+        _check_ranges(
+            "tracking",
+            ("progress_seconds", self.progress_seconds,
+             0 < self.progress_seconds < math.inf, "seconds > 0"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from campar_ray.data.images import ANY_PATH, read_image
 from campar_ray.data.manifest import BINARY_COLUMN, labels_matrix, read_manifest
 from campar_ray.data.transforms import normalize
 from campar_ray.model import feature_weight_angles
+from campar_ray.progress import Progress
 
 BATCH = 32
 
@@ -87,10 +88,12 @@ def angles(predictor: ParPredictor, images: SplitImages, kind: str = "decision")
     (``decision``: 90 degrees is the 0.5 boundary for either head)."""
     labels = images.labels * eval_mask(predictor)
     chunks = [np.zeros(0, dtype=np.float32)]
-    for start in range(0, len(images.names), BATCH):
-        x = normalize(torch.from_numpy(images.pixels[start : start + BATCH]))
-        y = torch.from_numpy(labels[start : start + BATCH])
-        chunks.append(feature_weight_angles(predictor.model, x.to(predictor.device), y, kind))
+    with Progress("[evaluate] Fig. 7 angles", len(images.names)) as progress:
+        for start in range(0, len(images.names), BATCH):
+            x = normalize(torch.from_numpy(images.pixels[start : start + BATCH]))
+            y = torch.from_numpy(labels[start : start + BATCH])
+            chunks.append(feature_weight_angles(predictor.model, x.to(predictor.device), y, kind))
+            progress.update(len(y))
     return np.concatenate(chunks)
 
 

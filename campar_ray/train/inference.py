@@ -30,6 +30,7 @@ from campar_ray.config import DataConfig, TrainConfig
 from campar_ray.data.manifest import SPLITS, ManifestInfo, labels_matrix
 from campar_ray.data.ray_pipeline import build_dataset
 from campar_ray.model import Scorer
+from campar_ray.progress import Progress
 from campar_ray.run.checkpoints import load_stage1_checkpoint
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, write_split_logits
@@ -128,12 +129,19 @@ def write_logits(
 def _collect(scored: Any, rows: int) -> dict[str, np.ndarray]:
     """Stream the scored batches into manifest-ordered arrays (``valid`` False if unscored)."""
     columns: dict[str, np.ndarray] = {"valid": np.zeros(rows, dtype=bool)}
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        index = batch["row"]
-        columns["valid"][index] = batch["valid"]
-        for name in ("shared", "specific"):
-            if name in batch:
-                if name not in columns:
-                    columns[name] = np.full((rows, batch[name].shape[1]), np.nan, np.float32)
-                columns[name][index] = batch[name]
+    with Progress("[stage1] logits", rows) as progress:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            _store(columns, batch, rows)
+            progress.update(len(batch["row"]))
     return columns
+
+
+def _store(columns: dict[str, np.ndarray], batch: dict[str, np.ndarray], rows: int) -> None:
+    """One scored batch into ``columns``, at its manifest rows."""
+    index = batch["row"]
+    columns["valid"][index] = batch["valid"]
+    for name in ("shared", "specific"):
+        if name in batch:
+            if name not in columns:
+                columns[name] = np.full((rows, batch[name].shape[1]), np.nan, np.float32)
+            columns[name][index] = batch[name]
