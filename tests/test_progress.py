@@ -7,14 +7,22 @@ a test waits (with a generous limit) for lines to appear, then checks what they 
 from __future__ import annotations
 
 import io
+import re
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
 from campar_ray import progress
+from campar_ray.cli import main
 from campar_ray.config import DataConfig, load_config
+from campar_ray.data.manifest import read_manifest
 from campar_ray.progress import Progress, duration, interval
+from campar_ray.run.checkpoints import stage1_checkpoints
+from campar_ray.train.inference import write_logits
 from campar_ray.train.monitor import ROWS_KEY, EpochPrinter
+from campar_ray.tune.search import _TrialLines
 
 
 class _Clock:
@@ -102,3 +110,58 @@ def test_a_quiet_trainings_epoch_shows_lines_on_a_pipe(monkeypatch):
     printer.close()
     assert len(lines) >= 2
     assert all(line.startswith("[stage1] epoch 1/2 64/200 images (32%)") for line in lines)
+
+
+def _phase_lines(text: str, label: str) -> list[str]:
+    """The progress lines of one phase (``label`` then a count)."""
+    return [line for line in text.splitlines() if re.match(rf"{re.escape(label)} \d+", line)]
+
+
+@pytest.mark.ray
+def test_every_long_phase_after_training_shows_lines_on_a_pipe(
+    tiny_run, tmp_path, capsys, monkeypatch
+):
+    """Logits, fit-cfar, evaluate and predict on a copy of the session's tiny run, with a
+    short interval: each phase prints its lines (training's are the epoch printer's, above)."""
+    monkeypatch.setenv(progress.ENV, "0.01")
+    run_dir = str(shutil.copytree(tiny_run.run_dir, tmp_path / "run"))
+    config = load_config(f"{run_dir}/config.yaml")
+    table, info = read_manifest(config.data.manifest, with_bytes=False)
+    checkpoint = stage1_checkpoints(run_dir)[-1][0]
+    write_logits(checkpoint, table, info, run_dir, config.data, config.train, progress=False)
+    bundle, images = str(tmp_path / "bundle"), f"{Path(tiny_run.manifest).parent}/images/*"
+    for argv in (
+        ["fit-cfar", "--run-dir", run_dir, "--solver", "local"],
+        ["evaluate", "--run-dir", run_dir, "--angle-images", "16", "--cam-images", "1"],
+        ["bundle", "--run-dir", run_dir, "--out", bundle],
+        ["predict", "--model", bundle, "--input", images, "--out", str(tmp_path / "p.csv")],
+    ):
+        assert main(argv) == 0, argv
+    err = capsys.readouterr().err
+    for label in ("[stage1] logits", "[cfar] ALS, dictionary, fc2", "[evaluate] Fig. 7 angles",
+                  "[predict]"):  # fmt: skip
+        lines = _phase_lines(err, label)
+        assert lines, f"no progress line of {label!r} in:\n{err}"
+        assert all(", ETA " in line and " elapsed" in line for line in lines)
+
+
+class _Trial:
+    def __init__(self, trial_id: str, value: float | None) -> None:
+        self.trial_id, self.last_result = trial_id, {"val_mA": value}
+
+
+def test_a_search_prints_each_trial_and_its_progress_lines(monkeypatch, capsys):
+    monkeypatch.setenv(progress.ENV, "0.01")
+    lines = _TrialLines(total=4, done=1, metric="val_mA")  # one trial finished before a resume
+    lines.on_trial_complete(0, [], _Trial("a", 0.5))
+    lines.on_trial_complete(0, [], _Trial("b", 0.7))
+    time.sleep(0.1)
+    lines.on_experiment_end([])
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [
+        "[tune] trial 2/4 a: val_mA 50.00 (best val_mA 50.00)",
+        "[tune] trial 3/4 b: val_mA 70.00 (best val_mA 70.00)",
+    ]
+    timed = _phase_lines("\n".join(out), "[tune]")
+    assert timed and all(line.startswith("[tune] 3/4 trials (75%)") for line in timed)
+    assert timed[-1].endswith("best val_mA 70.00")
