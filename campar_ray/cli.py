@@ -256,6 +256,11 @@ def _allow_outside_root_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _subset_argument(parser: argparse.ArgumentParser) -> None:
+    """A quick check on the first N images of each split (``data.subset``)."""
+    _shorthand(parser, "--subset", "data.subset", type=int, metavar="N")
+
+
 def _shard_size_argument(parser: argparse.ArgumentParser) -> None:
     from campar_ray.data.pack import SHARD_MB
 
@@ -272,6 +277,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--run-dir", "run.dir", metavar="D")
     _shorthand(parser, "--num-workers", "train.num_workers", type=_workers, metavar="N|MIN..MAX")
     _shorthand(parser, "--epochs", "train.epochs", type=int, metavar="E")
+    _subset_argument(parser)
+    _allow_outside_root_argument(parser)
     parser.add_argument("--gpu", action="store_true", help="train on GPUs (train.use_gpu=true)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument(
@@ -352,6 +359,7 @@ def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
 def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--manifest", "data.manifest", metavar="M")
     _shorthand(parser, "--run-dir", "run.dir", metavar="D")
+    _allow_outside_root_argument(parser)
     parser.add_argument("--scope", choices=["cfar", "full"], default="cfar")
     parser.add_argument("--num-samples", type=int, default=16, help="trials to run")
     parser.add_argument("--search-space", default=None, help="YAML space (default: built-in)")
@@ -520,6 +528,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     parser.add_argument("--trials", type=int, default=8, help="CFAR-scope search trials")
     parser.add_argument("--images", type=int, default=2000, help="synthetic images to generate")
+    _subset_argument(parser)
+    _allow_outside_root_argument(parser)
     _address_argument(parser)
 
 
@@ -530,7 +540,7 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
         args.data,
         args.out,
         fresh=args.fresh,
-        overrides=args.overrides,
+        overrides=_overrides(args),
         trials=args.trials,
         images=args.images,
         address=args.address,
@@ -548,6 +558,7 @@ def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--run-dir", "run.dir", metavar="D")
     _shorthand(parser, "--num-workers", "train.num_workers", type=_workers, metavar="N|MIN..MAX")
     parser.add_argument("--gpu", action="store_true", help="check a GPU run (train.use_gpu=true)")
+    _allow_outside_root_argument(parser)
     _address_argument(parser)
 
 

@@ -77,6 +77,9 @@ class DataConfig:
     """CPUs reserved by each decode task. Two tasks share a core by default: while one is
     finished and Ray Data schedules the next, the other keeps the core busy (0.89 of the
     decoder's own rate per CPU against 0.77 with one task per core; ``bench/input_pipeline.py``)."""
+    subset: int = 0
+    """A quick check: train (and write logits) on only the first ``N`` images of each split,
+    in manifest order (``--subset N``); ``0``: every image."""
     starvation_threshold: float = 0.2
     """Warn when an epoch's training steps wait for data longer than this fraction of the time."""
     allow_outside_root: bool = False
@@ -97,6 +100,7 @@ class DataConfig:
             "data",
             ("image_size", list(self.image_size), height >= 1 and width >= 1, "[H, W], each >= 1"),
             ("pad", self.pad, self.pad >= 0, "pixels >= 0"),
+            ("subset", self.subset, self.subset >= 0, "images per split >= 0 (0: all)"),
             ("decode_concurrency", self.decode_concurrency, self.decode_concurrency >= 0,
              "a number of tasks >= 0 (0: automatic)"),
             ("prefetch_batches", self.prefetch_batches, self.prefetch_batches >= 0,

@@ -43,6 +43,7 @@ from campar_ray.data.manifest import (
     is_packed,
     labels_matrix,
     read_manifest,
+    subset_rows,
 )
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
 from campar_ray.model import check_backbone, positive_ratio
@@ -159,7 +160,9 @@ def _trainer(
 ) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer of a run: worker loop, scaling, storage in the run dir, datasets."""
     cfg = config.train
-    train_labels = labels_matrix(table.filter(pc.equal(table.column("split"), "train")))
+    splits = table.column("split").to_numpy(zero_copy_only=False)
+    train_rows = subset_rows(splits, config.data.subset) & (splits == "train")
+    train_labels = labels_matrix(table.filter(pa.array(train_rows)))
     setup = {
         "model": config.model,
         "train": cfg,

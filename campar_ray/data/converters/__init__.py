@@ -122,8 +122,9 @@ class PrepareReport:
         lines += [f"  dropped: {reason}: {count}" for reason, count in self.dropped.items()]
         if self.images_outside:
             lines.append(
-                "  note: the images lie outside the manifest's folder: training and `campar pack` "
-                "read them only with --allow-outside-root (--set data.allow_outside_root=true); "
+                "  note: the images lie outside the manifest's folder: `campar train` (tune, "
+                "demo, pack) reads them only with --allow-outside-root "
+                f"(campar train --manifest {self.path} --allow-outside-root ...); "
                 "--pack here stores them inside instead"
             )
         if self.verify is not None:
