@@ -141,6 +141,10 @@ class Progress:
     def line(self) -> str:
         """The progress line as it stands now."""
         elapsed = self._clock() - self._started
+        if self.total is None and self.done == 0:  # nothing counted yet: alive, and how long
+            return f"{self.label}, {duration(elapsed)} elapsed" + (
+                f", {self._note}" if self._note else ""
+            )
         rate = (self.done - self._initial) / elapsed if elapsed > 0 else 0.0
         count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
         parts = [f"{self.label} {count} {self.unit}"]

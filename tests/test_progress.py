@@ -165,3 +165,16 @@ def test_a_search_prints_each_trial_and_its_progress_lines(monkeypatch, capsys):
     timed = _phase_lines("\n".join(out), "[tune]")
     assert timed and all(line.startswith("[tune] 3/4 trials (75%)") for line in timed)
     assert timed[-1].endswith("best val_mA 70.00")
+
+
+def test_a_training_that_has_not_posted_yet_says_it_is_starting(monkeypatch):
+    monkeypatch.setenv(progress.ENV, "0.01")
+    piped = io.StringIO()
+    printer = EpochPrinter(1, DataConfig(), piped, bar=False)
+    printer.starting()
+    lines = _wait_for_lines(piped, 1)
+    printer.show({"epoch": 1, ROWS_KEY: 64, "epoch_rows": 200})  # the first post ends it
+    count = len(piped.getvalue().splitlines())
+    printer.close()
+    assert re.fullmatch(r"\[stage1\] starting, \d+s elapsed", lines[0])
+    assert "starting" not in "".join(piped.getvalue().splitlines()[count:])

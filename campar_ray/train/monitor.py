@@ -258,6 +258,14 @@ class EpochPrinter:
                 print(warning, file=sys.stderr, flush=True)
                 self._warned = True
 
+    def starting(self) -> None:
+        """Until the first post: that the run is starting (Ray, the workers, the first
+        batches), at the progress interval, so a slow start does not look hung."""
+        self.close()
+        self._bar = Progress("[stage1] starting", None, "steps", stream=self._stream, bar=False)
+        self._bar.start()
+        self._bar_epoch = 0
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -271,6 +279,7 @@ class EpochPrinter:
             self._bar = Progress(
                 f"[stage1] epoch {epoch}/{self._epochs}",
                 int(post["epoch_rows"]),
+                initial=int(post[ROWS_KEY]),  # the rate counts from this post on
                 stream=self._stream,
                 bar=self._with_bar,
                 redraw=0,  # posts come once a second: draw each
@@ -286,6 +295,7 @@ def _serve_mailbox(name: str, printer: EpochPrinter, stop: threading.Event) -> N
         if stop.wait(0.2):
             return
     box = ray.remote(num_cpus=0)(_Mailbox).options(name=name).remote()
+    printer.starting()
     try:
         while True:
             stopping = stop.wait(1.0)
