@@ -10,7 +10,8 @@ pa100k     ``annotation.mat``, ``data/``                         (none; official
 rap1       ``RAP_annotation.mat``, ``RAP_dataset/``              partition, val_fraction,
                                                                  uncertain
 rap2       ``RAP_annotation.mat``, ``RAP_dataset/``              partition, uncertain
-peta       ``PETA dataset/<subset>/archive/`` + ``Label.txt``    ratios, strict
+peta       ``PETA dataset/<subset>/archive/`` + ``Label.txt``    ratios, strict, mat,
+           (+ Rethinking_of_PAR's ``PETA.mat`` with ``mat``)     partition
 folder     images + a CSV ``image,<attr>,...``                   csv, ratios,
                                                                  eval_attributes, name
 synthetic  (written here) ``images/``                            n, size, ratios
