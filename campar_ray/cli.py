@@ -15,7 +15,8 @@ import re
 import sys
 from collections.abc import Callable
 
-from campar_ray.config import Config, ConfigError, config_keys, load_config
+import campar_ray
+from campar_ray.config import Config, ConfigError, describe_keys, load_config
 from campar_ray.progress import set_interval
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pedestrian attribute recognition with CAM-PAR + CFAR on Ray.",
         formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"campar {campar_ray.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_parser()
     for name, help_text, add_arguments, handler in _COMMANDS:
@@ -136,14 +138,31 @@ def _shorthand(parser: argparse.ArgumentParser, flag: str, key: str, **kwargs) -
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--keys", action="store_true", help="list every valid key instead")
+    parser.add_argument(
+        "--keys",
+        action="store_true",
+        help="list every valid key instead, with its type, default, choices and meaning",
+    )
+
+
+def _key_lines() -> list[str]:
+    """``key: type = default (choices)`` then the key's docstring, indented."""
+    import textwrap
+
+    lines = []
+    for key in describe_keys():
+        choices = f"  one of: {', '.join(key.choices)}" if key.choices else ""
+        lines.append(f"{key.key}: {key.type} = {json.dumps(key.default)}{choices}")
+        lines += textwrap.wrap(key.doc.replace("``", "`"), 96, initial_indent="    ",
+                               subsequent_indent="    ")  # fmt: skip
+    return lines
 
 
 def _config(args: argparse.Namespace, config: Config) -> int:
     import yaml
 
     if args.keys:
-        print("\n".join(config_keys()))
+        print("\n".join(_key_lines()))
     else:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return 0

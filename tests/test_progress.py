@@ -7,6 +7,7 @@ a test waits (with a generous limit) for lines to appear, then checks what they 
 from __future__ import annotations
 
 import io
+import pickle
 import re
 import shutil
 import time
@@ -153,6 +154,8 @@ class _Trial:
 def test_a_search_prints_each_trial_and_its_progress_lines(monkeypatch, capsys):
     monkeypatch.setenv(progress.ENV, "0.01")
     lines = _TrialLines(total=4, done=1, metric="val_mA")  # one trial finished before a resume
+    pickle.dumps(lines)  # Tune pickles its callbacks with the run config
+    lines.setup()
     lines.on_trial_complete(0, [], _Trial("a", 0.5))
     lines.on_trial_complete(0, [], _Trial("b", 0.7))
     time.sleep(0.1)

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from campar_ray.config import CHOICES
 from campar_ray.data.transforms import normalize
 from campar_ray.metrics import par_metrics, summary
 from campar_ray.model.scoring import autocast
 
 Batch = Mapping[str, torch.Tensor]
-SCHEDULERS = ("plateau", "cosine")
+SCHEDULERS = CHOICES["train.scheduler"]
 
 
 @dataclass(frozen=True)

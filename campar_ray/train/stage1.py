@@ -36,7 +36,7 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
 from campar_ray import storage
-from campar_ray.config import Config, ConfigError, TrainConfig
+from campar_ray.config import CHOICES, Config, ConfigError, TrainConfig
 from campar_ray.data.manifest import (
     ManifestInfo,
     check_images_inside_root,
@@ -59,7 +59,7 @@ from campar_ray.train.worker import InputError, worker_loop
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("bce", "weighted_bce")
+LOSSES = CHOICES["train.loss"]
 RUN_KEYS = ("model", "data.manifest", "data.image_size", "data.pad", "train.loss", "seed")
 """Config keys (a section name: all its keys) that shape the network and what it learns from.
 A run directory resumes only when its stored config matches on all of them (``--resume``

@@ -344,12 +344,18 @@ class _TrialLines(ray.tune.Callback):
     stdout is a terminal (driver)."""
 
     def __init__(self, total: int, done: int, metric: str):
-        self._metric = metric
+        self._total, self._done, self._metric = total, done, metric
         self._best: float | None = None
         self._bar = sys.stdout.isatty()
+        self._progress: Progress | None = None  # started in setup: Tune pickles callbacks
+
+    def setup(self, **info: Any) -> None:
         self._progress = Progress(
-            "[tune]", total, "trials", initial=done, stream=sys.stdout, bar=self._bar
+            "[tune]", self._total, "trials", initial=self._done, stream=sys.stdout, bar=self._bar
         ).start()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_progress": None}  # a thread and a stream do not pickle
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finished(trial, (trial.last_result or {}).get(self._metric))
@@ -358,9 +364,13 @@ class _TrialLines(ray.tune.Callback):
         self._finished(trial, None)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._progress.close()
+        if self._progress is not None:
+            self._progress.close()
 
     def _finished(self, trial: Any, value: float | None) -> None:
+        if self._progress is None:
+            self.setup()
+        assert self._progress is not None
         self._progress.update()
         if value is not None and (self._best is None or value > self._best):
             self._best = value
