@@ -110,8 +110,14 @@ def _set_output(args: argparse.Namespace, config: Config) -> None:
     if args.command == "demo":
         log_dir: str | None = RunDir(demo_run_dir(args.out)).logs
     else:
-        log_dir = RunDir(config.run.dir).logs if "run_dir" in vars(args) else None
+        log_dir = RunDir(config.run.dir).logs if _writes_run_dir(args) else None
     set_output(Output(verbose=args.verbose, log_dir=log_dir, command=args.command))
+
+
+def _writes_run_dir(args: argparse.Namespace) -> bool:
+    """Whether the command works in a run directory (its logs go there); ``doctor`` only
+    checks one and creates nothing."""
+    return "run_dir" in vars(args) and args.command != "doctor"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -590,7 +596,7 @@ def _doctor(args: argparse.Namespace, config: Config) -> int:
     if args.gpu:
         config = config.override({"train.use_gpu": True})
     problems = []
-    checks = [("run.dir", lambda: storage.check_writable(config.run.dir))]
+    checks = [("run.dir", lambda: storage.check_writable(config.run.dir, create=False))]
     if config.data.manifest:
         checks.insert(0, ("manifest", lambda: read_info(config.data.manifest)))
     else:
@@ -680,7 +686,7 @@ def _write_log(args: argparse.Namespace, config: Config | None, error: BaseExcep
     name = f"campar-{args.command}.log"
     text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} campar {args.command}\n"
     text += "".join(traceback.format_exception(error))
-    if config is not None and "run_dir" in vars(args):
+    if config is not None and _writes_run_dir(args):
         path = storage.join(RunDir(config.run.dir).logs, name)
         try:
             storage.write_bytes(path, text.encode())

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import math
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,9 +143,12 @@ def cfar_report(metrics: dict[str, Any]) -> str:
 
 
 def _open_tracker(run_dir: str, cfg: CfarConfig, seed: int, tracking: TrackingConfig) -> Tracker:
+    # Each fit gets its own event folder: a refit restarts at ALS iteration 1, which in the
+    # same folder TensorBoard would read as out-of-order steps and drop.
+    fit = time.strftime("fit-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     tracker = open_tracker(
         tracking,
-        log_dir=RunDir(run_dir).tensorboard(STAGE),
+        log_dir=storage.join(RunDir(run_dir).tensorboard(STAGE), fit),
         experiment=tracking.experiment,
         run_name=f"{os.path.basename(run_dir.rstrip('/'))}/{STAGE}",
         tags={"campar.run_dir": run_dir, "campar.stage": STAGE},
