@@ -536,7 +536,7 @@ def _export(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.export import export_model
 
     images = sorted(glob.glob(args.check_images)) if args.check_images else None
-    print(export_model(args.model, args.format, args.out, images=images))
+    print(export_model(args.model, args.format, args.out, images=images).summary())
     return 0
 
 

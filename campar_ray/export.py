@@ -55,6 +55,14 @@ class ExportReport:
     max_abs_diff: dict[str, float]
     """Input kind (``random``, ``real``) -> largest |exported - PyTorch| probability."""
 
+    def summary(self) -> str:
+        """What ``campar export`` prints: the file and its parity with PyTorch."""
+        diffs = ", ".join(f"{kind} inputs {diff:.1e}" for kind, diff in self.max_abs_diff.items())
+        return (
+            f"exported {self.format} to {self.path}; largest difference from PyTorch's "
+            f"probabilities: {diffs} (tolerance {TOLERANCE:g})"
+        )
+
 
 class CfarModule(nn.Module):
     """CFAR (dictionary or fold-in lookup, then fc2) on stage-1 prediction logits, in torch."""
