@@ -255,3 +255,25 @@ def test_timm_weights_load_from_the_hugging_face_cache_and_never_download(tmp_pa
 def test_timm_weights_are_refused_for_a_torchvision_encoder():
     with pytest.raises(WeightsError, match="weights 'timm' for backbone 'resnet18'"):
         build_backbone("resnet18", "timm")
+
+
+def test_a_timm_encoder_is_fed_with_its_own_mean_and_std():
+    """timm's ``test_resnet`` was trained on inputs scaled by 0.5 / 0.5, not ImageNet's
+    statistics: training batches and every scorer normalise with the encoder's own."""
+    from campar_ray.data.transforms import IMAGENET_MEAN, normalize
+    from campar_ray.model import Scorer
+    from campar_ray.train.loop import prepare_batch
+
+    torch.manual_seed(4)
+    model = build_model(ModelConfig(backbone="timm:test_resnet", fusion=False), M).eval()
+    assert (model.backbone.mean, model.backbone.std) == ((0.5,) * 3, (0.5,) * 3)
+    assert build_backbone("resnet18").mean == IMAGENET_MEAN
+    pixels = torch.randint(0, 256, (2, 64, 32, 3), dtype=torch.uint8)
+    own = normalize(pixels, mean=(0.5,) * 3, std=(0.5,) * 3)
+    torch.testing.assert_close(own, pixels.permute(0, 3, 1, 2).float() / 255 * 2 - 1)
+    batch = {"image": pixels, "labels": torch.zeros(2, M), "valid": torch.ones(2)}
+    x, _, _ = prepare_batch(batch, torch.device("cpu"), model=model)
+    assert torch.equal(x, own)
+    with torch.no_grad():
+        expected = model(own).specific
+    torch.testing.assert_close(Scorer(model)(pixels).specific, expected)

@@ -23,6 +23,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from campar_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from campar_ray.model.pretrained import (
     KEY_RULES,
     PACKAGED_WEIGHTS,
@@ -65,6 +66,12 @@ class Backbone(nn.Module):
 
     channels: tuple[int, ...]
     """Widths of the three levels, read from the network."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    """Per-channel mean its inputs (RGB in [0, 1]) are shifted by: the one its pretrained
+    weights were trained with. Every scorer (training, logits, evaluation, the bundle,
+    ``predict``, the export's metadata) reads it from here."""
+    std: tuple[float, ...] = IMAGENET_STD
+    """Per-channel scale of its inputs, as :attr:`mean`."""
 
 
 class TorchvisionBackbone(Backbone):
@@ -113,6 +120,9 @@ class TimmBackbone(Backbone):
                 f"timm model {name!r} cannot give {LEVELS} feature levels "
                 f"(features_only=True): {error}. {_TIMM_HINT}"
             ) from error
+        pretrained = timm.models.get_pretrained_cfg(name)  # the model's own input statistics
+        if pretrained is not None and pretrained.mean and pretrained.std:
+            self.mean, self.std = tuple(pretrained.mean), tuple(pretrained.std)
         # Some timm families (e.g. MambaOut) emit channels-last NHWC maps; the head wants NCHW.
         self._nhwc = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
         self.channels = tuple(self.body.feature_info.channels())
