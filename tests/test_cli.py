@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -138,7 +139,10 @@ def test_training_prints_its_own_progress_and_keeps_ray_quiet(tmp_path):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    lines = output.splitlines()
+    # Progress lines come every tracking.progress_seconds however slow the machine is.
+    timed = [line for line in output.splitlines() if re.search(r"\d+s elapsed$", line)]
+    assert all(re.match(r"\[stage1\] (starting|epoch \d/2 |logits )", line) for line in timed)
+    lines = [line for line in output.splitlines() if line not in timed]
     assert len(lines) <= 16, output
     for noise in RAY_NOISE:
         assert noise not in output, output
