@@ -19,6 +19,14 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PACKAGES = ("torch", "torchvision", "ray", "numpy")
 
 
+def subset_argument(parser: Any) -> None:
+    """``--subset N`` of the scripts that train: a quick check of the script on the first N
+    images of each split (``data.subset``; 0: all). Not for figures that are kept."""
+    parser.add_argument(
+        "--subset", type=int, default=0, metavar="N", help="quick check: N images per split"
+    )
+
+
 def machine_info() -> dict[str, Any]:
     """CPU count and model, OS, and the GPU when torch sees one."""
     info: dict[str, Any] = {

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import write_results
+from bench.common import subset_argument, write_results
 from campar_ray.config import Config
 from campar_ray.data.synthetic import generate_synthetic
 from campar_ray.train.monitor import starvation_warning
@@ -52,6 +52,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (first: warm-up)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--backbone", default="timm:test_efficientnet")
+    subset_argument(parser)
     return parser
 
 
@@ -65,6 +66,7 @@ def config_for(args: argparse.Namespace, manifest: str, run_dir: str, knobs: dic
                 "image_size": [128, 64],
                 "pad": 6,
                 "allow_outside_root": True,  # PETA stays where it is
+                "subset": args.subset,
             },
             "train": {"epochs": args.epochs, "batch_size": args.batch, "lr": 1e-3},
             "run.dir": run_dir,

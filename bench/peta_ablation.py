@@ -63,7 +63,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bench.common import RESULTS_DIR, machine_info, versions, write_results
+from bench.common import RESULTS_DIR, machine_info, subset_argument, versions, write_results
 from campar_ray import storage
 from campar_ray.artifacts import load_arrays
 from campar_ray.bundle import (
@@ -202,6 +202,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=0,
         help="keep this many images (evenly spaced within each split; 0: all)",
     )
+    subset_argument(parser)
     parser.add_argument("--runs", default="runs/peta_ablation", help="folder of run dirs")
     parser.add_argument(
         "--out", default=str(RESULTS_DIR), help=f"folder for {NAME}.json/.md and the angle plot"
@@ -232,6 +233,7 @@ def base_config(args: argparse.Namespace, manifest: str) -> Config:
         "train.num_workers": args.workers,
         "train.cpus_per_worker": args.cpus_per_worker,
         "data.decode_concurrency": args.decode_tasks,
+        "data.subset": args.subset,
         "data.allow_outside_root": True,  # the manifest lives under --runs, PETA elsewhere
         **CLASSIFIERS[args.classifier][0],
     }

@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import write_results
+from bench.common import subset_argument, write_results
 from campar_ray.config import Config
 from campar_ray.data import read_manifest
 from campar_ray.data.synthetic import generate_synthetic
@@ -65,6 +65,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--step-only", action="store_true", help="also time the training step alone (no data)"
     )
+    subset_argument(parser)
     return parser
 
 
@@ -76,6 +77,7 @@ def config_for(args: argparse.Namespace, manifest: str, workers: int, run_dir: s
         "model.weights": "none",
         "data.manifest": manifest,
         "data.allow_outside_root": True,  # the PETA manifest sits apart from the images
+        "data.subset": args.subset,
         "train.epochs": WARMUP_EPOCHS + args.timed_epochs,
         "train.batch_size": args.batch // workers,
         "train.num_workers": workers,

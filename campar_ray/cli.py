@@ -15,7 +15,9 @@ import re
 import sys
 from collections.abc import Callable
 
-from campar_ray.config import Config, ConfigError, config_keys, load_config
+import campar_ray
+from campar_ray.config import Config, ConfigError, describe_keys, load_config
+from campar_ray.progress import set_interval
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     config = None
     try:
         config = load_config(args.config, _overrides(args))
+        set_interval(config.tracking.progress_seconds)
         _set_output(args, config)
         return args.handler(args, config)
     except _ray_failures() as error:  # first: Ray's errors may also be ValueErrors
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pedestrian attribute recognition with CAM-PAR + CFAR on Ray.",
         formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"campar {campar_ray.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_parser()
     for name, help_text, add_arguments, handler in _COMMANDS:
@@ -106,8 +110,14 @@ def _set_output(args: argparse.Namespace, config: Config) -> None:
     if args.command == "demo":
         log_dir: str | None = RunDir(demo_run_dir(args.out)).logs
     else:
-        log_dir = RunDir(config.run.dir).logs if "run_dir" in vars(args) else None
+        log_dir = RunDir(config.run.dir).logs if _writes_run_dir(args) else None
     set_output(Output(verbose=args.verbose, log_dir=log_dir, command=args.command))
+
+
+def _writes_run_dir(args: argparse.Namespace) -> bool:
+    """Whether the command works in a run directory (its logs go there); ``doctor`` only
+    checks one and creates nothing."""
+    return "run_dir" in vars(args) and args.command != "doctor"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -134,14 +144,31 @@ def _shorthand(parser: argparse.ArgumentParser, flag: str, key: str, **kwargs) -
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--keys", action="store_true", help="list every valid key instead")
+    parser.add_argument(
+        "--keys",
+        action="store_true",
+        help="list every valid key instead, with its type, default, choices and meaning",
+    )
+
+
+def _key_lines() -> list[str]:
+    """``key: type = default (choices)`` then the key's docstring, indented."""
+    import textwrap
+
+    lines = []
+    for key in describe_keys():
+        choices = f"  one of: {', '.join(key.choices)}" if key.choices else ""
+        lines.append(f"{key.key}: {key.type} = {json.dumps(key.default)}{choices}")
+        lines += textwrap.wrap(key.doc.replace("``", "`"), 96, initial_indent="    ",
+                               subsequent_indent="    ")  # fmt: skip
+    return lines
 
 
 def _config(args: argparse.Namespace, config: Config) -> int:
     import yaml
 
     if args.keys:
-        print("\n".join(config_keys()))
+        print("\n".join(_key_lines()))
     else:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return 0
@@ -254,6 +281,11 @@ def _allow_outside_root_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _subset_argument(parser: argparse.ArgumentParser) -> None:
+    """A quick check on the first N images of each split (``data.subset``)."""
+    _shorthand(parser, "--subset", "data.subset", type=int, metavar="N")
+
+
 def _shard_size_argument(parser: argparse.ArgumentParser) -> None:
     from campar_ray.data.pack import SHARD_MB
 
@@ -270,6 +302,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--run-dir", "run.dir", metavar="D")
     _shorthand(parser, "--num-workers", "train.num_workers", type=_workers, metavar="N|MIN..MAX")
     _shorthand(parser, "--epochs", "train.epochs", type=int, metavar="E")
+    _subset_argument(parser)
+    _allow_outside_root_argument(parser)
     parser.add_argument("--gpu", action="store_true", help="train on GPUs (train.use_gpu=true)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument(
@@ -350,6 +384,7 @@ def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
 def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--manifest", "data.manifest", metavar="M")
     _shorthand(parser, "--run-dir", "run.dir", metavar="D")
+    _allow_outside_root_argument(parser)
     parser.add_argument("--scope", choices=["cfar", "full"], default="cfar")
     parser.add_argument("--num-samples", type=int, default=16, help="trials to run")
     parser.add_argument("--search-space", default=None, help="YAML space (default: built-in)")
@@ -501,7 +536,7 @@ def _export(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.export import export_model
 
     images = sorted(glob.glob(args.check_images)) if args.check_images else None
-    print(export_model(args.model, args.format, args.out, images=images))
+    print(export_model(args.model, args.format, args.out, images=images).summary())
     return 0
 
 
@@ -518,6 +553,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     parser.add_argument("--trials", type=int, default=8, help="CFAR-scope search trials")
     parser.add_argument("--images", type=int, default=2000, help="synthetic images to generate")
+    _subset_argument(parser)
+    _allow_outside_root_argument(parser)
     _address_argument(parser)
 
 
@@ -528,7 +565,7 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
         args.data,
         args.out,
         fresh=args.fresh,
-        overrides=args.overrides,
+        overrides=_overrides(args),
         trials=args.trials,
         images=args.images,
         address=args.address,
@@ -546,6 +583,7 @@ def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--run-dir", "run.dir", metavar="D")
     _shorthand(parser, "--num-workers", "train.num_workers", type=_workers, metavar="N|MIN..MAX")
     parser.add_argument("--gpu", action="store_true", help="check a GPU run (train.use_gpu=true)")
+    _allow_outside_root_argument(parser)
     _address_argument(parser)
 
 
@@ -558,7 +596,7 @@ def _doctor(args: argparse.Namespace, config: Config) -> int:
     if args.gpu:
         config = config.override({"train.use_gpu": True})
     problems = []
-    checks = [("run.dir", lambda: storage.check_writable(config.run.dir))]
+    checks = [("run.dir", lambda: storage.check_writable(config.run.dir, create=False))]
     if config.data.manifest:
         checks.insert(0, ("manifest", lambda: read_info(config.data.manifest)))
     else:
@@ -648,7 +686,7 @@ def _write_log(args: argparse.Namespace, config: Config | None, error: BaseExcep
     name = f"campar-{args.command}.log"
     text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} campar {args.command}\n"
     text += "".join(traceback.format_exception(error))
-    if config is not None and "run_dir" in vars(args):
+    if config is not None and _writes_run_dir(args):
         path = storage.join(RunDir(config.run.dir).logs, name)
         try:
             storage.write_bytes(path, text.encode())

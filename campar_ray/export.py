@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from campar_ray.bundle import Image, ParPredictor, load_model, load_samples
 from campar_ray.cfar.fit import CfarPredictor
-from campar_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from campar_ray.data.transforms import normalize
 from campar_ray.model import ParModel, prediction_logits
 
 FORMATS = ("torchscript", "onnx")
@@ -54,6 +54,14 @@ class ExportReport:
     format: str
     max_abs_diff: dict[str, float]
     """Input kind (``random``, ``real``) -> largest |exported - PyTorch| probability."""
+
+    def summary(self) -> str:
+        """What ``campar export`` prints: the file and its parity with PyTorch."""
+        diffs = ", ".join(f"{kind} inputs {diff:.1e}" for kind, diff in self.max_abs_diff.items())
+        return (
+            f"exported {self.format} to {self.path}; largest difference from PyTorch's "
+            f"probabilities: {diffs} (tolerance {TOLERANCE:g})"
+        )
 
 
 class CfarModule(nn.Module):
@@ -163,8 +171,8 @@ def describe(predictor: ParPredictor) -> dict[str, Any]:
         "threshold_source": predictor.threshold_source,
         "input": "float32 N x 3 x H x W, RGB scaled to [0, 1], minus mean, divided by std",
         "image_size": list(predictor.image_size),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(predictor.model.backbone.mean),
+        "std": list(predictor.model.backbone.std),
         "output": "float32 N x M probabilities, attributes in the order above",
         "cfar": None if predictor.cfar is None else predictor.cfar.estimator.lookup,
         "predict_from": predictor.predict_from,
@@ -186,7 +194,10 @@ def _check_inputs(
     inputs = {"random": torch.randn(3, 3, height, width, generator=generator)}
     real = load_samples(model) if images is None else images
     if real is not None and len(real):
-        inputs["real"] = normalize(predictor.prepare(list(real)))
+        encoder = predictor.model.backbone
+        inputs["real"] = normalize(
+            predictor.prepare(list(real)), mean=encoder.mean, std=encoder.std
+        )
     return inputs
 
 

@@ -35,6 +35,7 @@ from campar_ray.bundle import Threshold, load_model
 from campar_ray.data.images import ANY_PATH
 from campar_ray.data.manifest import BINARY_COLUMN, read_manifest
 from campar_ray.data.ray_pipeline import decode_batch
+from campar_ray.progress import Progress
 from campar_ray.runtime import init_ray
 from campar_ray.train.inference import ScoringActor
 
@@ -167,9 +168,11 @@ def predict(
     count = rows.num_rows
     probs = np.full((count, len(predictor.attributes)), np.nan, dtype=np.float32)
     errors = np.full(count, "", dtype=object)
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        probs[batch["row"]] = batch["probs"]
-        errors[batch["row"]] = batch["error"]
+    with Progress("[predict]", count) as progress:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            probs[batch["row"]] = batch["probs"]
+            errors[batch["row"]] = batch["error"]
+            progress.update(len(batch["row"]))
     table = prediction_table(
         inputs.table.column("image").to_pylist(), errors, probs, predictor.attributes,
         predictor.decision,

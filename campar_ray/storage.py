@@ -152,23 +152,36 @@ def makedirs(path: str) -> None:
     filesystem.create_dir(inner, recursive=True)
 
 
-def check_writable(path: str) -> None:
+def check_writable(path: str, *, create: bool = True) -> None:
     """Fail now, not hours into a run, when ``path`` (a folder or URI prefix) cannot be written.
 
     Writes and deletes a small probe object under ``path`` (a local folder is created as it
-    would be anyway). Raises :class:`StorageError` naming the path and the cause: a missing
-    bucket, rejected credentials, denied permission, an unreachable store or a read-only disk.
+    would be anyway; with ``create=False``, as ``campar doctor`` checks, the probe goes into the
+    nearest folder that exists, and nothing is left behind). Raises :class:`StorageError`
+    naming the path and the cause: a missing bucket, rejected credentials, denied permission,
+    an unreachable store or a read-only disk.
     """
     try:
         filesystem, inner = resolve(path)
         probe = posixpath.join(inner, f".campar-write-probe-{uuid.uuid4().hex}")
         if isinstance(filesystem, pafs.LocalFileSystem):  # object stores have no folders
-            filesystem.create_dir(inner, recursive=True)
+            if create:
+                filesystem.create_dir(inner, recursive=True)
+            else:
+                inner = _existing_folder(inner)
+                probe = posixpath.join(inner, posixpath.basename(probe))
         with filesystem.open_output_stream(probe) as stream:
             stream.write(b"probe")
         filesystem.delete_file(probe)
     except (OSError, pa.ArrowException) as error:
         raise StorageError(f"cannot write to {path}: {_cause(error)}") from None
+
+
+def _existing_folder(path: str) -> str:
+    """``path``, or its nearest ancestor that exists (where creating it would start)."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def _cause(error: Exception) -> str:

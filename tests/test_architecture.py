@@ -17,7 +17,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "campar_ray"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("storage", "metrics"),
+    ("storage", "metrics", "progress"),
     ("config", "artifacts"),
     ("runtime", "tracking"),
     ("data",),
@@ -36,6 +36,7 @@ LAYER = {part: index for index, parts in enumerate(LAYERS) for part in parts}
 
 RAY_FREE = (
     "campar_ray.metrics",
+    "campar_ray.progress",
     "campar_ray.model",
     "campar_ray.data.concurrency",
     "campar_ray.data.images",

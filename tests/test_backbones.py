@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from campar_ray.config import ModelConfig
 from campar_ray.model import WeightsError, build_backbone, build_model
@@ -222,3 +223,57 @@ def test_unknown_weights_value_lists_every_kind_of_source():
         build_model(dataclasses.replace(ModelConfig(backbone="timm:resnet10t"), weights="x.pt"), M)
     text = str(error.value)
     assert f"{LITE0} (for timm:efficientnet_lite0)" in text and "#strip=<prefix>" in text
+
+
+# --- timm's own weights, from the local cache -----------------------------------------------
+
+
+def test_timm_weights_load_from_the_hugging_face_cache_and_never_download(tmp_path, monkeypatch):
+    """``model.weights=timm``: the file the hub cache holds for the model's pretrained tag
+    (built here in the hub's cache layout), loaded by timm itself; an empty cache is refused
+    in one line that says where it looked, with no network access tried."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    with pytest.raises(
+        WeightsError, match=r"test_resnet.*not in the local cache.*timm/test_resnet"
+    ):
+        build_backbone("timm:test_resnet", "timm")
+    torch.manual_seed(3)
+    source = timm.create_model("test_resnet").state_dict()
+    snapshot = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    save_file(source, str(snapshot / "model.safetensors"))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    loaded = build_backbone("timm:test_resnet", "timm").body.state_dict()
+    assert loaded and all(torch.equal(value, source[key]) for key, value in loaded.items())
+
+
+def test_timm_weights_are_refused_for_a_torchvision_encoder():
+    with pytest.raises(WeightsError, match="weights 'timm' for backbone 'resnet18'"):
+        build_backbone("resnet18", "timm")
+
+
+def test_a_timm_encoder_is_fed_with_its_own_mean_and_std():
+    """timm's ``test_resnet`` was trained on inputs scaled by 0.5 / 0.5, not ImageNet's
+    statistics: training batches and every scorer normalise with the encoder's own."""
+    from campar_ray.data.transforms import IMAGENET_MEAN, normalize
+    from campar_ray.model import Scorer
+    from campar_ray.train.loop import prepare_batch
+
+    torch.manual_seed(4)
+    model = build_model(ModelConfig(backbone="timm:test_resnet", fusion=False), M).eval()
+    assert (model.backbone.mean, model.backbone.std) == ((0.5,) * 3, (0.5,) * 3)
+    assert build_backbone("resnet18").mean == IMAGENET_MEAN
+    pixels = torch.randint(0, 256, (2, 64, 32, 3), dtype=torch.uint8)
+    own = normalize(pixels, mean=(0.5,) * 3, std=(0.5,) * 3)
+    torch.testing.assert_close(own, pixels.permute(0, 3, 1, 2).float() / 255 * 2 - 1)
+    batch = {"image": pixels, "labels": torch.zeros(2, M), "valid": torch.ones(2)}
+    x, _, _ = prepare_batch(batch, torch.device("cpu"), model=model)
+    assert torch.equal(x, own)
+    with torch.no_grad():
+        expected = model(own).specific
+    torch.testing.assert_close(Scorer(model)(pixels).specific, expected)

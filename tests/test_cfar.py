@@ -201,3 +201,20 @@ def test_fit_cfar_with_the_ray_solver_matches_local(ray_cluster, fitted, tmp_pat
     assert sharded.metrics["val"]["cfar_dictionary"]["mA"] == pytest.approx(
         local.metrics["val"]["cfar_dictionary"]["mA"], abs=1e-6
     )
+
+
+def test_a_refit_in_the_same_run_keeps_each_fits_tensorboard_curve(tmp_path):
+    """A second fit starts at ALS iteration 1 again: in its own event folder, so TensorBoard
+    keeps both curves instead of dropping the second's steps as out of order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_tiny_run(tmp_path, seed=2)
+    config = dataclasses.replace(CONFIG, iterations=4, tol=0.0, fc2_epochs=10)
+    for _ in range(2):
+        fit_cfar(str(tmp_path), config)
+    folders = sorted((tmp_path / "tensorboard" / "cfar").iterdir())
+    assert len(folders) == 2
+    for folder in folders:
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        assert [event.step for event in events.Scalars("als_objective")] == [0, 1, 2, 3]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -104,7 +105,8 @@ def test_demo_runs_every_step_then_reuses_them(ray_cluster, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Stage 1 + CFAR" in out
-    assert len(out.splitlines()) < 80, out  # campar's own lines; Ray's go to the log file
+    lines = [line for line in out.splitlines() if not re.search(r"\d+s elapsed$", line)]
+    assert len(lines) < 80, out  # campar's own lines (progress aside); Ray's go to the log file
     for noise in RAY_NOISE:
         assert noise not in out, out
     metrics = json.loads((tmp_path / "run" / "report" / "test" / "metrics.json").read_text())
@@ -138,7 +140,10 @@ def test_training_prints_its_own_progress_and_keeps_ray_quiet(tmp_path):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    lines = output.splitlines()
+    # Progress lines come every tracking.progress_seconds however slow the machine is.
+    timed = [line for line in output.splitlines() if re.search(r"\d+s elapsed$", line)]
+    assert all(re.match(r"\[stage1\] (starting|epoch \d/2 |logits )", line) for line in timed)
+    lines = [line for line in output.splitlines() if line not in timed]
     assert len(lines) <= 16, output
     for noise in RAY_NOISE:
         assert noise not in output, output

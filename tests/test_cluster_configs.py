@@ -249,5 +249,11 @@ def test_runtime_env_ships_the_package_but_not_local_state():
     excluded = _get_excludes(root, excludes)
     for shipped in ("campar_ray/data/manifest.py", "jobs/pipeline.py", "configs/pa100k.yaml"):
         assert not excluded(root / shipped), shipped
-    for local in (".venv/bin/python", "runs/demo/run/config.yaml", "data/manifest.parquet"):
+    local_state = (
+        ".venv/bin/python",
+        "runs/demo/run/config.yaml",
+        "data/manifest.parquet",
+        "models/peta/weights.pt",  # a bundle (`campar bundle --out models/peta`), tens of MiB
+    )
+    for local in local_state:
         assert excluded(root / local), local

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from campar_ray.config import Config, ConfigError, config_keys, load_config
+from campar_ray import __version__
+from campar_ray.cli import main
+from campar_ray.config import (
+    CHOICES,
+    Config,
+    ConfigError,
+    config_keys,
+    describe_keys,
+    load_config,
+)
 
 ARCHITECTURE_KEYS = [
     "model.backbone",
@@ -160,3 +169,39 @@ def test_seed_and_cfar_ranges_accept_their_edges():
     config = load_config(None, edges)
     assert (config.seed, config.cfar.alpha, config.cfar.tol, config.cfar.fc2_epochs) == (0, 0, 0, 0)
     assert load_config(None, ["seed=4294967295"]).seed == 2**32 - 1
+
+
+def test_every_key_is_documented_and_listed_with_type_default_and_choices(capsys):
+    keys = describe_keys()
+    assert [key.key for key in keys] == config_keys()
+    assert all(key.doc for key in keys), [key.key for key in keys if not key.doc]
+    assert main(["config", "--keys"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert 'train.scheduler: str = "plateau"  one of: plateau, cosine' in out
+    assert "data.image_size: tuple[int, int] = [256, 192]" in out
+    at = out.index('cfar.solver: str = "ray"  one of: ray, local, implicit')
+    assert out[at + 1].startswith("    `ray` (sharded actors)")
+
+
+@pytest.mark.parametrize("command", ["config", "doctor", "train"])
+def test_a_choice_that_does_not_exist_is_refused_by_every_command(command, capsys):
+    assert main([command, "--set", "train.scheduler=foo"]) == 2
+    assert capsys.readouterr().err == (
+        f"campar {command}: error: bad value 'foo' for train.scheduler: expected one of "
+        "plateau, cosine\n"
+    )
+
+
+def test_the_code_checks_the_choices_the_config_declares():
+    from campar_ray.model import HEADS
+
+    assert tuple(HEADS) == CHOICES["model.head"]  # the others are CHOICES' own tuples
+    for key in CHOICES:
+        with pytest.raises(ConfigError, match=f"for {key}: expected one of"):
+            load_config(overrides=[f"{key}=nothing-valid"])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"campar {__version__}\n"

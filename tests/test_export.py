@@ -118,6 +118,11 @@ def test_torchscript_matches_pytorch(bundles, tmp_path, head, cfar, capsys):
     assert set(report.max_abs_diff) == {"random", "real"}
     assert max(report.max_abs_diff.values()) <= 1e-4
     assert "parity on real inputs: max abs diff" in capsys.readouterr().out
+    assert report.summary() == (
+        f"exported torchscript to {tmp_path / 'model.pt'}; largest difference from PyTorch's "
+        f"probabilities: random inputs {report.max_abs_diff['random']:.1e}, real inputs "
+        f"{report.max_abs_diff['real']:.1e} (tolerance 0.0001)"
+    )
 
     module, meta = _load_torchscript(tmp_path / "model.pt")
     predictor = load_model(str(bundle))

@@ -15,7 +15,7 @@ from campar_ray.cli import main
 from campar_ray.config import DataConfig
 from campar_ray.data import generate_synthetic, labels_matrix, read_manifest
 from campar_ray.data.images import ImageDecodeError, read_image
-from campar_ray.data.manifest import ManifestError, ManifestWriter, write_manifest
+from campar_ray.data.manifest import ManifestError, ManifestWriter, subset_rows, write_manifest
 from campar_ray.data.pack import pack_manifest
 from campar_ray.data.ray_pipeline import (
     BLOCK_ROWS,
@@ -89,6 +89,22 @@ def test_pieces_cover_a_split_with_manifest_row_numbers(packed):
         index = piece.column("row").to_numpy()
         assert piece.column("image").to_pylist() == table.column("image").take(index).to_pylist()
         assert piece.column("binary").to_pylist() == table.column("binary").take(index).to_pylist()
+
+
+@pytest.mark.parametrize("split", [None, "val"])
+def test_a_subset_plans_the_first_rows_of_each_split_across_shards(packed, split):
+    """``data.subset`` (``--subset N``): training, validation and the logits read the same
+    first N rows of each split, whichever shard holds them."""
+    table, info = read_manifest(packed)
+    pieces = plan_pieces(info.path, split, 2, subset=5)
+    rows = [read_piece(**piece).column("row").to_numpy() for piece in _pieces(pieces)]
+    numbers = np.sort(np.concatenate(rows))
+    splits = np.asarray(table.column("split").to_pylist())
+    expected = [np.flatnonzero(splits == name)[:5] for name in ("train", "val", "test")]
+    if split == "val":
+        expected = expected[1:2]
+    np.testing.assert_array_equal(numbers, np.sort(np.concatenate(expected)))
+    assert subset_rows(splits, 0).all() and subset_rows(splits, 5).sum() == 15
 
 
 def test_training_pieces_are_dealt_in_a_seeded_order(synthetic):

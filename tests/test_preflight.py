@@ -288,6 +288,7 @@ def test_doctor_and_train_on_the_real_cluster(ray_cluster, tmp_path, capsys):
     assert main(["doctor", *common, "--set", "train.cpus_per_worker=0.5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("cluster: 1 node(s), 4 CPU") and "ok: nothing found" in out
+    assert not run_dir.exists()  # doctor checks the run directory, creates nothing
 
     assert main(["doctor", *common, "--num-workers", "8"]) == 1
     assert "8 training worker(s) x 1 CPU need more nodes than the cluster has" in (

@@ -118,7 +118,10 @@ def test_list_choices_travel_as_text_and_come_back_typed():
         ("cfar.factors: {int: [4, 8.5]}", "int needs [low, high] as two ints"),
         ("model.fusion: {uniform: [0, 1]}", "uniform does not suit bool values; use choice"),
         ("cfar.fc2_lr: {loguniform: [1e-3, one]}", "loguniform needs [low, high] as two floats"),
-        ("cfar.lookup: {choice: [dictionary, nearest]}", "lookup must be one of dictionary, "),
+        (
+            "cfar.lookup: {choice: [dictionary, nearest]}",
+            "cfar.lookup: expected one of dictionary, ",
+        ),
         ("cfar.threshold: {uniform: [0.2, 1.5]}", "bad value 1.5 for cfar.threshold: expected a "),
         ("cfar.alpha: 3.0", "must be one mapping {distribution: arguments}"),
     ],

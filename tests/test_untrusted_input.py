@@ -243,3 +243,4 @@ def test_doctor_without_a_config_says_the_manifest_is_not_set(
     assert "error: data.manifest is not set (pass --manifest or --config)" in out.splitlines()
     assert "ok: nothing found" not in out and "Makefile" not in out
     assert sum(line.startswith("error:") for line in out.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile"]  # no runs/ folder

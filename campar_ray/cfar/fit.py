@@ -19,6 +19,8 @@ import dataclasses
 import json
 import math
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ import numpy as np
 from campar_ray import storage
 from campar_ray.artifacts import save_arrays
 from campar_ray.cfar.als import AlsResult, probabilities
+from campar_ray.cfar.dictionary import LOOKUPS
 from campar_ray.cfar.model import (
     CfarModel,
     CfarPredictor,
@@ -40,6 +43,7 @@ from campar_ray.cfar.model import (
 )
 from campar_ray.config import CfarConfig, TrackingConfig
 from campar_ray.metrics import choose_threshold, par_metrics, summary
+from campar_ray.progress import Progress as PhaseProgress
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits
 from campar_ray.tracking import Tracker, markdown_table, open_tracker, resolve_tracking
@@ -89,15 +93,16 @@ def fit_cfar(
     tracker = _open_tracker(run_dir, cfg, seed, resolve_tracking(tracking or TrackingConfig()))
     splits = {name: read_split_logits(run.logits(name)) for name in SPLITS}
     check_same_attributes(splits)
-    model = fit_model(
-        splits["train"],
-        splits["val"],
-        cfg,
-        seed=seed,
-        compare_lookups=True,
-        train_path=run.logits("train"),
-        progress=_tracked(progress or (lambda stage, values: None), tracker),
-    )
+    with PhaseProgress("[cfar] ALS, dictionary, fc2", _steps(cfg), unit="steps") as steps:
+        model = fit_model(
+            splits["train"],
+            splits["val"],
+            cfg,
+            seed=seed,
+            compare_lookups=True,
+            train_path=run.logits("train"),
+            progress=_counted(_tracked(progress or (lambda stage, values: None), tracker), steps),
+        )
     columns = eval_columns(splits["train"])
     probs = _probabilities(splits, model.predictors, columns)
     metrics = _metrics(splits, probs, model.predictors, columns, selected=cfg.lookup)
@@ -138,9 +143,12 @@ def cfar_report(metrics: dict[str, Any]) -> str:
 
 
 def _open_tracker(run_dir: str, cfg: CfarConfig, seed: int, tracking: TrackingConfig) -> Tracker:
+    # Each fit gets its own event folder: a refit restarts at ALS iteration 1, which in the
+    # same folder TensorBoard would read as out-of-order steps and drop.
+    fit = time.strftime("fit-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     tracker = open_tracker(
         tracking,
-        log_dir=RunDir(run_dir).tensorboard(STAGE),
+        log_dir=storage.join(RunDir(run_dir).tensorboard(STAGE), fit),
         experiment=tracking.experiment,
         run_name=f"{os.path.basename(run_dir.rstrip('/'))}/{STAGE}",
         tags={"campar.run_dir": run_dir, "campar.stage": STAGE},
@@ -158,6 +166,27 @@ def _tracked(progress: Progress, tracker: Tracker) -> Progress:
             if math.isfinite(values["relative_change"]):  # inf on the first iteration
                 als["als_relative_change"] = values["relative_change"]
             tracker.log_metrics(als, step=int(values["iteration"]))
+        progress(stage, values)
+
+    return report
+
+
+def _steps(cfg: CfarConfig) -> int:
+    """The steps of a fit as :func:`_counted` counts them: the ALS iterations (at most), the
+    dictionary, one fc2 per lookup."""
+    return cfg.iterations + 1 + len(LOOKUPS)
+
+
+def _counted(progress: Progress, steps: PhaseProgress) -> Progress:
+    """``progress`` that also advances ``steps`` (the fit's progress lines)."""
+
+    def report(stage: str, values: dict[str, Any]) -> None:
+        if stage == "als":
+            steps.advance_to(int(values["iteration"]))
+        elif stage == "dictionary":
+            steps.advance_to(steps.total - len(LOOKUPS))  # ALS may have stopped early
+        else:
+            steps.update()
         progress(stage, values)
 
     return report

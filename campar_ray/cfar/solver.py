@@ -28,13 +28,14 @@ from campar_ray.cfar.als import (
     initial_attribute_factors,
     probabilities,
 )
+from campar_ray.config import CHOICES
 from campar_ray.data.manifest import known_entries
 from campar_ray.run.logits import read_split_logits
 
 if TYPE_CHECKING:
     from campar_ray.config import AlsSettings
 
-SOLVERS = ("ray", "local", "implicit")
+SOLVERS = CHOICES["cfar.solver"]
 
 
 def fit_als(

@@ -203,6 +203,19 @@ def unknown_counts(labels: np.ndarray, attributes: Sequence[str]) -> dict[str, i
     return {name: int(n) for name, n in zip(attributes, counts, strict=True) if n}
 
 
+def subset_rows(splits: np.ndarray, per_split: int) -> np.ndarray:
+    """Which rows a quick check on ``per_split`` images of each split uses (``data.subset``),
+    given each row's split: the first ones of each split in manifest order, so training, its
+    logits and a resume all take the same ones. ``0``: every row."""
+    values = np.asarray(splits, dtype=object)
+    if per_split <= 0:
+        return np.ones(len(values), dtype=bool)
+    chosen = np.zeros(len(values), dtype=bool)
+    for split in SPLITS:
+        chosen[np.flatnonzero(values == split)[:per_split]] = True
+    return chosen
+
+
 def labels_matrix(table: pa.Table) -> np.ndarray:
     """The ``labels`` column as an N x M int8 array (M from the metadata when there is one)."""
     column = table.column("labels")

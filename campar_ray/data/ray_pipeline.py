@@ -24,7 +24,6 @@ import logging
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import ExecutionOptions, ExecutionResources, TaskPoolStrategy
@@ -40,6 +39,7 @@ from campar_ray.data.manifest import (
     ManifestError,
     ManifestInfo,
     manifest_files,
+    subset_rows,
 )
 from campar_ray.data.transforms import Shift, shift_into
 
@@ -139,7 +139,9 @@ def build_dataset(
             f"data.image_size=[{height},{width}] or pack again with --decode "
             f"{data.image_size[0]}x{data.image_size[1]}"
         )
-    pieces = plan_pieces(info.path, split, data.decode_concurrency, seed if train else None)
+    pieces = plan_pieces(
+        info.path, split, data.decode_concurrency, seed if train else None, subset=data.subset
+    )
     if pieces.num_rows == 0:
         raise ValueError(f"manifest has no {split or 'image'!r} rows to build a dataset from")
     source = ManifestPieces(
@@ -159,27 +161,33 @@ def build_dataset(
 
 
 def plan_pieces(
-    manifest: str, split: str | None, concurrency: int, seed: int | None = None
+    manifest: str,
+    split: str | None,
+    concurrency: int,
+    seed: int | None = None,
+    *,
+    subset: int = 0,
 ) -> pa.Table:
     """The pieces of one split: columns ``file`` (path or URI), ``row_group``, ``first`` (the
     manifest row number of the row group's first row) and ``offsets`` (rows within it).
 
-    Reads only Parquet footers and, for one split, the ``split`` column. A piece holds at
-    most ``BLOCK_ROWS`` rows, fewer for small splits so that all ``concurrency`` decode tasks
-    get work. With a ``seed``, rows are dealt into pieces in a seeded random order.
+    Reads only Parquet footers and, for one split or a ``subset`` (``data.subset``), the
+    ``split`` column. A piece holds at most ``BLOCK_ROWS`` rows, fewer for small splits so
+    that all ``concurrency`` decode tasks get work. With a ``seed``, rows are dealt into
+    pieces in a seeded random order.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     filesystem, files = manifest_files(manifest)
     scheme = manifest.split("://", 1)[0] + "://" if storage.is_uri(manifest) else ""
+    parquets = [pq.ParquetFile(file, filesystem=filesystem) for file in files]
+    wanted = _wanted_rows(parquets, split, subset)
     groups: list[tuple[str, int, int, np.ndarray]] = []
     first = 0
-    for file in files:
-        parquet = pq.ParquetFile(file, filesystem=filesystem)
+    for file, parquet in zip(files, parquets, strict=True):
         picked = None
-        if split is not None:
-            column = parquet.read(columns=["split"]).column("split")
-            picked = np.flatnonzero(pc.equal(column, split).to_numpy(zero_copy_only=False))
+        if wanted is not None:
+            picked = np.flatnonzero(wanted[first : first + parquet.metadata.num_rows])
         start = 0
         for index in range(parquet.metadata.num_row_groups):
             count = parquet.metadata.row_group(index).num_rows
@@ -204,6 +212,24 @@ def plan_pieces(
             pieces["row_group"].append(index)
             pieces["first"].append(start)
             pieces["offsets"].append(rows[chunk : chunk + size])
+    return _pieces_table(pieces)
+
+
+def _wanted_rows(
+    parquets: list[pq.ParquetFile], split: str | None, subset: int
+) -> np.ndarray | None:
+    """The manifest's rows to plan (a mask over all files), or None for every row."""
+    if split is None and subset <= 0:
+        return None
+    splits = [parquet.read(columns=["split"]).column("split") for parquet in parquets]
+    values = np.concatenate([column.to_numpy(zero_copy_only=False) for column in splits])
+    wanted = subset_rows(values, subset)
+    if split is not None:
+        wanted &= values == split
+    return wanted
+
+
+def _pieces_table(pieces: dict[str, list]) -> pa.Table:
     return pa.table(
         {
             "file": pa.array(pieces["file"], pa.string()),

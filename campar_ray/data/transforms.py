@@ -14,6 +14,7 @@ Train and evaluation share decode + resize + normalise; only training augments.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -93,8 +94,16 @@ def shift_into(out: np.ndarray, image: np.ndarray, dy: int, dx: int) -> None:
     out[:, cols.stop :] = 0
 
 
-def normalize(images: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
-    """uint8 ``N x H x W x 3`` -> float32 ``N x 3 x H x W`` scaled by the ImageNet mean/std.
+def normalize(
+    images: torch.Tensor,
+    *,
+    channels_last: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 ``N x H x W x 3`` -> float32 ``N x 3 x H x W``, scaled to [0, 1] then by the
+    encoder's ``mean`` and ``std`` (ImageNet's unless the encoder has its own, see
+    :attr:`campar_ray.model.Backbone.mean`).
 
     Runs wherever ``images`` lives (the GPU when batches are moved there first). Permuting
     an NHWC tensor already yields the channels-last layout, so that layout is kept when
@@ -102,8 +111,8 @@ def normalize(images: torch.Tensor, *, channels_last: bool = False) -> torch.Ten
     """
     import torch  # here, not at the top: decode tasks need only NumPy + PIL (torch costs seconds)
 
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    x = images.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
+    shift = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    scale = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    x = images.permute(0, 3, 1, 2).float().div_(255).sub_(shift).div_(scale)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=memory_format)

@@ -20,6 +20,7 @@ from campar_ray.data.images import ANY_PATH, read_image
 from campar_ray.data.manifest import BINARY_COLUMN, labels_matrix, read_manifest
 from campar_ray.data.transforms import normalize
 from campar_ray.model import feature_weight_angles
+from campar_ray.progress import Progress
 
 BATCH = 32
 
@@ -87,10 +88,12 @@ def angles(predictor: ParPredictor, images: SplitImages, kind: str = "decision")
     (``decision``: 90 degrees is the 0.5 boundary for either head)."""
     labels = images.labels * eval_mask(predictor)
     chunks = [np.zeros(0, dtype=np.float32)]
-    for start in range(0, len(images.names), BATCH):
-        x = normalize(torch.from_numpy(images.pixels[start : start + BATCH]))
-        y = torch.from_numpy(labels[start : start + BATCH])
-        chunks.append(feature_weight_angles(predictor.model, x.to(predictor.device), y, kind))
+    with Progress("[evaluate] Fig. 7 angles", len(images.names)) as progress:
+        for start in range(0, len(images.names), BATCH):
+            x = _normalized(predictor, images.pixels[start : start + BATCH])
+            y = torch.from_numpy(labels[start : start + BATCH])
+            chunks.append(feature_weight_angles(predictor.model, x.to(predictor.device), y, kind))
+            progress.update(len(y))
     return np.concatenate(chunks)
 
 
@@ -99,7 +102,7 @@ def cam_samples(predictor: ParPredictor, images: SplitImages, count: int) -> lis
     pixels = images.pixels[:count]
     if len(pixels) == 0:
         return []
-    output = predictor.stage1(normalize(torch.from_numpy(pixels)), return_cams=True)
+    output = predictor.stage1(_normalized(predictor, pixels), return_cams=True)
     probs = predictor.probabilities(output)
     cams = F.interpolate(
         output.cams.float(), size=pixels.shape[1:3], mode="bilinear", align_corners=False
@@ -109,6 +112,12 @@ def cam_samples(predictor: ParPredictor, images: SplitImages, count: int) -> lis
         CamSample(images.names[i], pixels[i], probs[i], images.labels[i], cams[i])
         for i in range(len(pixels))
     ]
+
+
+def _normalized(predictor: ParPredictor, pixels: np.ndarray) -> torch.Tensor:
+    """uint8 images as the predictor's encoder takes them (its own mean and std)."""
+    encoder = predictor.model.backbone
+    return normalize(torch.from_numpy(pixels), mean=encoder.mean, std=encoder.std)
 
 
 def angle_summary(values: np.ndarray) -> dict[str, float]:

@@ -23,14 +23,17 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from campar_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from campar_ray.model.pretrained import (
     KEY_RULES,
     PACKAGED_WEIGHTS,
+    TIMM_WEIGHTS,
     WeightsError,
     load_weights,
     packaged_state_dict,
     read_state_dict,
     read_weights_file,
+    timm_cached_weights,
 )
 
 # The weight helpers live in pretrained; they stay importable from here for existing callers.
@@ -63,6 +66,12 @@ class Backbone(nn.Module):
 
     channels: tuple[int, ...]
     """Widths of the three levels, read from the network."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    """Per-channel mean its inputs (RGB in [0, 1]) are shifted by: the one its pretrained
+    weights were trained with. Every scorer (training, logits, evaluation, the bundle,
+    ``predict``, the export's metadata) reads it from here."""
+    std: tuple[float, ...] = IMAGENET_STD
+    """Per-channel scale of its inputs, as :attr:`mean`."""
 
 
 class TorchvisionBackbone(Backbone):
@@ -90,22 +99,30 @@ class TorchvisionBackbone(Backbone):
 
 
 class TimmBackbone(Backbone):
-    """A timm ``features_only`` model tapped at its last three feature levels."""
+    """A timm ``features_only`` model tapped at its last three feature levels; with
+    ``weights_file``, timm loads its own pretrained weights from that local file."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, weights_file: str | None = None):
         super().__init__()
         import timm
 
         _check_timm_name(name)
         try:
             self.body = timm.create_model(
-                name, pretrained=False, features_only=True, out_indices=tuple(range(-LEVELS, 0))
+                name,
+                pretrained=weights_file is not None,
+                pretrained_cfg_overlay={"file": weights_file} if weights_file else None,
+                features_only=True,
+                out_indices=tuple(range(-LEVELS, 0)),
             )
         except Exception as error:  # timm raises several types; all mean "cannot tap this model"
             raise ValueError(
                 f"timm model {name!r} cannot give {LEVELS} feature levels "
                 f"(features_only=True): {error}. {_TIMM_HINT}"
             ) from error
+        pretrained = timm.models.get_pretrained_cfg(name)  # the model's own input statistics
+        if pretrained is not None and pretrained.mean and pretrained.std:
+            self.mean, self.std = tuple(pretrained.mean), tuple(pretrained.std)
         # Some timm families (e.g. MambaOut) emit channels-last NHWC maps; the head wants NCHW.
         self._nhwc = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
         self.channels = tuple(self.body.feature_info.channels())
@@ -148,7 +165,10 @@ def _check_timm_name(name: str) -> None:
 def build_backbone(name: str, weights: str = "none") -> Backbone:
     """The encoder called ``name`` (torchvision name or ``timm:<name>``) with ``weights``."""
     if name.startswith(TIMM_PREFIX):
-        backbone = TimmBackbone(name[len(TIMM_PREFIX) :])
+        timm_name = name[len(TIMM_PREFIX) :]
+        if weights == TIMM_WEIGHTS:
+            return TimmBackbone(timm_name, timm_cached_weights(timm_name))
+        backbone = TimmBackbone(timm_name)
         if weights.lower() != "none":
             backbone.load_classifier_state(_state_dict(weights, name, ()))
         return backbone
@@ -217,8 +237,13 @@ def _state_dict(weights: str, backbone: str, weight_names: tuple[str, ...]) -> d
     names = f"a weights name ({', '.join(weight_names)}), " if weight_names else ""
     packaged = ", ".join(f"{key} (for {value.backbone})" for key, value in PACKAGED_WEIGHTS.items())
     rules = ", ".join(f"#{rule}=<prefix>" for rule in KEY_RULES)
+    own = (
+        f"'{TIMM_WEIGHTS}' (its own, from the local cache), "
+        if backbone.startswith(TIMM_PREFIX)
+        else ""
+    )
     raise WeightsError(
-        f"weights {weights!r} for backbone {backbone!r}: expected 'none', {names}"
+        f"weights {weights!r} for backbone {backbone!r}: expected 'none', {own}{names}"
         f"packaged ImageNet weights {packaged}, or an existing file/URI with a state dict, "
         f"optionally followed by a key rule ({rules})"
     )

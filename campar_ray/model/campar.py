@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from campar_ray.config import ModelConfig
+from campar_ray.config import CHOICES, ModelConfig
 from campar_ray.model.backbone import Backbone, build_backbone
 from campar_ray.model.fusion import MultiLevelFusion
 
 CAM_EPS = 1e-6
 """Added to each CAM's denominator: an all-negative (or flat) map gives an all-zero CAM, not NaN."""
-PREDICT_FROM = ("specific", "shared", "mean")
-CAM_NORMS = ("relu-max", "min-max")
-LOGIT_NORMS = ("none", "batchnorm")
+PREDICT_FROM = CHOICES["model.predict_from"]
+CAM_NORMS = CHOICES["model.cam_norm"]
+LOGIT_NORMS = CHOICES["model.logit_norm"]
 
 
 class ParOutput(NamedTuple):

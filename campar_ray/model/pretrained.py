@@ -117,6 +117,50 @@ def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return kept
 
 
+TIMM_WEIGHTS = "timm"
+"""``model.weights`` of a timm encoder that loads timm's own pretrained weights of the model
+from the local cache (Hugging Face hub or torch hub), never downloading them."""
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+"""The files timm reads from a Hugging Face repository, in its order."""
+
+
+def timm_cached_weights(timm_model: str) -> str:
+    """The local file of timm's pretrained weights of ``timm_model`` (its Hugging Face hub or
+    torch hub cache), or a :class:`WeightsError` saying where it was looked for. Nothing is
+    downloaded: a run reads the same file on every node, at test and demo time alike."""
+    import torch.hub
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(timm_model)
+    if cfg is None:
+        raise WeightsError(f"timm model {timm_model!r} has no pretrained weights")
+    looked = []
+    if cfg.file:
+        if storage.exists(cfg.file):
+            return cfg.file
+        looked.append(cfg.file)
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HF_FILES:
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return found
+        looked.append(f"the Hugging Face cache of {repo}")
+    if cfg.url:
+        path = f"{torch.hub.get_dir()}/checkpoints/{cfg.url.rsplit('/', 1)[-1]}"
+        if storage.exists(path):
+            return path
+        looked.append(path)
+    raise WeightsError(
+        f"timm's pretrained weights of {timm_model!r} are not in the local cache (looked in "
+        f"{'; '.join(looked) or 'nothing: the model names no source'}); fetch them once where "
+        f"there is a network (timm.create_model({timm_model!r}, pretrained=True)), or set "
+        "model.weights to a local file"
+    )
+
+
 def packaged_state_dict(weights: str, backbone: str) -> dict[str, Tensor]:
     """The packaged ``weights`` in the key space of the full timm classifier of ``backbone``.
 

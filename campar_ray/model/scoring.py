@@ -113,7 +113,12 @@ class Scorer:
         """The network's outputs on a uint8 batch, in inference mode (bf16 CPU kernels under
         ``amp`` differ between inference mode and ``no_grad``: stage 1's logits use this)."""
         with torch.inference_mode(), autocast(self.device, self.amp):
-            x = normalize(pixels.to(self.device), channels_last=self.channels_last)
+            x = normalize(
+                pixels.to(self.device),
+                channels_last=self.channels_last,
+                mean=self.network.backbone.mean,
+                std=self.network.backbone.std,
+            )
             return self.network(x, return_cams=return_cams)
 
     def forward(self, x: Tensor, return_cams: bool = False) -> ParOutput:

@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from ray.data import ActorPoolStrategy
 
 from campar_ray import storage
 from campar_ray.config import DataConfig, TrainConfig
-from campar_ray.data.manifest import SPLITS, ManifestInfo, labels_matrix
+from campar_ray.data.manifest import SPLITS, ManifestInfo, labels_matrix, subset_rows
 from campar_ray.data.ray_pipeline import build_dataset
 from campar_ray.model import Scorer
+from campar_ray.progress import Progress
 from campar_ray.run.checkpoints import load_stage1_checkpoint
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, write_split_logits
@@ -94,13 +94,15 @@ def write_logits(
         num_cpus=train.cpus_per_worker,
         num_gpus=1 if train.use_gpu else 0,
     )
-    columns = _collect(scored, table.num_rows)
+    splits = table.column("split").to_numpy(zero_copy_only=False)
+    chosen = subset_rows(splits, data.subset)
+    columns = _collect(scored, table.num_rows, int(chosen.sum()))
     labels = labels_matrix(table)
     images = np.asarray(table.column("image").to_pylist(), dtype=object)
     paths: dict[str, str] = {}
     skipped: dict[str, list[str]] = {}
     for split in SPLITS:
-        in_split = np.asarray(pc.equal(table.column("split"), split).to_numpy(zero_copy_only=False))
+        in_split = chosen & (splits == split)
         keep = in_split & columns["valid"]
         skipped[split] = images[in_split & ~columns["valid"]].tolist()
         paths[split] = RunDir(run_dir).logits(split)
@@ -125,15 +127,23 @@ def write_logits(
     return paths, skipped
 
 
-def _collect(scored: Any, rows: int) -> dict[str, np.ndarray]:
-    """Stream the scored batches into manifest-ordered arrays (``valid`` False if unscored)."""
+def _collect(scored: Any, rows: int, scoring: int) -> dict[str, np.ndarray]:
+    """Stream the scored batches (``scoring`` rows of the manifest's ``rows``) into
+    manifest-ordered arrays (``valid`` False if unscored)."""
     columns: dict[str, np.ndarray] = {"valid": np.zeros(rows, dtype=bool)}
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        index = batch["row"]
-        columns["valid"][index] = batch["valid"]
-        for name in ("shared", "specific"):
-            if name in batch:
-                if name not in columns:
-                    columns[name] = np.full((rows, batch[name].shape[1]), np.nan, np.float32)
-                columns[name][index] = batch[name]
+    with Progress("[stage1] logits", scoring) as progress:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            _store(columns, batch, rows)
+            progress.update(len(batch["row"]))
     return columns
+
+
+def _store(columns: dict[str, np.ndarray], batch: dict[str, np.ndarray], rows: int) -> None:
+    """One scored batch into ``columns``, at its manifest rows."""
+    index = batch["row"]
+    columns["valid"][index] = batch["valid"]
+    for name in ("shared", "specific"):
+        if name in batch:
+            if name not in columns:
+                columns[name] = np.full((rows, batch[name].shape[1]), np.nan, np.float32)
+            columns[name][index] = batch[name]

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from campar_ray.config import CHOICES
 from campar_ray.data.transforms import normalize
 from campar_ray.metrics import par_metrics, summary
 from campar_ray.model.scoring import autocast
 
 Batch = Mapping[str, torch.Tensor]
-SCHEDULERS = ("plateau", "cosine")
+SCHEDULERS = CHOICES["train.scheduler"]
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,10 @@ def make_grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
 
 
 def prepare_batch(
-    batch: Batch, device: torch.device, channels_last: bool = False
+    batch: Batch, device: torch.device, channels_last: bool = False, model: nn.Module | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Drop undecodable rows, normalise the images: ``(x, float targets, rows skipped)``.
+    """Drop undecodable rows, normalise the images (with ``model``'s encoder's mean and std,
+    ImageNet's without a model): ``(x, float targets, rows skipped)``.
 
     Rows are only gathered when some are invalid: a boolean index copies the whole batch even
     when it keeps every row, which is nearly always.
@@ -121,7 +123,9 @@ def prepare_batch(
         images, labels = images[valid.to(images.device)], labels[valid.to(labels.device)]
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
-    return normalize(images, channels_last=channels_last), labels.float(), skipped
+    encoder = getattr(getattr(model, "module", model), "backbone", None)  # DDP wraps the model
+    statistics = {"mean": encoder.mean, "std": encoder.std} if encoder is not None else {}
+    return normalize(images, channels_last=channels_last, **statistics), labels.float(), skipped
 
 
 def train_one_epoch(
@@ -156,7 +160,7 @@ def train_one_epoch(
             if batch is None:
                 break
             taken += 1
-            x, y, dropped = prepare_batch(batch, device, channels_last)
+            x, y, dropped = prepare_batch(batch, device, channels_last, model)
             skipped += dropped
             if len(x) == 0:
                 continue
@@ -288,7 +292,7 @@ def evaluate(
     model.eval()
     labels, probs, skipped = [], [], 0
     for batch in batches:
-        x, y, dropped = prepare_batch(batch, device, channels_last)
+        x, y, dropped = prepare_batch(batch, device, channels_last, model)
         skipped += dropped
         if len(x) == 0:
             continue

@@ -17,7 +17,8 @@ On the driver, :func:`epoch_lines` prints one line per epoch while a run trains 
 callback on the controller posts each report to a small actor the driver reads every second.
 Rank 0 also posts the epoch's progress to that actor about once a second
 (:class:`StepPoster`), which the driver shows as a progress bar inside the epoch when its
-stdout is a terminal: a ResNet-50 epoch on CPUs takes an hour, and a silent hour looks hung.
+stdout is a terminal, else as a line at the progress interval: a ResNet-50 epoch on CPUs
+takes an hour, and a silent hour looks hung.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ray.train import UserCallback
 
 from campar_ray import storage
 from campar_ray.config import DataConfig, TrackingConfig
+from campar_ray.progress import Progress
 from campar_ray.run.layout import RunDir
 from campar_ray.runtime import is_quiet
 from campar_ray.tracking import Tracker, markdown_table, open_tracker, run_key
@@ -232,14 +234,15 @@ class _Mailbox:
 
 class EpochPrinter:
     """Turns the mailbox's posts into terminal output: one line per finished epoch (or
-    mid-epoch checkpoint), the starvation advice once, and with ``bar`` a progress bar over
-    the epoch in training, cleared before each line."""
+    mid-epoch checkpoint), the starvation advice once, and the epoch in training as a
+    :class:`~campar_ray.progress.Progress`: with ``bar`` a progress bar, cleared before each
+    line, else a line at the progress interval."""
 
     def __init__(self, epochs: int, data: DataConfig, stream: TextIO, bar: bool) -> None:
         self._epochs, self._data, self._stream, self._with_bar = epochs, data, stream, bar
         self._history: list[dict[str, Any]] = []
         self._warned = False
-        self._bar: Any = None
+        self._bar: Progress | None = None
         self._bar_epoch = 0
 
     def show(self, post: dict[str, Any]) -> None:
@@ -255,31 +258,34 @@ class EpochPrinter:
                 print(warning, file=sys.stderr, flush=True)
                 self._warned = True
 
+    def starting(self) -> None:
+        """Until the first post: that the run is starting (Ray, the workers, the first
+        batches), at the progress interval, so a slow start does not look hung."""
+        self.close()
+        self._bar = Progress("[stage1] starting", None, "steps", stream=self._stream, bar=False)
+        self._bar.start()
+        self._bar_epoch = 0
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
     def _advance(self, post: dict[str, Any]) -> None:
-        if not self._with_bar:
-            return
         epoch = int(post["epoch"])
         if self._bar is not None and self._bar_epoch != epoch:
             self.close()
         if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=int(post["epoch_rows"]),
-                desc=f"[stage1] epoch {epoch}/{self._epochs}",
-                unit="img",
-                leave=False,
-                file=self._stream,
-                dynamic_ncols=True,
-                mininterval=0,  # posts come once a second: draw each
-            )
+            self._bar = Progress(
+                f"[stage1] epoch {epoch}/{self._epochs}",
+                int(post["epoch_rows"]),
+                initial=int(post[ROWS_KEY]),  # the rate counts from this post on
+                stream=self._stream,
+                bar=self._with_bar,
+                redraw=0,  # posts come once a second: draw each
+            ).start()
             self._bar_epoch = epoch
-        self._bar.update(int(post[ROWS_KEY]) - self._bar.n)
+        self._bar.advance_to(int(post[ROWS_KEY]))
 
 
 def _serve_mailbox(name: str, printer: EpochPrinter, stop: threading.Event) -> None:
@@ -289,6 +295,7 @@ def _serve_mailbox(name: str, printer: EpochPrinter, stop: threading.Event) -> N
         if stop.wait(0.2):
             return
     box = ray.remote(num_cpus=0)(_Mailbox).options(name=name).remote()
+    printer.starting()
     try:
         while True:
             stopping = stop.wait(1.0)

@@ -36,13 +36,14 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
 from campar_ray import storage
-from campar_ray.config import Config, ConfigError, TrainConfig
+from campar_ray.config import CHOICES, Config, ConfigError, TrainConfig
 from campar_ray.data.manifest import (
     ManifestInfo,
     check_images_inside_root,
     is_packed,
     labels_matrix,
     read_manifest,
+    subset_rows,
 )
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
 from campar_ray.model import check_backbone, positive_ratio
@@ -58,7 +59,7 @@ from campar_ray.train.worker import InputError, worker_loop
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("bce", "weighted_bce")
+LOSSES = CHOICES["train.loss"]
 RUN_KEYS = ("model", "data.manifest", "data.image_size", "data.pad", "train.loss", "seed")
 """Config keys (a section name: all its keys) that shape the network and what it learns from.
 A run directory resumes only when its stored config matches on all of them (``--resume``
@@ -162,7 +163,9 @@ def _trainer(
 ) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer of a run: worker loop, scaling, storage in the run dir, datasets."""
     cfg = config.train
-    train_labels = labels_matrix(_split_rows(table, "train"))
+    splits = table.column("split").to_numpy(zero_copy_only=False)
+    train_rows = subset_rows(splits, config.data.subset) & (splits == "train")
+    train_labels = labels_matrix(table.filter(pa.array(train_rows)))
     setup = {
         "model": config.model,
         "train": cfg,

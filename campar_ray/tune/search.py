@@ -41,6 +41,7 @@ from ray.tune.search.optuna import OptunaSearch
 from campar_ray import storage
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import Config, ConfigError
+from campar_ray.progress import Progress
 from campar_ray.run.layout import RunDir
 from campar_ray.runtime import init_ray, is_quiet
 from campar_ray.tracking import (
@@ -339,16 +340,22 @@ class _RecordTrials(ray.tune.Callback):
 
 
 class _TrialLines(ray.tune.Callback):
-    """One line per finished trial, or a progress bar when stdout is a terminal (driver)."""
+    """One line per finished trial and the search's progress lines, or a progress bar when
+    stdout is a terminal (driver)."""
 
     def __init__(self, total: int, done: int, metric: str):
         self._total, self._done, self._metric = total, done, metric
         self._best: float | None = None
-        self._bar = None
-        if sys.stdout.isatty():
-            from tqdm import tqdm
+        self._bar = sys.stdout.isatty()
+        self._progress: Progress | None = None  # started in setup: Tune pickles callbacks
 
-            self._bar = tqdm(total=total, initial=done, unit="trial", desc="[tune]")
+    def setup(self, **info: Any) -> None:
+        self._progress = Progress(
+            "[tune]", self._total, "trials", initial=self._done, stream=sys.stdout, bar=self._bar
+        ).start()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_progress": None}  # a thread and a stream do not pickle
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finished(trial, (trial.last_result or {}).get(self._metric))
@@ -357,22 +364,24 @@ class _TrialLines(ray.tune.Callback):
         self._finished(trial, None)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        if self._progress is not None:
+            self._progress.close()
 
     def _finished(self, trial: Any, value: float | None) -> None:
-        self._done += 1
+        if self._progress is None:
+            self.setup()
+        assert self._progress is not None
+        self._progress.update()
         if value is not None and (self._best is None or value > self._best):
             self._best = value
         best = "" if self._best is None else f"best {self._metric} {100 * self._best:.2f}"
-        if self._bar is not None:
-            self._bar.set_postfix_str(best, refresh=False)
-            self._bar.update(1)
+        self._progress.note(best)
+        if self._bar:
             return
         result = "failed" if value is None else f"{self._metric} {100 * value:.2f}"
         print(
-            f"[tune] trial {self._done}/{self._total} {trial.trial_id}: {result}"
-            + (f" ({best})" if best else ""),
+            f"[tune] trial {self._progress.done}/{self._progress.total} {trial.trial_id}: "
+            f"{result}" + (f" ({best})" if best else ""),
             flush=True,
         )
 

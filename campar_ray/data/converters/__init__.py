@@ -10,7 +10,8 @@ pa100k     ``annotation.mat``, ``data/``                         (none; official
 rap1       ``RAP_annotation.mat``, ``RAP_dataset/``              partition, val_fraction,
                                                                  uncertain
 rap2       ``RAP_annotation.mat``, ``RAP_dataset/``              partition, uncertain
-peta       ``PETA dataset/<subset>/archive/`` + ``Label.txt``    ratios, strict
+peta       ``PETA dataset/<subset>/archive/`` + ``Label.txt``    ratios, strict, mat,
+           (+ Rethinking_of_PAR's ``PETA.mat`` with ``mat``)     partition
 folder     images + a CSV ``image,<attr>,...``                   csv, ratios,
                                                                  eval_attributes, name
 synthetic  (written here) ``images/``                            n, size, ratios
@@ -130,8 +131,9 @@ class PrepareReport:
         lines += [f"  dropped: {reason}: {count}" for reason, count in self.dropped.items()]
         if self.images_outside:
             lines.append(
-                "  note: the images lie outside the manifest's folder: training and `campar pack` "
-                "read them only with --allow-outside-root (--set data.allow_outside_root=true); "
+                "  note: the images lie outside the manifest's folder: `campar train` (tune, "
+                "demo, pack) reads them only with --allow-outside-root "
+                f"(campar train --manifest {self.path} --allow-outside-root ...); "
                 "--pack here stores them inside instead"
             )
         if self.verify is not None:

@@ -17,11 +17,13 @@ evaluated (the usual PETA protocol). Quirks of the real files handled here:
   refused with ``strict=True``. An image without a label line is always an error.
 
 Identity is ``<subset>/<id>``; the split is seeded and person-disjoint (50/10/40 of the images
-by default).
+by default), or with ``mat`` one of the five partitions papers report on (``--mat PETA.mat
+--partition N``, :mod:`~campar_ray.data.converters.peta_mat`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from collections import Counter
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from campar_ray import storage
 from campar_ray.data.converters.common import Converted, DatasetError, Option, list_files
+from campar_ray.data.converters.peta_mat import PersonImages, convert_partition
 from campar_ray.data.manifest import ManifestInfo, manifest_table
 from campar_ray.data.split import parse_ratios, split_by_identity
 
@@ -85,11 +88,28 @@ OPTIONS = (
         "refuse label lines that name no image",
         lambda s: s.lower() in ("1", "true", "yes"),
     ),
+    Option(
+        "mat",
+        "",
+        "peta: a Rethinking_of_PAR PETA.mat (under --root, or a path): its partitions instead "
+        "of the person split",
+    ),
+    Option("partition", 0, "which of the 5 official partitions (0-4)", int),
 )
 
 
-def convert(root: str, seed: int, *, ratios: tuple[float, float, float], strict: bool) -> Converted:
-    """Manifest rows for every subset found under ``<root>/PETA dataset``."""
+def convert(
+    root: str,
+    seed: int,
+    *,
+    ratios: tuple[float, float, float],
+    strict: bool,
+    mat: str = "",
+    partition: int = 0,
+) -> Converted:
+    """Manifest rows for every subset found under ``<root>/PETA dataset``: split by person
+    (``ratios``, ``seed``), or as partition ``partition`` of the ``PETA.mat`` at ``mat``
+    (:mod:`~campar_ray.data.converters.peta_mat`)."""
     subsets_dir = storage.join(root, IMAGES_DIR)
     subsets = sorted(
         {name.split("/")[0] for name in list_files(subsets_dir, recursive=True) if "/" in name}
@@ -108,6 +128,11 @@ def convert(root: str, seed: int, *, ratios: tuple[float, float, float], strict:
         labels.append(subset_labels)
         identities += [f"{subset}/{label_id}" for label_id in ids]
         sources += [subset] * len(files)
+    if mat:
+        people = _people(images, np.concatenate(labels), identities)
+        path = mat if storage.is_uri(mat) or posixpath.isabs(mat) else storage.join(root, mat)
+        converted = convert_partition(path, partition, people, aliases=ALIASES)
+        return dataclasses.replace(converted, dropped={**dropped, **converted.dropped})
     table = manifest_table(
         images=images,
         labels=np.concatenate(labels),
@@ -116,6 +141,19 @@ def convert(root: str, seed: int, *, ratios: tuple[float, float, float], strict:
         sources=sources,
     )
     return Converted(table, ManifestInfo("peta", ATTRIBUTES, EVALUATED), dict(dropped))
+
+
+def _people(images: list[str], labels: np.ndarray, identities: list[str]) -> PersonImages:
+    """The images (in file-name order) and labels of each person, keyed as ``PETA.mat``
+    names them: the subset folder and the id without zero padding."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    person_labels: dict[tuple[str, str], np.ndarray] = {}
+    for image, row, identity in zip(images, labels, identities, strict=True):
+        subset, label_id = identity.split("/", 1)
+        key = (subset, _id_key(label_id))
+        grouped.setdefault(key, []).append(image)
+        person_labels[key] = row
+    return PersonImages(grouped, person_labels, ATTRIBUTES)
 
 
 def _read_subset(
