@@ -38,7 +38,7 @@ from campar_ray.artifacts import load_arrays, load_json, save_arrays
 from campar_ray.cfar.fit import CfarPredictor, eval_columns, load_cfar
 from campar_ray.cfar.model import MODEL_FILE as CFAR_MODEL_FILE
 from campar_ray.config import Config, ConfigError
-from campar_ray.data.images import ANY_PATH, read_image
+from campar_ray.data.images import ImageLimits, read_image
 from campar_ray.data.manifest import read_manifest
 from campar_ray.data.transforms import resize
 from campar_ray.metrics import THRESHOLD_PROTOCOLS, check_protocol, select_threshold
@@ -214,7 +214,7 @@ class ParPredictor:
                     )
                 batch[index] = resize(image, self.image_size)
             else:
-                batch[index] = read_image(os.fspath(image), "", ANY_PATH, size=self.image_size)
+                batch[index] = read_image(os.fspath(image), "", size=self.image_size)
         return torch.from_numpy(batch)
 
     def stage1(self, x: Tensor, return_cams: bool = False) -> ParOutput:
@@ -321,7 +321,11 @@ def load_samples(path: str) -> np.ndarray | None:
 
 
 def sample_images(config: Config, split: str, count: int) -> np.ndarray:
-    """The first ``count`` decodable images of a split, resized (empty if none can be read)."""
+    """The first ``count`` decodable images of a split, resized (empty if none can be read).
+
+    The manifest's rows go through the same guard as training's, under the run's
+    ``data.allow_outside_root``: a ``meta.json`` naming someone else's manifest reads nothing
+    outside that manifest's folder and sends no request anywhere its rows say."""
     empty = np.zeros((0, *config.data.image_size, 3), dtype=np.uint8)
     if not config.data.manifest:
         return empty
@@ -337,7 +341,8 @@ def sample_images(config: Config, split: str, count: int) -> np.ndarray:
             break
         try:
             size = tuple(config.data.image_size)
-            images.append(read_image(source, info.root, ANY_PATH, size=size, stored=info.pixels))
+            limits = ImageLimits.of(config.data)
+            images.append(read_image(source, info.root, limits, size=size, stored=info.pixels))
         except (ValueError, OSError):
             continue
     return np.stack(images) if images else empty

@@ -465,10 +465,12 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=1, help="model replicas (actor pool)")
     parser.add_argument("--batch-size", type=int, default=64)
     _threshold_argument(parser)
+    _allow_outside_root_argument(parser)
     _address_argument(parser)
 
 
 def _predict(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.data.images import ImageLimits
     from campar_ray.predict import predict
     from campar_ray.runtime import init_ray
 
@@ -481,6 +483,7 @@ def _predict(args: argparse.Namespace, config: Config) -> int:
         gpu=args.gpu,
         actors=args.actors,
         batch_size=args.batch_size,
+        limits=ImageLimits.of(config.data),
     )
     print(result.summary())
     return 0

@@ -54,6 +54,10 @@ CREDENTIALS_HINT = (
     "name the bucket alone (s3://bucket/path) and give credentials the standard way: "
     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or GOOGLE_APPLICATION_CREDENTIALS"
 )
+OPTIONS_HINT = (
+    "name the object alone (s3://bucket/path) and choose an S3-compatible store with "
+    "AWS_ENDPOINT_URL"
+)
 _BUCKET_SCHEMES = ("s3", "gs", "gcs")
 """Object stores whose authority is a bucket name, which never has a port."""
 
@@ -76,6 +80,17 @@ def has_credentials(uri: str) -> bool:
     except ValueError:
         return True
     return port is not None and parts.scheme.lower() in _BUCKET_SCHEMES
+
+
+def has_options(path: str) -> bool:
+    """True for a URI with a query (``s3://bucket/key?endpoint_override=host:port``).
+
+    pyarrow reads a URI's query as filesystem options: ``endpoint_override`` and ``scheme``
+    would send the request, signed with the user's credentials, to whatever host the URI
+    names. Such a URI is refused wherever one comes in (a manifest row, ``run.dir``, a
+    checkpoint's config); the endpoint comes from ``AWS_ENDPOINT_URL`` instead.
+    """
+    return (is_uri(path) or path.startswith("file://")) and "?" in path
 
 
 def is_uri(path: str) -> bool:
@@ -112,6 +127,8 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """
     if has_credentials(path):
         raise StorageError(f"a storage URI must not carry credentials; {CREDENTIALS_HINT}")
+    if has_options(path):
+        raise StorageError(f"a storage URI must not carry options ('?...'); {OPTIONS_HINT}")
     if is_uri(path) or path.startswith("file://"):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(Path(path).resolve())

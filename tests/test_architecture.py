@@ -17,7 +17,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "campar_ray"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("storage", "metrics"),
+    ("storage", "metrics", "bounded"),
     ("config", "artifacts"),
     ("runtime", "tracking"),
     ("data",),

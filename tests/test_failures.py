@@ -17,9 +17,10 @@ import signal
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
-from cli_checks import TINY_TRAIN, Payload, one_line, run_campar
+from cli_checks import TINY_TRAIN, Listener, Payload, one_line, run_campar
 from test_evaluate import SIZE, train_tiny_run
 
 from campar_ray.bundle import best_checkpoint
@@ -404,3 +405,76 @@ def test_an_error_a_restart_would_meet_again_fails_once_in_one_line(
     # Each start of the worker group opens a new TensorBoard event file: one start, no retry.
     assert len(list((run_dir / "tensorboard" / "stage1").iterdir())) == 1
     assert "input or config error, not retried" in log.read_text()
+
+
+# --- predict and bundle read manifest rows through the guard ------------------------------------
+
+
+@pytest.fixture
+def listener():
+    server = Listener()
+    yield server
+    server.close()
+
+
+def _hostile_rows(manifest: str, out: Path, rows: list[str], split: str) -> str:
+    """A manifest of ``split``'s first rows with their images replaced by ``rows``."""
+    table, info = read_manifest(manifest)
+    table = table.filter(pc.equal(table.column("split"), split)).slice(0, len(rows))
+    write_manifest(str(out), table.set_column(0, "image", pa.array(rows)), info)
+    return str(out)
+
+
+def _outside_rows(tmp_path: Path, port: int) -> list[str]:
+    """``../`` and absolute references to real PNGs outside, and a URI with an endpoint."""
+    from PIL import Image
+
+    for name in ("outside.png", "elsewhere.png"):
+        Image.new("RGB", (16, 32), (200, 10, 10)).save(tmp_path / name)
+    endpoint = f"s3://bucket/x.png?endpoint_override=127.0.0.1:{port}&scheme=http"
+    return ["../outside.png", str(tmp_path / "elsewhere.png"), endpoint]
+
+
+def test_predict_refuses_a_manifest_reaching_outside_its_folder(
+    trained, bundle, tmp_path, capsys, monkeypatch, listener
+):
+    """Its ``../``, absolute and endpoint rows used to be scored (and requested): now the
+    command stops in one line naming the row, before Ray, with no request sent."""
+    from campar_ray import runtime
+
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: None)  # refused before Ray
+    (tmp_path / "m").mkdir()
+    for index, row in enumerate(_outside_rows(tmp_path, listener.port)):
+        evil = _hostile_rows(trained[0], tmp_path / "m" / f"evil{index}.parquet", [row], "val")
+        out = tmp_path / "p.csv"
+        argv = ("predict", "--model", str(bundle), "--input", evil, "--out", str(out))
+        code, text, err = run_campar(capsys, *argv)
+        line = one_line(err)
+        assert code == 2 and text == "" and not out.exists()
+        assert line.startswith("campar predict: error: row 0: image ")
+        assert ("is a URI with options" if "?" in row else "is outside") in line
+    assert listener.close() == 0
+
+
+def test_bundle_samples_only_images_inside_the_manifest_a_checkpoint_names(
+    trained, tmp_path, capsys, listener
+):
+    """A ``meta.json`` naming someone else's manifest (its rows outside its folder, or a URI
+    with an endpoint) and one naming the manifest by such a URI: the bundle is made without
+    samples from outside and no request is sent."""
+    run_dir = _copy(trained[1], tmp_path)
+    (tmp_path / "m").mkdir()
+    evil = _hostile_rows(trained[0], tmp_path / "m" / "evil.parquet",
+                         _outside_rows(tmp_path, listener.port), "val")  # fmt: skip
+    meta_file = Path(best_checkpoint(str(run_dir))) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    endpoint = f"s3://bucket/m.parquet?endpoint_override=127.0.0.1:{listener.port}&scheme=http"
+    for manifest in (evil, endpoint):
+        meta["config"]["data"]["manifest"] = manifest
+        meta_file.write_text(json.dumps(meta))
+        out = tmp_path / "bundle"
+        code, _, err = run_campar(capsys, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+        assert code == 0, err
+        assert (out / "model.pt").is_file() and not (out / "samples.npz").exists()
+        shutil.rmtree(out)
+    assert listener.close() == 0
