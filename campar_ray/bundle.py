@@ -28,15 +28,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import torch
 import yaml
 from torch import Tensor
 
 from campar_ray import storage
-from campar_ray.artifacts import load_arrays, load_json, save_arrays
+from campar_ray.artifacts import copy_files, load_arrays, load_json, read_regular, save_arrays
 from campar_ray.cfar.fit import CfarPredictor, eval_columns, load_cfar
 from campar_ray.cfar.model import MODEL_FILE as CFAR_MODEL_FILE
+from campar_ray.cfar.model import MODEL_FILES as CFAR_MODEL_FILES
 from campar_ray.config import Config, ConfigError
 from campar_ray.data.images import ImageLimits, read_image
 from campar_ray.data.manifest import read_manifest
@@ -276,6 +276,22 @@ def load_model(path: str, threshold: str = "0.5") -> ParPredictor:
 def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
     """Write the bundle of a run (best checkpoint, thresholds, CFAR) to ``out``; return ``out``.
 
+    ``out`` may not lie inside the run directory (it would rewrite the run's ``config.yaml``);
+    its files appear together once all are written, so a failure (a full disk) leaves none.
+    """
+    if RunDir(run_dir).contains(out):
+        raise ValueError(
+            f"--out {out} is inside the run directory {run_dir}, whose config.yaml the bundle "
+            "would overwrite; write the bundle elsewhere"
+        )
+    with storage.staged(out) as folder:
+        _write_bundle(run_dir, folder, samples)
+    return out
+
+
+def _write_bundle(run_dir: str, out: str, samples: int) -> None:
+    """The bundle's files, written to ``out``.
+
     ``threshold.json`` holds the run's threshold under every protocol chosen on validation,
     so :func:`load_model` can open the bundle with any protocol.
 
@@ -293,7 +309,7 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
         protocol: run_threshold(run_dir, config.model.predict_from, cfar, protocol)
         for protocol in VAL_PROTOCOLS
     }
-    storage.write_bytes(storage.join(out, MODEL_FILE), storage.read_bytes(weights))
+    storage.write_bytes(storage.join(out, MODEL_FILE), read_regular(weights))
     storage.write_bytes(
         storage.join(out, CONFIG_FILE), yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
     )
@@ -304,12 +320,11 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
         {name: {"value": t.value, "source": t.source} for name, t in thresholds.items()},
     )
     if cfar is not None:
-        _copy_folder(RunDir(run_dir).cfar, storage.join(out, CFAR_DIR))
+        copy_files(RunDir(run_dir).cfar, storage.join(out, CFAR_DIR), CFAR_MODEL_FILES)
     if samples > 0:
         images = sample_images(config, "val", samples)
         if len(images):
             save_arrays(storage.join(out, SAMPLES_FILE), images=images)
-    return out
 
 
 def load_samples(path: str) -> np.ndarray | None:
@@ -467,16 +482,6 @@ def load_cfar_if_fitted(path: str) -> CfarPredictor | None:
     if storage.exists(storage.join(path, CFAR_DIR, CFAR_MODEL_FILE)):
         return load_cfar(path)
     return None
-
-
-def _copy_folder(source: str, target: str) -> None:
-    filesystem, inner = storage.resolve(source)
-    for info in filesystem.get_file_info(pafs.FileSelector(inner, recursive=True)):
-        if info.type == pafs.FileType.File:
-            relative = os.path.relpath(info.path, inner).replace(os.sep, "/")
-            storage.write_bytes(
-                storage.join(target, relative), storage.read_bytes(storage.join(source, relative))
-            )
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:

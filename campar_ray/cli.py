@@ -9,6 +9,7 @@ for the matching ``--set``. Handlers only translate arguments into library calls
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, _overrides(args))
         _set_output(args, config)
-        return args.handler(args, config)
+        with _writer_lock(args, config):
+            return args.handler(args, config)
     except _ray_failures() as error:  # first: Ray's errors may also be ValueErrors
         log, cause = _write_log(args, config, error), _root_cause(error)
         print(f"campar {args.command}: failed: {cause} (full trace: {log})", file=sys.stderr)
@@ -578,6 +580,18 @@ def _doctor(args: argparse.Namespace, config: Config) -> int:
 
 
 # --- failures -----------------------------------------------------------------------------
+
+WRITERS = ("train", "fit-cfar", "tune", "bundle")
+"""Commands that hold their run directory's lock: one of them writes (or reads whole) a run at
+a time."""
+
+
+def _writer_lock(args: argparse.Namespace, config: Config) -> contextlib.AbstractContextManager:
+    from campar_ray.run.lock import run_lock
+
+    if args.command not in WRITERS:
+        return contextlib.nullcontext()
+    return run_lock(config.run.dir, args.command)
 
 
 def _ray_failures() -> tuple[type[BaseException], ...]:

@@ -8,11 +8,13 @@ S3-compatible store.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
+import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,6 +24,11 @@ import pyarrow.fs as pafs
 
 class StorageError(ValueError):
     """A path the pipeline cannot write to; the one-line message names the path and the cause."""
+
+
+class WriteError(StorageError, OSError):
+    """A write that failed part-way (a full disk, a lost mount); what it had written is gone.
+    Still an ``OSError`` for callers that fall back elsewhere on one."""
 
 
 # Substrings of pyarrow / AWS SDK errors -> the cause a user can act on.
@@ -46,6 +53,11 @@ _CAUSES = (
         "the store is unreachable (check AWS_ENDPOINT_URL and the network)",
     ),
     (("Read-only file system",), "read-only file system"),
+    (
+        ("No space left on device", "Disk quota exceeded", "File too large"),
+        "no space left on the device (or over quota): free some space, or write elsewhere, "
+        "and re-run",
+    ),
     (("Not a directory",), "a parent of the path is a file, not a folder"),
 )
 
@@ -151,17 +163,48 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write atomically on local disks (temp file + rename), directly on object stores."""
+    """Write atomically on local disks (temp file + rename), directly on object stores.
+
+    A write that fails (a full disk) leaves no temporary file behind and raises
+    :class:`WriteError` naming ``path`` and the cause.
+    """
     filesystem, inner = resolve(path)
-    filesystem.create_dir(posixpath.dirname(inner), recursive=True)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        tmp = f"{inner}.tmp"
-        with filesystem.open_output_stream(tmp) as stream:
+    tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
+    local = isinstance(filesystem, pafs.LocalFileSystem)
+    try:
+        filesystem.create_dir(posixpath.dirname(inner), recursive=True)
+        with filesystem.open_output_stream(tmp if local else inner) as stream:
             stream.write(data)
-        filesystem.move(tmp, inner)
+        if local:
+            filesystem.move(tmp, inner)
+    except (OSError, pa.ArrowException) as error:
+        if local and os.path.exists(tmp):
+            os.remove(tmp)
+        raise WriteError(f"cannot write {path}: {_cause(error)}") from None
+
+
+@contextlib.contextmanager
+def staged(out: str) -> Iterator[str]:
+    """A folder to write ``out``'s files into, so that a failure leaves no partial ``out``.
+
+    On a local disk the files go to a sibling folder that replaces ``out``'s files only once
+    all are written (and is deleted on any failure); object stores have no rename, so there
+    the files are written in place.
+    """
+    if is_uri(out):
+        yield out
         return
-    with filesystem.open_output_stream(inner) as stream:
-        stream.write(data)
+    target = os.path.abspath(out.removeprefix("file://"))
+    staging = f"{target}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        yield staging
+        for folder, _, files in os.walk(staging):
+            destination = os.path.join(target, os.path.relpath(folder, staging))
+            os.makedirs(destination, exist_ok=True)
+            for name in files:
+                os.replace(os.path.join(folder, name), os.path.join(destination, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def makedirs(path: str) -> None:
@@ -192,6 +235,8 @@ def _cause(error: Exception) -> str:
     """The actionable reason in a storage error, else its first line."""
     if isinstance(error, OSError) and error.errno == errno.EROFS:
         return "read-only file system"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return _CAUSES[-1][1]
     message = str(error)
     for needles, cause in _CAUSES:
         if any(needle in message for needle in needles):

@@ -478,3 +478,101 @@ def test_bundle_samples_only_images_inside_the_manifest_a_checkpoint_names(
         assert (out / "model.pt").is_file() and not (out / "samples.npz").exists()
         shutil.rmtree(out)
     assert listener.close() == 0
+
+
+def test_bundle_copies_only_the_named_stage2_files_never_through_a_symlink(
+    trained, tmp_path, capsys
+):
+    """``cfar/`` with a symlinked folder holding an ``id_rsa``: not copied (a bundle takes
+    the files the layout names, not a listing); a named file replaced by a symlink: refused
+    in one line naming it, no bundle written."""
+    run_dir = _copy(trained[1], tmp_path)
+    argv = ("--run-dir", str(run_dir), "--set", "cfar.solver=local", "--set", "cfar.iterations=2")
+    code, _, err = run_campar(capsys, "fit-cfar", *argv, "--set", "cfar.fc2_epochs=2")
+    assert code == 0, err
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "id_rsa").write_text("PRIVATE KEY")
+    (run_dir / "cfar" / "keys").symlink_to(keys, target_is_directory=True)
+    (run_dir / "cfar" / "notes.txt").write_text("not a model file")
+    out = tmp_path / "bundle"
+    code, _, err = run_campar(capsys, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "cfar").iterdir()) == [
+        "cfar.json", "dictionary.npz", "factors.npz", "fc2.npz"
+    ]  # fmt: skip
+    fc2 = run_dir / "cfar" / "fc2.npz"
+    fc2.rename(tmp_path / "fc2.npz")
+    fc2.symlink_to(tmp_path / "fc2.npz")
+    out = tmp_path / "bundle2"
+    line = _refused(capsys, run_dir, out, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+    assert line == (
+        f"campar bundle: error: {fc2} is a symlink; files are copied out of a run directory "
+        "only as regular files, never through a symlink: replace it by the file itself"
+    )
+
+
+# --- one writer per run directory ---------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys
+from campar_ray.run.lock import run_lock
+with run_lock(sys.argv[1], "train"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("train", "--manifest", "{manifest}"),
+        ("fit-cfar", "--set", "cfar.solver=local"),
+        ("tune", "--num-samples", "1"),
+        ("bundle", "--out", "{tmp}/bundle"),
+    ],
+)
+def test_a_second_writer_of_a_run_directory_is_refused_naming_the_holder(
+    trained, tmp_path, capsys, no_training, argv
+):
+    """The holder is another process (a `campar train` in the middle of its run); once it is
+    killed, its lock goes with it."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = _copy(trained[1], tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        command = [arg.format(manifest=trained[0], tmp=tmp_path) for arg in argv]
+        line = _refused(capsys, run_dir, tmp_path / "bundle", *command, "--run-dir", str(run_dir))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert line.startswith(
+        f"campar {argv[0]}: error: {run_dir} is being written by `campar train` (pid "
+        f"{holder.pid} on "
+    )
+    assert "one command writes a run directory at a time: wait for it to finish" in line
+    from campar_ray.run.lock import run_lock
+
+    with run_lock(str(run_dir), "bundle"):  # a killed holder leaves no stale lock
+        assert (run_dir / ".campar-lock").is_file()
+    assert not (run_dir / ".campar-lock").exists()
+
+
+def test_bundle_out_inside_the_run_directory_is_refused(trained, tmp_path, capsys):
+    run_dir = _copy(trained[1], tmp_path)
+    for out in (run_dir, run_dir / "bundle"):
+        line = _refused(
+            capsys, run_dir, run_dir / "model.pt", "bundle", "--run-dir", str(run_dir),
+            "--out", str(out),
+        )  # fmt: skip
+        assert line == (
+            f"campar bundle: error: --out {out} is inside the run directory {run_dir}, whose "
+            "config.yaml the bundle would overwrite; write the bundle elsewhere"
+        )
