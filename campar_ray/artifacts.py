@@ -10,7 +10,6 @@ names the file and says whether it is damaged or not a plain tensor/array file a
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 import stat
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 
 from campar_ray import storage
+from campar_ray.bounded import BoundedError
+from campar_ray.bounded import load_json as parse_json
 
 
 class ArtifactError(ValueError):
@@ -68,9 +69,9 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
 def load_json(path: str) -> Any:
     """A JSON artefact (metadata is never pickled)."""
     try:
-        return json.loads(_read(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{path} is corrupt (not valid JSON): {error}") from None
+        return parse_json(_read(path), path)
+    except BoundedError as error:
+        raise ArtifactError(f"{error}; the file is corrupt or not campar's") from None
 
 
 def read_regular(path: str) -> bytes:

@@ -48,6 +48,8 @@ def load_yaml(text: str | bytes, source: str) -> Any:
         _check_events(yaml.parse(text, Loader=_LOADER), source)
         return yaml.load(text, Loader=_LOADER)  # a safe loader: no Python tags
     except yaml.YAMLError as error:
+        if "nesting depth" in str(getattr(error, "problem", "")):  # libyaml's own limit, 1000
+            raise BoundedError(_too_deep(source)) from None
         raise BoundedError(f"{source} is not valid YAML: {_yaml_problem(error)}") from None
 
 

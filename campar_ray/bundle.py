@@ -34,6 +34,7 @@ from torch import Tensor
 
 from campar_ray import storage
 from campar_ray.artifacts import copy_files, load_arrays, load_json, read_regular, save_arrays
+from campar_ray.bounded import BoundedError, load_yaml
 from campar_ray.cfar.fit import CfarPredictor, eval_columns, load_cfar
 from campar_ray.cfar.model import MODEL_FILE as CFAR_MODEL_FILE
 from campar_ray.cfar.model import MODEL_FILES as CFAR_MODEL_FILES
@@ -457,11 +458,13 @@ def _load_bundle(path: str, protocol: str) -> ParPredictor:
 def _read_config(file: str) -> Config:
     """A bundle's ``config.yaml``: a mapping of known keys with values of the right types."""
     try:
-        loaded = yaml.safe_load(storage.read_bytes(file))
+        loaded = load_yaml(storage.read_bytes(file), file)
         if not isinstance(loaded, dict):
             raise ConfigError(f"expected a mapping, got {type(loaded).__name__}")
         return Config().override(loaded)
-    except (yaml.YAMLError, ConfigError) as error:
+    except BoundedError as error:
+        raise ValueError(f"{error}; re-create the bundle with `campar bundle`") from None
+    except ConfigError as error:
         message = " ".join(str(error).split())
         raise ValueError(f"{file} is not a campar config: {message}") from None
 

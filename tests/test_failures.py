@@ -101,7 +101,14 @@ def _state(folder: Path) -> dict[str, tuple[int, str]]:
         ("train.weight_decay=-0.1", "bad value -0.1 for train.weight_decay: expected a weight "
          "decay >= 0"),
         ("train.epochs=0", "bad value 0 for train.epochs: expected a number of epochs >= 1"),
-        ("train.batch_size=0", "bad value 0 for train.batch_size: expected a batch size >= 1"),
+        ("train.batch_size=0", "bad value 0 for train.batch_size: expected a batch size in "
+         "[1, 4096]"),
+        ("train.batch_size=100000", "bad value 100000 for train.batch_size: expected a batch "
+         "size in [1, 4096]"),
+        ("data.image_size=[20000,20000]", "bad value [20000, 20000] for data.image_size: "
+         "expected [H, W], each in [1, 4096]"),
+        ("cfar.factors=100000", "bad value 100000 for cfar.factors: expected a latent "
+         "dimension in [1, 1024]"),
         ("train.grad_clip=-1", "bad value -1.0 for train.grad_clip: expected a gradient-norm "
          "limit >= 0 (0: no clipping)"),
         ("train.cpus_per_worker=0", "bad value 0.0 for train.cpus_per_worker: expected a number "
@@ -114,9 +121,9 @@ def _state(folder: Path) -> dict[str, tuple[int, str]]:
          "expected seconds > 0"),
         ("train.checkpoint_every_minutes=-5", "bad value -5.0 for "
          "train.checkpoint_every_minutes: expected minutes >= 0 (0: per epoch only)"),
-        ("data.pad=-1", "bad value -1 for data.pad: expected pixels >= 0"),
+        ("data.pad=-1", "bad value -1 for data.pad: expected pixels in [0, 4096]"),
         ("data.image_size=[0,16]", "bad value [0, 16] for data.image_size: expected [H, W], "
-         "each >= 1"),
+         "each in [1, 4096]"),
         ("data.decode_concurrency=-1", "bad value -1 for data.decode_concurrency: expected a "
          "number of tasks >= 0 (0: automatic)"),
         ("data.prefetch_batches=-1", "bad value -1 for data.prefetch_batches: expected a number "
@@ -576,3 +583,83 @@ def test_bundle_out_inside_the_run_directory_is_refused(trained, tmp_path, capsy
             f"campar bundle: error: --out {out} is inside the run directory {run_dir}, whose "
             "config.yaml the bundle would overwrite; write the bundle elsewhere"
         )
+
+
+# --- bounded parsing: bombs, depth, sizes, bad YAML ---------------------------------------------
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
+"""About 600 bytes that expand to 9**9 (387 million) strings."""
+DEEP_YAML = "[" * 20_000 + "]" * 20_000
+DEEP_JSON = '{"attributes": ' + "[" * 20_000 + "]" * 20_000 + "}"
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "problem"),
+    [
+        ("config.yaml", ALIAS_BOMB, "expands to more than 1000000 values (YAML aliases"),
+        ("config.yaml", DEEP_YAML, "is nested more than 64 levels deep"),
+        ("attributes.json", DEEP_JSON, "is nested more than 64 levels deep"),
+        ("config.yaml", "data: {image_size: [20000, 20000]}", "is not a campar config: bad "
+         "value [20000, 20000] for data.image_size: expected [H, W], each in [1, 4096]"),
+    ],
+)  # fmt: skip
+def test_a_bundle_file_that_would_take_all_memory_is_refused_in_one_short_line(
+    bundle, tmp_path, capsys, file, text, problem
+):
+    """The 1.3 KB alias bomb used to take 3 GB and print a 522 MB line; 20,000 brackets a
+    RecursionError; a 20000 x 20000 input 9.6 GB in ``export``."""
+    broken = _copy(bundle, tmp_path)
+    (broken / file).write_text(text)
+    out = tmp_path / "model.pt"
+    line = _refused(capsys, broken, out, "export", "--model", str(broken), "--out", str(out))
+    assert line.startswith(f"campar export: error: {broken / file} ")
+    assert problem in line and len(line) < 400
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (ALIAS_BOMB, "expands to more than 1000000 values"),
+        (DEEP_YAML, "is nested more than 64 levels deep"),
+        ("train: [lr: 1", "is not valid YAML: did not find expected ',' or ']' at line 2, "),
+    ],
+)
+def test_a_config_file_bomb_or_bad_yaml_is_one_line(tmp_path, capsys, text, problem):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    code, out, err = run_campar(capsys, "config", "--config", str(path))
+    assert code == 2 and out == ""
+    line = one_line(err)
+    assert line.startswith(f"campar config: error: config file {path} {problem}")
+    assert len(line) < 300
+
+
+def test_a_config_naming_a_folder_is_one_line(tmp_path, capsys):
+    code, out, err = run_campar(capsys, "config", "--config", str(tmp_path))
+    assert code == 2 and out == ""
+    assert one_line(err) == (
+        f"campar config: error: config file {tmp_path} is a folder; --config names a YAML "
+        "file (`campar config` prints one to start from)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("[1,", "--set train.lr is not valid YAML: did not find expected node content at "),
+        ("!!python/object/apply:os.system ['touch {marker}']", "--set train.lr is not valid "
+         "YAML: could not determine a constructor for the tag "),
+        ("[&a [x, x, x, x, x, x, x, x], *a, *a, *a]", "bad value [['x', 'x', 'x', 'x', 'x', "
+         "'x', 'x', 'x'], ['x', 'x', 'x', 'x', 'x', 'x', 'x'... for train.lr: float() "),
+    ],
+)  # fmt: skip
+def test_bad_yaml_in_set_is_one_line_and_runs_nothing(tmp_path, capsys, value, problem):
+    marker = tmp_path / "pwned"
+    code, out, err = run_campar(
+        capsys, "config", "--set", f"train.lr={value}".format(marker=marker)
+    )
+    assert code == 2 and out == "" and not marker.exists()
+    line = one_line(err)
+    assert line.startswith(f"campar config: error: {problem}") and len(line) < 300

@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from campar_ray import storage
-from campar_ray.bounded import shorten
+from campar_ray.bounded import BoundedError, load_json, shorten
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("image", "labels", "split", "identity", "source")
@@ -100,9 +100,9 @@ class ManifestInfo:
                 "eval_attributes); write manifests with write_manifest"
             )
         try:
-            meta = json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError as error:
-            raise ManifestError(f"manifest metadata 'campar' is not valid JSON: {error}") from None
+            meta = load_json(metadata[METADATA_KEY], "manifest metadata 'campar'")
+        except BoundedError as error:
+            raise ManifestError(str(error)) from None
         if not isinstance(meta, dict):
             raise ManifestError("manifest metadata 'campar' must be a JSON object")
         for key in ("dataset", "attributes", "eval_attributes"):

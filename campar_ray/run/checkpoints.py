@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import torch
-import yaml
 
 from campar_ray import storage
 from campar_ray.artifacts import ArtifactError, load_json, load_tensors
+from campar_ray.bounded import BoundedError, load_yaml
 from campar_ray.config import Config, ModelConfig
 from campar_ray.model import ParModel, WeightsMismatch, load_network, rebuild_network
 from campar_ray.run.layout import RunDir
@@ -32,7 +32,30 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 def read_meta(checkpoint: str) -> dict[str, Any]:
-    return load_json(storage.join(checkpoint, META_FILE))
+    """A checkpoint's ``meta.json``, checked to hold what every reader takes from it: an object
+    with ``epoch``, ``history``, ``attributes``, ``config`` and, unless it is a mid-epoch
+    checkpoint (``partial``), ``metrics`` with ``val_mA``."""
+    path = storage.join(checkpoint, META_FILE)
+    meta = load_json(path)
+    kinds = {"epoch": int, "history": list, "attributes": list, "config": dict}
+    if isinstance(meta, dict) and "partial" not in meta:
+        kinds["metrics"] = dict
+    problem = None
+    if not isinstance(meta, dict):
+        problem = f"expected a JSON object, got {type(meta).__name__}"
+    else:
+        missing = [key for key, kind in kinds.items() if not isinstance(meta.get(key), kind)]
+        if missing:
+            problem = f"no {missing[0]!r} of the right type"
+        elif "metrics" in kinds and not isinstance(meta["metrics"].get("val_mA"), int | float):
+            problem = "no number 'val_mA' in 'metrics'"
+    if problem is not None:
+        raise ArtifactError(
+            f"{path} is not a stage-1 checkpoint's metadata ({problem}); the checkpoint is "
+            f"damaged: move {checkpoint} away (the run goes on from its previous checkpoint), "
+            "or start over with --fresh"
+        )
+    return meta
 
 
 def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
@@ -64,22 +87,48 @@ def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
 
 def _registered(root: str) -> set[str] | None:
     """Folder names in Ray Train's checkpoint snapshot (None: no snapshot, e.g. a copied run)."""
-    snapshot = storage.join(root, SNAPSHOT_FILE)
-    if not storage.exists(snapshot):
+    snapshot = _snapshot(root)
+    if snapshot is None:
         return None
-    return {r["checkpoint_dir_name"] for r in load_json(snapshot)["checkpoint_results"]}
+    return {_dir_name(entry, root) for entry in snapshot["checkpoint_results"]}
 
 
 def resume_checkpoint(run_dir: str) -> str | None:
     """The checkpoint Ray Train will resume ``run_dir`` from, or None for a fresh run."""
     root = RunDir(run_dir).checkpoints
-    snapshot = storage.join(root, SNAPSHOT_FILE)
-    if not storage.exists(snapshot):
-        return None
-    latest = load_json(snapshot).get("latest_checkpoint_result")
+    snapshot = _snapshot(root)
+    latest = None if snapshot is None else snapshot.get("latest_checkpoint_result")
     if not latest:
         return None
-    return storage.join(root, latest["checkpoint_dir_name"])
+    return storage.join(root, _dir_name(latest, root))
+
+
+def _snapshot(root: str) -> dict[str, Any] | None:
+    """Ray Train's checkpoint snapshot under ``root``, checked to be an object with a list
+    ``checkpoint_results`` (None: there is none)."""
+    path = storage.join(root, SNAPSHOT_FILE)
+    if not storage.exists(path):
+        return None
+    snapshot = load_json(path)
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("checkpoint_results"), list):
+        raise ArtifactError(f"{path} is not Ray Train's checkpoint snapshot; {_SNAPSHOT_FIX}")
+    return snapshot
+
+
+def _dir_name(entry: Any, root: str) -> str:
+    """A snapshot entry's ``checkpoint_dir_name``: a plain folder name under ``root``."""
+    name = entry.get("checkpoint_dir_name") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ArtifactError(
+            f"{storage.join(root, SNAPSHOT_FILE)} has an entry without a folder name "
+            f"(checkpoint_dir_name); {_SNAPSHOT_FIX}"
+        )
+    return name
+
+
+_SNAPSHOT_FIX = (
+    "the run's checkpoint record is damaged: start over in place with --fresh, or use a new run.dir"
+)
 
 
 def stored_config(run_dir: str) -> dict[str, Any] | None:
@@ -94,10 +143,10 @@ def stored_config(run_dir: str) -> dict[str, Any] | None:
         if checkpoint is not None:
             stored = read_meta(checkpoint).get("config")
         elif storage.exists(path):
-            stored = yaml.safe_load(storage.read_bytes(path))
+            stored = load_yaml(storage.read_bytes(path), path)
         else:
             return None
-    except (ArtifactError, yaml.YAMLError, AttributeError) as error:
+    except (ArtifactError, BoundedError, AttributeError) as error:
         raise ArtifactError(f"cannot resume {run_dir}: {error}; no file was changed") from None
     if not isinstance(stored, dict):
         raise ArtifactError(f"cannot resume {run_dir}: its stored config is not a mapping")

@@ -39,9 +39,13 @@ def run_lock(run_dir: str, command: str) -> Iterator[None]:
         return
     folder = os.path.abspath(run_dir.removeprefix("file://"))
     created = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
     path = RunDir(folder).lock
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # a folder this process cannot write: no writer of ours is there either,
+        yield  # and a command that writes says why it cannot, in its own words
+        return
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
