@@ -663,3 +663,49 @@ def test_bad_yaml_in_set_is_one_line_and_runs_nothing(tmp_path, capsys, value, p
     assert code == 2 and out == "" and not marker.exists()
     line = one_line(err)
     assert line.startswith(f"campar config: error: {problem}") and len(line) < 300
+
+
+# --- damaged checkpoint records -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("meta", "problem"),
+    [
+        ("drop epoch", "no 'epoch' of the right type"),
+        ([1, 2], "expected a JSON object, got list"),
+    ],
+)
+def test_a_meta_json_without_epoch_or_not_an_object_is_one_line(
+    trained, tmp_path, capsys, meta, problem
+):
+    run_dir = _copy(trained[1], tmp_path)
+    checkpoint = Path(best_checkpoint(str(run_dir)))
+    if meta == "drop epoch":
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        del meta["epoch"]
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "bundle"
+    line = _refused(capsys, run_dir, out, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+    assert line == (
+        f"campar bundle: error: {checkpoint / 'meta.json'} is not a stage-1 checkpoint's "
+        f"metadata ({problem}); the checkpoint is damaged: move {checkpoint} away (the run goes "
+        "on from its previous checkpoint), or start over with --fresh"
+    )
+
+
+@pytest.mark.parametrize(
+    "entry", [{"metrics": {}}, {"checkpoint_dir_name": "../../elsewhere"}, "checkpoint_000001"]
+)
+def test_a_snapshot_entry_without_a_checkpoint_folder_name_is_one_line(
+    trained, tmp_path, capsys, entry
+):
+    run_dir = _copy(trained[1], tmp_path)
+    snapshot = run_dir / "ray" / "stage1" / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps({"checkpoint_results": [entry]}))
+    out = tmp_path / "bundle"
+    line = _refused(capsys, run_dir, out, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+    assert line == (
+        f"campar bundle: error: {snapshot} has an entry without a folder name "
+        "(checkpoint_dir_name); the run's checkpoint record is damaged: start over in place "
+        "with --fresh, or use a new run.dir"
+    )

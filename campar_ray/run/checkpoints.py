@@ -191,12 +191,49 @@ def check_weights(
         return
     path = storage.join(checkpoint, MODEL_FILE)
     try:
-        rebuild_network(model, attributes, load_tensors(path))
+        network = rebuild_network(model, attributes, load_tensors(path))
     except WeightsMismatch as mismatch:
         raise ArtifactError(
             f"cannot resume {run_dir}: {path} does not fit a model.backbone={model.backbone} "
             f"network ({mismatch}); no file was changed (--fresh starts over in place)"
         ) from None
+    state_path = storage.join(checkpoint, STATE_FILE)
+    problem = _state_mismatch(load_tensors(state_path), network)
+    if problem is not None:
+        raise ArtifactError(
+            f"cannot resume {run_dir}: {state_path} does not fit this network's optimiser "
+            f"({problem}); the file is damaged or from another run, no file was changed (move "
+            f"{checkpoint} away to resume from the previous checkpoint, or --fresh)"
+        )
+
+
+def _state_mismatch(state: Any, network: torch.nn.Module) -> str | None:
+    """Why ``train_state.pt``'s Adam state cannot drive ``network`` (None: it can). Checked on
+    the driver: a wrong shape otherwise fails deep in every worker's first step."""
+    optimizer = state.get("optimizer") if isinstance(state, dict) else None
+    if not isinstance(optimizer, dict) or not all(
+        isinstance(state.get(key), dict) for key in ("scheduler", "scaler")
+    ):
+        return "expected optimizer, scheduler and scaler states"
+    shapes = [tuple(parameter.shape) for parameter in network.parameters()]
+    groups = optimizer.get("param_groups")
+    indices = [i for group in groups or [] for i in group.get("params", [])]
+    if indices != list(range(len(shapes))):
+        return f"{len(indices)} parameters, the network has {len(shapes)}"
+    for index, entry in (optimizer.get("state") or {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(shapes):
+            return f"state for parameter {index!r}, which the network does not have"
+        for name, value in (entry or {}).items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.dim()
+                and tuple(value.shape) != shapes[index]
+            ):
+                return (
+                    f"its {name} of parameter {index} is {list(value.shape)}, the parameter "
+                    f"is {list(shapes[index])}"
+                )
+    return None
 
 
 def _differences(trained: list[str], manifest: tuple[str, ...]) -> str:
