@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = None
+    previous = _terminate_as_interrupt()
     try:
         config = load_config(args.config, _overrides(args))
         _set_output(args, config)
@@ -50,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"campar {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"campar {args.command}: interrupted; re-run the same command to resume",
-            file=sys.stderr,
-        )
+        print(f"campar {args.command}: interrupted; {_saved(args, config)}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -580,6 +582,40 @@ def _doctor(args: argparse.Namespace, config: Config) -> int:
 
 
 # --- failures -----------------------------------------------------------------------------
+
+
+def _terminate_as_interrupt() -> Callable | int | None:
+    """SIGTERM (a scheduler's stop, ``kill``) handled as Ctrl-C: Ray Tune then ends its
+    search gracefully and every command ends with :func:`_saved`'s line, instead of dying with
+    Ray's C++ stack dump. Returns the handler it replaced (None off the main thread)."""
+    from campar_ray.runtime import terminate_as_interrupt
+
+    return terminate_as_interrupt()
+
+
+def _saved(args: argparse.Namespace, config: Config | None) -> str:
+    """What an interrupted command leaves behind and how to go on from it."""
+    from campar_ray import storage
+    from campar_ray.run.checkpoints import resume_checkpoint
+    from campar_ray.run.layout import RunDir
+    from campar_ray.tune.record import RECORD
+
+    if config is None or args.command not in ("train", "tune"):
+        return "re-run the same command to resume"
+    run = RunDir(config.run.dir)
+    if args.command == "tune":
+        record = storage.join(run.tune, RECORD)
+        if storage.exists(record):
+            return f"finished trials are kept in {record}; add --resume to run the rest"
+        return "no trial had finished; re-run the same command to start the search"
+    try:
+        checkpoint = resume_checkpoint(run.path)
+    except (OSError, ValueError):
+        checkpoint = None
+    if checkpoint is None:
+        return "no checkpoint was saved yet; re-run the same command to start again"
+    return f"the last checkpoint saved is {checkpoint}; re-run the same command to resume from it"
+
 
 WRITERS = ("train", "fit-cfar", "tune", "bundle")
 """Commands that hold their run directory's lock: one of them writes (or reads whole) a run at

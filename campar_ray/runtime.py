@@ -31,9 +31,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 HOST_PORT = re.compile(r"^[\w.\-]+:\d+$")
@@ -170,6 +173,7 @@ def init_ray(address: str | None = None, insecure: bool = False) -> None:
                 "enable_metrics_collection": False,
             },
         )
+    terminate_as_interrupt()  # ray.init replaced it
     if not address:
         _private_token_file()  # created by this ray.init when there was none
     if quiet:
@@ -192,6 +196,18 @@ def _private_token_file() -> None:
     )
     if os.path.isfile(path) and not os.path.islink(path):
         os.chmod(path, 0o600)
+
+
+def terminate_as_interrupt() -> Callable | int | None:
+    """Make SIGTERM raise as SIGINT (Ctrl-C) does, in the main thread; return the handler it
+    replaced (None off the main thread, where no handler can be set).
+
+    ``ray.init`` sets its own (``sys.exit``), under which a stopped search died with Ray's C++
+    stack dump and exit 134; :func:`init_ray` sets this one again after joining.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
 class _LogFile(logging.FileHandler):

@@ -31,6 +31,9 @@ class WriteError(StorageError, OSError):
     Still an ``OSError`` for callers that fall back elsewhere on one."""
 
 
+FULL = (
+    "no space left on the device (or over quota): free some space, or write elsewhere, and re-run"
+)
 # Substrings of pyarrow / AWS SDK errors -> the cause a user can act on.
 _CAUSES = (
     (("NO_SUCH_BUCKET", "NoSuchBucket", "Bucket '"), "the bucket does not exist"),
@@ -53,11 +56,7 @@ _CAUSES = (
         "the store is unreachable (check AWS_ENDPOINT_URL and the network)",
     ),
     (("Read-only file system",), "read-only file system"),
-    (
-        ("No space left on device", "Disk quota exceeded", "File too large"),
-        "no space left on the device (or over quota): free some space, or write elsewhere, "
-        "and re-run",
-    ),
+    (("No space left on device", "Disk quota exceeded", "File too large"), FULL),
     (("Not a directory",), "a parent of the path is a file, not a folder"),
 )
 
@@ -236,7 +235,7 @@ def _cause(error: Exception) -> str:
     if isinstance(error, OSError) and error.errno == errno.EROFS:
         return "read-only file system"
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return _CAUSES[-1][1]
+        return FULL
     message = str(error)
     for needles, cause in _CAUSES:
         if any(needle in message for needle in needles):

@@ -190,20 +190,37 @@ def test_the_edges_of_each_range_are_accepted():
 # --- Ctrl-C -------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_is_one_line_and_exit_130(trained, tmp_path, capsys, no_training, monkeypatch):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_ctrl_c_and_sigterm_say_what_was_saved_and_how_to_resume(
+    trained, tmp_path, capsys, no_training, monkeypatch, stop, snapshot
+):
+    """SIGTERM (a scheduler stopping the job) ends like Ctrl-C: one line naming the last
+    checkpoint Ray Train will resume from (or that there is none yet), exit 130."""
     run_dir = _copy(trained[1], tmp_path)
+    checkpoint = Path(best_checkpoint(str(run_dir)))
+    if snapshot:
+        record = {"checkpoint_dir_name": checkpoint.name}
+        (checkpoint.parent / "checkpoint_manager_snapshot.json").write_text(
+            json.dumps({"checkpoint_results": [record], "latest_checkpoint_result": record})
+        )
     before = _state(run_dir)
-    monkeypatch.setattr(
-        no_training, "train_stage1", lambda *a, **k: signal.raise_signal(signal.SIGINT)
-    )
+    monkeypatch.setattr(no_training, "train_stage1", lambda *a, **k: signal.raise_signal(stop))
     argv = ("train", "--manifest", trained[0], "--run-dir", str(run_dir))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises
+    terminate = signal.getsignal(signal.SIGTERM)
     try:
         code, out, err = run_campar(capsys, *argv)
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGTERM) is terminate  # the command put it back
     assert code == 130 and out == ""
-    assert err.strip() == "campar train: interrupted; re-run the same command to resume"
+    saved = (
+        f"the last checkpoint saved is {checkpoint}; re-run the same command to resume from it"
+        if snapshot
+        else "no checkpoint was saved yet; re-run the same command to start again"
+    )
+    assert err.strip() == f"campar train: interrupted; {saved}"
     assert _state(run_dir) == before
 
 
@@ -709,3 +726,38 @@ def test_a_snapshot_entry_without_a_checkpoint_folder_name_is_one_line(
         "(checkpoint_dir_name); the run's checkpoint record is damaged: start over in place "
         "with --fresh, or use a new run.dir"
     )
+
+
+# --- a full disk ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MB tmpfs: a real disk that fills up (mounting needs root; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_during_bundle_is_one_line_and_leaves_no_partial_file(
+    trained, full_disk, capsys
+):
+    out = full_disk / "bundle"
+    code, text, err = run_campar(capsys, "bundle", "--run-dir", str(trained[1]), "--out", str(out))
+    line = one_line(err)
+    assert code == 2 and text == ""
+    assert re.fullmatch(
+        rf"campar bundle: error: cannot write {re.escape(str(full_disk))}/bundle\.partial-\w+/"
+        r"model\.pt: no space left on the device \(or over quota\): free some space, or write "
+        r"elsewhere, and re-run",
+        line,
+    )
+    assert list(full_disk.iterdir()) == []  # no model.pt.tmp, no half bundle
