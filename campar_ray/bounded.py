@@ -118,7 +118,7 @@ def _check_depth(value: Any, source: str) -> None:
 
 
 def _too_deep(source: str) -> str:
-    return f"{source} is nested more than {MAX_DEPTH} levels deep; no campar file is"
+    return f"{source} is nested more than {MAX_DEPTH} levels deep (campar's own files nest a few)"
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

@@ -761,3 +761,19 @@ def test_a_full_disk_during_bundle_is_one_line_and_leaves_no_partial_file(
         line,
     )
     assert list(full_disk.iterdir()) == []  # no model.pt.tmp, no half bundle
+
+
+@pytest.mark.ray
+def test_a_20000_deep_search_record_on_tune_resume_is_one_line(
+    ray_cluster, trained, tmp_path, capsys
+):
+    run_dir = _copy(trained[1], tmp_path)
+    (run_dir / "tune").mkdir()
+    record = run_dir / "tune" / "search.json"
+    record.write_text("[" * 20_000 + "]" * 20_000)
+    argv = ("tune", "--run-dir", str(run_dir), "--resume", "--num-samples", "1")
+    line = _refused(capsys, run_dir, tmp_path / "none", *argv)
+    assert line == (
+        f"campar tune: error: {record} is nested more than 64 levels deep (campar's own files "
+        "nest a few); it is not campar's search settings, refusing it"
+    )

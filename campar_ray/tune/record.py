@@ -120,7 +120,7 @@ def read_json_object(path: str, what: str) -> dict[str, Any]:
     try:
         payload = load_json(data, path, parse_constant=_refuse_constant)
     except BoundedError as error:
-        raise ResumeError(f"{error}; refusing it") from None
+        raise ResumeError(f"{error}; it is not {what}, refusing it") from None
     except ValueError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ResumeError(f"{path} is not {what} (not JSON: {reason}); refusing it") from None
