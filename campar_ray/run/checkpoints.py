@@ -31,14 +31,17 @@ MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
-def read_meta(checkpoint: str) -> dict[str, Any]:
-    """A checkpoint's ``meta.json``, checked to hold what every reader takes from it: an object
-    with ``epoch``, ``history``, ``attributes``, ``config`` and, unless it is a mid-epoch
-    checkpoint (``partial``), ``metrics`` with ``val_mA``."""
+def read_meta(checkpoint: str, *, ranked: bool = False) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``, checked to hold what its readers take from it: an object
+    with ``attributes`` and ``config``; ``ranked`` (a run's checkpoints, ranked by epoch and
+    validation mA) also ``epoch``, ``history`` and, unless it is a mid-epoch checkpoint
+    (``partial``), ``metrics`` with ``val_mA``."""
     path = storage.join(checkpoint, META_FILE)
     meta = load_json(path)
-    kinds = {"epoch": int, "history": list, "attributes": list, "config": dict}
-    if isinstance(meta, dict) and "partial" not in meta:
+    kinds: dict[str, type] = {"attributes": list, "config": dict}
+    if ranked:
+        kinds.update(epoch=int, history=list)
+    if ranked and isinstance(meta, dict) and "partial" not in meta:
         kinds["metrics"] = dict
     problem = None
     if not isinstance(meta, dict):
@@ -77,7 +80,7 @@ def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
         if registered is not None and info.base_name not in registered:
             continue
         if info.type == pafs.FileType.Directory and storage.exists(storage.join(path, META_FILE)):
-            meta = read_meta(path)
+            meta = read_meta(path, ranked=True)
             if "partial" not in meta:
                 found.append((path, meta))
     if not found:
