@@ -42,7 +42,9 @@ def run_lock(run_dir: str, command: str) -> Iterator[None]:
     path = RunDir(folder).lock
     try:
         os.makedirs(folder, exist_ok=True)
+        untouched = os.stat(folder).st_mtime_ns
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        locked = os.stat(folder).st_mtime_ns
     except OSError:  # a folder this process cannot write: no writer of ours is there either,
         yield  # and a command that writes says why it cannot, in its own words
         return
@@ -60,12 +62,22 @@ def run_lock(run_dir: str, command: str) -> Iterator[None]:
         try:
             yield
         finally:
-            os.remove(path)
+            _release(path, folder, untouched, locked)
             if created:
                 with contextlib.suppress(OSError):  # not empty: the command wrote the run
                     os.rmdir(folder)
     finally:
         os.close(descriptor)
+
+
+def _release(path: str, folder: str, untouched: int, locked: int) -> None:
+    """Remove the lock file; when nothing else changed in the run directory's top folder
+    meanwhile (a refused command), give that folder back its modification time too, so the
+    command leaves the run directory exactly as it found it."""
+    unchanged = os.stat(folder).st_mtime_ns == locked
+    os.remove(path)
+    if unchanged:
+        os.utime(folder, ns=(os.stat(folder).st_atime_ns, untouched))
 
 
 def _inode(path: str) -> int | None:
