@@ -10,15 +10,19 @@ names the file and says whether it is damaged or not a plain tensor/array file a
 from __future__ import annotations
 
 import io
-import json
+import os
 import pickle
+import stat
 import zipfile
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from campar_ray import storage
+from campar_ray.bounded import BoundedError
+from campar_ray.bounded import load_json as parse_json
 
 
 class ArtifactError(ValueError):
@@ -65,9 +69,51 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
 def load_json(path: str) -> Any:
     """A JSON artefact (metadata is never pickled)."""
     try:
-        return json.loads(_read(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{path} is corrupt (not valid JSON): {error}") from None
+        return parse_json(_read(path), path)
+    except BoundedError as error:
+        raise ArtifactError(f"{error}; the file is corrupt or not campar's") from None
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of ``path`` when it is a regular file reached without a symlink: what a
+    copy out of a run directory may take (a bundle's weights, its stage-2 files).
+
+    A run directory may come from someone else: a symlink planted in it (to ``~/.ssh``, a
+    file or a folder) would otherwise be copied into a bundle that is then shared. On a
+    local disk the file is opened with ``O_NOFOLLOW`` and checked to be regular, and its
+    folder must not be a symlink either; object stores have no symlinks.
+    """
+    if storage.is_uri(path):
+        return _read(path)
+    local = path.removeprefix("file://")
+    folder = os.path.dirname(os.path.abspath(local))
+    try:
+        if os.path.islink(folder):
+            raise ArtifactError(f"{folder} is a symlink; {_REGULAR}")
+        descriptor = os.open(local, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing") from None
+    except OSError as error:
+        if os.path.islink(local):
+            raise ArtifactError(f"{path} is a symlink; {_REGULAR}") from None
+        raise ArtifactError(f"cannot read {path}: {error.strerror}") from None
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ArtifactError(f"{path} is not a regular file; {_REGULAR}")
+        return file.read()
+
+
+_REGULAR = (
+    "files are copied out of a run directory only as regular files, never through a "
+    "symlink: replace it by the file itself"
+)
+
+
+def copy_files(source: str, target: str, names: Sequence[str]) -> None:
+    """Copy the files ``names`` (and nothing else) of the folder ``source`` to ``target``, each
+    read with :func:`read_regular`: a copy takes what the run layout names, never a listing."""
+    for name in names:
+        storage.write_bytes(storage.join(target, name), read_regular(storage.join(source, name)))
 
 
 def _read(path: str) -> bytes:

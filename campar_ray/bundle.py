@@ -28,17 +28,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import torch
 import yaml
 from torch import Tensor
 
 from campar_ray import storage
-from campar_ray.artifacts import load_arrays, load_json, save_arrays
+from campar_ray.artifacts import copy_files, load_arrays, load_json, read_regular, save_arrays
+from campar_ray.bounded import BoundedError, load_yaml
 from campar_ray.cfar.fit import CfarPredictor, eval_columns, load_cfar
 from campar_ray.cfar.model import MODEL_FILE as CFAR_MODEL_FILE
+from campar_ray.cfar.model import MODEL_FILES as CFAR_MODEL_FILES
 from campar_ray.config import Config, ConfigError
-from campar_ray.data.images import ANY_PATH, read_image
+from campar_ray.data.images import ImageLimits, read_image
 from campar_ray.data.manifest import read_manifest
 from campar_ray.data.transforms import resize
 from campar_ray.metrics import THRESHOLD_PROTOCOLS, check_protocol, select_threshold
@@ -214,7 +215,7 @@ class ParPredictor:
                     )
                 batch[index] = resize(image, self.image_size)
             else:
-                batch[index] = read_image(os.fspath(image), "", ANY_PATH, size=self.image_size)
+                batch[index] = read_image(os.fspath(image), "", size=self.image_size)
         return torch.from_numpy(batch)
 
     def stage1(self, x: Tensor, return_cams: bool = False) -> ParOutput:
@@ -276,6 +277,22 @@ def load_model(path: str, threshold: str = "0.5") -> ParPredictor:
 def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
     """Write the bundle of a run (best checkpoint, thresholds, CFAR) to ``out``; return ``out``.
 
+    ``out`` may not lie inside the run directory (it would rewrite the run's ``config.yaml``);
+    its files appear together once all are written, so a failure (a full disk) leaves none.
+    """
+    if RunDir(run_dir).contains(out):
+        raise ValueError(
+            f"--out {out} is inside the run directory {run_dir}, whose config.yaml the bundle "
+            "would overwrite; write the bundle elsewhere"
+        )
+    with storage.staged(out) as folder:
+        _write_bundle(run_dir, folder, samples)
+    return out
+
+
+def _write_bundle(run_dir: str, out: str, samples: int) -> None:
+    """The bundle's files, written to ``out``.
+
     ``threshold.json`` holds the run's threshold under every protocol chosen on validation,
     so :func:`load_model` can open the bundle with any protocol.
 
@@ -293,7 +310,7 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
         protocol: run_threshold(run_dir, config.model.predict_from, cfar, protocol)
         for protocol in VAL_PROTOCOLS
     }
-    storage.write_bytes(storage.join(out, MODEL_FILE), storage.read_bytes(weights))
+    storage.write_bytes(storage.join(out, MODEL_FILE), read_regular(weights))
     storage.write_bytes(
         storage.join(out, CONFIG_FILE), yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
     )
@@ -304,12 +321,11 @@ def save_bundle(run_dir: str, out: str, samples: int = 4) -> str:
         {name: {"value": t.value, "source": t.source} for name, t in thresholds.items()},
     )
     if cfar is not None:
-        _copy_folder(RunDir(run_dir).cfar, storage.join(out, CFAR_DIR))
+        copy_files(RunDir(run_dir).cfar, storage.join(out, CFAR_DIR), CFAR_MODEL_FILES)
     if samples > 0:
         images = sample_images(config, "val", samples)
         if len(images):
             save_arrays(storage.join(out, SAMPLES_FILE), images=images)
-    return out
 
 
 def load_samples(path: str) -> np.ndarray | None:
@@ -321,7 +337,11 @@ def load_samples(path: str) -> np.ndarray | None:
 
 
 def sample_images(config: Config, split: str, count: int) -> np.ndarray:
-    """The first ``count`` decodable images of a split, resized (empty if none can be read)."""
+    """The first ``count`` decodable images of a split, resized (empty if none can be read).
+
+    The manifest's rows go through the same guard as training's, under the run's
+    ``data.allow_outside_root``: a ``meta.json`` naming someone else's manifest reads nothing
+    outside that manifest's folder and sends no request anywhere its rows say."""
     empty = np.zeros((0, *config.data.image_size, 3), dtype=np.uint8)
     if not config.data.manifest:
         return empty
@@ -337,7 +357,8 @@ def sample_images(config: Config, split: str, count: int) -> np.ndarray:
             break
         try:
             size = tuple(config.data.image_size)
-            images.append(read_image(source, info.root, ANY_PATH, size=size, stored=info.pixels))
+            limits = ImageLimits.of(config.data)
+            images.append(read_image(source, info.root, limits, size=size, stored=info.pixels))
         except (ValueError, OSError):
             continue
     return np.stack(images) if images else empty
@@ -437,11 +458,13 @@ def _load_bundle(path: str, protocol: str) -> ParPredictor:
 def _read_config(file: str) -> Config:
     """A bundle's ``config.yaml``: a mapping of known keys with values of the right types."""
     try:
-        loaded = yaml.safe_load(storage.read_bytes(file))
+        loaded = load_yaml(storage.read_bytes(file), file)
         if not isinstance(loaded, dict):
             raise ConfigError(f"expected a mapping, got {type(loaded).__name__}")
         return Config().override(loaded)
-    except (yaml.YAMLError, ConfigError) as error:
+    except BoundedError as error:
+        raise ValueError(f"{error}; re-create the bundle with `campar bundle`") from None
+    except ConfigError as error:
         message = " ".join(str(error).split())
         raise ValueError(f"{file} is not a campar config: {message}") from None
 
@@ -462,16 +485,6 @@ def load_cfar_if_fitted(path: str) -> CfarPredictor | None:
     if storage.exists(storage.join(path, CFAR_DIR, CFAR_MODEL_FILE)):
         return load_cfar(path)
     return None
-
-
-def _copy_folder(source: str, target: str) -> None:
-    filesystem, inner = storage.resolve(source)
-    for info in filesystem.get_file_info(pafs.FileSelector(inner, recursive=True)):
-        if info.type == pafs.FileType.File:
-            relative = os.path.relpath(info.path, inner).replace(os.sep, "/")
-            storage.write_bytes(
-                storage.join(target, relative), storage.read_bytes(storage.join(source, relative))
-            )
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:

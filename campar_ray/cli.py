@@ -9,9 +9,11 @@ for the matching ``--set``. Handlers only translate arguments into library calls
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 
@@ -38,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = None
+    previous = _terminate_as_interrupt()
     try:
         config = load_config(args.config, _overrides(args))
         set_interval(config.tracking.progress_seconds)
         _set_output(args, config)
-        return args.handler(args, config)
+        with _writer_lock(args, config):
+            return args.handler(args, config)
     except _ray_failures() as error:  # first: Ray's errors may also be ValueErrors
         log, cause = _write_log(args, config, error), _root_cause(error)
         print(f"campar {args.command}: failed: {cause} (full trace: {log})", file=sys.stderr)
@@ -51,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"campar {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"campar {args.command}: interrupted; re-run the same command to resume",
-            file=sys.stderr,
-        )
+        print(f"campar {args.command}: interrupted; {_saved(args, config)}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,10 +504,12 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, default=1, help="model replicas (actor pool)")
     parser.add_argument("--batch-size", type=int, default=64)
     _threshold_argument(parser)
+    _allow_outside_root_argument(parser)
     _address_argument(parser)
 
 
 def _predict(args: argparse.Namespace, config: Config) -> int:
+    from campar_ray.data.images import ImageLimits
     from campar_ray.predict import predict
     from campar_ray.runtime import init_ray
 
@@ -516,6 +522,7 @@ def _predict(args: argparse.Namespace, config: Config) -> int:
         gpu=args.gpu,
         actors=args.actors,
         batch_size=args.batch_size,
+        limits=ImageLimits.of(config.data),
     )
     print(result.summary())
     return 0
@@ -613,6 +620,52 @@ def _doctor(args: argparse.Namespace, config: Config) -> int:
 
 
 # --- failures -----------------------------------------------------------------------------
+
+
+def _terminate_as_interrupt() -> Callable | int | None:
+    """SIGTERM (a scheduler's stop, ``kill``) handled as Ctrl-C: Ray Tune then ends its
+    search gracefully and every command ends with :func:`_saved`'s line, instead of dying with
+    Ray's C++ stack dump. Returns the handler it replaced (None off the main thread)."""
+    from campar_ray.runtime import terminate_as_interrupt
+
+    return terminate_as_interrupt()
+
+
+def _saved(args: argparse.Namespace, config: Config | None) -> str:
+    """What an interrupted command leaves behind and how to go on from it."""
+    from campar_ray import storage
+    from campar_ray.run.checkpoints import resume_checkpoint
+    from campar_ray.run.layout import RunDir
+    from campar_ray.tune.record import RECORD
+
+    if config is None or args.command not in ("train", "tune"):
+        return "re-run the same command to resume"
+    run = RunDir(config.run.dir)
+    if args.command == "tune":
+        record = storage.join(run.tune, RECORD)
+        if storage.exists(record):
+            return f"finished trials are kept in {record}; add --resume to run the rest"
+        return "no trial had finished; re-run the same command to start the search"
+    try:
+        checkpoint = resume_checkpoint(run.path)
+    except (OSError, ValueError):
+        checkpoint = None
+    if checkpoint is None:
+        return "no checkpoint was saved yet; re-run the same command to start again"
+    return f"the last checkpoint saved is {checkpoint}; re-run the same command to resume from it"
+
+
+WRITERS = ("train", "fit-cfar", "tune", "bundle")
+"""Commands that hold their run directory's lock: one of them writes (or reads whole) a run at
+a time."""
+
+
+def _writer_lock(args: argparse.Namespace, config: Config) -> contextlib.AbstractContextManager:
+    from campar_ray.run.lock import run_lock
+
+    if args.command not in WRITERS:
+        return contextlib.nullcontext()
+    return run_lock(config.run.dir, args.command)
 
 
 def _ray_failures() -> tuple[type[BaseException], ...]:

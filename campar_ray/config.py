@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from campar_ray import storage
+from campar_ray.bounded import BoundedError, load_yaml, shorten
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 """The keys with a fixed set of values: checked whenever a :class:`Config` is built (so
 ``campar config`` and ``campar doctor`` refuse what ``train`` would), shown by ``campar config
 --keys``, and the lists the code that uses each key checks against."""
+
+
+MAX_IMAGE_SIDE = 4096
+"""Largest network input side: a batch's memory grows with H x W, and a config from a bundle
+asking for 20000 x 20000 would otherwise make ``export`` allocate gigabytes."""
+MAX_BATCH = 4096
+"""Largest per-worker batch (its memory grows with the batch)."""
+MAX_FACTORS = 1024
+"""Largest ALS latent dimension D: every solve is D x D per row, Y is M x D."""
+MAX_KEYS = 100_000
+"""Largest attribute-set dictionary (K x M values)."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +127,10 @@ class DataConfig:
         height, width = self.image_size
         _check_ranges(
             "data",
-            ("image_size", list(self.image_size), height >= 1 and width >= 1, "[H, W], each >= 1"),
-            ("pad", self.pad, self.pad >= 0, "pixels >= 0"),
+            ("image_size", list(self.image_size),
+             1 <= height <= MAX_IMAGE_SIDE and 1 <= width <= MAX_IMAGE_SIDE,
+             f"[H, W], each in [1, {MAX_IMAGE_SIDE}]"),
+            ("pad", self.pad, 0 <= self.pad <= MAX_IMAGE_SIDE, f"pixels in [0, {MAX_IMAGE_SIDE}]"),
             ("subset", self.subset, self.subset >= 0, "images per split >= 0 (0: all)"),
             ("decode_concurrency", self.decode_concurrency, self.decode_concurrency >= 0,
              "a number of tasks >= 0 (0: automatic)"),
@@ -183,7 +197,8 @@ class TrainConfig:
         _check_ranges(
             "train",
             ("epochs", self.epochs, self.epochs >= 1, "a number of epochs >= 1"),
-            ("batch_size", self.batch_size, self.batch_size >= 1, "a batch size >= 1"),
+            ("batch_size", self.batch_size, 1 <= self.batch_size <= MAX_BATCH,
+             f"a batch size in [1, {MAX_BATCH}]"),
             ("lr", self.lr, 0 < self.lr < math.inf, "a learning rate > 0"),
             ("weight_decay", self.weight_decay, 0 <= self.weight_decay < math.inf,
              "a weight decay >= 0"),
@@ -275,7 +290,8 @@ class AlsSettings:
             ("alpha", self.alpha, 0 <= self.alpha < math.inf, "a confidence slope >= 0"),
             ("lam", self.lam, 0 < self.lam < math.inf,
              "a regularisation > 0 (keeps every D x D system invertible)"),
-            ("factors", self.factors, self.factors >= 1, "a latent dimension >= 1"),
+            ("factors", self.factors, 1 <= self.factors <= MAX_FACTORS,
+             f"a latent dimension in [1, {MAX_FACTORS}]"),
             ("threshold", self.threshold, 0 < self.threshold < 1, "a threshold p_t in (0, 1)"),
             ("iterations", self.iterations, self.iterations >= 1, "a number of iterations >= 1"),
             ("tol", self.tol, 0 <= self.tol < math.inf, "a relative change >= 0"),
@@ -319,7 +335,8 @@ class CfarConfig:
         _ = self.als  # AlsSettings checks the ALS keys; the others are checked here
         _check_ranges(
             "cfar",
-            ("keys", self.keys, self.keys >= 1, "a dictionary size >= 1"),
+            ("keys", self.keys, 1 <= self.keys <= MAX_KEYS,
+             f"a dictionary size in [1, {MAX_KEYS}]"),
             ("actors", self.actors, self.actors >= 1, "a number of actors >= 1"),
             ("fc2_lr", self.fc2_lr, 0 < self.fc2_lr < math.inf, "a learning rate > 0"),
             ("fc2_epochs", self.fc2_epochs, self.fc2_epochs >= 0,
@@ -408,12 +425,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file at ``path``, then ``key=value`` override strings."""
     config = Config()
     if path is not None:
+        if Path(path).is_dir():
+            raise ConfigError(
+                f"config file {path} is a folder; --config names a YAML file (`campar config` "
+                "prints one to start from)"
+            )
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = load_yaml(Path(path).read_bytes(), f"config file {path}") or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        except BoundedError as error:
+            raise ConfigError(str(error)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"config file {path} must hold a mapping, got {type(loaded).__name__}"
@@ -429,7 +451,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            parsed[key.strip()] = load_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
+        except BoundedError as error:
+            raise ConfigError(f"{error} (quote a string value: --set 'key=\"...\"')") from None
     return parsed
 
 
@@ -454,7 +479,7 @@ def _check_ranges(section: str, *checks: tuple[str, Any, bool, str]) -> None:
     for key, value, ok, valid in checks:
         if not ok:
             name = f"{section}.{key}" if section else key
-            raise ConfigError(f"bad value {value!r} for {name}: expected {valid}")
+            raise ConfigError(f"bad value {shorten(value)} for {name}: expected {valid}")
 
 
 def _refuse_credentials(key: str, uri: str) -> None:
@@ -559,7 +584,9 @@ def _apply(config: Config, flat: dict[str, Any]) -> Config:
     types_by_key = _leaf_types(Config)
     for key, value in flat.items():
         if key not in types_by_key:
-            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(types_by_key)}")
+            raise ConfigError(
+                f"unknown config key {shorten(key)}; valid keys: {', '.join(types_by_key)}"
+            )
         config = _replace_path(config, key.split("."), _coerce(key, value, types_by_key[key]))
     return config
 
@@ -581,7 +608,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             if isinstance(value, tuple(kinds)) and not isinstance(value, bool):
                 return value
             names = " or ".join(kind.__name__ for kind in kinds)
-            raise ConfigError(f"bad value {value!r} for {key}: expected {names}")
+            raise ConfigError(f"bad value {shorten(value)} for {key}: expected {names}")
         (kind,) = kinds
         options = typing.get_args(kind)
     try:
@@ -604,7 +631,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             return "none"
         return kind(value)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"bad value {value!r} for {key}: {error}") from None
+        raise ConfigError(f"bad value {shorten(value)} for {key}: {error}") from None
 
 
 def _plain(value: Any) -> Any:

@@ -32,8 +32,8 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from campar_ray import storage
 from campar_ray.bundle import Threshold, load_model
-from campar_ray.data.images import ANY_PATH
-from campar_ray.data.manifest import BINARY_COLUMN, read_manifest
+from campar_ray.data.images import STRICT, ImageLimits
+from campar_ray.data.manifest import BINARY_COLUMN, check_images, read_manifest
 from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.progress import Progress
 from campar_ray.runtime import init_ray
@@ -72,10 +72,17 @@ class Inputs:
     """``(H, W)`` of the pixels a decoded manifest stores (``ManifestInfo.pixels``)."""
 
 
-def list_inputs(source: str) -> Inputs:
-    """The images named by a manifest (``.parquet``), a folder (recursive) or a glob pattern."""
+def list_inputs(source: str, limits: ImageLimits = STRICT) -> Inputs:
+    """The images named by a manifest (``.parquet``), a folder (recursive) or a glob pattern.
+
+    A manifest's references are checked as training checks them, all before any is read:
+    one outside its folder (unless ``limits`` allow it) or a URI with options stops the
+    command in one line naming the row."""
     if source.endswith(".parquet"):
         table, info = read_manifest(source)
+        if BINARY_COLUMN not in table.column_names:
+            images = table.column("image").to_pylist()
+            check_images(images, info.root, allow_outside_root=limits.allow_outside_root)
         columns = ["image", *([BINARY_COLUMN] if BINARY_COLUMN in table.column_names else [])]
         return Inputs(table.select(columns), info.root, info.pixels)
     if any(char in source for char in "*?["):
@@ -115,13 +122,15 @@ def predict(
     batch_size: int = 64,
     decode_concurrency: int = 1,
     cpus_per_actor: float = 1.0,
+    limits: ImageLimits = STRICT,
 ) -> PredictResult:
     """Predict every image of ``source`` with the bundle (or run) ``model``; write ``out``.
 
     ``out`` ends with ``.parquet`` (``predicted`` as a list) or ``.csv`` (names joined by
     ``;``). ``threshold`` is the protocol (:data:`campar_ray.metrics.THRESHOLD_PROTOCOLS`)
-    that decides ``predicted``. Connects to the Ray cluster (or starts a local one) if none
-    is connected.
+    that decides ``predicted``. A manifest's rows go through the manifest guard under
+    ``limits`` (``data.allow_outside_root``: off, its rows stay in its folder). Connects to
+    the Ray cluster (or starts a local one) if none is connected.
     """
     if not out.endswith(OUTPUT_SUFFIXES):
         raise ValueError(f"output {out!r} must end with one of {', '.join(OUTPUT_SUFFIXES)}")
@@ -131,7 +140,7 @@ def predict(
             f"({decode_concurrency}) must all be at least 1"
         )
     predictor = load_model(model, threshold)
-    inputs = list_inputs(source)
+    inputs = list_inputs(source, limits)
     init_ray()
     if gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise ValueError("--gpu asks for GPU actors but the Ray cluster has no GPU")
@@ -146,7 +155,7 @@ def predict(
             fn_kwargs={
                 "root": inputs.root,
                 "size": predictor.image_size,
-                "limits": ANY_PATH,
+                "limits": limits,
                 "stored": inputs.stored,
                 "reasons": True,
             },

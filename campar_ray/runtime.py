@@ -31,9 +31,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 HOST_PORT = re.compile(r"^[\w.\-]+:\d+$")
@@ -154,6 +157,7 @@ def init_ray(address: str | None = None, insecure: bool = False) -> None:
         context = ray.init(address=address, log_to_driver=not quiet)
     else:
         cpus = local_logical_cpus()
+        _private_token_file()
         context = ray.init(
             num_cpus=cpus,
             include_dashboard=True,
@@ -161,14 +165,49 @@ def init_ray(address: str | None = None, insecure: bool = False) -> None:
             log_to_driver=not quiet,
             # Ray starts at most min(cores, CPUs) workers at once and warns past 4x that; a
             # 2-core laptop given 4 logical CPUs then warns on every training run.
-            _system_config={"worker_maximum_startup_concurrency": cpus},
+            # No Prometheus exporter: the dashboard agent would serve it unauthenticated on
+            # every interface (Ray binds 127.0.0.1 only when the node's address is loopback,
+            # and ray.init turns a loopback _node_ip_address into the machine's address).
+            _system_config={
+                "worker_maximum_startup_concurrency": cpus,
+                "enable_metrics_collection": False,
+            },
         )
+    terminate_as_interrupt()  # ray.init replaced it
+    if not address:
+        _private_token_file()  # created by this ray.init when there was none
     if quiet:
         session = context.address_info.get("session_dir") or "Ray's session folder"
         logging.getLogger("ray").info("campar: Ray's worker and actor logs: %s/logs", session)
         where = f"cluster {address}" if address else "local cluster"
         dashboard = f", dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
         print(f"[ray] {where}{dashboard}; Ray's logs: {log_file}", file=sys.stderr, flush=True)
+
+
+def _private_token_file() -> None:
+    """Make the local cluster's token file readable by its owner only (0600).
+
+    Ray writes ``~/.ray/auth_token`` (or ``RAY_AUTH_TOKEN_PATH``) with the process umask,
+    usually 0644: anyone on the machine could read the token and run code on the cluster.
+    Called before ``ray.init`` (an existing file) and after it (one Ray just wrote).
+    """
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(
+        os.path.expanduser("~"), ".ray", "auth_token"
+    )
+    if os.path.isfile(path) and not os.path.islink(path):
+        os.chmod(path, 0o600)
+
+
+def terminate_as_interrupt() -> Callable | int | None:
+    """Make SIGTERM raise as SIGINT (Ctrl-C) does, in the main thread; return the handler it
+    replaced (None off the main thread, where no handler can be set).
+
+    ``ray.init`` sets its own (``sys.exit``), under which a stopped search died with Ray's C++
+    stack dump and exit 134; :func:`init_ray` sets this one again after joining.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
 class _LogFile(logging.FileHandler):

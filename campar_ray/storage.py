@@ -8,11 +8,13 @@ S3-compatible store.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
+import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,6 +26,14 @@ class StorageError(ValueError):
     """A path the pipeline cannot write to; the one-line message names the path and the cause."""
 
 
+class WriteError(StorageError, OSError):
+    """A write that failed part-way (a full disk, a lost mount); what it had written is gone.
+    Still an ``OSError`` for callers that fall back elsewhere on one."""
+
+
+FULL = (
+    "no space left on the device (or over quota): free some space, or write elsewhere, and re-run"
+)
 # Substrings of pyarrow / AWS SDK errors -> the cause a user can act on.
 _CAUSES = (
     (("NO_SUCH_BUCKET", "NoSuchBucket", "Bucket '"), "the bucket does not exist"),
@@ -46,6 +56,7 @@ _CAUSES = (
         "the store is unreachable (check AWS_ENDPOINT_URL and the network)",
     ),
     (("Read-only file system",), "read-only file system"),
+    (("No space left on device", "Disk quota exceeded", "File too large"), FULL),
     (("Not a directory",), "a parent of the path is a file, not a folder"),
 )
 
@@ -53,6 +64,10 @@ _CAUSES = (
 CREDENTIALS_HINT = (
     "name the bucket alone (s3://bucket/path) and give credentials the standard way: "
     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or GOOGLE_APPLICATION_CREDENTIALS"
+)
+OPTIONS_HINT = (
+    "name the object alone (s3://bucket/path) and choose an S3-compatible store with "
+    "AWS_ENDPOINT_URL"
 )
 _BUCKET_SCHEMES = ("s3", "gs", "gcs")
 """Object stores whose authority is a bucket name, which never has a port."""
@@ -76,6 +91,17 @@ def has_credentials(uri: str) -> bool:
     except ValueError:
         return True
     return port is not None and parts.scheme.lower() in _BUCKET_SCHEMES
+
+
+def has_options(path: str) -> bool:
+    """True for a URI with a query (``s3://bucket/key?endpoint_override=host:port``).
+
+    pyarrow reads a URI's query as filesystem options: ``endpoint_override`` and ``scheme``
+    would send the request, signed with the user's credentials, to whatever host the URI
+    names. Such a URI is refused wherever one comes in (a manifest row, ``run.dir``, a
+    checkpoint's config); the endpoint comes from ``AWS_ENDPOINT_URL`` instead.
+    """
+    return (is_uri(path) or path.startswith("file://")) and "?" in path
 
 
 def is_uri(path: str) -> bool:
@@ -112,6 +138,8 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """
     if has_credentials(path):
         raise StorageError(f"a storage URI must not carry credentials; {CREDENTIALS_HINT}")
+    if has_options(path):
+        raise StorageError(f"a storage URI must not carry options ('?...'); {OPTIONS_HINT}")
     if is_uri(path) or path.startswith("file://"):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(Path(path).resolve())
@@ -134,17 +162,48 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write atomically on local disks (temp file + rename), directly on object stores."""
+    """Write atomically on local disks (temp file + rename), directly on object stores.
+
+    A write that fails (a full disk) leaves no temporary file behind and raises
+    :class:`WriteError` naming ``path`` and the cause.
+    """
     filesystem, inner = resolve(path)
-    filesystem.create_dir(posixpath.dirname(inner), recursive=True)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        tmp = f"{inner}.tmp"
-        with filesystem.open_output_stream(tmp) as stream:
+    tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
+    local = isinstance(filesystem, pafs.LocalFileSystem)
+    try:
+        filesystem.create_dir(posixpath.dirname(inner), recursive=True)
+        with filesystem.open_output_stream(tmp if local else inner) as stream:
             stream.write(data)
-        filesystem.move(tmp, inner)
+        if local:
+            filesystem.move(tmp, inner)
+    except (OSError, pa.ArrowException) as error:
+        if local and os.path.exists(tmp):
+            os.remove(tmp)
+        raise WriteError(f"cannot write {path}: {_cause(error)}") from None
+
+
+@contextlib.contextmanager
+def staged(out: str) -> Iterator[str]:
+    """A folder to write ``out``'s files into, so that a failure leaves no partial ``out``.
+
+    On a local disk the files go to a sibling folder that replaces ``out``'s files only once
+    all are written (and is deleted on any failure); object stores have no rename, so there
+    the files are written in place.
+    """
+    if is_uri(out):
+        yield out
         return
-    with filesystem.open_output_stream(inner) as stream:
-        stream.write(data)
+    target = os.path.abspath(out.removeprefix("file://"))
+    staging = f"{target}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        yield staging
+        for folder, _, files in os.walk(staging):
+            destination = os.path.join(target, os.path.relpath(folder, staging))
+            os.makedirs(destination, exist_ok=True)
+            for name in files:
+                os.replace(os.path.join(folder, name), os.path.join(destination, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def makedirs(path: str) -> None:
@@ -188,6 +247,8 @@ def _cause(error: Exception) -> str:
     """The actionable reason in a storage error, else its first line."""
     if isinstance(error, OSError) and error.errno == errno.EROFS:
         return "read-only file system"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return FULL
     message = str(error)
     for needles, cause in _CAUSES:
         if any(needle in message for needle in needles):

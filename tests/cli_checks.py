@@ -60,3 +60,36 @@ def black_png(path: Path, width: int, height: int) -> Path:
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
     )
     return path
+
+
+class Listener:
+    """A TCP listener on 127.0.0.1 that counts the connections made to it: where a hostile
+    ``?endpoint_override=`` would send a request signed with the user's key."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.connections = 0
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.2)
+        self.port = self._socket.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            connection.close()
+
+    def close(self) -> int:
+        """Stop listening; return how many connections came."""
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
+        return self.connections

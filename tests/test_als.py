@@ -175,7 +175,7 @@ def test_more_factors_than_attributes_is_well_posed(r):
         ({"lam": 0.0}, r"bad value 0.0 for cfar.lam: expected a regularisation > 0"),
         ({"alpha": float("nan")}, "bad value nan for cfar.alpha: expected a confidence slope"),
         ({"threshold": 1.0}, r"bad value 1.0 for cfar.threshold: .* in \(0, 1\)"),
-        ({"factors": 0}, "bad value 0 for cfar.factors: expected a latent dimension >= 1"),
+        ({"factors": 0}, r"bad value 0 for cfar.factors: expected a latent dimension in \[1, "),
         ({"iterations": 0}, "bad value 0 for cfar.iterations: expected a number of iterations"),
         ({"tol": -1.0}, "bad value -1.0 for cfar.tol: expected a relative change >= 0"),
     ],

@@ -17,7 +17,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "campar_ray"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("storage", "metrics", "progress"),
+    ("storage", "metrics", "progress", "bounded"),
     ("config", "artifacts"),
     ("runtime", "tracking"),
     ("data",),

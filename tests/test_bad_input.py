@@ -170,3 +170,26 @@ def test_planted_pickle_in_a_bundle_is_refused_not_run(trained, tmp_path, artefa
     with pytest.raises(ArtifactError, match="refusing to load"):
         loader(str(bundle))
     assert not marker.exists()
+
+
+def test_a_train_state_for_another_shape_is_refused_before_training(trained, tmp_path, capsys):
+    """A tampered ``train_state.pt`` (plain tensors, one of the wrong shape) used to fail 88 s
+    in, inside every worker, with a bare ``RuntimeError: output with shape [7, 7]``."""
+    manifest, run_dir = trained
+    copy = _copy(run_dir, tmp_path)
+    state_file = Path(resume_checkpoint(str(copy))) / STATE_FILE
+    state = load_tensors(str(state_file))
+    first = min(state["optimizer"]["state"])
+    state["optimizer"]["state"][first]["exp_avg"] = torch.zeros(7, 7)
+    torch.save(state, state_file)
+    before = _digest(copy)
+    code, err = _campar(capsys, "train", "--manifest", manifest, "--run-dir", str(copy), "--resume")
+    line = _one_line(err)
+    assert code == 2
+    assert line.startswith(
+        f"campar train: error: cannot resume {copy}: {state_file} does not fit this network's "
+        f"optimiser (its exp_avg of parameter {first} is [7, 7], the parameter is ["
+    )
+    assert line.endswith(f"(move {state_file.parent} away to resume from the previous "
+                         "checkpoint, or --fresh)")  # fmt: skip
+    assert _digest(copy) == before

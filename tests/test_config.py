@@ -139,8 +139,9 @@ def test_reference_recipe_is_the_baseline_15_classifier_with_the_floorless_cam()
         ("cfar.alpha=.inf", "bad value inf for cfar.alpha: expected a confidence slope >= 0"),
         ("cfar.lam=0", "bad value 0.0 for cfar.lam: expected a regularisation > 0 (keeps every "
          "D x D system invertible)"),
-        ("cfar.factors=0", "bad value 0 for cfar.factors: expected a latent dimension >= 1"),
-        ("cfar.keys=0", "bad value 0 for cfar.keys: expected a dictionary size >= 1"),
+        ("cfar.factors=0", "bad value 0 for cfar.factors: expected a latent dimension in "
+         "[1, 1024]"),
+        ("cfar.keys=0", "bad value 0 for cfar.keys: expected a dictionary size in [1, 100000]"),
         ("cfar.threshold=0", "bad value 0.0 for cfar.threshold: expected a threshold p_t in "
          "(0, 1)"),
         ("cfar.threshold=.nan", "bad value nan for cfar.threshold: expected a threshold p_t in "

@@ -17,9 +17,10 @@ import signal
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
-from cli_checks import TINY_TRAIN, Payload, one_line, run_campar
+from cli_checks import TINY_TRAIN, Listener, Payload, one_line, run_campar
 from test_evaluate import SIZE, train_tiny_run
 
 from campar_ray.bundle import best_checkpoint
@@ -100,7 +101,14 @@ def _state(folder: Path) -> dict[str, tuple[int, str]]:
         ("train.weight_decay=-0.1", "bad value -0.1 for train.weight_decay: expected a weight "
          "decay >= 0"),
         ("train.epochs=0", "bad value 0 for train.epochs: expected a number of epochs >= 1"),
-        ("train.batch_size=0", "bad value 0 for train.batch_size: expected a batch size >= 1"),
+        ("train.batch_size=0", "bad value 0 for train.batch_size: expected a batch size in "
+         "[1, 4096]"),
+        ("train.batch_size=100000", "bad value 100000 for train.batch_size: expected a batch "
+         "size in [1, 4096]"),
+        ("data.image_size=[20000,20000]", "bad value [20000, 20000] for data.image_size: "
+         "expected [H, W], each in [1, 4096]"),
+        ("cfar.factors=100000", "bad value 100000 for cfar.factors: expected a latent "
+         "dimension in [1, 1024]"),
         ("train.grad_clip=-1", "bad value -1.0 for train.grad_clip: expected a gradient-norm "
          "limit >= 0 (0: no clipping)"),
         ("train.cpus_per_worker=0", "bad value 0.0 for train.cpus_per_worker: expected a number "
@@ -113,9 +121,9 @@ def _state(folder: Path) -> dict[str, tuple[int, str]]:
          "expected seconds > 0"),
         ("train.checkpoint_every_minutes=-5", "bad value -5.0 for "
          "train.checkpoint_every_minutes: expected minutes >= 0 (0: per epoch only)"),
-        ("data.pad=-1", "bad value -1 for data.pad: expected pixels >= 0"),
+        ("data.pad=-1", "bad value -1 for data.pad: expected pixels in [0, 4096]"),
         ("data.image_size=[0,16]", "bad value [0, 16] for data.image_size: expected [H, W], "
-         "each >= 1"),
+         "each in [1, 4096]"),
         ("data.decode_concurrency=-1", "bad value -1 for data.decode_concurrency: expected a "
          "number of tasks >= 0 (0: automatic)"),
         ("data.prefetch_batches=-1", "bad value -1 for data.prefetch_batches: expected a number "
@@ -182,20 +190,37 @@ def test_the_edges_of_each_range_are_accepted():
 # --- Ctrl-C -------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_is_one_line_and_exit_130(trained, tmp_path, capsys, no_training, monkeypatch):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_ctrl_c_and_sigterm_say_what_was_saved_and_how_to_resume(
+    trained, tmp_path, capsys, no_training, monkeypatch, stop, snapshot
+):
+    """SIGTERM (a scheduler stopping the job) ends like Ctrl-C: one line naming the last
+    checkpoint Ray Train will resume from (or that there is none yet), exit 130."""
     run_dir = _copy(trained[1], tmp_path)
+    checkpoint = Path(best_checkpoint(str(run_dir)))
+    if snapshot:
+        record = {"checkpoint_dir_name": checkpoint.name}
+        (checkpoint.parent / "checkpoint_manager_snapshot.json").write_text(
+            json.dumps({"checkpoint_results": [record], "latest_checkpoint_result": record})
+        )
     before = _state(run_dir)
-    monkeypatch.setattr(
-        no_training, "train_stage1", lambda *a, **k: signal.raise_signal(signal.SIGINT)
-    )
+    monkeypatch.setattr(no_training, "train_stage1", lambda *a, **k: signal.raise_signal(stop))
     argv = ("train", "--manifest", trained[0], "--run-dir", str(run_dir))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises
+    terminate = signal.getsignal(signal.SIGTERM)
     try:
         code, out, err = run_campar(capsys, *argv)
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGTERM) is terminate  # the command put it back
     assert code == 130 and out == ""
-    assert err.strip() == "campar train: interrupted; re-run the same command to resume"
+    saved = (
+        f"the last checkpoint saved is {checkpoint}; re-run the same command to resume from it"
+        if snapshot
+        else "no checkpoint was saved yet; re-run the same command to start again"
+    )
+    assert err.strip() == f"campar train: interrupted; {saved}"
     assert _state(run_dir) == before
 
 
@@ -404,3 +429,351 @@ def test_an_error_a_restart_would_meet_again_fails_once_in_one_line(
     # Each start of the worker group opens a new TensorBoard event file: one start, no retry.
     assert len(list((run_dir / "tensorboard" / "stage1").iterdir())) == 1
     assert "input or config error, not retried" in log.read_text()
+
+
+# --- predict and bundle read manifest rows through the guard ------------------------------------
+
+
+@pytest.fixture
+def listener():
+    server = Listener()
+    yield server
+    server.close()
+
+
+def _hostile_rows(manifest: str, out: Path, rows: list[str], split: str) -> str:
+    """A manifest of ``split``'s first rows with their images replaced by ``rows``."""
+    table, info = read_manifest(manifest)
+    table = table.filter(pc.equal(table.column("split"), split)).slice(0, len(rows))
+    write_manifest(str(out), table.set_column(0, "image", pa.array(rows)), info)
+    return str(out)
+
+
+def _outside_rows(tmp_path: Path, port: int) -> list[str]:
+    """``../`` and absolute references to real PNGs outside, and a URI with an endpoint."""
+    from PIL import Image
+
+    for name in ("outside.png", "elsewhere.png"):
+        Image.new("RGB", (16, 32), (200, 10, 10)).save(tmp_path / name)
+    endpoint = f"s3://bucket/x.png?endpoint_override=127.0.0.1:{port}&scheme=http"
+    return ["../outside.png", str(tmp_path / "elsewhere.png"), endpoint]
+
+
+def test_predict_refuses_a_manifest_reaching_outside_its_folder(
+    trained, bundle, tmp_path, capsys, monkeypatch, listener
+):
+    """Its ``../``, absolute and endpoint rows used to be scored (and requested): now the
+    command stops in one line naming the row, before Ray, with no request sent."""
+    from campar_ray import runtime
+
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: None)  # refused before Ray
+    (tmp_path / "m").mkdir()
+    for index, row in enumerate(_outside_rows(tmp_path, listener.port)):
+        evil = _hostile_rows(trained[0], tmp_path / "m" / f"evil{index}.parquet", [row], "val")
+        out = tmp_path / "p.csv"
+        argv = ("predict", "--model", str(bundle), "--input", evil, "--out", str(out))
+        code, text, err = run_campar(capsys, *argv)
+        line = one_line(err)
+        assert code == 2 and text == "" and not out.exists()
+        assert line.startswith("campar predict: error: row 0: image ")
+        assert ("is a URI with options" if "?" in row else "is outside") in line
+    assert listener.close() == 0
+
+
+def test_bundle_samples_only_images_inside_the_manifest_a_checkpoint_names(
+    trained, tmp_path, capsys, listener
+):
+    """A ``meta.json`` naming someone else's manifest (its rows outside its folder, or a URI
+    with an endpoint) and one naming the manifest by such a URI: the bundle is made without
+    samples from outside and no request is sent."""
+    run_dir = _copy(trained[1], tmp_path)
+    (tmp_path / "m").mkdir()
+    evil = _hostile_rows(trained[0], tmp_path / "m" / "evil.parquet",
+                         _outside_rows(tmp_path, listener.port), "val")  # fmt: skip
+    meta_file = Path(best_checkpoint(str(run_dir))) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    endpoint = f"s3://bucket/m.parquet?endpoint_override=127.0.0.1:{listener.port}&scheme=http"
+    for manifest in (evil, endpoint):
+        meta["config"]["data"]["manifest"] = manifest
+        meta_file.write_text(json.dumps(meta))
+        out = tmp_path / "bundle"
+        code, _, err = run_campar(capsys, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+        assert code == 0, err
+        assert (out / "model.pt").is_file() and not (out / "samples.npz").exists()
+        shutil.rmtree(out)
+    assert listener.close() == 0
+
+
+def test_bundle_copies_only_the_named_stage2_files_never_through_a_symlink(
+    trained, tmp_path, capsys
+):
+    """``cfar/`` with a symlinked folder holding an ``id_rsa``: not copied (a bundle takes
+    the files the layout names, not a listing); a named file replaced by a symlink: refused
+    in one line naming it, no bundle written."""
+    run_dir = _copy(trained[1], tmp_path)
+    argv = ("--run-dir", str(run_dir), "--set", "cfar.solver=local", "--set", "cfar.iterations=2")
+    code, _, err = run_campar(capsys, "fit-cfar", *argv, "--set", "cfar.fc2_epochs=2")
+    assert code == 0, err
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "id_rsa").write_text("PRIVATE KEY")
+    (run_dir / "cfar" / "keys").symlink_to(keys, target_is_directory=True)
+    (run_dir / "cfar" / "notes.txt").write_text("not a model file")
+    out = tmp_path / "bundle"
+    code, _, err = run_campar(capsys, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "cfar").iterdir()) == [
+        "cfar.json", "dictionary.npz", "factors.npz", "fc2.npz"
+    ]  # fmt: skip
+    fc2 = run_dir / "cfar" / "fc2.npz"
+    fc2.rename(tmp_path / "fc2.npz")
+    fc2.symlink_to(tmp_path / "fc2.npz")
+    out = tmp_path / "bundle2"
+    line = _refused(capsys, run_dir, out, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+    assert line == (
+        f"campar bundle: error: {fc2} is a symlink; files are copied out of a run directory "
+        "only as regular files, never through a symlink: replace it by the file itself"
+    )
+
+
+# --- one writer per run directory ---------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys
+from campar_ray.run.lock import run_lock
+with run_lock(sys.argv[1], "train"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("train", "--manifest", "{manifest}"),
+        ("fit-cfar", "--set", "cfar.solver=local"),
+        ("tune", "--num-samples", "1"),
+        ("bundle", "--out", "{tmp}/bundle"),
+    ],
+)
+def test_a_second_writer_of_a_run_directory_is_refused_naming_the_holder(
+    trained, tmp_path, capsys, no_training, argv
+):
+    """The holder is another process (a `campar train` in the middle of its run); once it is
+    killed, its lock goes with it."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = _copy(trained[1], tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        command = [arg.format(manifest=trained[0], tmp=tmp_path) for arg in argv]
+        line = _refused(capsys, run_dir, tmp_path / "bundle", *command, "--run-dir", str(run_dir))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert line.startswith(
+        f"campar {argv[0]}: error: {run_dir} is being written by `campar train` (pid "
+        f"{holder.pid} on "
+    )
+    assert "one command writes a run directory at a time: wait for it to finish" in line
+    from campar_ray.run.lock import run_lock
+
+    with run_lock(str(run_dir), "bundle"):  # a killed holder leaves no stale lock
+        assert (run_dir / ".campar-lock").is_file()
+    assert not (run_dir / ".campar-lock").exists()
+
+
+def test_bundle_out_inside_the_run_directory_is_refused(trained, tmp_path, capsys):
+    run_dir = _copy(trained[1], tmp_path)
+    for out in (run_dir, run_dir / "bundle"):
+        line = _refused(
+            capsys, run_dir, run_dir / "model.pt", "bundle", "--run-dir", str(run_dir),
+            "--out", str(out),
+        )  # fmt: skip
+        assert line == (
+            f"campar bundle: error: --out {out} is inside the run directory {run_dir}, whose "
+            "config.yaml the bundle would overwrite; write the bundle elsewhere"
+        )
+
+
+# --- bounded parsing: bombs, depth, sizes, bad YAML ---------------------------------------------
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
+"""About 600 bytes that expand to 9**9 (387 million) strings."""
+DEEP_YAML = "[" * 20_000 + "]" * 20_000
+DEEP_JSON = '{"attributes": ' + "[" * 20_000 + "]" * 20_000 + "}"
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "problem"),
+    [
+        ("config.yaml", ALIAS_BOMB, "expands to more than 1000000 values (YAML aliases"),
+        ("config.yaml", DEEP_YAML, "is nested more than 64 levels deep"),
+        ("attributes.json", DEEP_JSON, "is nested more than 64 levels deep"),
+        ("config.yaml", "data: {image_size: [20000, 20000]}", "is not a campar config: bad "
+         "value [20000, 20000] for data.image_size: expected [H, W], each in [1, 4096]"),
+    ],
+)  # fmt: skip
+def test_a_bundle_file_that_would_take_all_memory_is_refused_in_one_short_line(
+    bundle, tmp_path, capsys, file, text, problem
+):
+    """The 1.3 KB alias bomb used to take 3 GB and print a 522 MB line; 20,000 brackets a
+    RecursionError; a 20000 x 20000 input 9.6 GB in ``export``."""
+    broken = _copy(bundle, tmp_path)
+    (broken / file).write_text(text)
+    out = tmp_path / "model.pt"
+    line = _refused(capsys, broken, out, "export", "--model", str(broken), "--out", str(out))
+    assert line.startswith(f"campar export: error: {broken / file} ")
+    assert problem in line and len(line) < 400
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (ALIAS_BOMB, "expands to more than 1000000 values"),
+        (DEEP_YAML, "is nested more than 64 levels deep"),
+        ("train: [lr: 1", "is not valid YAML: did not find expected ',' or ']' at line 2, "),
+    ],
+)
+def test_a_config_file_bomb_or_bad_yaml_is_one_line(tmp_path, capsys, text, problem):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    code, out, err = run_campar(capsys, "config", "--config", str(path))
+    assert code == 2 and out == ""
+    line = one_line(err)
+    assert line.startswith(f"campar config: error: config file {path} {problem}")
+    assert len(line) < 300
+
+
+def test_a_config_naming_a_folder_is_one_line(tmp_path, capsys):
+    code, out, err = run_campar(capsys, "config", "--config", str(tmp_path))
+    assert code == 2 and out == ""
+    assert one_line(err) == (
+        f"campar config: error: config file {tmp_path} is a folder; --config names a YAML "
+        "file (`campar config` prints one to start from)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("[1,", "--set train.lr is not valid YAML: did not find expected node content at "),
+        ("!!python/object/apply:os.system ['touch {marker}']", "--set train.lr is not valid "
+         "YAML: could not determine a constructor for the tag "),
+        ("[&a [x, x, x, x, x, x, x, x], *a, *a, *a]", "bad value [['x', 'x', 'x', 'x', 'x', "
+         "'x', 'x', 'x'], ['x', 'x', 'x', 'x', 'x', 'x', 'x'... for train.lr: float() "),
+    ],
+)  # fmt: skip
+def test_bad_yaml_in_set_is_one_line_and_runs_nothing(tmp_path, capsys, value, problem):
+    marker = tmp_path / "pwned"
+    code, out, err = run_campar(
+        capsys, "config", "--set", f"train.lr={value}".format(marker=marker)
+    )
+    assert code == 2 and out == "" and not marker.exists()
+    line = one_line(err)
+    assert line.startswith(f"campar config: error: {problem}") and len(line) < 300
+
+
+# --- damaged checkpoint records -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("meta", "problem"),
+    [
+        ("drop epoch", "no 'epoch' of the right type"),
+        ([1, 2], "expected a JSON object, got list"),
+    ],
+)
+def test_a_meta_json_without_epoch_or_not_an_object_is_one_line(
+    trained, tmp_path, capsys, meta, problem
+):
+    run_dir = _copy(trained[1], tmp_path)
+    checkpoint = Path(best_checkpoint(str(run_dir)))
+    if meta == "drop epoch":
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        del meta["epoch"]
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "bundle"
+    line = _refused(capsys, run_dir, out, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+    assert line == (
+        f"campar bundle: error: {checkpoint / 'meta.json'} is not a stage-1 checkpoint's "
+        f"metadata ({problem}); the checkpoint is damaged: move {checkpoint} away (the run goes "
+        "on from its previous checkpoint), or start over with --fresh"
+    )
+
+
+@pytest.mark.parametrize(
+    "entry", [{"metrics": {}}, {"checkpoint_dir_name": "../../elsewhere"}, "checkpoint_000001"]
+)
+def test_a_snapshot_entry_without_a_checkpoint_folder_name_is_one_line(
+    trained, tmp_path, capsys, entry
+):
+    run_dir = _copy(trained[1], tmp_path)
+    snapshot = run_dir / "ray" / "stage1" / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(json.dumps({"checkpoint_results": [entry]}))
+    out = tmp_path / "bundle"
+    line = _refused(capsys, run_dir, out, "bundle", "--run-dir", str(run_dir), "--out", str(out))
+    assert line == (
+        f"campar bundle: error: {snapshot} has an entry without a folder name "
+        "(checkpoint_dir_name); the run's checkpoint record is damaged: start over in place "
+        "with --fresh, or use a new run.dir"
+    )
+
+
+# --- a full disk ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MB tmpfs: a real disk that fills up (mounting needs root; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_during_bundle_is_one_line_and_leaves_no_partial_file(
+    trained, full_disk, capsys
+):
+    out = full_disk / "bundle"
+    code, text, err = run_campar(capsys, "bundle", "--run-dir", str(trained[1]), "--out", str(out))
+    line = one_line(err)
+    assert code == 2 and text == ""
+    assert re.fullmatch(
+        rf"campar bundle: error: cannot write {re.escape(str(full_disk))}/bundle\.partial-\w+/"
+        r"model\.pt: no space left on the device \(or over quota\): free some space, or write "
+        r"elsewhere, and re-run",
+        line,
+    )
+    assert list(full_disk.iterdir()) == []  # no model.pt.tmp, no half bundle
+
+
+@pytest.mark.ray
+def test_a_20000_deep_search_record_on_tune_resume_is_one_line(
+    ray_cluster, trained, tmp_path, capsys
+):
+    run_dir = _copy(trained[1], tmp_path)
+    (run_dir / "tune").mkdir()
+    record = run_dir / "tune" / "search.json"
+    record.write_text("[" * 20_000 + "]" * 20_000)
+    argv = ("tune", "--run-dir", str(run_dir), "--resume", "--num-samples", "1")
+    line = _refused(capsys, run_dir, tmp_path / "none", *argv)
+    assert line == (
+        f"campar tune: error: {record} is nested more than 64 levels deep (campar's own files "
+        "nest a few); it is not campar's search settings, refusing it"
+    )

@@ -23,7 +23,7 @@ from PIL import Image
 from campar_ray.bundle import Threshold, load_model
 from campar_ray.cli import main
 from campar_ray.config import Config
-from campar_ray.data.images import ANY_PATH
+from campar_ray.data.images import STRICT
 from campar_ray.data.manifest import ManifestInfo, manifest_table, write_manifest
 from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.synthetic import render, sample_person
@@ -196,7 +196,7 @@ def test_decoding_records_errors_instead_of_raising(folder):
         "row": np.arange(3),
         "image": np.array(["a.png", "missing.png", "broken.jpg"], dtype=object),
     }
-    decoded = decode_batch(batch, root=str(folder), size=SIZE, limits=ANY_PATH, reasons=True)
+    decoded = decode_batch(batch, root=str(folder), size=SIZE, limits=STRICT, reasons=True)
     assert decoded["image"].shape == (3, *SIZE, 3)
     assert decoded["valid"].tolist() == [True, False, False]
     assert decoded["error"][0] == ""
@@ -216,7 +216,7 @@ def test_logits_prediction_and_the_bundle_score_through_one_scorer(bundle, folde
     (checkpoint / "meta.json").write_text(json.dumps(meta))
     names = ["a.png", "broken.jpg", "b.jpg", "sub/e.png"]
     batch = {"row": np.arange(4), "image": np.array(names, dtype=object)}
-    decoded = decode_batch(batch, root=str(folder), size=SIZE, limits=ANY_PATH, reasons=True)
+    decoded = decode_batch(batch, root=str(folder), size=SIZE, limits=STRICT, reasons=True)
     load_logits = functools.partial(
         checkpoint_scorer, str(checkpoint), amp=False, channels_last=False
     )

@@ -79,3 +79,46 @@ def test_the_cli_joins_through_init_ray_with_its_address_and_insecure(
     assert unjoined == [("10.0.0.3:6379", True), ("10.0.0.3:6379", False)]
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == f"campar {command}: error: refusing to use the Ray cluster at 10.0.0.3:6379"
+
+
+LISTENING = """
+import json, os, sys, psutil
+from campar_ray.runtime import init_ray
+import ray
+init_ray()
+me = psutil.Process()
+found = []
+for process in [me, *me.children(recursive=True)]:
+    try:
+        for connection in process.net_connections(kind="inet"):
+            if connection.status == psutil.CONN_LISTEN:
+                found.append([connection.laddr.ip, connection.laddr.port, process.name()])
+    except psutil.Error:
+        pass
+print(json.dumps(found))
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_a_local_cluster_keeps_its_http_ports_local_and_its_token_private(tmp_path):
+    """Its own local cluster (a fresh process, a fresh home): the dashboard listens on
+    127.0.0.1, no Prometheus exporter listens on every interface (the dashboard agent served
+    one, unauthenticated, on 0.0.0.0), and the token file Ray writes is 0600. Ray's gRPC
+    servers (GCS, raylet, workers, agents) still listen on all interfaces, behind the token."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": os.getcwd()}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", LISTENING], env=env, capture_output=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    listening = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert any(ip == "127.0.0.1" for ip, _, _ in listening)  # the dashboard
+    assert not [entry for entry in listening if entry[0] == "0.0.0.0"]
+    token = tmp_path / ".ray" / "auth_token"
+    assert token.is_file() and oct(token.stat().st_mode & 0o777) == "0o600"

@@ -101,7 +101,9 @@ def test_a_tampered_record_is_refused_naming_the_field(tmp_path, tamper, message
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("content", ["pickle", b"\xff\xfe", b"[1, 2]", b'{"format": NaN}'])
+@pytest.mark.parametrize(
+    "content", ["pickle", b"\xff\xfe", b"[1, 2]", b'{"format": NaN}', b"[" * 20_000 + b"]" * 20_000]
+)
 def test_a_record_that_is_no_json_object_is_refused_and_never_loaded(tmp_path, content):
     marker = tmp_path / "payload-ran"
     data = pickle.dumps(Payload(marker)) if content == "pickle" else content

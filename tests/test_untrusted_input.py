@@ -70,7 +70,7 @@ def test_pack_stores_only_bytes_that_decode_as_images(shared, capsys):
     assert out.splitlines()[:3] == [
         f"wrote {root / 'packed'}: 11 images packed into 1 shard(s)",
         "skipped 1 that do not decode as images:",
-        "  notes.txt: cannot decode image (40 bytes): not in any format Pillow reads",
+        "  notes.txt: cannot decode image: not in any format Pillow reads",
     ]
     assert all(SECRET not in data for data in _files(root / "packed").values())
     assert "notes.txt" not in read_manifest(str(root / "packed"))[0].column("image").to_pylist()
@@ -244,3 +244,64 @@ def test_doctor_without_a_config_says_the_manifest_is_not_set(
     assert "ok: nothing found" not in out and "Makefile" not in out
     assert sum(line.startswith("error:") for line in out.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile"]  # no runs/ folder
+
+
+# --- one guard for every reader of manifest rows ----------------------------------------------
+
+
+@pytest.fixture
+def listener():
+    from cli_checks import Listener
+
+    server = Listener()
+    yield server
+    server.close()
+
+
+def test_a_uri_row_with_endpoint_options_is_refused_everywhere_without_a_request(
+    shared, capsys, listener
+):
+    """``?endpoint_override=`` would send a request signed with the user's key elsewhere:
+    refused by the guard even with --allow-outside-root, and by storage for any path."""
+    root, manifest = shared
+    hostile = f"s3://bucket/x.png?endpoint_override=127.0.0.1:{listener.port}&scheme=http"
+    evil = _with_images(manifest, str(root / "data" / "evil.parquet"), {2: hostile})
+    for extra in ((), ("--allow-outside-root",)):
+        argv = ("pack", "--manifest", evil, "--out", str(root / "packed"), *extra)
+        code, out, err = run_campar(capsys, *argv)
+        line = one_line(err)
+        assert code == 2 and out == ""
+        assert line.startswith("campar pack: error: row 2: image 's3://bucket/x.png?endpoint_ov")
+        assert "is a URI with options" in line and "AWS_ENDPOINT_URL" in line
+    report = verify_manifest(evil)
+    assert [image for image, _ in report.bad] == [hostile]
+    with pytest.raises(storage.StorageError, match="must not carry options"):
+        storage.read_bytes(hostile)
+    assert listener.close() == 0
+
+
+def test_a_symlink_inside_the_manifest_folder_may_not_point_outside_it(shared, capsys):
+    """Symlinks are resolved before the root check: a link to a file outside and a linked
+    folder (holding an ``id_rsa``) are refused by pack, verify and training's check alike; a
+    link that stays inside is read."""
+    root, manifest = shared
+    (root / "keys").mkdir()
+    (root / "keys" / "id_rsa").write_bytes(SECRET)
+    Image.new("RGB", (16, 32), (1, 2, 3)).save(root / "outside.png")
+    data = root / "data"
+    (data / "link.png").symlink_to(root / "outside.png")
+    (data / "linked").symlink_to(root / "keys", target_is_directory=True)
+    first = read_manifest(manifest)[0].column("image")[0].as_py()
+    (data / "inside.png").symlink_to(data / first)
+    for row, reference in ((4, "link.png"), (5, "linked/id_rsa")):
+        evil = _with_images(manifest, str(data / "evil.parquet"), {row: reference, 1: "inside.png"})
+        code, _, err = run_campar(capsys, "pack", "--manifest", evil, "--out", str(root / "p"))
+        assert code == 2
+        assert one_line(err) == (
+            f"campar pack: error: row {row}: image {reference!r} is outside {data} through a "
+            "symlink; pass --allow-outside-root (or --set data.allow_outside_root=true) to "
+            "read it anyway"
+        )
+        assert [image for image, _ in verify_manifest(evil).bad] == [reference]
+        (data / "evil.parquet").unlink()
+    assert not (root / "p").exists() or not any((root / "p").rglob("*.parquet"))

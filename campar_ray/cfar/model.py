@@ -47,6 +47,8 @@ FACTORS_FILE = "factors.npz"
 DICTIONARY_FILE = "dictionary.npz"
 FC2_FILE = "fc2.npz"
 MODEL_FILE = "cfar.json"
+MODEL_FILES = (FACTORS_FILE, DICTIONARY_FILE, FC2_FILE, MODEL_FILE)
+"""Every file :func:`save_model` writes: what a bundle copies of a run's ``cfar/``."""
 
 Progress = Callable[[str, dict[str, Any]], None]
 """``progress(stage, values)``: stage ``als`` after each ALS iteration (iteration,

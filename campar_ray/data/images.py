@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from campar_ray import storage
 from campar_ray.config import DataConfig
-from campar_ray.data.manifest import OutsideRootError, check_inside_root, resolve_image
+from campar_ray.data.manifest import OutsideRootError, guard_image, resolve_image
 from campar_ray.data.transforms import resize_image
 
 MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
@@ -46,9 +46,6 @@ class ImageLimits:
 
 
 STRICT = ImageLimits()
-ANY_PATH = ImageLimits(allow_outside_root=True)
-"""For readers of a run's own manifest (report probes, bundle samples): its references were
-checked when the run trained, under that run's ``data.allow_outside_root``."""
 
 
 def load_image_bytes(image: str | bytes, root: str) -> bytes:
@@ -79,14 +76,16 @@ def read_image(
     """Load and decode one manifest image within ``limits`` (resized, mirrored: see
     :func:`decode_image`); raises one of :data:`UNREADABLE`.
 
-    A reference outside ``root`` is refused before it is read (unless allowed); bytes of a
-    packed row need no such check. ``stored`` is the ``(H, W)`` of a decoded manifest's rows
-    (``ManifestInfo.pixels``): ``image`` then holds raw pixels, see :func:`stored_pixels`.
+    A reference goes through :func:`~campar_ray.data.manifest.guard_image` before it is
+    read (outside ``root``, through a symlink or not, unless allowed; URI options always);
+    bytes of a packed row need no such check. ``stored`` is the ``(H, W)`` of a decoded
+    manifest's rows (``ManifestInfo.pixels``): ``image`` then holds raw pixels, see
+    :func:`stored_pixels`.
     """
     if stored is not None:
         return stored_pixels(image, stored, size=size, mirror=mirror)
-    if isinstance(image, str) and not limits.allow_outside_root:
-        check_inside_root(image, root)
+    if isinstance(image, str):
+        image, root = guard_image(image, root, allow_outside_root=limits.allow_outside_root), ""
     data = load_image_bytes(image, root)
     return decode_image(data, max_pixels=limits.max_pixels, size=size, mirror=mirror)
 
@@ -158,11 +157,10 @@ def decode_image(
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:  # its message names a BytesIO object, nothing useful
-        raise ImageDecodeError(
-            f"cannot decode image ({len(data)} bytes): not in any format Pillow reads"
-        ) from None
+        raise ImageDecodeError("cannot decode image: not in any format Pillow reads") from None
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {error}") from None
+        # Neither the file's size nor its bytes: a refused file may be someone's secret.
+        raise ImageDecodeError(f"cannot decode image: {error}") from None
     if array.size == 0:
         raise ImageDecodeError("image has no pixels")
     return array

@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from campar_ray import storage
+from campar_ray.bounded import BoundedError, load_json, shorten
 
 SPLITS = ("train", "val", "test")
 UNKNOWN = -1
@@ -102,9 +103,9 @@ class ManifestInfo:
                 "eval_attributes); write manifests with write_manifest"
             )
         try:
-            meta = json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError as error:
-            raise ManifestError(f"manifest metadata 'campar' is not valid JSON: {error}") from None
+            meta = load_json(metadata[METADATA_KEY], "manifest metadata 'campar'")
+        except BoundedError as error:
+            raise ManifestError(str(error)) from None
         if not isinstance(meta, dict):
             raise ManifestError("manifest metadata 'campar' must be a JSON object")
         for key in ("dataset", "attributes", "eval_attributes"):
@@ -244,21 +245,17 @@ def resolve_image(image: str, root: str) -> str:
 
 
 def outside_root(image: str, root: str) -> bool:
-    """True when the reference ``image`` of a manifest whose folder is ``root`` leaves it.
+    """True when the reference ``image`` of a manifest whose folder is ``root`` leaves it,
+    read lexically (no I/O; :func:`guard_image` also resolves symlinks).
 
     The one rule of what a manifest may name: a relative path that stays under ``root`` once
     ``..`` is collapsed, or an absolute path / URI of ``root``'s own scheme (and bucket)
     under it. A manifest from a shared bucket is someone else's input; without this rule
-    ``../secret.txt`` or ``/home/me/.aws/credentials`` would be read, and packed. The check is
-    lexical (no I/O): a symlink inside ``root`` counts as inside. A URI root also refuses ``?``:
-    pyarrow reads a query as filesystem options (``endpoint_override``), which would send
-    requests elsewhere. An empty root (files a user named on the command line) constrains
-    nothing.
+    ``../secret.txt`` or ``/home/me/.aws/credentials`` would be read, and packed. An empty
+    root (files a user named on the command line) constrains nothing.
     """
     if not root:
         return False
-    if storage.is_uri(root) and "?" in image:
-        return True
     if not is_absolute(image):
         relative = posixpath.normpath(image)
         return relative == ".." or relative.startswith("../")
@@ -271,20 +268,54 @@ def outside_root(image: str, root: str) -> bool:
     return path != root_path and not path.startswith(root_path + "/")
 
 
-def check_inside_root(image: str, root: str, row: int | None = None) -> None:
-    """Raise :class:`OutsideRootError` when ``image`` leaves ``root`` (naming ``row`` if given)."""
-    if outside_root(image, root):
-        where = "" if row is None else f"row {row}: "
+def guard_image(
+    image: str, root: str, *, allow_outside_root: bool = False, row: int | None = None
+) -> str:
+    """The path or URI to open for the reference ``image`` of a manifest whose folder is
+    ``root``, or :class:`OutsideRootError` (naming ``row`` if given).
+
+    The one guard every reader of manifest rows goes through (training, ``pack``,
+    ``verify``, ``predict``, the bundle's samples, the report's probes):
+
+    - a URI with a query is refused always, ``allow_outside_root`` or not: pyarrow reads
+      ``?endpoint_override=...`` as filesystem options and would send the request, signed
+      with the user's credentials, wherever the row says;
+    - unless ``allow_outside_root``, the reference must stay in ``root`` (:func:`outside_root`),
+      and on a local disk so must the file it names once every symlink is resolved: a
+      symlink inside ``root`` may point only inside ``root``.
+    """
+    where = "" if row is None else f"row {row}: "
+    path = resolve_image(image, root)
+    if storage.has_options(path):
         raise OutsideRootError(
-            f"{where}image {image!r} is outside {root}; pass "
+            f"{where}image {shorten(image)} is a URI with options ('?...'), which would "
+            f"redirect the request; {storage.OPTIONS_HINT}"
+        )
+    if allow_outside_root or not root:
+        return path
+    if outside_root(image, root) or _links_outside(path, root):
+        how = " through a symlink" if not outside_root(image, root) else ""
+        raise OutsideRootError(
+            f"{where}image {shorten(image)} is outside {root}{how}; pass "
             "--allow-outside-root (or --set data.allow_outside_root=true) to read it anyway"
         )
+    return path
 
 
-def check_images_inside_root(images: Sequence[str], root: str) -> None:
-    """:func:`check_inside_root` for every row of a manifest, before any image is read."""
+def _links_outside(path: str, root: str) -> bool:
+    """True when the local file ``path`` (under ``root`` as written) resolves outside the
+    resolved ``root``: a symlink out of the manifest's folder."""
+    if storage.is_uri(path) or storage.is_uri(root):
+        return False  # object stores have no symlinks
+    real = os.path.realpath(path.removeprefix("file://"))
+    real_root = os.path.realpath(root.removeprefix("file://"))
+    return real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def check_images(images: Sequence[str], root: str, *, allow_outside_root: bool = False) -> None:
+    """:func:`guard_image` for every row of a manifest, before any image is read."""
     for row, image in enumerate(images):
-        check_inside_root(image, root, row)
+        guard_image(image, root, allow_outside_root=allow_outside_root, row=row)
 
 
 def _scheme_path(reference: str) -> tuple[str, str]:

@@ -44,7 +44,7 @@ from campar_ray.data.manifest import (
     ManifestError,
     ManifestInfo,
     ManifestWriter,
-    check_images_inside_root,
+    check_images,
     output_root,
     read_manifest,
 )
@@ -142,8 +142,8 @@ def pack_manifest(
     table, info = read_manifest(manifest)
     if BINARY_COLUMN in table.column_names:
         raise ManifestError(f"manifest {manifest} is already packed")
-    if not limits.allow_outside_root:
-        check_images_inside_root(table.column("image").to_pylist(), info.root)
+    images = table.column("image").to_pylist()
+    check_images(images, info.root, allow_outside_root=limits.allow_outside_root)
     return pack_rows(
         table,
         info,

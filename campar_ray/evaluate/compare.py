@@ -18,6 +18,7 @@ import numpy as np
 
 from campar_ray import storage
 from campar_ray.bundle import load_cfar_if_fitted, load_model
+from campar_ray.data.images import ImageLimits
 from campar_ray.evaluate.metrics_table import final_source, run_config, score_split
 from campar_ray.evaluate.plots import angle_boxplot
 from campar_ray.evaluate.probes import angles, load_split_images
@@ -69,8 +70,9 @@ def compare_runs(
             predictor = load_model(run_dir)
             try:
                 images = load_split_images(
-                    config.data.manifest, split, predictor.image_size, angle_images
-                )
+                    config.data.manifest, split, predictor.image_size, angle_images,
+                    ImageLimits.of(config.data),
+                )  # fmt: skip
             except (FileNotFoundError, ValueError) as error:
                 notes.append(f"No angles for {run_dir}: its images cannot be read ({error}).")
                 continue

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import yaml
 
 from campar_ray import storage
+from campar_ray.bounded import load_yaml
 from campar_ray.bundle import protocol_threshold, stage1_probabilities
 from campar_ray.cfar.fit import CfarPredictor, eval_columns
 from campar_ray.config import Config
@@ -63,7 +63,8 @@ class Scored:
 
 def run_config(run_dir: str) -> Config:
     """The resolved config a run was trained with (the one stage 1 wrote)."""
-    return Config().override(yaml.safe_load(storage.read_bytes(RunDir(run_dir).config_file)))
+    path = RunDir(run_dir).config_file
+    return Config().override(load_yaml(storage.read_bytes(path), path))
 
 
 def check_split(split: str) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from campar_ray.bundle import ParPredictor
-from campar_ray.data.images import ANY_PATH, read_image
+from campar_ray.data.images import STRICT, ImageLimits, read_image
 from campar_ray.data.manifest import BINARY_COLUMN, labels_matrix, read_manifest
 from campar_ray.data.transforms import normalize
 from campar_ray.model import feature_weight_angles
@@ -50,8 +50,11 @@ class CamSample:
     """M x H x W in [0, 1], at the network's input size."""
 
 
-def load_split_images(manifest: str, split: str, size: tuple[int, int], limit: int) -> SplitImages:
-    """Up to ``limit`` decodable images of ``split``, evenly spaced over the split."""
+def load_split_images(
+    manifest: str, split: str, size: tuple[int, int], limit: int, limits: ImageLimits = STRICT
+) -> SplitImages:
+    """Up to ``limit`` decodable images of ``split``, evenly spaced over the split, read
+    through the manifest guard under ``limits`` (the run's ``data``)."""
     if not manifest:
         raise FileNotFoundError("the run's config names no manifest (data.manifest is empty)")
     table, info = read_manifest(manifest)
@@ -66,7 +69,7 @@ def load_split_images(manifest: str, split: str, size: tuple[int, int], limit: i
         zip(rows.column("image").to_pylist(), sources.to_pylist(), strict=True)
     ):
         try:
-            pixels.append(read_image(source, info.root, ANY_PATH, size=size, stored=info.pixels))
+            pixels.append(read_image(source, info.root, limits, size=size, stored=info.pixels))
         except (ValueError, OSError):
             continue
         names.append(name)

@@ -25,6 +25,7 @@ import numpy as np
 from campar_ray import storage
 from campar_ray.bundle import ParPredictor, load_model, training_history
 from campar_ray.config import Config
+from campar_ray.data.images import ImageLimits
 from campar_ray.evaluate import plots
 from campar_ray.evaluate.document import Figure, Section, Table, render_html, render_markdown
 from campar_ray.evaluate.metrics_table import (
@@ -235,7 +236,11 @@ def _image_sections(
     cam_section = Section("Class activation maps")
     try:
         images = load_split_images(
-            config.data.manifest, split, predictor.image_size, max(angle_images, cam_images, 1)
+            config.data.manifest,
+            split,
+            predictor.image_size,
+            max(angle_images, cam_images, 1),
+            ImageLimits.of(config.data),
         )
     except (FileNotFoundError, ValueError) as error:
         note = f"Skipped: the run's images cannot be read ({error})."
@@ -245,9 +250,11 @@ def _image_sections(
         groups[run_label(config, run_dir)] = angles(predictor, images.first(angle_images))
         if baseline_run is not None:
             other = load_model(baseline_run)
+            other_data = run_config(baseline_run).data
             other_images = load_split_images(
-                run_config(baseline_run).data.manifest, split, other.image_size, angle_images
-            )
+                other_data.manifest, split, other.image_size, angle_images,
+                ImageLimits.of(other_data),
+            )  # fmt: skip
             groups[run_label(other.config, baseline_run)] = angles(other, other_images)
         angle_section.blocks += _angle_blocks(groups)
     else:

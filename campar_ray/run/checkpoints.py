@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import torch
-import yaml
 
 from campar_ray import storage
 from campar_ray.artifacts import ArtifactError, load_json, load_tensors
+from campar_ray.bounded import BoundedError, load_yaml
 from campar_ray.config import Config, ModelConfig
 from campar_ray.model import ParModel, WeightsMismatch, load_network, rebuild_network
 from campar_ray.run.layout import RunDir
@@ -31,8 +31,34 @@ MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
-def read_meta(checkpoint: str) -> dict[str, Any]:
-    return load_json(storage.join(checkpoint, META_FILE))
+def read_meta(checkpoint: str, *, ranked: bool = False) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``, checked to hold what its readers take from it: an object
+    with ``attributes`` and ``config``; ``ranked`` (a run's checkpoints, ranked by epoch and
+    validation mA) also ``epoch``, ``history`` and, unless it is a mid-epoch checkpoint
+    (``partial``), ``metrics`` with ``val_mA``."""
+    path = storage.join(checkpoint, META_FILE)
+    meta = load_json(path)
+    kinds: dict[str, type] = {"attributes": list, "config": dict}
+    if ranked:
+        kinds.update(epoch=int, history=list)
+    if ranked and isinstance(meta, dict) and "partial" not in meta:
+        kinds["metrics"] = dict
+    problem = None
+    if not isinstance(meta, dict):
+        problem = f"expected a JSON object, got {type(meta).__name__}"
+    else:
+        missing = [key for key, kind in kinds.items() if not isinstance(meta.get(key), kind)]
+        if missing:
+            problem = f"no {missing[0]!r} of the right type"
+        elif "metrics" in kinds and not isinstance(meta["metrics"].get("val_mA"), int | float):
+            problem = "no number 'val_mA' in 'metrics'"
+    if problem is not None:
+        raise ArtifactError(
+            f"{path} is not a stage-1 checkpoint's metadata ({problem}); the checkpoint is "
+            f"damaged: move {checkpoint} away (the run goes on from its previous checkpoint), "
+            "or start over with --fresh"
+        )
+    return meta
 
 
 def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
@@ -54,7 +80,7 @@ def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
         if registered is not None and info.base_name not in registered:
             continue
         if info.type == pafs.FileType.Directory and storage.exists(storage.join(path, META_FILE)):
-            meta = read_meta(path)
+            meta = read_meta(path, ranked=True)
             if "partial" not in meta:
                 found.append((path, meta))
     if not found:
@@ -64,22 +90,48 @@ def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
 
 def _registered(root: str) -> set[str] | None:
     """Folder names in Ray Train's checkpoint snapshot (None: no snapshot, e.g. a copied run)."""
-    snapshot = storage.join(root, SNAPSHOT_FILE)
-    if not storage.exists(snapshot):
+    snapshot = _snapshot(root)
+    if snapshot is None:
         return None
-    return {r["checkpoint_dir_name"] for r in load_json(snapshot)["checkpoint_results"]}
+    return {_dir_name(entry, root) for entry in snapshot["checkpoint_results"]}
 
 
 def resume_checkpoint(run_dir: str) -> str | None:
     """The checkpoint Ray Train will resume ``run_dir`` from, or None for a fresh run."""
     root = RunDir(run_dir).checkpoints
-    snapshot = storage.join(root, SNAPSHOT_FILE)
-    if not storage.exists(snapshot):
-        return None
-    latest = load_json(snapshot).get("latest_checkpoint_result")
+    snapshot = _snapshot(root)
+    latest = None if snapshot is None else snapshot.get("latest_checkpoint_result")
     if not latest:
         return None
-    return storage.join(root, latest["checkpoint_dir_name"])
+    return storage.join(root, _dir_name(latest, root))
+
+
+def _snapshot(root: str) -> dict[str, Any] | None:
+    """Ray Train's checkpoint snapshot under ``root``, checked to be an object with a list
+    ``checkpoint_results`` (None: there is none)."""
+    path = storage.join(root, SNAPSHOT_FILE)
+    if not storage.exists(path):
+        return None
+    snapshot = load_json(path)
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("checkpoint_results"), list):
+        raise ArtifactError(f"{path} is not Ray Train's checkpoint snapshot; {_SNAPSHOT_FIX}")
+    return snapshot
+
+
+def _dir_name(entry: Any, root: str) -> str:
+    """A snapshot entry's ``checkpoint_dir_name``: a plain folder name under ``root``."""
+    name = entry.get("checkpoint_dir_name") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ArtifactError(
+            f"{storage.join(root, SNAPSHOT_FILE)} has an entry without a folder name "
+            f"(checkpoint_dir_name); {_SNAPSHOT_FIX}"
+        )
+    return name
+
+
+_SNAPSHOT_FIX = (
+    "the run's checkpoint record is damaged: start over in place with --fresh, or use a new run.dir"
+)
 
 
 def stored_config(run_dir: str) -> dict[str, Any] | None:
@@ -94,10 +146,10 @@ def stored_config(run_dir: str) -> dict[str, Any] | None:
         if checkpoint is not None:
             stored = read_meta(checkpoint).get("config")
         elif storage.exists(path):
-            stored = yaml.safe_load(storage.read_bytes(path))
+            stored = load_yaml(storage.read_bytes(path), path)
         else:
             return None
-    except (ArtifactError, yaml.YAMLError, AttributeError) as error:
+    except (ArtifactError, BoundedError, AttributeError) as error:
         raise ArtifactError(f"cannot resume {run_dir}: {error}; no file was changed") from None
     if not isinstance(stored, dict):
         raise ArtifactError(f"cannot resume {run_dir}: its stored config is not a mapping")
@@ -142,12 +194,49 @@ def check_weights(
         return
     path = storage.join(checkpoint, MODEL_FILE)
     try:
-        rebuild_network(model, attributes, load_tensors(path))
+        network = rebuild_network(model, attributes, load_tensors(path))
     except WeightsMismatch as mismatch:
         raise ArtifactError(
             f"cannot resume {run_dir}: {path} does not fit a model.backbone={model.backbone} "
             f"network ({mismatch}); no file was changed (--fresh starts over in place)"
         ) from None
+    state_path = storage.join(checkpoint, STATE_FILE)
+    problem = _state_mismatch(load_tensors(state_path), network)
+    if problem is not None:
+        raise ArtifactError(
+            f"cannot resume {run_dir}: {state_path} does not fit this network's optimiser "
+            f"({problem}); the file is damaged or from another run, no file was changed (move "
+            f"{checkpoint} away to resume from the previous checkpoint, or --fresh)"
+        )
+
+
+def _state_mismatch(state: Any, network: torch.nn.Module) -> str | None:
+    """Why ``train_state.pt``'s Adam state cannot drive ``network`` (None: it can). Checked on
+    the driver: a wrong shape otherwise fails deep in every worker's first step."""
+    optimizer = state.get("optimizer") if isinstance(state, dict) else None
+    if not isinstance(optimizer, dict) or not all(
+        isinstance(state.get(key), dict) for key in ("scheduler", "scaler")
+    ):
+        return "expected optimizer, scheduler and scaler states"
+    shapes = [tuple(parameter.shape) for parameter in network.parameters()]
+    groups = optimizer.get("param_groups")
+    indices = [i for group in groups or [] for i in group.get("params", [])]
+    if indices != list(range(len(shapes))):
+        return f"{len(indices)} parameters, the network has {len(shapes)}"
+    for index, entry in (optimizer.get("state") or {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(shapes):
+            return f"state for parameter {index!r}, which the network does not have"
+        for name, value in (entry or {}).items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.dim()
+                and tuple(value.shape) != shapes[index]
+            ):
+                return (
+                    f"its {name} of parameter {index} is {list(value.shape)}, the parameter "
+                    f"is {list(shapes[index])}"
+                )
+    return None
 
 
 def _differences(trained: list[str], manifest: tuple[str, ...]) -> str:

@@ -14,6 +14,7 @@ and the report's files (:mod:`campar_ray.evaluate.report`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from campar_ray import storage
@@ -32,6 +33,8 @@ TENSORBOARD_DIR = "tensorboard"
 DATA_STATS_DIR = "data_stats"
 LOGS_DIR = "logs"
 RAY_DIR = "ray"
+LOCK_FILE = ".campar-lock"
+"""Held by the one command writing the run (:mod:`.lock`); it names that command."""
 STAGE1_RUN = "stage1"
 """Stage 1's Ray Train run, stored under :data:`RAY_DIR`: the folder of its checkpoints."""
 
@@ -111,3 +114,16 @@ class RunDir:
     def logs(self) -> str:
         """The command's tracebacks and Ray's output when it runs quietly."""
         return self._join(LOGS_DIR)
+
+    @property
+    def lock(self) -> str:
+        return self._join(LOCK_FILE)
+
+    def contains(self, path: str) -> bool:
+        """True when ``path`` is this run directory or lies inside it (symlinks resolved on a
+        local disk): where a command that writes elsewhere must not write."""
+        if storage.is_uri(self.path) or storage.is_uri(path):
+            run, other = self.path.rstrip("/"), path.rstrip("/")
+        else:
+            run, other = os.path.realpath(self.path), os.path.realpath(path)
+        return other == run or other.startswith(run.rstrip("/") + "/")

@@ -39,7 +39,7 @@ from campar_ray import storage
 from campar_ray.config import CHOICES, Config, ConfigError, TrainConfig
 from campar_ray.data.manifest import (
     ManifestInfo,
-    check_images_inside_root,
+    check_images,
     is_packed,
     labels_matrix,
     read_manifest,
@@ -117,9 +117,10 @@ def train_stage1(
     # An attribute no training image annotates has no positive rate and no loss term: refused
     # here, before Ray starts (_trainer computes the same rates for the workers).
     positive_ratio(labels_matrix(_split_rows(table, "train")), info.attributes)
-    if not config.data.allow_outside_root and not is_packed(config.data.manifest):
+    if not is_packed(config.data.manifest):
         # Refused here, in one line, rather than every image skipped by the decode tasks.
-        check_images_inside_root(table.column("image").to_pylist(), info.root)
+        images = table.column("image").to_pylist()
+        check_images(images, info.root, allow_outside_root=config.data.allow_outside_root)
     if existing_run != "fresh":  # a damaged checkpoint is named before a config difference
         checkpoint = check_resumable(config.run.dir, info.attributes)
         config = check_run_dir(config, stored, existing_run)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from campar_ray import storage
+from campar_ray.bounded import BoundedError, load_json
 from campar_ray.config import ConfigError
 from campar_ray.tune.report import REPORTED, STATUSES, is_metric
 from campar_ray.tune.space import SearchSpace
@@ -117,8 +118,10 @@ def read_json_object(path: str, what: str) -> dict[str, Any]:
     """``path`` parsed as a JSON object, refused in one line otherwise (pickles included)."""
     data = storage.read_bytes(path)
     try:
-        payload = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as error:
+        payload = load_json(data, path, parse_constant=_refuse_constant)
+    except BoundedError as error:
+        raise ResumeError(f"{error}; it is not {what}, refusing it") from None
+    except ValueError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ResumeError(f"{path} is not {what} (not JSON: {reason}); refusing it") from None
     if not isinstance(payload, dict):

@@ -23,6 +23,7 @@ import optuna.distributions as od
 import yaml
 
 from campar_ray import storage
+from campar_ray.bounded import BoundedError, load_yaml
 from campar_ray.cfar.fit import check_cfar_config
 from campar_ray.config import Config, ConfigError, config_keys
 
@@ -149,9 +150,9 @@ def load_search_space(path: str | None, base: Config, scope: str) -> SearchSpace
         raise SearchSpaceError(f"search space file not found: {path}")
     text = storage.read_bytes(path).decode() if path else DEFAULT_SPACE.read_text()
     try:
-        entries = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise SearchSpaceError(f"search space {source} is not valid YAML: {error}") from None
+        entries = load_yaml(text, f"search space {source}") or {}
+    except BoundedError as error:
+        raise SearchSpaceError(str(error)) from None
     if not isinstance(entries, dict) or not entries:
         raise SearchSpaceError(
             f"search space {source} must map config keys to distributions, "

@@ -37,7 +37,7 @@ from campar_ray.data.converters.common import Converted, DatasetError, Option
 from campar_ray.data.images import STRICT, ImageLimits
 from campar_ray.data.manifest import (
     SPLITS,
-    check_images_inside_root,
+    check_images,
     output_root,
     outside_root,
     rebase_images,
@@ -200,8 +200,8 @@ def prepare(
     elif not storage.is_uri(root):
         root = os.path.abspath(root)
     converted = spec.convert(root, seed, **resolved)
-    if not limits.allow_outside_root:
-        check_images_inside_root(converted.table.column("image").to_pylist(), root)
+    images = converted.table.column("image").to_pylist()
+    check_images(images, root, allow_outside_root=limits.allow_outside_root)
     table = rebase_images(converted.table, root, folder_of_out)
     dropped = dict(converted.dropped)
     if pack:
