@@ -419,6 +419,11 @@ def _evaluate(args: argparse.Namespace, config: Config) -> int:
         cam_images=args.cam_images,
     )
     print(f"report: {result['files']['markdown']} (threshold protocol {args.threshold})")
+    calibration = result["calibration"]
+    for protocol in ("0.5", "calibrated"):
+        print(
+            f"{result['final']} mA at protocol {protocol}: {100 * calibration[protocol]['mA']:.2f}"
+        )
     return 0
 
 

@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be applied (message names the key)."""
 
 
+PREDICT_FROM = ("specific", "shared", "mean")
+"""Which stage-1 logits a run predicts from (``model.predict_from``); the baseline head has
+shared logits only and predicts from them whatever is chosen (:mod:`campar_ray.decision`)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Stage-1 network: encoder, optional feature fusion and the classifier head."""
@@ -47,7 +52,7 @@ class ModelConfig:
     fusion_size: tuple[int, int] | None = None
     """Spatial size of the fused map; ``None`` keeps the deepest level's size."""
     predict_from: str = "specific"
-    """Logits used for prediction: ``specific`` (reference), ``shared`` or ``mean``."""
+    """Logits used for prediction: one of :data:`PREDICT_FROM`, ``specific`` (reference)."""
     prior_bias: bool = True
     """Start the logits' bias at logit(positive rate) (see ``init_bias_from_prior``)."""
     cam_norm: str = "relu-max"

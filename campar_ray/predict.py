@@ -31,10 +31,11 @@ import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from campar_ray import storage
-from campar_ray.bundle import Threshold, load_model
+from campar_ray.bundle import load_model
 from campar_ray.data.images import ANY_PATH
 from campar_ray.data.manifest import BINARY_COLUMN, read_manifest
 from campar_ray.data.ray_pipeline import decode_batch
+from campar_ray.decision import Threshold
 from campar_ray.runtime import init_ray
 from campar_ray.train.inference import ScoringActor
 
@@ -118,9 +119,9 @@ def predict(
     """Predict every image of ``source`` with the bundle (or run) ``model``; write ``out``.
 
     ``out`` ends with ``.parquet`` (``predicted`` as a list) or ``.csv`` (names joined by
-    ``;``). ``threshold`` is the protocol (:data:`campar_ray.metrics.THRESHOLD_PROTOCOLS`)
-    that decides ``predicted``. Connects to the Ray cluster (or starts a local one) if none
-    is connected.
+    ``;``). ``threshold`` is the protocol (:data:`campar_ray.decision.DECISION_PROTOCOLS`)
+    that decides ``predicted``: ``calibrated`` writes calibrated probabilities, read at 0.5.
+    Connects to the Ray cluster (or starts a local one) if none is connected.
     """
     if not out.endswith(OUTPUT_SUFFIXES):
         raise ValueError(f"output {out!r} must end with one of {', '.join(OUTPUT_SUFFIXES)}")

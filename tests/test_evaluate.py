@@ -27,25 +27,24 @@ import yaml
 from PIL import Image
 
 from bench.threshold_protocol import score_run
-from campar_ray.bundle import (
-    best_checkpoint,
-    load_cfar_if_fitted,
-    load_model,
-    save_bundle,
-    stage1_probabilities,
-)
-from campar_ray.cfar.fit import eval_columns, fit_cfar
+from campar_ray.bundle import load_model, save_bundle
+from campar_ray.cfar.fit import fit_cfar, load_cfar_if_fitted
 from campar_ray.cli import main
 from campar_ray.config import CfarConfig, Config
 from campar_ray.data.manifest import labels_matrix, read_manifest
 from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.synthetic import generate_synthetic
 from campar_ray.data.transforms import normalize
+from campar_ray.decision import (
+    eval_columns,
+    prediction_logits,
+    probabilities,
+    source_probabilities,
+)
 from campar_ray.evaluate import compare_runs, evaluate
-from campar_ray.evaluate.metrics_table import source_probabilities
 from campar_ray.metrics import THRESHOLD_PROTOCOLS, choose_threshold, par_metrics
-from campar_ray.model import build_model, prediction_logits, stage1_loss
-from campar_ray.run.checkpoints import load_stage1_checkpoint, save_checkpoint
+from campar_ray.model import build_model, stage1_loss
+from campar_ray.run.checkpoints import best_checkpoint, load_stage1_checkpoint, save_checkpoint
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits, write_split_logits
 from campar_ray.train.loop import (
@@ -386,7 +385,7 @@ def test_predictor_of_a_run_reproduces_its_logits(runs, tmp_path):
     logits = read_split_logits(RunDir(str(runs["campar"])).logits("test"))
     images = [str(runs["manifest"].parent / name) for name in logits.images[:6]]
     predictor = load_model(str(runs["campar"]))
-    expected = stage1_probabilities(logits, "specific")[:6]
+    expected = probabilities(prediction_logits(logits, "specific"))[:6]
     np.testing.assert_allclose(predictor.predict_proba(images), expected, atol=1e-5)
     folder = save_bundle(str(runs["campar"]), str(tmp_path / "bundle"))
     bundle = load_model(folder)

@@ -20,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-from campar_ray.bundle import Threshold, load_model
+from campar_ray.bundle import load_model
 from campar_ray.cli import main
 from campar_ray.config import Config
 from campar_ray.data.images import ANY_PATH
@@ -28,6 +28,7 @@ from campar_ray.data.manifest import ManifestInfo, manifest_table, write_manifes
 from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.synthetic import render, sample_person
 from campar_ray.data.transforms import normalize, resize
+from campar_ray.decision import Threshold
 from campar_ray.model import build_model
 from campar_ray.predict import (
     list_inputs,

@@ -37,8 +37,8 @@ from campar_ray.cfar.als import (
     check_start,
     gram,
     initial_attribute_factors,
-    probabilities,
 )
+from campar_ray.decision.logits import cfar_logits, probabilities
 from campar_ray.run.logits import count_rows, read_split_logits
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class ShardActor:
     ) -> None:
         threadpool_limits(threads)
         logits = read_split_logits(path, start, stop)
-        self._shard = Shard(probabilities(logits.prediction), settings)
+        self._shard = Shard(probabilities(cfar_logits(logits)), settings)
         self._step: int | None = None
 
     def step(self, side: tuple[np.ndarray, np.ndarray], step: int) -> AttributeStats:

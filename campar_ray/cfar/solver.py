@@ -26,8 +26,8 @@ from campar_ray.cfar.als import (
     check_probabilities,
     fit_local,
     initial_attribute_factors,
-    probabilities,
 )
+from campar_ray.decision.logits import cfar_logits, probabilities
 from campar_ray.run.logits import read_split_logits
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def fit_als(
 
         return fit_ray(source, settings, actors, seed, callback)
     r = check_probabilities(
-        probabilities(read_split_logits(source).prediction) if isinstance(source, str) else source
+        probabilities(cfar_logits(read_split_logits(source))) if isinstance(source, str) else source
     )
     Y0 = initial_attribute_factors(r.shape[1], settings.factors, seed)
     if solver == "local":

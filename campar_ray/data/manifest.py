@@ -57,6 +57,18 @@ class OutsideRootError(ManifestError):
     """An image reference that leaves the manifest's folder (see :func:`outside_root`)."""
 
 
+def eval_positions(attributes: Sequence[str], evaluated: Sequence[str]) -> np.ndarray:
+    """Positions of the evaluated attributes among all, in evaluation order; all of them when
+    none are named. The one rule for training's validation metrics, stage 2 and evaluation."""
+    if not evaluated:
+        return np.arange(len(attributes), dtype=np.int64)
+    unknown = sorted(set(evaluated) - set(attributes))
+    if unknown:
+        raise ValueError(f"evaluated attributes {unknown} are not among {tuple(attributes)}")
+    position = {name: index for index, name in enumerate(attributes)}
+    return np.array([position[name] for name in evaluated], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class ManifestInfo:
     """What the schema metadata says about a manifest, plus where its relative paths point."""
@@ -75,9 +87,8 @@ class ManifestInfo:
     instead of decoding and resizing it."""
 
     def eval_indices(self) -> np.ndarray:
-        """Positions of ``eval_attributes`` in ``attributes``, in evaluation order."""
-        position = {name: index for index, name in enumerate(self.attributes)}
-        return np.array([position[name] for name in self.eval_attributes], dtype=np.int64)
+        """Positions of ``eval_attributes`` in ``attributes`` (:func:`eval_positions`)."""
+        return eval_positions(self.attributes, self.eval_attributes)
 
     def to_metadata(self) -> bytes:
         """The ``campar`` schema metadata value (``root`` is where the file is, not stored)."""

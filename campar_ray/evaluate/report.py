@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from campar_ray import storage
-from campar_ray.bundle import ParPredictor, load_model, training_history
+from campar_ray.bundle import ParPredictor, load_model
 from campar_ray.config import Config
+from campar_ray.decision import CALIBRATED
 from campar_ray.evaluate import plots
 from campar_ray.evaluate.document import Figure, Section, Table, render_html, render_markdown
 from campar_ray.evaluate.metrics_table import (
@@ -48,6 +49,7 @@ from campar_ray.metrics import (
     check_protocol,
     protocol_statement,
 )
+from campar_ray.run.checkpoints import training_history
 from campar_ray.run.layout import RunDir
 
 HEADERS = {"mA": "mA", "accuracy": "Acc", "precision": "Prec", "recall": "Rec", "f1": "F1"}
@@ -81,12 +83,11 @@ def evaluate(
     scored, logits = score_split(
         run_dir, split, config.model.predict_from, predictor.cfar, threshold
     )
-    document = metrics_document(
-        run_dir, split, config, scored, logits, predictor.cfar is not None, threshold
-    )
+    document = metrics_document(run_dir, split, config, scored, logits, predictor.cfar, threshold)
     sections = [
         _overview(document),
         _overall_section(document),
+        _calibration_section(document),
         _attribute_section(document),
     ]
     image_sections, angle_stats = _image_sections(
@@ -158,6 +159,31 @@ def _overall_section(document: dict[str, Any]) -> Section:
         [
             "Label-based mA and instance-based accuracy, precision, recall and F1 (the PAR "
             "reference definitions) over the evaluated attributes.",
+            Table(header, rows),
+        ],
+    )
+
+
+def _calibration_section(document: dict[str, Any]) -> Section:
+    calibration = document["calibration"]
+    label = LABELS[document["final"]]
+    rows = [
+        [f"{label}, raw", "0.5", *(percent(calibration["0.5"][key]) for key in SUMMARY_KEYS)],
+        [
+            f"{label}, calibrated",
+            CALIBRATED,
+            *(percent(calibration[CALIBRATED][key]) for key in SUMMARY_KEYS),
+        ],
+    ]
+    offsets = calibration["offsets"].values()
+    header = ["Source", "Protocol", *(f"{HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
+    return Section(
+        "Calibration",
+        [
+            f"The final source raw at 0.5 next to calibrated: {calibration['how']}. Offsets "
+            f"(logit units) of the evaluated attributes: {min(offsets):+.2f} to "
+            f"{max(offsets):+.2f}. Predict (--threshold calibrated), the bundle and the "
+            "exported files apply them.",
             Table(header, rows),
         ],
     )

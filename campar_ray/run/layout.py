@@ -25,6 +25,9 @@ SKIPPED_FILE = "skipped.json"
 CFAR_DIR = "cfar"
 """Stage 2's artefacts (a bundle copies them under the same name)."""
 CFAR_METRICS_FILE = "metrics.json"
+CALIBRATION_FILE = "calibration.json"
+"""The final source's per-attribute logit offsets, fitted on val (:mod:`campar_ray.decision`);
+a bundle keeps them under the same name."""
 TUNE_DIR = "tune"
 BEST_CONFIG_FILE = "best.yaml"
 REPORT_DIR = "report"
@@ -39,6 +42,7 @@ DERIVED = (
     CONFIG_FILE,
     f"{RAY_DIR}/{STAGE1_RUN}",
     LOGITS_DIR,
+    CALIBRATION_FILE,
     CFAR_DIR,
     TUNE_DIR,
     TENSORBOARD_DIR,
@@ -86,6 +90,11 @@ class RunDir:
     @property
     def cfar_metrics(self) -> str:
         return self._join(CFAR_DIR, CFAR_METRICS_FILE)
+
+    @property
+    def calibration(self) -> str:
+        """The calibration of the run's final prediction (stage 1, or stage 1 + CFAR)."""
+        return self._join(CALIBRATION_FILE)
 
     @property
     def tune(self) -> str:

@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 from ray.exceptions import RayTaskError
 
+from campar_ray.decision import prediction_logits
 from campar_ray.model import (
     ParModel,
     build_model,
     init_bias_from_prior,
-    prediction_logits,
     stage1_loss,
 )
 from campar_ray.run.checkpoints import restore_checkpoint, save_checkpoint

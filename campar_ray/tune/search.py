@@ -407,7 +407,7 @@ def _finish(
     best = report.best_row(rows, metric) if complete else None
     if best is not None:
         result = _score_best(result, best, plan)
-    _write_json(storage.join(tune_dir, "summary.json"), _summary(result))
+    storage.write_json(storage.join(tune_dir, "summary.json"), _summary(result))
     if progress:
         print(result.summary())
     return result
@@ -458,7 +458,7 @@ def _record_settings(tune_dir: str, settings: dict[str, Any], resume: bool) -> N
                 f"a search already exists in {tune_dir}; add --resume to continue it, "
                 "or delete that folder to start a new one"
             )
-        _write_json(path, settings)
+        storage.write_json(path, settings)
         return
     if not storage.exists(path):
         raise FileNotFoundError(f"nothing to resume: no search in {tune_dir}")
@@ -479,7 +479,3 @@ def _summary(result: SearchResult) -> dict[str, Any]:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
-
-
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    storage.write_bytes(path, json.dumps(payload, indent=2, default=str).encode())
