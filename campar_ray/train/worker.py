@@ -13,7 +13,6 @@ a restart would meet again (bad data or config, a diverged loss) leaves the work
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import itertools
 import logging
@@ -23,7 +22,6 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -57,6 +55,7 @@ from campar_ray.train.loop import (
     validation_metrics,
 )
 from campar_ray.train.monitor import EpochMonitor, StepPoster
+from campar_ray.train.progress import PROGRESS_KEY, UNSCORED_MA, progress_line
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +63,6 @@ CHECK_EVERY_BATCHES = 8
 """With ``train.checkpoint_every_minutes``, the ranks agree whether a checkpoint is due after
 every this many batches: often enough to stay close to the interval, rarely enough that the
 agreement (one tiny collective) costs nothing next to the training steps."""
-PROGRESS_KEY = "epoch_progress"
-"""Marks a mid-epoch report: the fraction of the epoch's rows trained so far."""
-UNSCORED_MA = -1.0
-"""``val_mA`` of a mid-epoch report: below every real score (mA lies in [0, 1]), so Ray Train
-ranks it last; finite, because Ray's run snapshot stores -inf as null and a resumed run
-could then not rank its checkpoints."""
 
 
 @dataclass
@@ -182,7 +175,7 @@ def _worker_loop(setup: dict[str, Any]) -> None:
         step_scheduler(run.scheduler, metrics["val_mA"])
         history.append(metrics)
         if run.rank == 0 and setup["progress"]:  # Ray Train forwards worker logs to the driver
-            logger.info(_progress_line(metrics, history, setup["train"].epochs))
+            logger.info(progress_line(metrics, history, setup["train"].epochs))
         _report(run, metrics, {"epoch": epoch, "metrics": metrics, "history": history})
         if monitor:  # after the checkpoint: a restart re-logs exactly the checkpointed epochs
             monitor.epoch(metrics, train_shard.stats())
@@ -355,16 +348,3 @@ def _report(run: _Run, metrics: dict[str, float], meta: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
     run.clock.restart()
-
-
-def _progress_line(metrics: dict[str, float], history: list[dict[str, float]], epochs: int) -> str:
-    """``epoch 3/30 step 450 loss 0.213 412 img/s data-wait 8% val mA 71.20 ETA 0:41:10``."""
-    this_run = [m["epoch_seconds"] for m in history[-3:]]
-    eta = (epochs - metrics["epoch"]) * float(np.mean(this_run))
-    return (
-        f"[stage1] epoch {metrics['epoch']}/{epochs} step {metrics['step']} "
-        f"loss {metrics['train_loss']:.4f} {metrics['images_per_s']:.0f} img/s "
-        f"data-wait {metrics['data_wait_fraction']:.0%} skipped {metrics['skipped_images']} "
-        f"val mA {100 * metrics['val_mA']:.2f} F1 {100 * metrics['val_f1']:.2f} "
-        f"ETA {datetime.timedelta(seconds=round(eta))}"
-    )
