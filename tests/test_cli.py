@@ -102,9 +102,10 @@ def test_demo_runs_every_step_then_reuses_them(ray_cluster, tmp_path, capsys):
     ]
     args = ["demo", "--out", str(tmp_path), "--images", "120", "--trials", "2", *tiny]
     assert main(args) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out, shown = captured.out, captured.out + captured.err
     assert "Stage 1 + CFAR" in out
-    assert len(out.splitlines()) < 80, out  # campar's own lines; Ray's go to the log file
+    assert len(shown.splitlines()) < 80, shown  # campar's own lines; Ray's go to the log file
     for noise in RAY_NOISE:
         assert noise not in out, out
     metrics = json.loads((tmp_path / "run" / "report" / "test" / "metrics.json").read_text())
