@@ -393,16 +393,19 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cam-images", type=int, default=4, help="images in the CAM grid")
 
 
-def _threshold_argument(parser: argparse.ArgumentParser) -> None:
-    """``--threshold PROTOCOL`` of evaluate, compare and predict (0.5, as PAR papers report)."""
+def _threshold_argument(parser: argparse.ArgumentParser, calibrated: bool = False) -> None:
+    """``--threshold PROTOCOL`` of evaluate, compare and predict (0.5, as PAR papers report);
+    predict also takes ``calibrated`` (evaluate always shows it next to raw 0.5)."""
+    from campar_ray.decision import DECISION_PROTOCOLS
     from campar_ray.metrics import THRESHOLD_PROTOCOLS
 
     parser.add_argument(
         "--threshold",
-        choices=THRESHOLD_PROTOCOLS,
+        choices=DECISION_PROTOCOLS if calibrated else THRESHOLD_PROTOCOLS,
         default="0.5",
         help="threshold protocol: 0.5 (what PAR papers report), or chosen on the validation "
-        "split (never test): one for all attributes (val) or one per attribute",
+        "split (never test): one for all attributes (val) or one per attribute"
+        + (", or the model's calibration read at 0.5 (calibrated)" if calibrated else ""),
     )
 
 
@@ -469,7 +472,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", help="run the model on GPUs")
     parser.add_argument("--actors", type=int, default=1, help="model replicas (actor pool)")
     parser.add_argument("--batch-size", type=int, default=64)
-    _threshold_argument(parser)
+    _threshold_argument(parser, calibrated=True)
     _address_argument(parser)
 
 

@@ -75,6 +75,9 @@ RUN_NAMES = frozenset(
         "meta.json",
         "checkpoint_manager_snapshot.json",
         "calibration.json",
+        "trials.json",
+        "search.json",
+        "summary.json",
     }
 )
 """Names inside a run directory that only ``run`` may spell. ``cfar``, ``tune``, ``report``,

@@ -45,6 +45,7 @@ from campar_ray.data.manifest import (
     read_manifest,
 )
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
+from campar_ray.decision import fit_run_calibration
 from campar_ray.model import check_backbone, positive_ratio
 from campar_ray.preflight import check_cluster
 from campar_ray.run.checkpoints import check_resumable, check_weights, read_meta, stored_config
@@ -142,6 +143,7 @@ def train_stage1(
     logits, skipped = write_logits(
         best_path, table, info, config.run.dir, config.data, config.train, progress=progress
     )
+    fit_run_calibration(config.run.dir, config.model.predict_from, None)  # fit-cfar refits it
     if progress:
         _print_summary(best_meta, best_path, skipped)
     return Stage1Result(
