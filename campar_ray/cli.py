@@ -489,6 +489,7 @@ def _predict(args: argparse.Namespace, config: Config) -> int:
         gpu=args.gpu,
         actors=args.actors,
         batch_size=args.batch_size,
+        data=config.data,
     )
     print(result.summary())
     return 0

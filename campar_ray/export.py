@@ -39,9 +39,9 @@ from torch import Tensor, nn
 
 from campar_ray.bundle import Image, ParPredictor, has_calibration, load_model, load_samples
 from campar_ray.cfar.fit import CfarPredictor
-from campar_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from campar_ray.decision import CALIBRATED, FIXED, Calibration, cfar_logits, prediction_logits
 from campar_ray.model import ParModel
+from campar_ray.model.inputs import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4

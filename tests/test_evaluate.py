@@ -36,7 +36,6 @@ from campar_ray.config import CfarConfig, Config
 from campar_ray.data.manifest import labels_matrix, read_manifest
 from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.synthetic import generate_synthetic
-from campar_ray.data.transforms import normalize
 from campar_ray.decision import (
     CALIBRATED,
     eval_columns,
@@ -48,6 +47,7 @@ from campar_ray.evaluate import compare_runs, evaluate
 from campar_ray.export import export_model
 from campar_ray.metrics import THRESHOLD_PROTOCOLS, choose_threshold, par_metrics, summary
 from campar_ray.model import build_model, stage1_loss
+from campar_ray.model.inputs import normalize
 from campar_ray.predict import predict
 from campar_ray.run.checkpoints import best_checkpoint, load_stage1_checkpoint, save_checkpoint
 from campar_ray.run.layout import RunDir

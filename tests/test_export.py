@@ -21,10 +21,10 @@ from campar_ray.bundle import ParPredictor, load_model, save_bundle
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import CfarConfig, Config
 from campar_ray.data.synthetic import render, sample_person
-from campar_ray.data.transforms import normalize
 from campar_ray.decision import CALIBRATED, probabilities
 from campar_ray.export import CfarModule, ExportError, export_model
 from campar_ray.model import build_model
+from campar_ray.model.inputs import normalize
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, write_split_logits
 

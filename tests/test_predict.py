@@ -27,16 +27,18 @@ from campar_ray.data.images import ANY_PATH
 from campar_ray.data.manifest import ManifestInfo, manifest_table, write_manifest
 from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.synthetic import render, sample_person
-from campar_ray.data.transforms import normalize, resize
+from campar_ray.data.transforms import resize
 from campar_ray.decision import Threshold
 from campar_ray.model import build_model
+from campar_ray.model.inputs import normalize
+from campar_ray.model.scoring import ScoringActor
 from campar_ray.predict import (
     list_inputs,
     predict,
     prediction_table,
     write_predictions,
 )
-from campar_ray.train.inference import ScoringActor, checkpoint_scorer
+from campar_ray.train.inference import checkpoint_scorer
 
 SIZE = (32, 16)
 ATTRIBUTES = ("hat", "bag", "skirt", "jeans")

@@ -24,7 +24,7 @@ from campar_ray.config import Config, ConfigError, TrainConfig, load_config
 from campar_ray.data import decode_image, generate_synthetic, load_image_bytes, read_manifest
 from campar_ray.data.manifest import resolve_image
 from campar_ray.data.ray_pipeline import data_execution_options
-from campar_ray.data.transforms import normalize
+from campar_ray.model.inputs import normalize
 from campar_ray.run.checkpoints import load_stage1_checkpoint
 from campar_ray.run.logits import read_split_logits
 from campar_ray.train import worker

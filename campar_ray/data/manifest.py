@@ -44,8 +44,9 @@ columns of one whole row group to take its piece's rows, so this bounds that rea
 of the piece's decode time at 4096 rows, 7 % at 16384); training pieces are dealt from a
 random order within each row group."""
 PACKED_ROW_GROUP_SIZE = 256
-"""Rows of encoded images per row group: one Ray Data decode block (``ray_pipeline.BLOCK_ROWS``),
-so a decode task reads exactly one row group (a few MB) of a packed manifest."""
+"""Rows of encoded images per row group, and so one Ray Data decode block
+(``ray_pipeline.BLOCK_ROWS`` is this value): a decode task reads exactly one row group (a few
+MB) of a packed manifest."""
 SHARD_NAME = "part-{:05d}.parquet"
 
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from campar_ray.data.transforms import normalize
 from campar_ray.decision import probabilities
 from campar_ray.metrics import par_metrics, summary
+from campar_ray.model.inputs import normalize
 from campar_ray.model.scoring import autocast
 
 Batch = Mapping[str, torch.Tensor]
