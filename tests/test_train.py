@@ -230,10 +230,14 @@ def _worker(minutes: float = 0.0) -> worker._Run:
     model = TinyNet()
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
     return worker._Run(
-        setup={
-            "train": TrainConfig(batch_size=16, checkpoint_every_minutes=minutes),
-            "epoch_rows": 320,
-        },
+        setup=worker.WorkerSetup(
+            config=Config(train=TrainConfig(batch_size=16, checkpoint_every_minutes=minutes)),
+            attributes=(),
+            eval_attributes=(),
+            eval_indices=(),
+            positive_ratio=(),
+            epoch_rows=320,
+        ),
         model=model,
         ddp_model=model,
         optimizer=optimizer,

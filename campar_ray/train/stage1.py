@@ -55,7 +55,7 @@ from campar_ray.tracking import ensure_experiment, resolve_tracking, retire_runs
 from campar_ray.train.inference import write_logits
 from campar_ray.train.loop import SCHEDULERS
 from campar_ray.train.monitor import EpochReports
-from campar_ray.train.worker import InputError, worker_loop
+from campar_ray.train.worker import SETUP_KEY, InputError, WorkerSetup, worker_loop
 
 logger = logging.getLogger(__name__)
 
@@ -162,26 +162,20 @@ def _trainer(
     """The TorchTrainer of a run: worker loop, scaling, storage in the run dir, datasets."""
     cfg = config.train
     train_labels = labels_matrix(table.filter(pc.equal(table.column("split"), "train")))
-    setup = {
-        "model": config.model,
-        "train": cfg,
-        "data": config.data,
-        "tracking": config.tracking,
-        "run_dir": config.run.dir,
-        "attributes": info.attributes,
-        "eval_attributes": info.eval_attributes,
-        "eval_indices": info.eval_indices().tolist(),
-        "positive_ratio": positive_ratio(train_labels).tolist(),
-        "epoch_rows": len(train_labels),
-        "config": config.to_dict(),
-        "seed": config.seed,
-        "progress": progress,
-        "mailbox": next((c.mailbox for c in callbacks if isinstance(c, EpochReports)), None),
-    }
+    setup = WorkerSetup(
+        config=config,
+        attributes=info.attributes,
+        eval_attributes=info.eval_attributes,
+        eval_indices=tuple(info.eval_indices().tolist()),
+        positive_ratio=tuple(positive_ratio(train_labels).tolist()),
+        epoch_rows=len(train_labels),
+        progress=progress,
+        mailbox=next((c.mailbox for c in callbacks if isinstance(c, EpochReports)), None),
+    )
     gpus = cfg.max_workers if cfg.use_gpu else 0
     return ray.train.torch.TorchTrainer(
         worker_loop,
-        train_loop_config=setup,
+        train_loop_config={SETUP_KEY: setup},
         scaling_config=ScalingConfig(  # use_gpu adds one GPU per worker
             num_workers=_scaling_workers(cfg),
             use_gpu=cfg.use_gpu,
