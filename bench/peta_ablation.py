@@ -80,7 +80,13 @@ from campar_ray.decision import (
 from campar_ray.evaluate.diagnostics import attribute_auc, floor_ties, protocol_figures
 from campar_ray.evaluate.plots import angle_boxplot
 from campar_ray.evaluate.probes import angle_summary, angles, load_split_images
-from campar_ray.metrics import SUMMARY_KEYS, THRESHOLD_PROTOCOLS, par_metrics, summary
+from campar_ray.metrics import (
+    SUMMARY_HEADERS,
+    SUMMARY_KEYS,
+    THRESHOLD_PROTOCOLS,
+    par_metrics,
+    summary,
+)
 from campar_ray.run.checkpoints import best_checkpoint, read_meta
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import (
@@ -142,7 +148,7 @@ IMAGENET_ENCODER = {
     "data.image_size": [224, 112],
 }
 """The one ImageNet-trained encoder available offline (the ``pretrained`` extra)."""
-HEADERS = ("mA", "Acc", "Prec", "Rec", "F1")
+HEADERS = tuple(SUMMARY_HEADERS.values())
 CLASSIFIERS = {
     "thesis": ({}, {}),
     "reference": (

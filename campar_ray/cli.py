@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from campar_ray.config import Config, ConfigError, config_keys, load_config
+from campar_ray.config import LOOKUPS, SOLVERS, Config, ConfigError, config_keys, load_config
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -318,9 +318,9 @@ def _fit_cfar_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--factors", "cfar.factors", type=int, metavar="D")
     _shorthand(parser, "--keys", "cfar.keys", type=int, metavar="K")
     _shorthand(parser, "--threshold", "cfar.threshold", type=float, metavar="P_T")
-    _shorthand(parser, "--lookup", "cfar.lookup", choices=["dictionary", "fold-in"])
+    _shorthand(parser, "--lookup", "cfar.lookup", choices=LOOKUPS)
     _shorthand(parser, "--actors", "cfar.actors", type=int, metavar="N")
-    _shorthand(parser, "--solver", "cfar.solver", choices=["ray", "local", "implicit"])
+    _shorthand(parser, "--solver", "cfar.solver", choices=SOLVERS)
     _address_argument(parser)
 
 
@@ -691,7 +691,8 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
 
 def _print_cfar_metrics(metrics: dict) -> None:
     """Stage 1 alone vs stage 1 + CFAR, val and test, at validation-chosen thresholds."""
-    keys = ("mA", "accuracy", "precision", "recall", "f1")
+    from campar_ray.metrics import SUMMARY_KEYS as keys
+
     for split in ("val", "test"):
         print(f"{split:<24}" + "".join(f"{key:>10}" for key in keys))
         for column, values in metrics[split].items():

@@ -261,6 +261,12 @@ class AlsSettings:
         )  # fmt: skip
 
 
+SOLVERS = ("ray", "local", "implicit")
+"""``cfar.solver``'s choices (:func:`campar_ray.cfar.solver.fit_als`)."""
+LOOKUPS = ("dictionary", "fold-in")
+"""``cfar.lookup``'s choices (:class:`campar_ray.cfar.dictionary.ConfidenceEstimator`)."""
+
+
 @dataclass(frozen=True)
 class CfarConfig:
     """Stage 2: implicit-feedback ALS, the attribute-set dictionary and fc2.

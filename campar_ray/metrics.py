@@ -64,7 +64,9 @@ def par_metrics(
     }
 
 
-SUMMARY_KEYS = ("mA", "accuracy", "precision", "recall", "f1")
+SUMMARY_HEADERS = {"mA": "mA", "accuracy": "Acc", "precision": "Prec", "recall": "Rec", "f1": "F1"}
+"""The five headline numbers (:func:`summary`'s keys, in order) and their short table headers."""
+SUMMARY_KEYS = tuple(SUMMARY_HEADERS)
 
 
 def summary(metrics: dict[str, float | np.ndarray]) -> dict[str, float]:

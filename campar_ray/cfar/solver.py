@@ -27,13 +27,12 @@ from campar_ray.cfar.als import (
     fit_local,
     initial_attribute_factors,
 )
+from campar_ray.config import SOLVERS
 from campar_ray.decision.logits import cfar_logits, probabilities
 from campar_ray.run.logits import read_split_logits
 
 if TYPE_CHECKING:
     from campar_ray.config import AlsSettings
-
-SOLVERS = ("ray", "local", "implicit")
 
 
 def fit_als(

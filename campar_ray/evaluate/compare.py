@@ -24,10 +24,10 @@ from campar_ray.evaluate.metrics_table import run_config, score_split
 from campar_ray.evaluate.plots import angle_boxplot
 from campar_ray.evaluate.probes import angles, load_split_images
 from campar_ray.evaluate.report import run_label
-from campar_ray.metrics import SUMMARY_KEYS, check_protocol, protocol_statement
+from campar_ray.metrics import SUMMARY_HEADERS, check_protocol, protocol_statement
 
-COLUMNS = ("run", "head", "fusion", "CFAR", "mA", "Acc", "Prec", "Rec", "F1")
-METRIC_COLUMNS = dict(zip(("mA", "Acc", "Prec", "Rec", "F1"), SUMMARY_KEYS, strict=True))
+METRIC_COLUMNS = {header: key for key, header in SUMMARY_HEADERS.items()}
+COLUMNS = ("run", "head", "fusion", "CFAR", *METRIC_COLUMNS)
 
 
 def compare_runs(

@@ -44,6 +44,7 @@ from campar_ray.evaluate.probes import (
     load_split_images,
 )
 from campar_ray.metrics import (
+    SUMMARY_HEADERS,
     SUMMARY_KEYS,
     THRESHOLD_PROTOCOLS,
     check_protocol,
@@ -51,8 +52,6 @@ from campar_ray.metrics import (
 )
 from campar_ray.run.checkpoints import training_history
 from campar_ray.run.layout import RunDir
-
-HEADERS = {"mA": "mA", "accuracy": "Acc", "precision": "Prec", "recall": "Rec", "f1": "F1"}
 
 
 def evaluate(
@@ -153,7 +152,12 @@ def _overall_section(document: dict[str, Any]) -> Section:
                 *(percent(source[key]) for key in SUMMARY_KEYS),
             ]
         )
-    header = ["Source", "Threshold", "Threshold from", *(f"{HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
+    header = [
+        "Source",
+        "Threshold",
+        "Threshold from",
+        *(f"{SUMMARY_HEADERS[k]} (%)" for k in SUMMARY_KEYS),
+    ]
     return Section(
         "Overall metrics",
         [
@@ -176,7 +180,7 @@ def _calibration_section(document: dict[str, Any]) -> Section:
         ],
     ]
     offsets = calibration["offsets"].values()
-    header = ["Source", "Protocol", *(f"{HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
+    header = ["Source", "Protocol", *(f"{SUMMARY_HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
     return Section(
         "Calibration",
         [
