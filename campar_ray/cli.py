@@ -396,8 +396,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def _threshold_argument(parser: argparse.ArgumentParser, calibrated: bool = False) -> None:
     """``--threshold PROTOCOL`` of evaluate, compare and predict (0.5, as PAR papers report);
     predict also takes ``calibrated`` (evaluate always shows it next to raw 0.5)."""
-    from campar_ray.decision import DECISION_PROTOCOLS
-    from campar_ray.metrics import THRESHOLD_PROTOCOLS
+    from campar_ray.metrics import DECISION_PROTOCOLS, THRESHOLD_PROTOCOLS
 
     parser.add_argument(
         "--threshold",

@@ -22,6 +22,11 @@ _PROTOCOLS = {
 }
 THRESHOLD_PROTOCOLS = tuple(_PROTOCOLS)
 """How a decision threshold is obtained: fixed, or chosen on validation data (never test)."""
+CALIBRATED = "calibrated"
+"""Not a threshold on raw probabilities but the model's calibration read at 0.5
+(:mod:`campar_ray.decision.calibration`)."""
+DECISION_PROTOCOLS = (*THRESHOLD_PROTOCOLS, CALIBRATED)
+"""What a prediction can be decided by (``predict --threshold``, ``load_model``)."""
 
 
 def par_metrics(

@@ -121,7 +121,7 @@ def predict(
     """Predict every image of ``source`` with the bundle (or run) ``model``; write ``out``.
 
     ``out`` ends with ``.parquet`` (``predicted`` as a list) or ``.csv`` (names joined by
-    ``;``). ``threshold`` is the protocol (:data:`campar_ray.decision.DECISION_PROTOCOLS`)
+    ``;``). ``threshold`` is the protocol (:data:`campar_ray.metrics.DECISION_PROTOCOLS`)
     that decides ``predicted``: ``calibrated`` writes calibrated probabilities, read at 0.5.
     Connects to the Ray cluster (or starts a local one) if none is connected. Decoding follows
     ``data`` as training's does (``decode_concurrency`` tasks of ``decode_cpus`` CPUs each; 0:

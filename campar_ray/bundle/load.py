@@ -52,7 +52,7 @@ def load_model(path: str, threshold: str = "0.5") -> ParPredictor:
 
     Needs neither Ray nor a data set. A run directory gives its best stage-1 checkpoint,
     its CFAR artefacts when ``fit-cfar`` ran, and ``threshold``'s protocol (one of
-    :data:`campar_ray.decision.DECISION_PROTOCOLS`, 0.5 by default as PAR papers report)
+    :data:`campar_ray.metrics.DECISION_PROTOCOLS`, 0.5 by default as PAR papers report)
     applied to its val logits; a bundle gives the threshold (or calibration) it stored.
     ``calibrated`` gives a predictor whose probabilities are calibrated, decided at 0.5.
     """

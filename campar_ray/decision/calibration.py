@@ -26,15 +26,10 @@ from campar_ray.decision.logits import probabilities
 from campar_ray.decision.refine import Refiner
 from campar_ray.decision.sources import final_logits, final_source
 from campar_ray.decision.thresholds import Threshold
-from campar_ray.metrics import THRESHOLD_PROTOCOLS, check_protocol, select_threshold
+from campar_ray.metrics import CALIBRATED, DECISION_PROTOCOLS, check_protocol, select_threshold
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits
 
-CALIBRATED = "calibrated"
-"""The protocol of a calibrated model: its calibrated probabilities, read at 0.5."""
-DECISION_PROTOCOLS = (*THRESHOLD_PROTOCOLS, CALIBRATED)
-"""What a prediction can be decided by: a threshold protocol on the raw probabilities, or the
-calibration."""
 FITTED_BY = "val-per-attribute"
 """The threshold protocol whose choice the offsets store."""
 
