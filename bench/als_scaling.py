@@ -41,9 +41,9 @@ import pyarrow.parquet as pq
 
 from bench.common import write_results
 from campar_ray.cfar.als import check_probabilities, initial_attribute_factors
-from campar_ray.cfar.als import probabilities as sigmoid
 from campar_ray.cfar.implicit_als import fit_implicit
 from campar_ray.config import AlsSettings
+from campar_ray.decision import cfar_logits, probabilities
 from campar_ray.run.logits import ROW_GROUP_SIZE, count_rows, read_split_logits
 
 PARAMS = dict(alpha=10.0, lam=0.1, threshold=0.5)
@@ -133,7 +133,7 @@ def _implicit_worker(
     path: str, threads: int, Y0: np.ndarray, settings: AlsSettings, dtype: str
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    r = check_probabilities(sigmoid(read_split_logits(path).prediction))
+    r = check_probabilities(probabilities(cfar_logits(read_split_logits(path))))
     load = time.perf_counter() - start
     stamps: list[float] = []
     cpu_start = time.process_time()

@@ -23,11 +23,9 @@ run logged the starvation warning (``data.starvation_threshold``, 20 %).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +33,7 @@ import numpy as np
 from bench.common import subset_argument, write_results
 from campar_ray.config import Config
 from campar_ray.data.synthetic import generate_synthetic
+from campar_ray.run.checkpoints import read_meta
 from campar_ray.train.monitor import starvation_warning
 from campar_ray.train.stage1 import train_stage1
 
@@ -80,7 +79,7 @@ def measure(config: Config) -> dict[str, Any]:
     start = time.perf_counter()
     result = train_stage1(config, progress=False)
     timed = result.history[1:]
-    resolved = json.loads(Path(result.checkpoint, "meta.json").read_text())["config"]
+    resolved = read_meta(result.checkpoint)["config"]
     figures = {
         "decode_concurrency": resolved["data"]["decode_concurrency"],  # auto made concrete
         "prefetch_batches": config.data.prefetch_batches,

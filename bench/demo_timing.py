@@ -12,6 +12,7 @@ import argparse
 
 from bench.common import write_results
 from campar_ray.demo import run_demo
+from campar_ray.metrics import SUMMARY_KEYS
 from campar_ray.runtime import init_ray
 
 
@@ -27,7 +28,7 @@ def main() -> None:
         "step_seconds": result.timings,
         "step_share": {step: seconds / total for step, seconds in result.timings.items()},
         "test_metrics": {
-            name: {k: source[k] for k in ("mA", "accuracy", "precision", "recall", "f1")}
+            name: {k: source[k] for k in SUMMARY_KEYS}
             for name, source in result.metrics["sources"].items()
         },
     }

@@ -38,12 +38,12 @@ import numpy as np
 
 from bench.common import RESULTS_DIR, write_results
 from bench.peta_ablation import EVIDENCE_DIR, PETA_ROOT
-from campar_ray.cfar.als import probabilities
 from campar_ray.cfar.head import Fc2Split, train_fc2
-from campar_ray.cfar.model import eval_columns, fit_model
+from campar_ray.cfar.model import fit_model
 from campar_ray.config import CfarConfig
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import read_manifest
+from campar_ray.decision import cfar_logits, eval_columns, probabilities, reconstruction
 from campar_ray.metrics import par_metrics
 from campar_ray.run.logits import SplitLogits, read_split_logits
 
@@ -97,7 +97,7 @@ def halves(split: SplitLogits, columns: np.ndarray) -> dict[str, float]:
     negatives), in percent: where the stage-1 decision moves between seen and new images.
     Each attribute's mA term is the mean of the two, so rejection = 2 * term - recall."""
     metrics = par_metrics(
-        split.labels[:, columns], probabilities(split.prediction[:, columns]), 0.5
+        split.labels[:, columns], probabilities(cfar_logits(split)[:, columns]), 0.5
     )
     recall, term = metrics["attr_recall"], metrics["attr_accuracy"]
     return {"recall": 100 * float(recall.mean()), "tnr": 100 * float((2 * term - recall).mean())}
@@ -113,8 +113,8 @@ def study(splits: dict[str, SplitLogits], persons: dict[str, str], seed: int = 0
     estimator = model.predictor.estimator
 
     def fc2_split(split: SplitLogits, rows: np.ndarray | slice = slice(None)) -> Fc2Split:
-        logits = split.prediction[rows]
-        return Fc2Split(estimator.reconstruct(probabilities(logits)), logits, split.labels[rows])
+        logits = cfar_logits(split)[rows]
+        return Fc2Split(reconstruction(logits, estimator), logits, split.labels[rows])
 
     def fc2_curve(fit_on: Fc2Split, score_on: Fc2Split) -> np.ndarray:
         """mA on ``score_on`` after each of ``cfg.fc2_epochs`` epochs on ``fit_on``."""
@@ -127,7 +127,7 @@ def study(splits: dict[str, SplitLogits], persons: dict[str, str], seed: int = 0
     fitted = model.fc2[cfg.lookup]
     figures = {
         "stage1": {
-            name: mA(split.labels, probabilities(split.prediction), columns)
+            name: mA(split.labels, probabilities(cfar_logits(split)), columns)
             for name, split in splits.items()
         },
         "stage1_at_half": {name: halves(split, columns) for name, split in splits.items()},

@@ -66,20 +66,28 @@ import pyarrow.compute as pc
 from bench.common import RESULTS_DIR, machine_info, subset_argument, versions, write_results
 from campar_ray import storage
 from campar_ray.artifacts import load_arrays
-from campar_ray.bundle import (
-    best_checkpoint,
-    load_model,
-    stage1_probabilities,
-    validation_threshold,
-)
-from campar_ray.cfar.fit import PROBABILITIES_FILE, eval_columns, fit_cfar
+from campar_ray.bundle import load_model
+from campar_ray.cfar.fit import PROBABILITIES_FILE, fit_cfar
 from campar_ray.config import Config
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import read_manifest, write_manifest
+from campar_ray.decision import (
+    eval_columns,
+    prediction_logits,
+    probabilities,
+    validation_threshold,
+)
 from campar_ray.evaluate.diagnostics import attribute_auc, floor_ties, protocol_figures
 from campar_ray.evaluate.plots import angle_boxplot
 from campar_ray.evaluate.probes import angle_summary, angles, load_split_images
-from campar_ray.metrics import SUMMARY_KEYS, THRESHOLD_PROTOCOLS, par_metrics, summary
+from campar_ray.metrics import (
+    SUMMARY_HEADERS,
+    SUMMARY_KEYS,
+    THRESHOLD_PROTOCOLS,
+    par_metrics,
+    summary,
+)
+from campar_ray.run.checkpoints import best_checkpoint, read_meta
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import (
     SplitLogits,
@@ -140,7 +148,7 @@ IMAGENET_ENCODER = {
     "data.image_size": [224, 112],
 }
 """The one ImageNet-trained encoder available offline (the ``pretrained`` extra)."""
-HEADERS = ("mA", "Acc", "Prec", "Rec", "F1")
+HEADERS = tuple(SUMMARY_HEADERS.values())
 CLASSIFIERS = {
     "thesis": ({}, {}),
     "reference": (
@@ -291,7 +299,7 @@ def stage1_figures(run_dir: str, predict_from: str) -> dict[str, float]:
     threshold = validation_threshold(run_dir, predict_from, None).value
     test = read_split_logits(RunDir(run_dir).logits("test"))
     columns = eval_columns(test)
-    probs = stage1_probabilities(test, predict_from)[:, columns]
+    probs = probabilities(prediction_logits(test, predict_from))[:, columns]
     return {
         **summary(par_metrics(test.labels[:, columns], probs, threshold)),
         "threshold": threshold,
@@ -314,7 +322,7 @@ def ensure_stage1(config: Config) -> tuple[int, float]:
     if not storage.exists(RunDir(run_dir).logits("test")):
         train_stage1(config, progress=True)
     seconds = time.perf_counter() - start
-    meta = json.loads(storage.read_bytes(storage.join(best_checkpoint(run_dir), "meta.json")))
+    meta = read_meta(best_checkpoint(run_dir))
     return int(meta["epoch"]), seconds
 
 
@@ -366,7 +374,7 @@ def diagnose(row: Row, config: Config, out: Path) -> dict[str, Any]:
     labels = {split: value.labels for split, value in logits.items()}
     if row.source == STAGE1:
         probs = {
-            split: stage1_probabilities(value, config.model.predict_from)
+            split: probabilities(prediction_logits(value, config.model.predict_from))
             for split, value in logits.items()
         }
     else:

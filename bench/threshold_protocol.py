@@ -27,14 +27,9 @@ from typing import Any
 import numpy as np
 
 from bench.common import write_results
-from campar_ray.bundle import load_cfar_if_fitted
-from campar_ray.cfar.fit import eval_columns
-from campar_ray.evaluate.metrics_table import (
-    LABELS,
-    final_source,
-    run_config,
-    source_probabilities,
-)
+from campar_ray.cfar.fit import load_cfar_if_fitted
+from campar_ray.decision import CFAR_SOURCE, eval_columns, final_source, source_probabilities
+from campar_ray.evaluate.metrics_table import LABELS, run_config
 from campar_ray.metrics import choose_threshold, par_metrics, summary
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import read_split_logits
@@ -76,7 +71,7 @@ def score_run(run_dir: str) -> dict[str, dict[str, dict[str, float]]]:
     columns = eval_columns(val)
     val_probs = source_probabilities(val, predict_from, cfar)
     test_probs = source_probabilities(test, predict_from, cfar)
-    stage1 = final_source([name for name in val_probs if name != "stage1_cfar"], predict_from)
+    stage1 = final_source(val, predict_from, None)
     return {
         source: protocol_metrics(
             val.labels[:, columns],
@@ -84,7 +79,7 @@ def score_run(run_dir: str) -> dict[str, dict[str, dict[str, float]]]:
             test.labels[:, columns],
             test_probs[source][:, columns],
         )
-        for source in (stage1, "stage1_cfar")
+        for source in (stage1, CFAR_SOURCE)
         if source in val_probs
     }
 

@@ -38,10 +38,10 @@ import pyarrow as pa
 
 from bench.common import RESULTS_DIR
 from bench.peta_ablation import PETA_ROOT, base_config, ensure_stage1, limited_manifest
-from campar_ray.bundle import stage1_probabilities, validation_threshold
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import UNKNOWN, ManifestInfo, labels_matrix, read_manifest
 from campar_ray.data.manifest import write_manifest as save_manifest
+from campar_ray.decision import eval_columns, prediction_logits, probabilities, validation_threshold
 from campar_ray.metrics import par_metrics
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import read_split_logits
@@ -145,8 +145,8 @@ def figures(
     """Test mA, F1 at 0.5 and at one validation threshold; with ``groups``, mA over each
     source's attributes too (named ``mA_a`` and ``mA_b``, at 0.5)."""
     test = read_split_logits(RunDir(run_dir).logits("test"))
-    columns = [test.attributes.index(n) for n in test.eval_attributes]
-    probs = stage1_probabilities(test, predict_from)
+    columns = eval_columns(test)
+    probs = probabilities(prediction_logits(test, predict_from))
     threshold = validation_threshold(run_dir, predict_from, None).value
     result = {}
     for tag, value in (("05", 0.5), ("val", threshold)):

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 
 import campar_ray
-from campar_ray.config import Config, ConfigError, describe_keys, load_config
+from campar_ray.config import LOOKUPS, SOLVERS, Config, ConfigError, describe_keys, load_config
 from campar_ray.progress import set_interval
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -356,9 +356,9 @@ def _fit_cfar_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--factors", "cfar.factors", type=int, metavar="D")
     _shorthand(parser, "--keys", "cfar.keys", type=int, metavar="K")
     _shorthand(parser, "--threshold", "cfar.threshold", type=float, metavar="P_T")
-    _shorthand(parser, "--lookup", "cfar.lookup", choices=["dictionary", "fold-in"])
+    _shorthand(parser, "--lookup", "cfar.lookup", choices=LOOKUPS)
     _shorthand(parser, "--actors", "cfar.actors", type=int, metavar="N")
-    _shorthand(parser, "--solver", "cfar.solver", choices=["ray", "local", "implicit"])
+    _shorthand(parser, "--solver", "cfar.solver", choices=SOLVERS)
     _address_argument(parser)
 
 
@@ -432,16 +432,18 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cam-images", type=int, default=4, help="images in the CAM grid")
 
 
-def _threshold_argument(parser: argparse.ArgumentParser) -> None:
-    """``--threshold PROTOCOL`` of evaluate, compare and predict (0.5, as PAR papers report)."""
-    from campar_ray.metrics import THRESHOLD_PROTOCOLS
+def _threshold_argument(parser: argparse.ArgumentParser, calibrated: bool = False) -> None:
+    """``--threshold PROTOCOL`` of evaluate, compare and predict (0.5, as PAR papers report);
+    predict also takes ``calibrated`` (evaluate always shows it next to raw 0.5)."""
+    from campar_ray.metrics import DECISION_PROTOCOLS, THRESHOLD_PROTOCOLS
 
     parser.add_argument(
         "--threshold",
-        choices=THRESHOLD_PROTOCOLS,
+        choices=DECISION_PROTOCOLS if calibrated else THRESHOLD_PROTOCOLS,
         default="0.5",
         help="threshold protocol: 0.5 (what PAR papers report), or chosen on the validation "
-        "split (never test): one for all attributes (val) or one per attribute",
+        "split (never test): one for all attributes (val) or one per attribute"
+        + (", or the model's calibration read at 0.5 (calibrated)" if calibrated else ""),
     )
 
 
@@ -458,6 +460,11 @@ def _evaluate(args: argparse.Namespace, config: Config) -> int:
         cam_images=args.cam_images,
     )
     print(f"report: {result['files']['markdown']} (threshold protocol {args.threshold})")
+    calibration = result["calibration"]
+    for protocol in ("0.5", "calibrated"):
+        print(
+            f"{result['final']} mA at protocol {protocol}: {100 * calibration[protocol]['mA']:.2f}"
+        )
     return 0
 
 
@@ -503,7 +510,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", help="run the model on GPUs")
     parser.add_argument("--actors", type=int, default=1, help="model replicas (actor pool)")
     parser.add_argument("--batch-size", type=int, default=64)
-    _threshold_argument(parser)
+    _threshold_argument(parser, calibrated=True)
     _allow_outside_root_argument(parser)
     _address_argument(parser)
 
@@ -522,6 +529,7 @@ def _predict(args: argparse.Namespace, config: Config) -> int:
         gpu=args.gpu,
         actors=args.actors,
         batch_size=args.batch_size,
+        data=config.data,
         limits=ImageLimits.of(config.data),
     )
     print(result.summary())
@@ -636,13 +644,12 @@ def _saved(args: argparse.Namespace, config: Config | None) -> str:
     from campar_ray import storage
     from campar_ray.run.checkpoints import resume_checkpoint
     from campar_ray.run.layout import RunDir
-    from campar_ray.tune.record import RECORD
 
     if config is None or args.command not in ("train", "tune"):
         return "re-run the same command to resume"
     run = RunDir(config.run.dir)
     if args.command == "tune":
-        record = storage.join(run.tune, RECORD)
+        record = run.search.record
         if storage.exists(record):
             return f"finished trials are kept in {record}; add --resume to run the rest"
         return "no trial had finished; re-run the same command to start the search"
@@ -773,7 +780,8 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
 
 def _print_cfar_metrics(metrics: dict) -> None:
     """Stage 1 alone vs stage 1 + CFAR, val and test, at validation-chosen thresholds."""
-    keys = ("mA", "accuracy", "precision", "recall", "f1")
+    from campar_ray.metrics import SUMMARY_KEYS as keys
+
     for split in ("val", "test"):
         print(f"{split:<24}" + "".join(f"{key:>10}" for key in keys))
         for column, values in metrics[split].items():

@@ -45,6 +45,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 --keys``, and the lists the code that uses each key checks against."""
 
 
+PREDICT_FROM = CHOICES["model.predict_from"]
+"""Which stage-1 logits a run predicts from (``model.predict_from``); the baseline head has
+shared logits only and predicts from them whatever is chosen (:mod:`campar_ray.decision`)."""
+
+
 MAX_IMAGE_SIDE = 4096
 """Largest network input side: a batch's memory grows with H x W, and a config from a bundle
 asking for 20000 x 20000 would otherwise make ``export`` allocate gigabytes."""
@@ -76,7 +81,7 @@ class ModelConfig:
     fusion_size: tuple[int, int] | None = None
     """Spatial size of the fused map; ``None`` keeps the deepest level's size."""
     predict_from: str = "specific"
-    """Logits used for prediction: ``specific`` (reference), ``shared`` or ``mean``."""
+    """Logits used for prediction: one of :data:`PREDICT_FROM`, ``specific`` (reference)."""
     prior_bias: bool = True
     """Start the logits' bias at logit(positive rate) (see ``init_bias_from_prior``)."""
     cam_norm: str = "relu-max"
@@ -296,6 +301,12 @@ class AlsSettings:
             ("iterations", self.iterations, self.iterations >= 1, "a number of iterations >= 1"),
             ("tol", self.tol, 0 <= self.tol < math.inf, "a relative change >= 0"),
         )  # fmt: skip
+
+
+SOLVERS = CHOICES["cfar.solver"]
+"""``cfar.solver``'s choices (:func:`campar_ray.cfar.solver.fit_als`)."""
+LOOKUPS = CHOICES["cfar.lookup"]
+"""``cfar.lookup``'s choices (:class:`campar_ray.cfar.dictionary.ConfidenceEstimator`)."""
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,18 @@ probabilities (``N x M``). Stage 2 is rebuilt from its arrays as tensor operatio
 - ``fold-in``: ``x = (Y^T C Y + lam I)^-1 Y^T C p`` per image with ``torch.linalg.solve`` in
   float64 (as the NumPy reference solves it), then ``r_hat = x @ Y^T``. TorchScript only: ONNX
   has no linear-solve operator, so an ONNX export of a fold-in model is refused;
-- ``fc2`` on ``concat(r_hat, l)``, then sigmoid.
+- ``fc2`` on ``concat(r_hat, l)``;
+- the calibration's per-attribute offsets subtracted (when the model has one), then sigmoid.
 
-Every export is checked against the PyTorch predictor on random inputs and on real images
+This is a torch re-implementation of :mod:`campar_ray.decision` (which logits, the CFAR
+refinement, the calibration), written as tensor operations so that it traces; every export is
+checked against that reference, through the predictor, on random inputs and on real images
 (given by the caller, else the bundle's ``samples.npz``); the largest absolute difference is
-printed and must not exceed the tolerance. The file (a local path) carries its own
-description (attributes, threshold, input size, normalisation) as TorchScript extra files or
-ONNX metadata. ONNX needs the optional extra ``campar-ray[onnx]``.
+printed and must not exceed the tolerance. A model with a calibration (every bundle made
+since calibration exists, every run) is exported calibrated: its outputs are read at 0.5.
+The file (a local path) carries its own description (attributes, threshold, calibration,
+input size, normalisation) as TorchScript extra files or ONNX metadata. ONNX needs the
+optional extra ``campar-ray[onnx]``.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from campar_ray.bundle import Image, ParPredictor, load_model, load_samples
+from campar_ray.bundle import Image, ParPredictor, has_calibration, load_model, load_samples
 from campar_ray.cfar.fit import CfarPredictor
-from campar_ray.data.transforms import normalize
-from campar_ray.model import ParModel, prediction_logits
+from campar_ray.decision import CALIBRATED, FIXED, Calibration, cfar_logits, prediction_logits
+from campar_ray.model import ParModel
+from campar_ray.model.inputs import normalize
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
@@ -99,24 +105,38 @@ class CfarModule(nn.Module):
         return (factors @ self.Y.T).float()
 
     def forward(self, logits: Tensor) -> Tensor:
+        """The final logits fc2(concat(r_hat, l)) (``decision.refine``)."""
         r_hat = self.reconstruct(torch.sigmoid(logits))
-        return torch.sigmoid(self.fc2(torch.cat([r_hat, logits], dim=1)))
+        return self.fc2(torch.cat([r_hat, logits], dim=1))
 
 
 class ExportedPredictor(nn.Module):
     """Normalised images in, final probabilities out: the whole predictor as one module."""
 
-    def __init__(self, model: ParModel, predict_from: str, cfar: CfarPredictor | None):
+    def __init__(
+        self,
+        model: ParModel,
+        predict_from: str,
+        cfar: CfarPredictor | None,
+        calibration: Calibration | None = None,
+    ):
         super().__init__()
         self.model = model
         self.predict_from = predict_from
         self.cfar = None if cfar is None else CfarModule(cfar)
+        offsets = np.zeros(0) if calibration is None else calibration.array
+        self.calibrated = calibration is not None
+        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32))
 
     def forward(self, images: Tensor) -> Tensor:
         output = self.model(images)
         if self.cfar is None:
-            return torch.sigmoid(prediction_logits(output, self.predict_from))
-        return self.cfar(output.shared if output.specific is None else output.specific)
+            logits = prediction_logits(output, self.predict_from)
+        else:
+            logits = self.cfar(cfar_logits(output))
+        if self.calibrated:
+            logits = logits - self.offsets
+        return torch.sigmoid(logits)
 
 
 def export_model(
@@ -137,10 +157,12 @@ def export_model(
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
-    predictor = load_model(model)
+    predictor = load_predictor(model)
     if format == "onnx":
         _require_onnx(predictor)
-    module = ExportedPredictor(predictor.model, predictor.predict_from, predictor.cfar).eval()
+    module = ExportedPredictor(
+        predictor.model, predictor.predict_from, predictor.cfar, predictor.calibration
+    ).eval()
     height, width = predictor.image_size
     example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -162,6 +184,12 @@ def export_model(
     return ExportReport(out, format, diffs)
 
 
+def load_predictor(model: str) -> ParPredictor:
+    """The predictor an export is made of: calibrated when the model has a calibration (a run,
+    or a bundle with ``calibration.json``), else raw with the 0.5 threshold."""
+    return load_model(model, CALIBRATED if has_calibration(model) else FIXED.protocol)
+
+
 def describe(predictor: ParPredictor) -> dict[str, Any]:
     """What a consumer of the exported file needs to feed it and read its output."""
     return {
@@ -169,6 +197,13 @@ def describe(predictor: ParPredictor) -> dict[str, Any]:
         "eval_attributes": list(predictor.eval_attributes),
         "threshold": predictor.threshold,
         "threshold_source": predictor.threshold_source,
+        "calibration": None
+        if predictor.calibration is None
+        else {
+            "offsets": list(predictor.calibration.offsets),
+            "source": predictor.calibration.source,
+            "applied": "inside the exported module: sigmoid(final logits - offsets)",
+        },
         "input": "float32 N x 3 x H x W, RGB scaled to [0, 1], minus mean, divided by std",
         "image_size": list(predictor.image_size),
         "mean": list(predictor.model.backbone.mean),

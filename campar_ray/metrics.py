@@ -25,6 +25,11 @@ _PROTOCOLS = {
 }
 THRESHOLD_PROTOCOLS = tuple(_PROTOCOLS)
 """How a decision threshold is obtained: fixed, or chosen on validation data (never test)."""
+CALIBRATED = "calibrated"
+"""Not a threshold on raw probabilities but the model's calibration read at 0.5
+(:mod:`campar_ray.decision.calibration`)."""
+DECISION_PROTOCOLS = (*THRESHOLD_PROTOCOLS, CALIBRATED)
+"""What a prediction can be decided by (``predict --threshold``, ``load_model``)."""
 
 
 def par_metrics(
@@ -132,7 +137,9 @@ def metrics_by_group(
     }
 
 
-SUMMARY_KEYS = ("mA", "accuracy", "precision", "recall", "f1")
+SUMMARY_HEADERS = {"mA": "mA", "accuracy": "Acc", "precision": "Prec", "recall": "Rec", "f1": "F1"}
+"""The five headline numbers (:func:`summary`'s keys, in order) and their short table headers."""
+SUMMARY_KEYS = tuple(SUMMARY_HEADERS)
 
 
 def summary(metrics: dict[str, float | np.ndarray]) -> dict[str, float]:

@@ -31,13 +31,16 @@ import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from campar_ray import storage
-from campar_ray.bundle import Threshold, load_model
+from campar_ray.bundle import load_model
+from campar_ray.config import DataConfig
+from campar_ray.data.concurrency import decode_tasks
 from campar_ray.data.images import STRICT, ImageLimits
 from campar_ray.data.manifest import BINARY_COLUMN, check_images, read_manifest
 from campar_ray.data.ray_pipeline import decode_batch
+from campar_ray.decision import Threshold
+from campar_ray.model.scoring import ScoringActor
 from campar_ray.progress import Progress
 from campar_ray.runtime import init_ray
-from campar_ray.train.inference import ScoringActor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OUTPUT_SUFFIXES = (".parquet", ".csv")
@@ -120,30 +123,33 @@ def predict(
     gpu: bool = False,
     actors: int = 1,
     batch_size: int = 64,
-    decode_concurrency: int = 1,
+    data: DataConfig | None = None,
     cpus_per_actor: float = 1.0,
     limits: ImageLimits = STRICT,
 ) -> PredictResult:
     """Predict every image of ``source`` with the bundle (or run) ``model``; write ``out``.
 
     ``out`` ends with ``.parquet`` (``predicted`` as a list) or ``.csv`` (names joined by
-    ``;``). ``threshold`` is the protocol (:data:`campar_ray.metrics.THRESHOLD_PROTOCOLS`)
-    that decides ``predicted``. A manifest's rows go through the manifest guard under
-    ``limits`` (``data.allow_outside_root``: off, its rows stay in its folder). Connects to
-    the Ray cluster (or starts a local one) if none is connected.
+    ``;``). ``threshold`` is the protocol (:data:`campar_ray.metrics.DECISION_PROTOCOLS`)
+    that decides ``predicted``: ``calibrated`` writes calibrated probabilities, read at 0.5.
+    A manifest's rows go through the manifest guard under ``limits``
+    (``data.allow_outside_root``: off, its rows stay in its folder). Connects to the Ray
+    cluster (or starts a local one) if none is connected. Decoding follows ``data`` as
+    training's does (``decode_concurrency`` tasks of ``decode_cpus`` CPUs each; 0: as many as
+    the scoring actors leave on the cluster).
     """
     if not out.endswith(OUTPUT_SUFFIXES):
         raise ValueError(f"output {out!r} must end with one of {', '.join(OUTPUT_SUFFIXES)}")
-    if actors < 1 or batch_size < 1 or decode_concurrency < 1:
-        raise ValueError(
-            f"actors ({actors}), batch_size ({batch_size}) and decode_concurrency "
-            f"({decode_concurrency}) must all be at least 1"
-        )
+    if actors < 1 or batch_size < 1:
+        raise ValueError(f"actors ({actors}) and batch_size ({batch_size}) must be at least 1")
+    data = data or DataConfig()
     predictor = load_model(model, threshold)
     inputs = list_inputs(source, limits)
     init_ray()
     if gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise ValueError("--gpu asks for GPU actors but the Ray cluster has no GPU")
+    free = ray.cluster_resources().get("CPU", 0) - actors * cpus_per_actor
+    tasks = decode_tasks(data.decode_concurrency, data.decode_cpus, free)
     rows = inputs.table.append_column(
         "row", pa.array(np.arange(inputs.table.num_rows, dtype=np.int64))
     )
@@ -161,12 +167,15 @@ def predict(
             },
             batch_format="numpy",
             batch_size=None,
-            compute=TaskPoolStrategy(size=decode_concurrency),
-            num_cpus=0.5,
+            compute=TaskPoolStrategy(size=tasks),
+            num_cpus=data.decode_cpus,
         )
         .map_batches(
             ScoringActor,
-            fn_constructor_kwargs={"load": functools.partial(load_model, model), "use_gpu": gpu},
+            fn_constructor_kwargs={
+                "load": functools.partial(load_model, model, threshold),
+                "use_gpu": gpu,
+            },
             batch_format="numpy",
             batch_size=batch_size,
             compute=ActorPoolStrategy(size=actors),

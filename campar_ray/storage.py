@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import posixpath
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -159,6 +161,12 @@ def read_bytes(path: str) -> bytes:
     filesystem, inner = resolve(path)
     with filesystem.open_input_stream(inner) as stream:
         return stream.read()
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Write a JSON document (indented, values JSON cannot hold written as text) with
+    :func:`write_bytes`."""
+    write_bytes(path, json.dumps(payload, indent=2, default=str).encode())
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -12,6 +12,7 @@ import pytest
 from campar_ray.cfar import als, implicit_als
 from campar_ray.cfar.solver import fit_als
 from campar_ray.config import AlsSettings, CfarConfig, ConfigError
+from campar_ray.decision import probabilities
 from campar_ray.run.logits import SplitLogits, write_split_logits
 
 N, M, D = 240, 8, 4
@@ -32,7 +33,7 @@ def low_rank_logits(n: int = N, m: int = M, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def r() -> np.ndarray:
-    return als.probabilities(low_rank_logits())
+    return probabilities(low_rank_logits())
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,10 @@ Every import between the package's parts must point down the layers below: a par
 parts of lower layers (and its own modules). Read statically from the source, so an import
 inside a function counts as much as one at the top. A second check imports the maths and the
 inference products in a fresh interpreter and requires that Ray was never loaded. A third
-checks that the names inside a run directory are spelled in ``run`` only.
+checks that the names inside a run directory are spelled in ``run`` only (in the package, the
+bench scripts and the jobs). The last ones find import cycles between modules (imports inside
+functions count) and a second copy of the decision (``campar_ray.decision``) where the code
+shows it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "campar_ray"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "campar_ray"
+SCRIPTS = (ROOT / "bench", ROOT / "jobs")
+"""Code outside the package that uses it: held to the same spelling and decision rules."""
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("storage", "metrics", "progress", "bounded"),
@@ -23,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data",),
     ("model", "preflight"),
     ("run",),
+    ("decision",),
     ("train",),
     ("cfar",),
     ("tune", "bundle"),
@@ -48,6 +55,7 @@ RAY_FREE = (
     "campar_ray.run.layout",
     "campar_ray.run.logits",
     "campar_ray.run.checkpoints",
+    "campar_ray.decision",
     "campar_ray.evaluate.diagnostics",
     "campar_ray.bundle",
     "campar_ray.export",
@@ -67,6 +75,10 @@ RUN_NAMES = frozenset(
         "train_state.pt",
         "meta.json",
         "checkpoint_manager_snapshot.json",
+        "calibration.json",
+        "trials.json",
+        "search.json",
+        "summary.json",
     }
 )
 """Names inside a run directory that only ``run`` may spell. ``cfar``, ``tune``, ``report``,
@@ -126,20 +138,28 @@ def test_imports_point_down_the_layers():
     assert not upward, "imports against docs/ARCHITECTURE.md:\n" + "\n".join(upward)
 
 
-def spelled_outside(names: frozenset[str], owner: str, package: Path = PACKAGE) -> list[str]:
+def _sources(package: Path, scripts: tuple[Path, ...]) -> list[tuple[Path, str]]:
+    """Every Python file of the package (with its part) and of ``scripts`` (part ``""``)."""
+    found = [(path, _part(path, package)) for path in package.rglob("*.py")]
+    return found + [(path, "") for folder in scripts for path in folder.rglob("*.py")]
+
+
+def spelled_outside(
+    names: frozenset[str], owner: str, package: Path = PACKAGE, scripts: tuple[Path, ...] = ()
+) -> list[str]:
     """``file:line: 'name'`` for every string constant equal to one of ``names`` (a docstring
     or message that mentions a name is longer, so it never equals one) outside ``owner``."""
     return sorted(
         f"{path.relative_to(package.parent)}:{node.lineno}: {node.value!r}"
-        for path in package.rglob("*.py")
-        if _part(path, package) != owner
+        for path, part in _sources(package, scripts)
+        if part != owner
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
     )
 
 
 def test_only_run_spells_the_names_inside_a_run_directory():
-    outside = spelled_outside(RUN_NAMES, "run")
+    outside = spelled_outside(RUN_NAMES, "run", scripts=SCRIPTS)
     assert not outside, "use campar_ray.run.layout (RunDir) instead:\n" + "\n".join(outside)
     spelled = {
         node.value
@@ -159,8 +179,8 @@ def test_the_rule_catches_upward_and_sideways_imports(tmp_path):
     )
     (package / "tune.py").write_text("import campar_ray.bundle\nfrom campar_ray.cfar import fit\n")
     assert upward_imports(package) == [
-        "campar_ray/data/pipeline.py: data (layer 3) imports train (layer 6)",
-        "campar_ray/tune.py: tune (layer 8) imports bundle (layer 8)",
+        "campar_ray/data/pipeline.py: data (layer 3) imports train (layer 7)",
+        "campar_ray/tune.py: tune (layer 9) imports bundle (layer 9)",
     ]
 
 
@@ -175,3 +195,167 @@ def test_maths_and_serving_load_without_ray():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", f"Ray was loaded: {done.stdout.strip()[:500]}"
+
+
+def _module_name(path: Path, package: Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (inside functions too); ``from a import b``
+    counts as importing ``a.b`` when that is a module, else ``a``. The public API's lazy
+    re-exports (``campar_ray/__init__.py``) are left out, as in the layer rule."""
+    files = {_module_name(path, package): path for path in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        if path == package / "__init__.py":
+            continue
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in files:
+                for alias in node.names:
+                    child = f"{node.module}.{alias.name}"
+                    targets.add(child if child in files else node.module)
+            elif isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names if alias.name in files}
+        graph[name] = targets - {name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (``a -> b -> ... -> a``) per strongly connected group of modules."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(_cycle_through(sorted(group), graph))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def _cycle_through(group: list[str], graph: dict[str, set[str]]) -> list[str]:
+    """A path from the group's first module back to itself, inside the group."""
+    start, members = group[0], set(group)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        node = frontier.pop(0)
+        for target in sorted(graph[node] & members):
+            if target == start:
+                return [*paths[node], start]
+            if target not in paths:
+                paths[target] = [*paths[node], target]
+                frontier.append(target)
+    raise AssertionError(f"no cycle through {start}")
+
+
+def test_no_import_cycle_between_modules():
+    cycles = import_cycles(module_imports())
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_function_import(tmp_path):
+    package = tmp_path / "campar_ray"
+    (package / "train").mkdir(parents=True)
+    (package / "train" / "__init__.py").write_text("")
+    (package / "train" / "worker.py").write_text("from campar_ray.train import monitor\n")
+    (package / "train" / "monitor.py").write_text(
+        "def line():\n    from campar_ray.train.worker import KEY\n"
+    )
+    assert import_cycles(module_imports(package)) == [
+        ["campar_ray.train.monitor", "campar_ray.train.worker", "campar_ray.train.monitor"]
+    ]
+
+
+DECISION_OWNERS = {"decision", "export"}
+"""Where logits become probabilities: the decision, and its torch mirror in the export
+(checked against it to 1e-5 by tests/test_export.py)."""
+GATES = {"campar_ray/model/fusion.py"}
+"""A sigmoid that is no prediction: fusion's channel-attention gate."""
+
+
+def _is_sigmoid_call(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    return name in {"sigmoid", "expit"}
+
+
+def _logit_choice(node: ast.expr) -> bool:
+    """``x.shared`` / ``x.specific`` or the strings ``"shared"`` / ``"specific"``."""
+    if isinstance(node, ast.Attribute):
+        return node.attr in {"shared", "specific"}
+    return isinstance(node, ast.Constant) and node.value in {"shared", "specific"}
+
+
+def _is_specific_else_shared(node: ast.AST) -> bool:
+    """``a if x.specific is (not) None else b`` with a and b naming shared / specific logits."""
+    if not (isinstance(node, ast.IfExp) and isinstance(node.test, ast.Compare)):
+        return False
+    test = node.test
+    return (
+        isinstance(test.left, ast.Attribute)
+        and test.left.attr == "specific"
+        and isinstance(test.ops[0], ast.Is | ast.IsNot)
+        and _logit_choice(node.body)
+        and _logit_choice(node.orelse)
+    )
+
+
+def second_decisions(package: Path = PACKAGE, scripts: tuple[Path, ...] = ()) -> list[str]:
+    """``file:line: what`` for each sigmoid of logits and each "specific, else shared" choice
+    outside the decision (and the export's checked mirror of it, for the sigmoid)."""
+    found = []
+    for path, part in _sources(package, scripts):
+        file = str(path.relative_to(package.parent))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if _is_sigmoid_call(node) and part not in DECISION_OWNERS and file not in GATES:
+                found.append(f"{file}:{node.lineno}: logits -> probabilities")
+            if _is_specific_else_shared(node) and part != "decision":
+                found.append(f"{file}:{node.lineno}: specific, else shared")
+    return sorted(found)
+
+
+def test_the_decision_is_written_once():
+    found = second_decisions(scripts=SCRIPTS)
+    assert not found, "use campar_ray.decision instead:\n" + "\n".join(found)
+
+
+def test_the_decision_check_catches_copies(tmp_path):
+    package = tmp_path / "campar_ray"
+    (package / "bundle").mkdir(parents=True)
+    (package / "bundle" / "load.py").write_text(
+        "import torch\n"
+        "def f(out):\n"
+        "    l = out.shared if out.specific is None else out.specific\n"
+        "    name = 'shared' if out.specific is None else 'specific'\n"
+        "    return torch.sigmoid(l), name\n"
+    )
+    assert second_decisions(package) == [
+        "campar_ray/bundle/load.py:3: specific, else shared",
+        "campar_ray/bundle/load.py:4: specific, else shared",
+        "campar_ray/bundle/load.py:5: logits -> probabilities",
+    ]

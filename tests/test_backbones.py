@@ -260,8 +260,8 @@ def test_timm_weights_are_refused_for_a_torchvision_encoder():
 def test_a_timm_encoder_is_fed_with_its_own_mean_and_std():
     """timm's ``test_resnet`` was trained on inputs scaled by 0.5 / 0.5, not ImageNet's
     statistics: training batches and every scorer normalise with the encoder's own."""
-    from campar_ray.data.transforms import IMAGENET_MEAN, normalize
     from campar_ray.model import Scorer
+    from campar_ray.model.inputs import IMAGENET_MEAN, normalize
     from campar_ray.train.loop import prepare_batch
 
     torch.manual_seed(4)

@@ -94,6 +94,7 @@ def test_unknown_config_key_names_the_valid_ones(tmp_path, capsys):
     assert code == 2 and "unknown config key 'train.epoch'" in line and "train.epochs" in line
 
 
+@pytest.mark.ray
 def test_unwritable_storage_path_is_refused_before_training(trained, tmp_path, capsys):
     manifest, _ = trained
     blocker = tmp_path / "a-file"
@@ -103,6 +104,7 @@ def test_unwritable_storage_path_is_refused_before_training(trained, tmp_path, c
     assert code == 2 and f"cannot write to {run_dir}" in _one_line(err)
 
 
+@pytest.mark.ray
 def test_manifest_with_other_attributes_cannot_resume_a_run(trained, tmp_path, capsys):
     manifest, run_dir = trained
     table, info = read_manifest(manifest)
@@ -123,6 +125,7 @@ def test_manifest_with_other_attributes_cannot_resume_a_run(trained, tmp_path, c
     assert _digest(copy) == before
 
 
+@pytest.mark.ray
 def test_truncated_checkpoint_is_rejected_and_nothing_is_touched(trained, tmp_path, capsys):
     manifest, run_dir = trained
     copy = _copy(run_dir, tmp_path)
@@ -137,6 +140,7 @@ def test_truncated_checkpoint_is_rejected_and_nothing_is_touched(trained, tmp_pa
     assert _digest(copy) == before  # the damaged and every other checkpoint are kept
 
 
+@pytest.mark.ray
 def test_planted_pickle_in_a_checkpoint_is_refused_not_run(trained, tmp_path, capsys):
     manifest, run_dir = trained
     copy = _copy(run_dir, tmp_path)
@@ -153,6 +157,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused_not_run(trained, tmp_path, ca
     assert not marker.exists()
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize(
     ("artefact", "loader"),
     [("model.pt", load_model), ("cfar/factors.npz", load_model), ("samples.npz", load_samples)],

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from campar_ray import storage
-from campar_ray.cfar.als import fit_local, initial_attribute_factors, probabilities
+from campar_ray.cfar.als import fit_local, initial_attribute_factors
 from campar_ray.cfar.dictionary import build_dictionary
 from campar_ray.cfar.fit import fit_cfar, load_cfar
 from campar_ray.cfar.head import Fc2, Fc2Split, train_fc2
 from campar_ray.config import AlsSettings, CfarConfig, ConfigError
+from campar_ray.decision import cfar_logits, probabilities
 from campar_ray.metrics import par_metrics
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits, write_split_logits
@@ -112,12 +113,12 @@ def test_load_cfar_round_trip(fitted):
     loaded = load_cfar(str(run_dir))
     test = read_split_logits(RunDir(str(run_dir)).logits("test"))
     np.testing.assert_array_equal(
-        loaded.probabilities(test.prediction), result.predictor.probabilities(test.prediction)
+        loaded.probabilities(cfar_logits(test)), result.predictor.probabilities(cfar_logits(test))
     )
     assert loaded.threshold == result.predictor.threshold
     assert loaded.attributes == ATTRIBUTES
     columns = [ATTRIBUTES.index(a) for a in EVALUATED]
-    probs = loaded.probabilities(test.prediction)[:, columns]
+    probs = loaded.probabilities(cfar_logits(test))[:, columns]
     recomputed = par_metrics(test.labels[:, columns], probs, loaded.threshold)["mA"]
     assert recomputed == pytest.approx(result.metrics["test"]["cfar_dictionary"]["mA"])
 
@@ -134,7 +135,7 @@ def test_fc2_starts_at_the_stage1_prediction():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(20, M)).astype(np.float32)
     head = Fc2(M)
-    probs = head.probabilities(rng.random((20, M)), logits)
+    probs = probabilities(head.logits(rng.random((20, M)), logits))
     np.testing.assert_allclose(probs, probabilities(logits), rtol=1e-6)
     split = Fc2Split(rng.random((20, M)), logits, (logits > 0).astype(np.int8))
     untrained = train_fc2(split, split, lr=1e-2, epochs=0)

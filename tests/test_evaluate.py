@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import functools
 import html.parser
+import importlib.util
 import json
 import os
 import re
@@ -21,31 +22,34 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 from PIL import Image
 
 from bench.threshold_protocol import score_run
-from campar_ray.bundle import (
-    best_checkpoint,
-    load_cfar_if_fitted,
-    load_model,
-    save_bundle,
-    stage1_probabilities,
-)
-from campar_ray.cfar.fit import eval_columns, fit_cfar
+from campar_ray.bundle import load_model, save_bundle
+from campar_ray.cfar.fit import fit_cfar, load_cfar_if_fitted
 from campar_ray.cli import main
 from campar_ray.config import CfarConfig, Config
 from campar_ray.data.manifest import labels_matrix, read_manifest
 from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.synthetic import generate_synthetic
-from campar_ray.data.transforms import normalize
+from campar_ray.decision import (
+    CALIBRATED,
+    eval_columns,
+    prediction_logits,
+    probabilities,
+    source_probabilities,
+)
 from campar_ray.evaluate import compare_runs, evaluate
-from campar_ray.evaluate.metrics_table import source_probabilities
-from campar_ray.metrics import THRESHOLD_PROTOCOLS, choose_threshold, par_metrics
-from campar_ray.model import build_model, prediction_logits, stage1_loss
-from campar_ray.run.checkpoints import load_stage1_checkpoint, save_checkpoint
+from campar_ray.export import export_model
+from campar_ray.metrics import THRESHOLD_PROTOCOLS, choose_threshold, par_metrics, summary
+from campar_ray.model import build_model, stage1_loss
+from campar_ray.model.inputs import normalize
+from campar_ray.predict import predict
+from campar_ray.run.checkpoints import best_checkpoint, load_stage1_checkpoint, save_checkpoint
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits, write_split_logits
 from campar_ray.train.loop import (
@@ -280,6 +284,17 @@ def test_report_numbers_equal_metrics_json(report):
     assert all(f"<td>{cell}</td>" in page for row in overall for cell in row[3:])
 
 
+def test_report_shows_raw_and_calibrated_side_by_side(report):
+    markdown = Path(report["files"]["markdown"]).read_text()
+    rows = _table_rows(markdown, "Calibration")
+    calibration = report["calibration"]
+    assert [row[1] for row in rows] == ["0.5", CALIBRATED]
+    for row, protocol in zip(rows, ("0.5", CALIBRATED), strict=True):
+        assert row[2] == f"{100 * calibration[protocol]['mA']:.2f}"
+    assert set(calibration["offsets"]) == set(report["eval_attributes"])
+    assert calibration["how"].startswith("calibrated: per-attribute offsets on stage1_cfar")
+
+
 def test_sources_thresholds_and_cfar(report):
     metrics = report
     assert list(metrics["sources"]) == ["stage1_shared", "stage1_specific", "stage1_cfar"]
@@ -386,7 +401,7 @@ def test_predictor_of_a_run_reproduces_its_logits(runs, tmp_path):
     logits = read_split_logits(RunDir(str(runs["campar"])).logits("test"))
     images = [str(runs["manifest"].parent / name) for name in logits.images[:6]]
     predictor = load_model(str(runs["campar"]))
-    expected = stage1_probabilities(logits, "specific")[:6]
+    expected = probabilities(prediction_logits(logits, "specific"))[:6]
     np.testing.assert_allclose(predictor.predict_proba(images), expected, atol=1e-5)
     folder = save_bundle(str(runs["campar"]), str(tmp_path / "bundle"))
     bundle = load_model(folder)
@@ -466,3 +481,51 @@ def test_threshold_study_scores_the_val_protocol_as_the_report_does(runs, protoc
         assert by_protocol["val"]["mA"] == pytest.approx(reported[source]["mA"])
         assert by_protocol["fixed"]["threshold"] == 0.5
     assert sorted(score_run(str(runs["baseline"]))) == ["stage1_shared"]
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")),
+    reason="the ONNX leg needs the optional extra campar-ray[onnx]",
+)
+def test_calibrated_predict_bundle_and_onnx_agree_with_evaluate(
+    runs, report, ray_cluster, tmp_path
+):
+    """One calibration, four readers: evaluate's calibrated figures (stored logits), the
+    bundle's predictor, batch prediction (Ray Data) and the ONNX file, on the test images."""
+    import onnxruntime
+
+    run = str(runs["cfar"])
+    logits = read_split_logits(RunDir(run).logits("test"))
+    columns = eval_columns(logits)
+    labels = logits.labels[:, columns]
+    expected = report["calibration"][CALIBRATED]
+    assert report["calibration"]["source"] == "stage1_cfar"
+    assert expected != report["calibration"]["0.5"]  # calibration changes the figures
+
+    def figures(present: np.ndarray) -> dict[str, float]:
+        return summary(par_metrics(labels, present[:, columns].astype(np.float32), 0.5))
+
+    bundle = save_bundle(run, str(tmp_path / "bundle"))
+    predictor = load_model(bundle, CALIBRATED)
+    images = [str(runs["manifest"].parent / name) for name in logits.images]
+    probs = predictor.predict_proba(images)
+    assert figures(predictor.decide(probs)) == pytest.approx(expected, abs=1e-12)
+
+    out = tmp_path / "predictions.parquet"
+    predict(bundle, str(runs["manifest"]), str(out), threshold=CALIBRATED)
+    rows = {
+        path: set(names)
+        for path, names in zip(
+            *pq.read_table(out, columns=["path", "predicted"]).to_pydict().values(), strict=True
+        )
+    }
+    predicted = np.array(
+        [[name in rows[image] for name in logits.attributes] for image in logits.images]
+    )
+    assert figures(predicted) == pytest.approx(expected, abs=1e-12)
+
+    export_model(bundle, "onnx", str(tmp_path / "model.onnx"), progress=False)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    exported = session.run(None, {"images": normalize(predictor.prepare(images)).numpy()})[0]
+    assert figures(exported >= 0.5) == pytest.approx(expected, abs=1e-12)

@@ -21,9 +21,10 @@ from campar_ray.bundle import ParPredictor, load_model, save_bundle
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import CfarConfig, Config
 from campar_ray.data.synthetic import render, sample_person
-from campar_ray.data.transforms import normalize
-from campar_ray.export import ExportError, export_model
+from campar_ray.decision import CALIBRATED, probabilities
+from campar_ray.export import CfarModule, ExportError, export_model
 from campar_ray.model import build_model
+from campar_ray.model.inputs import normalize
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, write_split_logits
 
@@ -116,7 +117,7 @@ def test_torchscript_matches_pytorch(bundles, tmp_path, head, cfar, capsys):
     images = real_images(4)
     report = export_model(str(bundle), "torchscript", str(tmp_path / "model.pt"), images=images)
     assert set(report.max_abs_diff) == {"random", "real"}
-    assert max(report.max_abs_diff.values()) <= 1e-4
+    assert max(report.max_abs_diff.values()) <= 1e-5
     assert "parity on real inputs: max abs diff" in capsys.readouterr().out
     assert report.summary() == (
         f"exported torchscript to {tmp_path / 'model.pt'}; largest difference from PyTorch's "
@@ -125,15 +126,43 @@ def test_torchscript_matches_pytorch(bundles, tmp_path, head, cfar, capsys):
     )
 
     module, meta = _load_torchscript(tmp_path / "model.pt")
-    predictor = load_model(str(bundle))
-    assert meta["attributes"] == list(ATTRIBUTES) and meta["threshold"] == predictor.threshold
+    predictor = load_model(str(bundle), CALIBRATED)  # a bundle with a calibration exports it
+    assert meta["attributes"] == list(ATTRIBUTES) and meta["threshold"] == 0.5
+    assert meta["calibration"]["offsets"] == list(predictor.calibration.offsets)
     assert meta["cfar"] == (None if cfar == "none" else cfar)
     expected = predictor.predict_proba(list(images))
+    raw = load_model(str(bundle)).predict_proba(list(images))
+    assert np.abs(expected - raw).max() > 1e-3  # the offsets are applied, not ignored
     for batch in (1, 4):  # the batch axis is dynamic: neither is the traced size (2)
         x = normalize(predictor.prepare(list(images[:batch])))
         with torch.no_grad():
             got = module(x).numpy()
-        np.testing.assert_allclose(got, expected[:batch], atol=1e-4)
+        np.testing.assert_allclose(got, expected[:batch], atol=1e-5)
+
+
+@pytest.mark.parametrize("lookup", ["dictionary", "fold-in"])
+def test_torch_cfar_matches_the_decision_module(bundles, lookup):
+    """The export's torch CFAR (both lookups, fc2) against decision.refine, array for array."""
+    cfar = load_model(str(bundles[f"campar-{lookup}"])).cfar
+    logits = np.random.default_rng(3).normal(0, 2, (64, len(ATTRIBUTES))).astype(np.float32)
+    with torch.no_grad():
+        got = CfarModule(cfar)(torch.from_numpy(logits)).numpy()
+    np.testing.assert_allclose(got, cfar.refined_logits(logits), atol=1e-5)
+    np.testing.assert_allclose(
+        torch.sigmoid(torch.from_numpy(got)).numpy(), probabilities(cfar.refined_logits(logits)),
+        atol=1e-5,
+    )  # fmt: skip
+
+
+def test_an_old_bundle_without_calibration_exports_raw(bundles, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(bundles["campar-none"], old)
+    (old / "calibration.json").unlink()
+    export_model(str(old), "torchscript", str(tmp_path / "m.pt"), progress=False)
+    _, meta = _load_torchscript(tmp_path / "m.pt")
+    assert meta["calibration"] is None and meta["threshold"] == 0.5
+    with pytest.raises(ValueError, match=r"has no calibration\.json .*`campar bundle`"):
+        load_model(str(old), CALIBRATED)
 
 
 def test_parity_check_catches_a_mismatch(bundles, tmp_path, monkeypatch):
@@ -173,12 +202,12 @@ def test_onnx_matches_pytorch_through_onnxruntime(bundles, tmp_path, name):
     out = tmp_path / "model.onnx"
     images = real_images(3)
     report = export_model(str(bundles[name]), "onnx", str(out), images=images)
-    assert max(report.max_abs_diff.values()) <= 1e-4
-    predictor = load_model(str(bundles[name]))
+    assert max(report.max_abs_diff.values()) <= 1e-5
+    predictor = load_model(str(bundles[name]), CALIBRATED)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = normalize(predictor.prepare(list(images))).numpy()
     got = session.run(None, {"images": x})[0]
-    np.testing.assert_allclose(got, predictor.predict_proba(list(images)), atol=1e-4)
+    np.testing.assert_allclose(got, predictor.predict_proba(list(images)), atol=1e-5)
 
 
 def test_onnx_without_its_packages_names_the_extra(bundles, tmp_path):

@@ -23,11 +23,11 @@ import torch
 from cli_checks import TINY_TRAIN, Listener, Payload, one_line, run_campar
 from test_evaluate import SIZE, train_tiny_run
 
-from campar_ray.bundle import best_checkpoint
 from campar_ray.cli import main
 from campar_ray.config import load_config
 from campar_ray.data import generate_synthetic, read_manifest
 from campar_ray.data.manifest import write_manifest
+from campar_ray.run.checkpoints import best_checkpoint
 
 MISSING_LOGITS = (
     "not found: stage 1 writes it when `campar train` finishes (re-run `campar train` with the "

@@ -19,12 +19,10 @@ from campar_ray.model import (
     BaselineHead,
     CamParHead,
     MultiLevelFusion,
-    ParOutput,
     WeightsError,
     build_model,
     class_activation_maps,
     feature_weight_angles,
-    prediction_logits,
     stage1_loss,
 )
 
@@ -271,18 +269,6 @@ def test_model_features_come_from_fusion_when_enabled():
     x = torch.randn(2, 3, 64, 32)
     assert plain.fusion is None and plain.features(x).shape == (2, 512, 2, 1)
     assert isinstance(fused.fusion, MultiLevelFusion) and fused.features(x).shape == (2, 512, 4, 2)
-
-
-def test_prediction_logits_choice():
-    shared, specific = torch.tensor([[1.0, -2.0]]), torch.tensor([[3.0, 0.0]])
-    out = ParOutput(shared, specific, None)
-    assert torch.equal(prediction_logits(out, "specific"), specific)
-    assert torch.equal(prediction_logits(out, "shared"), shared)
-    assert torch.equal(prediction_logits(out, "mean"), torch.tensor([[2.0, -1.0]]))
-    baseline = ParOutput(shared, None, None)
-    assert all(torch.equal(prediction_logits(baseline, p), shared) for p in ("specific", "mean"))
-    with pytest.raises(ValueError, match="valid: specific, shared, mean"):
-        prediction_logits(out, "max")
 
 
 AMX = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False

@@ -20,22 +20,25 @@ import torch
 import yaml
 from PIL import Image
 
-from campar_ray.bundle import Threshold, load_model
+from campar_ray.bundle import load_model
 from campar_ray.cli import main
 from campar_ray.config import Config
 from campar_ray.data.images import STRICT
 from campar_ray.data.manifest import ManifestInfo, manifest_table, write_manifest
 from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.synthetic import render, sample_person
-from campar_ray.data.transforms import normalize, resize
+from campar_ray.data.transforms import resize
+from campar_ray.decision import Threshold
 from campar_ray.model import build_model
+from campar_ray.model.inputs import normalize
+from campar_ray.model.scoring import ScoringActor
 from campar_ray.predict import (
     list_inputs,
     predict,
     prediction_table,
     write_predictions,
 )
-from campar_ray.train.inference import ScoringActor, checkpoint_scorer
+from campar_ray.train.inference import checkpoint_scorer
 
 SIZE = (32, 16)
 ATTRIBUTES = ("hat", "bag", "skirt", "jeans")

@@ -8,7 +8,6 @@ import torch
 
 from campar_ray.artifacts import ArtifactError
 from campar_ray.config import ModelConfig
-from campar_ray.data.transforms import normalize
 from campar_ray.model import (
     Scorer,
     WeightsMismatch,
@@ -16,6 +15,7 @@ from campar_ray.model import (
     load_network,
     rebuild_network,
 )
+from campar_ray.model.inputs import normalize
 
 CONFIG = ModelConfig(backbone="resnet18", fusion=False, weights="none")
 ATTRIBUTES = 3

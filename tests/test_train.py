@@ -24,7 +24,7 @@ from campar_ray.config import Config, ConfigError, TrainConfig, load_config
 from campar_ray.data import decode_image, generate_synthetic, load_image_bytes, read_manifest
 from campar_ray.data.manifest import resolve_image
 from campar_ray.data.ray_pipeline import data_execution_options
-from campar_ray.data.transforms import normalize
+from campar_ray.model.inputs import normalize
 from campar_ray.run.checkpoints import load_stage1_checkpoint
 from campar_ray.run.logits import read_split_logits
 from campar_ray.train import worker
@@ -230,10 +230,14 @@ def _worker(minutes: float = 0.0) -> worker._Run:
     model = TinyNet()
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
     return worker._Run(
-        setup={
-            "train": TrainConfig(batch_size=16, checkpoint_every_minutes=minutes),
-            "epoch_rows": 320,
-        },
+        setup=worker.WorkerSetup(
+            config=Config(train=TrainConfig(batch_size=16, checkpoint_every_minutes=minutes)),
+            attributes=(),
+            eval_attributes=(),
+            eval_indices=(),
+            positive_ratio=(),
+            epoch_rows=320,
+        ),
         model=model,
         ddp_model=model,
         optimizer=optimizer,

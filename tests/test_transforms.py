@@ -10,13 +10,11 @@ from PIL import Image
 from campar_ray.data.images import decode_image
 from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Shift,
-    normalize,
     resize,
     shift_into,
 )
+from campar_ray.model.inputs import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
 def _batch(count: int = 6, height: int = 8, width: int = 5, seed: int = 0) -> np.ndarray:

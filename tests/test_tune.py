@@ -28,6 +28,7 @@ from campar_ray.cfar.fit import fit_cfar, load_cfar
 from campar_ray.cli import main as cli_main
 from campar_ray.config import Config, load_config
 from campar_ray.data.synthetic import generate_synthetic
+from campar_ray.decision import cfar_logits
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits, write_split_logits
 from campar_ray.tracking import KEY_TAG, SUPERSEDED_TAG, run_key
@@ -188,7 +189,7 @@ def test_a_trial_saves_the_model_fit_cfar_saves(tmp_path, lookup):
     assert ours["fc2"][lookup] == theirs["fc2"][lookup]
     for key in ("config", "seed", "attributes", "als", "keys_used", "threshold"):
         assert ours[key] == theirs[key], key
-    test = read_split_logits(RunDir(str(run)).logits("test")).prediction
+    test = cfar_logits(read_split_logits(RunDir(str(run)).logits("test")))
     np.testing.assert_array_equal(
         load_cfar(str(tmp_path / "trial")).probabilities(test),
         load_cfar(str(run)).probabilities(test),

@@ -14,8 +14,9 @@ import pytest
 from cli_checks import Payload
 
 from campar_ray.config import Config
+from campar_ray.run.layout import SearchDir
 from campar_ray.tune import load_search_space
-from campar_ray.tune.record import RECORD, ResumeError, read_record, write_record
+from campar_ray.tune.record import ResumeError, read_record, write_record
 from campar_ray.tune.report import trial_row
 
 SPACE = load_search_space(None, Config(), "cfar")
@@ -92,7 +93,7 @@ def test_param_membership_is_exact_about_types_and_bounds():
 )
 def test_a_tampered_record_is_refused_naming_the_field(tmp_path, tamper, message):
     write_record(str(tmp_path), _rows(str(tmp_path / "trials")), SPACE)
-    path = tmp_path / RECORD
+    path = Path(SearchDir(str(tmp_path)).record)
     record = json.loads(path.read_text())
     tamper(record)
     path.write_text(json.dumps(record))
@@ -107,7 +108,7 @@ def test_a_tampered_record_is_refused_naming_the_field(tmp_path, tamper, message
 def test_a_record_that_is_no_json_object_is_refused_and_never_loaded(tmp_path, content):
     marker = tmp_path / "payload-ran"
     data = pickle.dumps(Payload(marker)) if content == "pickle" else content
-    (tmp_path / RECORD).write_bytes(data)
+    Path(SearchDir(str(tmp_path)).record).write_bytes(data)
     with pytest.raises(ResumeError, match="is not campar's trial record") as error:
         _read(tmp_path)
     assert "\n" not in str(error.value) and not marker.exists()

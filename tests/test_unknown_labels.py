@@ -19,6 +19,7 @@ from campar_ray.data import generate_synthetic, labels_matrix, read_manifest, ve
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import UNKNOWN, write_manifest
 from campar_ray.data.pack import pack_manifest
+from campar_ray.decision import probabilities
 from campar_ray.metrics import choose_threshold, metrics_by_group, par_metrics, summary
 from campar_ray.model import ParOutput, bce, positive_ratio, stage1_loss
 from campar_ray.run.logits import SplitLogits, write_split_logits
@@ -256,7 +257,7 @@ def partial_logits(tmp_path_factory) -> tuple[str, np.ndarray, np.ndarray]:
             [f"img{i}.jpg" for i in range(len(logits))], labels, logits - 0.1, logits, names, names
         ),
     )
-    return path, als.probabilities(logits), labels != UNKNOWN
+    return path, probabilities(logits), labels != UNKNOWN
 
 
 def direct_masked_image_step(r, known, Y, alpha, threshold, lam):

@@ -17,14 +17,13 @@ from cli_checks import TINY_TRAIN, one_line, run_campar
 from test_merge import two_datasets
 from test_unknown_labels import hide, reference_par_metrics
 
-from campar_ray.bundle import stage1_probabilities
-from campar_ray.cfar.als import probabilities
 from campar_ray.cfar.solver import fit_als
 from campar_ray.config import AlsSettings
 from campar_ray.data import labels_matrix, read_manifest
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import UNKNOWN, write_manifest
-from campar_ray.evaluate.metrics_table import eval_columns, score_split
+from campar_ray.decision import cfar_logits, eval_columns, prediction_logits, probabilities
+from campar_ray.evaluate.metrics_table import score_split
 from campar_ray.metrics import SUMMARY_KEYS, par_metrics, summary
 from campar_ray.run.logits import read_split_logits
 
@@ -67,7 +66,7 @@ def test_unknown_labels_train_fit_cfar_evaluate_predict_and_export(
     assert code == 0, err
     fitted = json.loads((tmp_path / "run" / "cfar" / "cfar.json").read_text())
     local = fit_als(  # the Ray actors read the mask with their rows: the local fit, exactly
-        probabilities(train.prediction),
+        probabilities(cfar_logits(train)),
         AlsSettings.of(fitted["config"]),
         solver="local",
         seed=fitted["seed"],
@@ -82,7 +81,7 @@ def test_unknown_labels_train_fit_cfar_evaluate_predict_and_export(
     document = json.loads((out / "metrics.json").read_text())
     test = read_split_logits(f"{run}/logits/test.parquet")
     columns = eval_columns(test)
-    probs = stage1_probabilities(test, "shared")
+    probs = probabilities(prediction_logits(test, "shared"))
     shared = document["sources"]["stage1_shared"]
     expected = par_metrics(test.labels[:, columns], probs[:, columns], 0.5)
     assert {key: shared[key] for key in SUMMARY_KEYS} == summary(expected)

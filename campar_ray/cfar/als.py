@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.special import expit
 
 if TYPE_CHECKING:
     from campar_ray.config import AlsSettings
@@ -83,11 +82,6 @@ class AttributeStats:
             self.targets + other.targets,
             self.factor_norm + other.factor_norm,
         )
-
-
-def probabilities(logits: np.ndarray) -> np.ndarray:
-    """r = sigmoid(logits) in float32, the precision the logits are stored in."""
-    return expit(np.asarray(logits, dtype=np.float32))
 
 
 def targets(

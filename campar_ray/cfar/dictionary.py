@@ -24,9 +24,8 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import pairwise_distances_argmin
 
 from campar_ray.cfar.als import gram, solve_image_factors
-from campar_ray.config import CHOICES, AlsSettings
+from campar_ray.config import LOOKUPS, AlsSettings
 
-LOOKUPS = CHOICES["cfar.lookup"]
 MINIBATCH_ABOVE = 50_000
 """Training rows above which k-means runs in mini-batches (same result shape, bounded time)."""
 

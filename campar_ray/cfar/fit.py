@@ -16,7 +16,6 @@ Every decision threshold is chosen on validation data only, one per column, by m
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -28,21 +27,28 @@ import numpy as np
 
 from campar_ray import storage
 from campar_ray.artifacts import save_arrays
-from campar_ray.cfar.als import AlsResult, probabilities
-from campar_ray.cfar.dictionary import LOOKUPS
+from campar_ray.cfar.als import AlsResult
 from campar_ray.cfar.model import (
+    MODEL_FILE,
     CfarModel,
     CfarPredictor,
     Progress,
     check_cfar_config,
     check_same_attributes,
-    eval_columns,
     fit_model,
     load_predictor,
     save_model,
 )
-from campar_ray.config import CfarConfig, TrackingConfig
-from campar_ray.metrics import choose_threshold, par_metrics, summary
+from campar_ray.config import LOOKUPS, CfarConfig, TrackingConfig
+from campar_ray.decision import (
+    CFAR_FROM,
+    eval_columns,
+    final_logits,
+    fit_run_calibration,
+    probabilities,
+    source_probabilities,
+)
+from campar_ray.metrics import par_metrics, select_threshold, summary
 from campar_ray.progress import Progress as PhaseProgress
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits
@@ -109,6 +115,7 @@ def fit_cfar(
 
     output_dir = run.cfar
     save_model(output_dir, model)
+    fit_run_calibration(run_dir, CFAR_FROM, model.predictor)  # the final prediction changed
     save_arrays(  # the evidence behind metrics.json, so any protocol can be re-scored later
         storage.join(output_dir, PROBABILITIES_FILE),
         **{
@@ -117,7 +124,7 @@ def fit_cfar(
             for split, values in by.items()
         },
     )
-    _write_json(run.cfar_metrics, metrics)
+    storage.write_json(run.cfar_metrics, metrics)
     tracker.log_final(
         {
             f"{split}/{column}/{name}": value
@@ -134,6 +141,14 @@ def fit_cfar(
 def load_cfar(run_dir: str) -> CfarPredictor:
     """The saved stage-2 predictor of a run (the configured lookup, fc2, threshold)."""
     return load_predictor(RunDir(run_dir).cfar)
+
+
+def load_cfar_if_fitted(path: str) -> CfarPredictor | None:
+    """The stage-2 predictor of a run or a bundle (both keep it in ``cfar/``), or None when
+    ``fit-cfar`` has not run."""
+    if storage.exists(storage.join(RunDir(path).cfar, MODEL_FILE)):
+        return load_cfar(path)
+    return None
 
 
 def cfar_report(metrics: dict[str, Any]) -> str:
@@ -197,15 +212,15 @@ def _probabilities(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Column -> split -> probabilities of the evaluated attributes, on the reported splits:
     stage 1's shared and specific logits and stage 1 + CFAR for every lookup."""
-    probs: dict[str, dict[str, np.ndarray]] = {}
-    for column, field in (("stage1_shared", "shared"), ("stage1_specific", "specific")):
-        if getattr(splits["train"], field) is not None:
-            probs[column] = {
-                name: probabilities(getattr(splits[name], field))[:, columns] for name in REPORTED
-            }
+    stage1 = {name: source_probabilities(splits[name], CFAR_FROM, None) for name in REPORTED}
+    probs = {
+        column: {name: stage1[name][column][:, columns] for name in REPORTED}
+        for column in stage1["val"]
+    }
     for lookup, predictor in predictors.items():
         probs[_column(lookup)] = {
-            name: predictor.probabilities(splits[name].prediction)[:, columns] for name in REPORTED
+            name: probabilities(final_logits(splits[name], CFAR_FROM, predictor))[:, columns]
+            for name in REPORTED
         }
     return probs
 
@@ -220,7 +235,7 @@ def _metrics(
     """Each column at 0.5 and at its own validation-chosen threshold, on val and test."""
     labels = {name: splits[name].labels[:, columns] for name in REPORTED}
     thresholds = {
-        column: float(choose_threshold(labels["val"], probs[column]["val"]))
+        column: float(select_threshold("val", labels["val"], probs[column]["val"]))
         for column in probs
         if column.startswith("stage1_")
     }
@@ -249,7 +264,3 @@ def _metrics(
 
 def _column(lookup: str) -> str:
     return "cfar_" + lookup.replace("-", "_")
-
-
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    storage.write_bytes(path, json.dumps(payload, indent=2).encode())

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits
 
 from campar_ray.data.manifest import known_entries
+from campar_ray.decision import probabilities
 from campar_ray.metrics import par_metrics
 
 PATIENCE = 20
@@ -52,11 +53,10 @@ class Fc2(nn.Module):
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: v.detach().numpy().copy() for k, v in self.linear.state_dict().items()}
 
-    def probabilities(self, r_hat: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """sigmoid(fc2(.)) as a float32 NumPy array."""
+    def logits(self, r_hat: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """fc2(concat(r_hat, l)): the final logits, as a float32 NumPy array."""
         with torch.no_grad():
-            out = self(_tensor(r_hat), _tensor(logits))
-        return torch.sigmoid(out).numpy()
+            return self(_tensor(r_hat), _tensor(logits)).numpy()
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def train_fc2(
         with torch.no_grad():
             out = head(*val_inputs)
             loss = float(_bce(out, val_target, val_known))
-        probs = torch.sigmoid(out).numpy()
+        probs = probabilities(out.numpy())
         return par_metrics(val.labels[:, columns], probs[:, columns])["mA"], loss
 
     best_epoch, (best_mA, best_loss), best_state = 0, validate(), head.arrays()

@@ -29,7 +29,7 @@ import numpy as np
 
 from campar_ray import storage
 from campar_ray.artifacts import load_arrays, load_json, save_arrays
-from campar_ray.cfar.als import AlsResult, probabilities
+from campar_ray.cfar.als import AlsResult
 from campar_ray.cfar.dictionary import (
     LOOKUPS,
     AttributeSetDictionary,
@@ -40,7 +40,16 @@ from campar_ray.cfar.head import Fc2, Fc2Fit, Fc2Split, train_fc2
 from campar_ray.cfar.solver import SOLVERS, fit_als
 from campar_ray.config import AlsSettings, CfarConfig, ConfigError
 from campar_ray.data.manifest import known_entries
-from campar_ray.metrics import choose_threshold
+from campar_ray.decision import (
+    CFAR_FROM,
+    cfar_logits,
+    eval_columns,
+    logits_name,
+    probabilities,
+    protocol_threshold,
+    reconstruction,
+    refine,
+)
 from campar_ray.run.logits import SplitLogits
 
 FACTORS_FILE = "factors.npz"
@@ -66,11 +75,14 @@ class CfarPredictor:
     """Decision threshold on :meth:`probabilities`, chosen on validation data."""
     attributes: tuple[str, ...]
 
-    def probabilities(self, prediction_logits: np.ndarray) -> np.ndarray:
-        """sigmoid(fc2(concat(r_hat, l))) for stage-1 prediction logits l (N x M)."""
-        logits = np.asarray(prediction_logits, dtype=np.float32)
-        r_hat = self.estimator.reconstruct(probabilities(logits))
-        return self.head.probabilities(r_hat, logits)
+    def refined_logits(self, logits: np.ndarray) -> np.ndarray:
+        """fc2(concat(r_hat, l)) for stage-1 logits l (N x M), by
+        :func:`campar_ray.decision.refine`."""
+        return refine(logits, self.estimator, self.head)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """sigmoid of :meth:`refined_logits`: stage 1 + CFAR's probabilities."""
+        return probabilities(self.refined_logits(logits))
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,7 @@ def fit_model(
     check_same_attributes({"train": train, "val": val})
     report = progress or _silent
     columns = eval_columns(train)
-    r_train = probabilities(train.prediction)
+    r_train = probabilities(cfar_logits(train))
     known = known_entries(train.labels)  # unknown training labels: no observation
     als = fit_als(
         train_path if cfg.solver == "ray" else r_train,
@@ -154,7 +166,7 @@ def fit_model(
         cfg,
         seed,
         train.attributes,
-        "shared" if train.specific is None else "specific",
+        logits_name(train, CFAR_FROM),
         als,
         dictionary,
         predictors,
@@ -211,16 +223,6 @@ def load_predictor(directory: str) -> CfarPredictor:
     )
 
 
-def eval_columns(logits: SplitLogits) -> np.ndarray:
-    """Indices of the evaluated attributes within all attributes (all when none are named)."""
-    if not logits.eval_attributes:
-        return np.arange(len(logits.attributes))
-    unknown = sorted(set(logits.eval_attributes) - set(logits.attributes))
-    if unknown:
-        raise ValueError(f"evaluated attributes {unknown} are not among {logits.attributes}")
-    return np.array([logits.attributes.index(name) for name in logits.eval_attributes])
-
-
 def check_same_attributes(splits: dict[str, SplitLogits]) -> None:
     """Raise a ValueError naming a split whose attributes differ from train's."""
     reference = splits["train"].attributes
@@ -250,15 +252,14 @@ def _fit_predictor(
     """fc2 on train (selected on val), then its decision threshold on val."""
 
     def fc2_inputs(split: SplitLogits) -> Fc2Split:
-        r_hat = estimator.reconstruct(probabilities(split.prediction))
-        return Fc2Split(r_hat, split.prediction, split.labels)
+        logits = cfar_logits(split)
+        return Fc2Split(reconstruction(logits, estimator), logits, split.labels)
 
     fit = train_fc2(
         fc2_inputs(train), fc2_inputs(val), lr=cfg.fc2_lr, epochs=cfg.fc2_epochs, columns=columns
     )
     predictor = CfarPredictor(estimator, fit.head, 0.5, train.attributes)
-    probs = predictor.probabilities(val.prediction)
-    threshold = choose_threshold(val.labels[:, columns], probs[:, columns])
+    threshold = protocol_threshold("val", val, predictor.probabilities(cfar_logits(val)))
     return dataclasses.replace(predictor, threshold=float(threshold)), fit
 
 

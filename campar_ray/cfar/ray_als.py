@@ -38,9 +38,9 @@ from campar_ray.cfar.als import (
     check_start,
     gram,
     initial_attribute_factors,
-    probabilities,
 )
 from campar_ray.data.manifest import known_entries
+from campar_ray.decision.logits import cfar_logits, probabilities
 from campar_ray.run.logits import count_rows, read_split_logits
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class ShardActor:
         threadpool_limits(threads)
         logits = read_split_logits(path, start, stop)
         self._shard = Shard(
-            probabilities(logits.prediction), settings, known=known_entries(logits.labels)
+            probabilities(cfar_logits(logits)), settings, known=known_entries(logits.labels)
         )
         self._step: int | None = None
 

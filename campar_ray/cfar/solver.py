@@ -26,16 +26,14 @@ from campar_ray.cfar.als import (
     check_probabilities,
     fit_local,
     initial_attribute_factors,
-    probabilities,
 )
-from campar_ray.config import CHOICES
+from campar_ray.config import SOLVERS
 from campar_ray.data.manifest import known_entries
+from campar_ray.decision.logits import cfar_logits, probabilities
 from campar_ray.run.logits import read_split_logits
 
 if TYPE_CHECKING:
     from campar_ray.config import AlsSettings
-
-SOLVERS = CHOICES["cfar.solver"]
 
 
 def fit_als(
@@ -80,7 +78,7 @@ def fit_als(
         return fit_ray(source, settings, actors, seed, callback)
     if isinstance(source, str):
         logits = read_split_logits(source)
-        source, known = probabilities(logits.prediction), known_entries(logits.labels)
+        source, known = probabilities(cfar_logits(logits)), known_entries(logits.labels)
     r = check_probabilities(source)
     Y0 = initial_attribute_factors(r.shape[1], settings.factors, seed)
     if solver == "local":

@@ -48,8 +48,9 @@ columns of one whole row group to take its piece's rows, so this bounds that rea
 of the piece's decode time at 4096 rows, 7 % at 16384); training pieces are dealt from a
 random order within each row group."""
 PACKED_ROW_GROUP_SIZE = 256
-"""Rows of encoded images per row group: one Ray Data decode block (``ray_pipeline.BLOCK_ROWS``),
-so a decode task reads exactly one row group (a few MB) of a packed manifest."""
+"""Rows of encoded images per row group, and so one Ray Data decode block
+(``ray_pipeline.BLOCK_ROWS`` is this value): a decode task reads exactly one row group (a few
+MB) of a packed manifest."""
 SHARD_NAME = "part-{:05d}.parquet"
 
 
@@ -59,6 +60,18 @@ class ManifestError(ValueError):
 
 class OutsideRootError(ManifestError):
     """An image reference that leaves the manifest's folder (see :func:`outside_root`)."""
+
+
+def eval_positions(attributes: Sequence[str], evaluated: Sequence[str]) -> np.ndarray:
+    """Positions of the evaluated attributes among all, in evaluation order; all of them when
+    none are named. The one rule for training's validation metrics, stage 2 and evaluation."""
+    if not evaluated:
+        return np.arange(len(attributes), dtype=np.int64)
+    unknown = sorted(set(evaluated) - set(attributes))
+    if unknown:
+        raise ValueError(f"evaluated attributes {unknown} are not among {tuple(attributes)}")
+    position = {name: index for index, name in enumerate(attributes)}
+    return np.array([position[name] for name in evaluated], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -79,9 +92,8 @@ class ManifestInfo:
     instead of decoding and resizing it."""
 
     def eval_indices(self) -> np.ndarray:
-        """Positions of ``eval_attributes`` in ``attributes``, in evaluation order."""
-        position = {name: index for index, name in enumerate(self.attributes)}
-        return np.array([position[name] for name in self.eval_attributes], dtype=np.int64)
+        """Positions of ``eval_attributes`` in ``attributes`` (:func:`eval_positions`)."""
+        return eval_positions(self.attributes, self.eval_attributes)
 
     def to_metadata(self) -> bytes:
         """The ``campar`` schema metadata value (``root`` is where the file is, not stored)."""

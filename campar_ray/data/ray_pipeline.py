@@ -35,6 +35,7 @@ from campar_ray.config import DataConfig
 from campar_ray.data.images import STRICT, UNREADABLE, ImageLimits, read_image
 from campar_ray.data.manifest import (
     BINARY_COLUMN,
+    PACKED_ROW_GROUP_SIZE,
     SPLITS,
     ManifestError,
     ManifestInfo,
@@ -45,8 +46,9 @@ from campar_ray.data.transforms import Shift, shift_into
 
 logger = logging.getLogger(__name__)
 
-BLOCK_ROWS = 256
-"""Manifest rows per source block: one decode task's unit of work (fewer for small splits).
+BLOCK_ROWS = PACKED_ROW_GROUP_SIZE
+"""Manifest rows per source block: one decode task's unit of work (fewer for small splits),
+one row group of a packed manifest, so that a task reads exactly one.
 
 Large on purpose: Ray Data's executor notices finished tasks on a 0.1 s polling cycle, so a
 task must carry well over 0.1 s of decoding for its CPU not to sit idle between tasks

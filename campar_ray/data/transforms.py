@@ -1,4 +1,4 @@
-"""Image transforms of the reference recipe, as pure NumPy/torch functions on batches.
+"""Image transforms of the reference recipe, as pure NumPy functions on images and batches.
 
 Where each one runs is a matter of speed:
 
@@ -7,25 +7,18 @@ Where each one runs is a matter of speed:
   for training a random :class:`Shift` (mirrored while decoding, shifted as it is written
   into the block by :func:`shift_into`), still uint8 so blocks stay four times smaller than
   float while they travel through Ray's object store;
-- :func:`normalize` last, in torch on the training device: uint8 NHWC in, float NCHW out.
+- :func:`campar_ray.model.inputs.normalize` last, in torch on the training device: uint8 NHWC
+  in, float NCHW out (the network's input convention, so the model owns it).
 
 Train and evaluation share decode + resize + normalise; only training augments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
-
-if TYPE_CHECKING:
-    import torch
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -92,27 +85,3 @@ def shift_into(out: np.ndarray, image: np.ndarray, dy: int, dx: int) -> None:
     out[rows.stop :] = 0  # costs as much again as the copy
     out[:, : cols.start] = 0
     out[:, cols.stop :] = 0
-
-
-def normalize(
-    images: torch.Tensor,
-    *,
-    channels_last: bool = False,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """uint8 ``N x H x W x 3`` -> float32 ``N x 3 x H x W``, scaled to [0, 1] then by the
-    encoder's ``mean`` and ``std`` (ImageNet's unless the encoder has its own, see
-    :attr:`campar_ray.model.Backbone.mean`).
-
-    Runs wherever ``images`` lives (the GPU when batches are moved there first). Permuting
-    an NHWC tensor already yields the channels-last layout, so that layout is kept when
-    asked for instead of being copied twice.
-    """
-    import torch  # here, not at the top: decode tasks need only NumPy + PIL (torch costs seconds)
-
-    shift = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    scale = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    x = images.permute(0, 3, 1, 2).float().div_(255).sub_(shift).div_(scale)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return x.contiguous(memory_format=memory_format)

@@ -17,16 +17,18 @@ from typing import Any
 import numpy as np
 
 from campar_ray import storage
-from campar_ray.bundle import load_cfar_if_fitted, load_model
+from campar_ray.bundle import load_model
+from campar_ray.cfar.fit import load_cfar_if_fitted
 from campar_ray.data.images import ImageLimits
-from campar_ray.evaluate.metrics_table import final_source, run_config, score_split
+from campar_ray.decision import CFAR_SOURCE, final_source
+from campar_ray.evaluate.metrics_table import run_config, score_split
 from campar_ray.evaluate.plots import angle_boxplot
 from campar_ray.evaluate.probes import angles, load_split_images
 from campar_ray.evaluate.report import run_label
-from campar_ray.metrics import SUMMARY_KEYS, check_protocol, protocol_statement
+from campar_ray.metrics import SUMMARY_HEADERS, check_protocol, protocol_statement
 
-COLUMNS = ("run", "head", "fusion", "CFAR", "mA", "Acc", "Prec", "Rec", "F1")
-METRIC_COLUMNS = dict(zip(("mA", "Acc", "Prec", "Rec", "F1"), SUMMARY_KEYS, strict=True))
+METRIC_COLUMNS = {header: key for key, header in SUMMARY_HEADERS.items()}
+COLUMNS = ("run", "head", "fusion", "CFAR", *METRIC_COLUMNS)
 
 
 def compare_runs(
@@ -51,10 +53,10 @@ def compare_runs(
     for run_dir in run_dirs:
         config = run_config(run_dir)
         cfar = load_cfar_if_fitted(run_dir)
-        scored, _ = score_split(run_dir, split, config.model.predict_from, cfar, threshold)
+        scored, logits = score_split(run_dir, split, config.model.predict_from, cfar, threshold)
         by_name = {item.name: item for item in scored}
-        stage1 = final_source([n for n in by_name if n != "stage1_cfar"], config.model.predict_from)
-        sources = [stage1] + (["stage1_cfar"] if cfar is not None else [])
+        stage1 = final_source(logits, config.model.predict_from, None)
+        sources = [stage1] + ([CFAR_SOURCE] if cfar is not None else [])
         for source in sources:
             metrics = by_name[source].metrics
             rows.append(
@@ -62,7 +64,7 @@ def compare_runs(
                     "run": posixpath.basename(run_dir.rstrip("/")),
                     "head": config.model.head,
                     "fusion": config.model.fusion,
-                    "CFAR": source == "stage1_cfar",
+                    "CFAR": source == CFAR_SOURCE,
                     **{column: float(metrics[key]) for column, key in METRIC_COLUMNS.items()},
                 }
             )

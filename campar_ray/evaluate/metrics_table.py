@@ -11,6 +11,10 @@ threshold chosen on the validation split (maximising mA, as stage 2 chooses CFAR
 When the split's images come from several data sources (the manifest's ``source`` column: the
 datasets of a merged corpus, PETA's subsets), each prediction source is also scored on each
 data source's images alone (:func:`campar_ray.metrics.metrics_by_group`).
+
+Next to them, always: the final source (the one predictions use) at 0.5 and calibrated
+(:mod:`campar_ray.decision.calibration`), side by side. Probabilities and thresholds are
+:mod:`campar_ray.decision`'s; this module only scores and tabulates them.
 """
 
 from __future__ import annotations
@@ -22,11 +26,22 @@ import numpy as np
 
 from campar_ray import storage
 from campar_ray.bounded import load_yaml
-from campar_ray.bundle import protocol_threshold, stage1_probabilities
-from campar_ray.cfar.fit import CfarPredictor, eval_columns
+from campar_ray.cfar.fit import CfarPredictor
 from campar_ray.config import Config
 from campar_ray.data.manifest import ManifestError, read_manifest
-from campar_ray.metrics import SUMMARY_KEYS, check_protocol, metrics_by_group, par_metrics
+from campar_ray.decision import (
+    CALIBRATED,
+    FIXED,
+    Calibration,
+    calibrated_probabilities,
+    eval_columns,
+    final_logits,
+    final_source,
+    run_calibration,
+    source_probabilities,
+    source_thresholds,
+)
+from campar_ray.metrics import SUMMARY_KEYS, check_protocol, metrics_by_group, par_metrics, summary
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits
 
@@ -73,28 +88,6 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
 
 
-def source_probabilities(
-    logits: SplitLogits, predict_from: str, cfar: CfarPredictor | None
-) -> dict[str, np.ndarray]:
-    """Probabilities of each source (all attributes), in the order they are reported."""
-    probs = {"stage1_shared": stage1_probabilities(logits, "shared")}
-    if logits.specific is not None:
-        probs["stage1_specific"] = stage1_probabilities(logits, "specific")
-        if predict_from == "mean":
-            probs["stage1_mean"] = stage1_probabilities(logits, "mean")
-    if cfar is not None:
-        probs["stage1_cfar"] = cfar.probabilities(logits.prediction)
-    return probs
-
-
-def final_source(names: list[str], predict_from: str) -> str:
-    """The source a run's predictions come from: CFAR when fitted, else ``predict_from``."""
-    if "stage1_cfar" in names:
-        return "stage1_cfar"
-    preferred = f"stage1_{predict_from}"
-    return preferred if preferred in names else "stage1_shared"
-
-
 def score_split(
     run_dir: str,
     split: str,
@@ -110,10 +103,10 @@ def score_split(
     logits = read_split_logits(RunDir(run_dir).logits(split))
     columns = eval_columns(logits)
     groups = row_sources(manifest, logits.images) if manifest else None
-    probs = source_probabilities(logits, predict_from, cfar)
-    thresholds = _thresholds(run_dir, predict_from, cfar, threshold)
+    val = read_split_logits(RunDir(run_dir).logits("val"))
+    thresholds = source_thresholds(val, predict_from, cfar, threshold)
     scored = []
-    for name, values in probs.items():
+    for name, values in source_probabilities(logits, predict_from, cfar).items():
         value = thresholds[name]
         value = value if np.ndim(value) == 0 else value[columns]
         labels, probs = logits.labels[:, columns], values[:, columns]
@@ -136,20 +129,6 @@ def row_sources(manifest: str, images: list[str]) -> np.ndarray | None:
     return sources if len(np.unique(sources)) > 1 else None
 
 
-def _thresholds(
-    run_dir: str, predict_from: str, cfar: CfarPredictor | None, protocol: str
-) -> dict[str, float | np.ndarray]:
-    """Each source's threshold under ``protocol`` (per attribute: all M), from its val probs."""
-    val = read_split_logits(RunDir(run_dir).logits("val"))
-    chosen = {
-        name: protocol_threshold(protocol, val, values)
-        for name, values in source_probabilities(val, predict_from, cfar).items()
-    }
-    if cfar is not None and protocol == "val":
-        chosen["stage1_cfar"] = cfar.threshold
-    return chosen
-
-
 def _source_text(name: str, protocol: str) -> str:
     """Where a source's threshold came from, for the report's table."""
     if protocol == "0.5":
@@ -161,20 +140,40 @@ def _source_text(name: str, protocol: str) -> str:
     )
 
 
+def score_calibration(
+    run_dir: str, logits: SplitLogits, predict_from: str, cfar: CfarPredictor | None
+) -> tuple[Calibration, dict[str, dict[str, Any]]]:
+    """The run's calibration and its final source's metrics on ``logits``: raw at 0.5
+    (``0.5``) and calibrated (``calibrated``, read at 0.5 too), over the evaluated attributes."""
+    calibration = run_calibration(run_dir, predict_from, cfar)
+    columns = eval_columns(logits)
+    final = final_logits(logits, predict_from, cfar)
+    labels = logits.labels[:, columns]
+    metrics = {
+        protocol: par_metrics(labels, calibrated_probabilities(final, chosen)[:, columns])
+        for protocol, chosen in ((FIXED.protocol, None), (CALIBRATED, calibration))
+    }
+    return calibration, metrics
+
+
 def metrics_document(
     run_dir: str,
     split: str,
     config: Config,
     scored: list[Scored],
     logits: SplitLogits,
-    has_cfar: bool,
+    cfar: CfarPredictor | None,
     protocol: str,
 ) -> dict[str, Any]:
     """The JSON-ready content of ``metrics.json`` (fractions in [0, 1]); ``protocol`` is the
-    threshold protocol the sources were scored under."""
+    threshold protocol the sources were scored under. Its ``calibration`` block is the final
+    source raw at 0.5 (``0.5``) next to calibrated (``calibrated``), with each evaluated
+    attribute's offset."""
     columns = eval_columns(logits)
     names = [logits.attributes[index] for index in columns]
-    final = final_source([s.name for s in scored], config.model.predict_from)
+    predict_from = config.model.predict_from
+    final = final_source(logits, predict_from, cfar)
+    calibration, calibrated = score_calibration(run_dir, logits, predict_from, cfar)
     sources = {}
     for item in scored:
         per_attribute = np.broadcast_to(item.threshold, len(names))
@@ -204,9 +203,15 @@ def metrics_document(
             "predict_from": config.model.predict_from,
             "image_size": list(config.data.image_size),
         },
-        "cfar": has_cfar,
+        "cfar": cfar is not None,
         "threshold_protocol": protocol,
         "eval_attributes": names,
         "final": final,
         "sources": sources,
+        "calibration": {
+            "source": calibration.source,
+            "how": calibration.threshold.source,
+            "offsets": dict(zip(names, calibration.array[columns].tolist(), strict=True)),
+            **{name: summary(values) for name, values in calibrated.items()},
+        },
     }

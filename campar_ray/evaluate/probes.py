@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from campar_ray.bundle import ParPredictor
 from campar_ray.data.images import STRICT, ImageLimits, read_image
 from campar_ray.data.manifest import BINARY_COLUMN, labels_matrix, read_manifest
-from campar_ray.data.transforms import normalize
 from campar_ray.model import feature_weight_angles
+from campar_ray.model.inputs import normalize
 from campar_ray.progress import Progress
 
 BATCH = 32

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from campar_ray import storage
-from campar_ray.bundle import ParPredictor, load_model, training_history
+from campar_ray.bundle import ParPredictor, load_model
 from campar_ray.config import Config
 from campar_ray.data.images import ImageLimits
+from campar_ray.decision import CALIBRATED
 from campar_ray.evaluate import plots
 from campar_ray.evaluate.document import Figure, Section, Table, render_html, render_markdown
 from campar_ray.evaluate.metrics_table import (
@@ -44,14 +45,14 @@ from campar_ray.evaluate.probes import (
     load_split_images,
 )
 from campar_ray.metrics import (
+    SUMMARY_HEADERS,
     SUMMARY_KEYS,
     THRESHOLD_PROTOCOLS,
     check_protocol,
     protocol_statement,
 )
+from campar_ray.run.checkpoints import training_history
 from campar_ray.run.layout import RunDir
-
-HEADERS = {"mA": "mA", "accuracy": "Acc", "precision": "Prec", "recall": "Rec", "f1": "F1"}
 
 
 def evaluate(
@@ -82,13 +83,12 @@ def evaluate(
     scored, logits = score_split(
         run_dir, split, config.model.predict_from, predictor.cfar, threshold, config.data.manifest
     )
-    document = metrics_document(
-        run_dir, split, config, scored, logits, predictor.cfar is not None, threshold
-    )
+    document = metrics_document(run_dir, split, config, scored, logits, predictor.cfar, threshold)
     sections = [
         _overview(document),
         _overall_section(document),
         *_source_sections(document),
+        _calibration_section(document),
         _attribute_section(document),
     ]
     image_sections, angle_stats = _image_sections(
@@ -154,7 +154,12 @@ def _overall_section(document: dict[str, Any]) -> Section:
                 *(percent(source[key]) for key in SUMMARY_KEYS),
             ]
         )
-    header = ["Source", "Threshold", "Threshold from", *(f"{HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
+    header = [
+        "Source",
+        "Threshold",
+        "Threshold from",
+        *(f"{SUMMARY_HEADERS[k]} (%)" for k in SUMMARY_KEYS),
+    ]
     return Section(
         "Overall metrics",
         [
@@ -177,7 +182,7 @@ def _source_sections(document: dict[str, Any]) -> list[Section]:
         for data_source, figures in source["by_source"].items()
     ]
     rows.sort(key=lambda row: row[0])
-    header = ["Data source", "Predictions", *(f"{HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
+    header = ["Data source", "Predictions", *(f"{SUMMARY_HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
     return [
         Section(
             "Metrics per data source",
@@ -189,6 +194,31 @@ def _source_sections(document: dict[str, Any]) -> list[Section]:
             ],
         )
     ]
+
+
+def _calibration_section(document: dict[str, Any]) -> Section:
+    calibration = document["calibration"]
+    label = LABELS[document["final"]]
+    rows = [
+        [f"{label}, raw", "0.5", *(percent(calibration["0.5"][key]) for key in SUMMARY_KEYS)],
+        [
+            f"{label}, calibrated",
+            CALIBRATED,
+            *(percent(calibration[CALIBRATED][key]) for key in SUMMARY_KEYS),
+        ],
+    ]
+    offsets = calibration["offsets"].values()
+    header = ["Source", "Protocol", *(f"{SUMMARY_HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
+    return Section(
+        "Calibration",
+        [
+            f"The final source raw at 0.5 next to calibrated: {calibration['how']}. Offsets "
+            f"(logit units) of the evaluated attributes: {min(offsets):+.2f} to "
+            f"{max(offsets):+.2f}. Predict (--threshold calibrated), the bundle and the "
+            "exported files apply them.",
+            Table(header, rows),
+        ],
+    )
 
 
 def _attribute_section(document: dict[str, Any]) -> Section:

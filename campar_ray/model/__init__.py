@@ -17,7 +17,6 @@ from campar_ray.model.campar import (
     ParOutput,
     build_model,
     class_activation_maps,
-    prediction_logits,
 )
 from campar_ray.model.fusion import MultiLevelFusion
 from campar_ray.model.losses import (
@@ -67,7 +66,6 @@ __all__ = [
     "load_network",
     "load_weights",
     "positive_ratio",
-    "prediction_logits",
     "read_state_dict",
     "rebuild_network",
     "stage1_loss",

@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from campar_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from campar_ray.model.inputs import IMAGENET_MEAN, IMAGENET_STD
 from campar_ray.model.pretrained import (
     KEY_RULES,
     PACKAGED_WEIGHTS,

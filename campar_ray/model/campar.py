@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from campar_ray.config import CHOICES, ModelConfig
+from campar_ray.config import CHOICES, PREDICT_FROM, ModelConfig
 from campar_ray.model.backbone import Backbone, build_backbone
 from campar_ray.model.fusion import MultiLevelFusion
 
 CAM_EPS = 1e-6
 """Added to each CAM's denominator: an all-negative (or flat) map gives an all-zero CAM, not NaN."""
-PREDICT_FROM = CHOICES["model.predict_from"]
 CAM_NORMS = CHOICES["model.cam_norm"]
 LOGIT_NORMS = CHOICES["model.logit_norm"]
 
@@ -248,17 +247,3 @@ def build_model(cfg: ModelConfig, num_attributes: int) -> ParModel:
         backbone.channels[-1], num_attributes, cam_norm=cfg.cam_norm, logit_norm=cfg.logit_norm
     )
     return ParModel(backbone, head, fusion)
-
-
-def prediction_logits(output: ParOutput, predict_from: str) -> Tensor:
-    """The logits whose sigmoid is the prediction: ``specific``, ``shared`` or their ``mean``.
-
-    The baseline has only shared logits, which it returns for every choice.
-    """
-    if predict_from not in PREDICT_FROM:
-        raise ValueError(f"unknown predict_from {predict_from!r}; valid: {', '.join(PREDICT_FROM)}")
-    if output.specific is None or predict_from == "shared":
-        return output.shared
-    if predict_from == "specific":
-        return output.specific
-    return (output.shared + output.specific) / 2

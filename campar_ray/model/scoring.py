@@ -4,7 +4,9 @@
 checkpoints, bundles, resume checks; :func:`load_network` reads them from a file first).
 :class:`Scorer` is the only place uint8 images become stage-1 outputs: stage 1's logits,
 batch prediction and the bundle's :class:`~campar_ray.bundle.ParPredictor` all score through
-it, so they agree bit for bit on the same pixels. Plain PyTorch: no Ray.
+it, so they agree bit for bit on the same pixels. :class:`ScoringActor` is the Ray Data
+actor class both stage 1's logits writing and batch prediction run it in (the class needs no
+Ray itself, so prediction reaches it without importing the trainer). Plain PyTorch: no Ray.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -21,8 +23,8 @@ from torch import Tensor
 
 from campar_ray.artifacts import ArtifactError, load_tensors
 from campar_ray.config import ModelConfig
-from campar_ray.data.transforms import normalize
 from campar_ray.model.campar import ParModel, ParOutput, build_model
+from campar_ray.model.inputs import normalize
 
 
 class WeightsMismatch(ValueError):
@@ -133,3 +135,29 @@ class Scorer:
         output = self(pixels)
         columns = {"shared": output.shared, "specific": output.specific}
         return {name: v.float().cpu().numpy() for name, v in columns.items() if v is not None}
+
+
+PASSED_ON = ("row", "valid", "error")
+"""Decoded-batch columns a :class:`ScoringActor` hands on beside its scores."""
+
+
+class ScoringActor:
+    """A Ray Data actor: loads a scorer once, then scores decoded batches.
+
+    ``load`` returns a :class:`~campar_ray.model.Scorer` (stage-1 logits) or anything with
+    its ``to(device)`` and ``score(uint8 pixels) -> {name: N x K array}``, such as the
+    bundle's :class:`~campar_ray.bundle.ParPredictor` (probabilities). Each named score
+    comes back as a float32 column, NaN on the rows whose image could not be decoded.
+    """
+
+    def __init__(self, load: Callable[[], Any], *, use_gpu: bool):
+        self.scorer = load().to(torch.device("cuda" if use_gpu else "cpu"))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        valid = np.asarray(batch["valid"], dtype=bool)
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][valid]))
+        out = {name: batch[name] for name in PASSED_ON if name in batch}
+        for name, scores in self.scorer.score(pixels).items():
+            out[name] = np.full((len(valid), scores.shape[1]), np.nan, dtype=np.float32)
+            out[name][valid] = scores
+        return out

@@ -88,6 +88,20 @@ def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
     return sorted(found, key=lambda item: item[1]["epoch"])
 
 
+def best_checkpoint(run_dir: str) -> str:
+    """The checkpoint with the highest validation mA (the one stage 1 wrote the logits with).
+
+    Ties go to the earlier epoch, as a strict "better than" comparison keeps it.
+    """
+    checkpoints = stage1_checkpoints(run_dir)
+    return max(checkpoints, key=lambda item: (item[1]["metrics"]["val_mA"], -item[1]["epoch"]))[0]
+
+
+def training_history(run_dir: str) -> list[dict[str, float]]:
+    """Per-epoch metrics of the whole run (the latest checkpoint carries all of them)."""
+    return stage1_checkpoints(run_dir)[-1][1]["history"]
+
+
 def _registered(root: str) -> set[str] | None:
     """Folder names in Ray Train's checkpoint snapshot (None: no snapshot, e.g. a copied run)."""
     snapshot = _snapshot(root)

@@ -8,8 +8,8 @@ other's files without importing each other. A search trial's folder is a run dir
 
 What a folder holds inside, when only the part that writes it reads it, stays with that part:
 the checkpoint files (:mod:`.checkpoints`), the stage-2 model files
-(:mod:`campar_ray.cfar.model`, shared with bundles), a search's record (:mod:`campar_ray.tune`)
-and the report's files (:mod:`campar_ray.evaluate.report`).
+(:mod:`campar_ray.cfar.model`, shared with bundles) and the report's files
+(:mod:`campar_ray.evaluate.report`). A search's folder has its own :class:`SearchDir`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,19 @@ SKIPPED_FILE = "skipped.json"
 CFAR_DIR = "cfar"
 """Stage 2's artefacts (a bundle copies them under the same name)."""
 CFAR_METRICS_FILE = "metrics.json"
+CALIBRATION_FILE = "calibration.json"
+"""The final source's per-attribute logit offsets, fitted on val (:mod:`campar_ray.decision`);
+a bundle keeps them under the same name."""
 TUNE_DIR = "tune"
 BEST_CONFIG_FILE = "best.yaml"
+TRIAL_RECORD_FILE = "trials.json"
+"""campar's own record of a search's trials: what ``--resume`` trusts."""
+SEARCH_SETTINGS_FILE = "search.json"
+SEARCH_SUMMARY_FILE = "summary.json"
+TRIALS_TABLE = "trials"
+"""The table of trials, ``trials.parquet`` and ``trials.csv``."""
+TRIALS_DIR = "trials"
+"""One run directory per trial (a ``full`` trial trains stage 1 into it)."""
 REPORT_DIR = "report"
 TENSORBOARD_DIR = "tensorboard"
 DATA_STATS_DIR = "data_stats"
@@ -42,6 +53,7 @@ DERIVED = (
     CONFIG_FILE,
     f"{RAY_DIR}/{STAGE1_RUN}",
     LOGITS_DIR,
+    CALIBRATION_FILE,
     CFAR_DIR,
     TUNE_DIR,
     TENSORBOARD_DIR,
@@ -91,8 +103,18 @@ class RunDir:
         return self._join(CFAR_DIR, CFAR_METRICS_FILE)
 
     @property
+    def calibration(self) -> str:
+        """The calibration of the run's final prediction (stage 1, or stage 1 + CFAR)."""
+        return self._join(CALIBRATION_FILE)
+
+    @property
     def tune(self) -> str:
         return self._join(TUNE_DIR)
+
+    @property
+    def search(self) -> SearchDir:
+        """The files of a search in :attr:`tune`."""
+        return SearchDir(self.tune)
 
     @property
     def best_config(self) -> str:
@@ -127,3 +149,39 @@ class RunDir:
         else:
             run, other = os.path.realpath(self.path), os.path.realpath(path)
         return other == run or other.startswith(run.rstrip("/") + "/")
+
+
+@dataclass(frozen=True)
+class SearchDir:
+    """The paths of a search's folder (a run's ``tune/``): campar's record of the trials,
+    the settings a resume must repeat, the summary, the table and plots, each trial's folder."""
+
+    path: str
+
+    def _join(self, *parts: str) -> str:
+        return storage.join(self.path, *parts)
+
+    @property
+    def record(self) -> str:
+        return self._join(TRIAL_RECORD_FILE)
+
+    @property
+    def settings(self) -> str:
+        return self._join(SEARCH_SETTINGS_FILE)
+
+    @property
+    def summary(self) -> str:
+        return self._join(SEARCH_SUMMARY_FILE)
+
+    def table(self, suffix: str) -> str:
+        """The trials table as ``parquet`` or ``csv``."""
+        return self._join(f"{TRIALS_TABLE}.{suffix}")
+
+    def plot(self, name: str) -> str:
+        """A figure of the search (``history``, ``importances``) as PNG."""
+        return self._join(f"{name}.png")
+
+    @property
+    def trials(self) -> str:
+        """The folder of the trials' run directories."""
+        return self._join(TRIALS_DIR)

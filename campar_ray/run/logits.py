@@ -34,11 +34,6 @@ class SplitLogits:
     attributes: tuple[str, ...]
     eval_attributes: tuple[str, ...]
 
-    @property
-    def prediction(self) -> np.ndarray:
-        """The logits stage 2 builds on: specific when the head has them, else shared."""
-        return self.shared if self.specific is None else self.specific
-
 
 def write_split_logits(path: str, logits: SplitLogits) -> None:
     """Write one split's logits (atomically on local disks)."""

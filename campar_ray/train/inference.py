@@ -1,10 +1,10 @@
 """Stage-1 logits of every image by distributed batch inference (Ray Data, actor pool).
 
 One pass over the whole manifest: the same decode + resize as validation, then a fixed pool
-of :class:`ScoringActor` (batch prediction's actors too) that each load the checkpoint's
-:class:`~campar_ray.model.Scorer` once and score batches. The driver only receives the
-logits (two ``M``-wide float rows per image, never pixels) and writes one logits file per
-split in manifest order.
+of :class:`~campar_ray.model.scoring.ScoringActor` (batch prediction's actors too) that each
+load the checkpoint's :class:`~campar_ray.model.Scorer` once and score batches. The driver
+only receives the logits (two ``M``-wide float rows per image, never pixels) and writes one
+logits file per split in manifest order.
 
 Images that cannot be decoded get no logits row: they are left out of the file, and listed
 (by manifest image reference) in the returned ``skipped`` mapping and in the run's
@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from ray.data import ActorPoolStrategy
 
 from campar_ray import storage
@@ -29,41 +27,17 @@ from campar_ray.config import DataConfig, TrainConfig
 from campar_ray.data.manifest import SPLITS, ManifestInfo, labels_matrix, subset_rows
 from campar_ray.data.ray_pipeline import build_dataset
 from campar_ray.model import Scorer
+from campar_ray.model.scoring import ScoringActor
 from campar_ray.progress import Progress
 from campar_ray.run.checkpoints import load_stage1_checkpoint
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, write_split_logits
-
-PASSED_ON = ("row", "valid", "error")
-"""Decoded-batch columns a :class:`ScoringActor` hands on beside its scores."""
 
 
 def checkpoint_scorer(checkpoint: str, *, amp: bool, channels_last: bool) -> Scorer:
     """The scorer of a stage-1 checkpoint (folder or URI), on the CPU."""
     model, _ = load_stage1_checkpoint(checkpoint)
     return Scorer(model, amp=amp, channels_last=channels_last)
-
-
-class ScoringActor:
-    """A Ray Data actor: loads a scorer once, then scores decoded batches.
-
-    ``load`` returns a :class:`~campar_ray.model.Scorer` (stage-1 logits) or anything with
-    its ``to(device)`` and ``score(uint8 pixels) -> {name: N x K array}``, such as the
-    bundle's :class:`~campar_ray.bundle.ParPredictor` (probabilities). Each named score
-    comes back as a float32 column, NaN on the rows whose image could not be decoded.
-    """
-
-    def __init__(self, load: Callable[[], Any], *, use_gpu: bool):
-        self.scorer = load().to(torch.device("cuda" if use_gpu else "cpu"))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        valid = np.asarray(batch["valid"], dtype=bool)
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["image"][valid]))
-        out = {name: batch[name] for name in PASSED_ON if name in batch}
-        for name, scores in self.scorer.score(pixels).items():
-            out[name] = np.full((len(valid), scores.shape[1]), np.nan, dtype=np.float32)
-            out[name][valid] = scores
-        return out
 
 
 def write_logits(

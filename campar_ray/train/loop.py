@@ -24,8 +24,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from campar_ray.config import CHOICES
-from campar_ray.data.transforms import normalize
+from campar_ray.decision import probabilities
 from campar_ray.metrics import par_metrics, summary
+from campar_ray.model.inputs import normalize
 from campar_ray.model.scoring import autocast
 
 Batch = Mapping[str, torch.Tensor]
@@ -298,7 +299,7 @@ def evaluate(
             continue
         with autocast(device, amp):
             logits = logits_fn(model(x))
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probs.append(probabilities(logits))
         labels.append(y.cpu().numpy().astype(np.int8))
     if not probs:
         return Predictions(np.zeros((0, 0), np.int8), np.zeros((0, 0), np.float32), skipped)

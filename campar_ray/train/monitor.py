@@ -42,6 +42,7 @@ from campar_ray.progress import Progress
 from campar_ray.run.layout import RunDir
 from campar_ray.runtime import is_quiet
 from campar_ray.tracking import Tracker, markdown_table, open_tracker, run_key
+from campar_ray.train.progress import PROGRESS_KEY, progress_line
 
 logger = logging.getLogger(__name__)
 
@@ -314,13 +315,10 @@ def _serve_mailbox(name: str, printer: EpochPrinter, stop: threading.Event) -> N
 def epoch_line(metrics: dict[str, Any], history: list[dict[str, Any]], epochs: int) -> str:
     """The line of one report: a finished epoch (appended to ``history``, whose last epochs
     give the ETA) or a mid-epoch checkpoint."""
-    # Imported here: the worker imports this module.
-    from campar_ray.train.worker import PROGRESS_KEY, _progress_line
-
     if PROGRESS_KEY in metrics:
         return (
             f"[stage1] epoch {int(metrics['epoch'])}: checkpoint at "
             f"{100 * metrics[PROGRESS_KEY]:.0f}% of the epoch"
         )
     history.append(metrics)
-    return _progress_line(metrics, history, epochs)
+    return progress_line(metrics, history, epochs)

@@ -46,6 +46,7 @@ from campar_ray.data.manifest import (
     subset_rows,
 )
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
+from campar_ray.decision import fit_run_calibration
 from campar_ray.model import check_backbone, positive_ratio
 from campar_ray.preflight import check_cluster
 from campar_ray.run.checkpoints import check_resumable, check_weights, read_meta, stored_config
@@ -55,7 +56,7 @@ from campar_ray.tracking import ensure_experiment, resolve_tracking, retire_runs
 from campar_ray.train.inference import write_logits
 from campar_ray.train.loop import SCHEDULERS
 from campar_ray.train.monitor import EpochReports
-from campar_ray.train.worker import InputError, worker_loop
+from campar_ray.train.worker import SETUP_KEY, InputError, WorkerSetup, worker_loop
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def train_stage1(
     logits, skipped = write_logits(
         best_path, table, info, config.run.dir, config.data, config.train, progress=progress
     )
+    fit_run_calibration(config.run.dir, config.model.predict_from, None)  # fit-cfar refits it
     if progress:
         _print_summary(best_meta, best_path, skipped)
     return Stage1Result(
@@ -167,26 +169,20 @@ def _trainer(
     splits = table.column("split").to_numpy(zero_copy_only=False)
     train_rows = subset_rows(splits, config.data.subset) & (splits == "train")
     train_labels = labels_matrix(table.filter(pa.array(train_rows)))
-    setup = {
-        "model": config.model,
-        "train": cfg,
-        "data": config.data,
-        "tracking": config.tracking,
-        "run_dir": config.run.dir,
-        "attributes": info.attributes,
-        "eval_attributes": info.eval_attributes,
-        "eval_indices": info.eval_indices().tolist(),
-        "positive_ratio": positive_ratio(train_labels, info.attributes).tolist(),
-        "epoch_rows": len(train_labels),
-        "config": config.to_dict(),
-        "seed": config.seed,
-        "progress": progress,
-        "mailbox": next((c.mailbox for c in callbacks if isinstance(c, EpochReports)), None),
-    }
+    setup = WorkerSetup(
+        config=config,
+        attributes=info.attributes,
+        eval_attributes=info.eval_attributes,
+        eval_indices=tuple(info.eval_indices().tolist()),
+        positive_ratio=tuple(positive_ratio(train_labels, info.attributes).tolist()),
+        epoch_rows=len(train_labels),
+        progress=progress,
+        mailbox=next((c.mailbox for c in callbacks if isinstance(c, EpochReports)), None),
+    )
     gpus = cfg.max_workers if cfg.use_gpu else 0
     return ray.train.torch.TorchTrainer(
         worker_loop,
-        train_loop_config=setup,
+        train_loop_config={SETUP_KEY: setup},
         scaling_config=ScalingConfig(  # use_gpu adds one GPU per worker
             num_workers=_scaling_workers(cfg),
             use_gpu=cfg.use_gpu,

@@ -13,7 +13,6 @@ a restart would meet again (bad data or config, a diverged loss) leaves the work
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import itertools
 import logging
@@ -23,7 +22,6 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -31,11 +29,12 @@ import torch
 import torch.distributed as dist
 from ray.exceptions import RayTaskError
 
+from campar_ray.config import Config, DataConfig, ModelConfig, TrackingConfig, TrainConfig
+from campar_ray.decision import prediction_logits
 from campar_ray.model import (
     ParModel,
     build_model,
     init_bias_from_prior,
-    prediction_logits,
     stage1_loss,
 )
 from campar_ray.run.checkpoints import restore_checkpoint, save_checkpoint
@@ -57,6 +56,7 @@ from campar_ray.train.loop import (
     validation_metrics,
 )
 from campar_ray.train.monitor import EpochMonitor, StepPoster
+from campar_ray.train.progress import PROGRESS_KEY, UNSCORED_MA, progress_line
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +64,56 @@ CHECK_EVERY_BATCHES = 8
 """With ``train.checkpoint_every_minutes``, the ranks agree whether a checkpoint is due after
 every this many batches: often enough to stay close to the interval, rarely enough that the
 agreement (one tiny collective) costs nothing next to the training steps."""
-PROGRESS_KEY = "epoch_progress"
-"""Marks a mid-epoch report: the fraction of the epoch's rows trained so far."""
-UNSCORED_MA = -1.0
-"""``val_mA`` of a mid-epoch report: below every real score (mA lies in [0, 1]), so Ray Train
-ranks it last; finite, because Ray's run snapshot stores -inf as null and a resumed run
-could then not rank its checkpoints."""
+
+
+SETUP_KEY = "setup"
+"""The one key of Ray Train's ``train_loop_config``: the :class:`WorkerSetup`."""
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What every training worker starts from, built once on the driver
+    (:func:`campar_ray.train.stage1.train_stage1`) and handed to each worker by Ray Train: the
+    run's resolved config and what the manifest says about its attributes and rows."""
+
+    config: Config
+    attributes: tuple[str, ...]
+    eval_attributes: tuple[str, ...]
+    eval_indices: tuple[int, ...]
+    positive_ratio: tuple[float, ...]
+    """Per attribute, the fraction of positive training labels (the prior of the bias)."""
+    epoch_rows: int
+    """Training rows per epoch (all workers together)."""
+    progress: bool = False
+    mailbox: Any = None
+    """Where rank 0 posts its step counts for the driver's progress bar (or None)."""
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.config.train
+
+    @property
+    def data(self) -> DataConfig:
+        return self.config.data
+
+    @property
+    def tracking(self) -> TrackingConfig:
+        return self.config.tracking
+
+    @property
+    def run_dir(self) -> str:
+        return self.config.run.dir
 
 
 @dataclass
 class _Run:
     """One worker's training: the objects a checkpoint saves and what feeds them."""
 
-    setup: dict[str, Any]
+    setup: WorkerSetup
     model: ParModel
     ddp_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -126,10 +163,10 @@ class InputError(ValueError):
         return (type(self), (self.cause, self.trace))
 
 
-def worker_loop(setup: dict[str, Any]) -> None:
+def worker_loop(loop_config: dict[str, WorkerSetup]) -> None:
     """One Ray Train worker: resume, then per epoch train, validate, report + checkpoint."""
     try:
-        _worker_loop(setup)
+        _worker_loop(loop_config[SETUP_KEY])
     except Exception as error:
         if not recurs(error):
             raise
@@ -150,39 +187,39 @@ def recurs(error: BaseException) -> bool:
     return isinstance(error, ValueError | FloatingPointError)
 
 
-def _worker_loop(setup: dict[str, Any]) -> None:
+def _worker_loop(setup: WorkerSetup) -> None:
     run = _start(setup)
     meta = restore_checkpoint(
         ray.train.get_checkpoint(), run.model, run.optimizer, run.scheduler, run.scaler
     )
     history = meta["history"] if meta else []
     _scale_lr_to_world(run, meta)
-    logits_fn = functools.partial(prediction_logits, predict_from=setup["model"].predict_from)
+    logits_fn = functools.partial(prediction_logits, predict_from=setup.model.predict_from)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     monitor = None
     if run.rank == 0:
         monitor = EpochMonitor.open(
-            setup["tracking"],
-            run_dir=setup["run_dir"],
-            config=setup["config"],
-            data=setup["data"],
+            setup.tracking,
+            run_dir=setup.run_dir,
+            config=setup.config.to_dict(),
+            data=setup.data,
             history=history,
         )
     resumed = meta.get("partial") if meta else None
-    for epoch in range(len(history) + 1, setup["train"].epochs + 1):
+    for epoch in range(len(history) + 1, setup.train.epochs + 1):
         stats = _train_epoch(run, train_shard, epoch, history, resumed)
         resumed = None
         predictions = evaluate(
             run.model, val_shard.iter_torch_batches(**run.batches), logits_fn, **run.options
         )
-        metrics = _epoch_metrics(epoch, stats, predictions, setup["eval_indices"], history)
+        metrics = _epoch_metrics(epoch, stats, predictions, setup.eval_indices, history)
         metrics["world_size"] = run.world
         metrics["lr"] = run.optimizer.param_groups[0]["lr"]
         step_scheduler(run.scheduler, metrics["val_mA"])
         history.append(metrics)
-        if run.rank == 0 and setup["progress"]:  # Ray Train forwards worker logs to the driver
-            logger.info(_progress_line(metrics, history, setup["train"].epochs))
+        if run.rank == 0 and setup.progress:  # Ray Train forwards worker logs to the driver
+            logger.info(progress_line(metrics, history, setup.train.epochs))
         _report(run, metrics, {"epoch": epoch, "metrics": metrics, "history": history})
         if monitor:  # after the checkpoint: a restart re-logs exactly the checkpointed epochs
             monitor.epoch(metrics, train_shard.stats())
@@ -190,14 +227,14 @@ def _worker_loop(setup: dict[str, Any]) -> None:
         monitor.finish(history)
 
 
-def _start(setup: dict[str, Any]) -> _Run:
+def _start(setup: WorkerSetup) -> _Run:
     """The model (prior bias, DDP), optimiser, scheduler, scaler and loss of a fresh worker."""
-    cfg, device = setup["train"], ray.train.torch.get_device()
+    cfg, device = setup.train, ray.train.torch.get_device()
     context = ray.train.get_context()
-    torch.manual_seed(setup["seed"])
-    model = build_model(setup["model"], len(setup["attributes"]))
-    ratio = torch.tensor(setup["positive_ratio"], device=device)
-    if setup["model"].prior_bias:
+    torch.manual_seed(setup.config.seed)
+    model = build_model(setup.model, len(setup.attributes))
+    ratio = torch.tensor(setup.positive_ratio, device=device)
+    if setup.model.prior_bias:
         init_bias_from_prior(model.head.output_bias(), ratio)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -214,14 +251,14 @@ def _start(setup: dict[str, Any]) -> _Run:
             stage1_loss, positive_ratio=ratio if cfg.loss == "weighted_bce" else None
         ),
         options={"device": device, "amp": cfg.amp, "channels_last": cfg.channels_last},
-        batches={"batch_size": cfg.batch_size, "prefetch_batches": setup["data"].prefetch_batches},
+        batches={"batch_size": cfg.batch_size, "prefetch_batches": setup.data.prefetch_batches},
         world=context.get_world_size(),
         rank=context.get_world_rank(),
         clock=_CheckpointClock(cfg.checkpoint_every_minutes),
         steps=StepPoster(
-            setup["mailbox"] if context.get_world_rank() == 0 else None,
+            setup.mailbox if context.get_world_rank() == 0 else None,
             context.get_world_size(),
-            setup["epoch_rows"],
+            setup.epoch_rows,
         ),
     )
 
@@ -229,7 +266,7 @@ def _start(setup: dict[str, Any]) -> _Run:
 def _scale_lr_to_world(run: _Run, meta: dict[str, Any] | None) -> None:
     """Learning rates for this group's size (see ``lr_scale``): ``train.lr`` is the full
     group's, and a checkpoint's rates are those of the group that saved it."""
-    full = run.setup["train"].max_workers
+    full = run.setup.train.max_workers
     saved = meta.get("world_size", full) if meta else full
     rescale_lr(run.optimizer, run.scheduler, lr_scale(run.world, full) / lr_scale(saved, full))
 
@@ -249,11 +286,11 @@ def _train_epoch(
     (``ShardConfig``), so every rank takes the same number of batches and meets the same
     checkpoint decisions.
     """
-    cfg = run.setup["train"]
+    cfg = run.setup.train
     done = EpochStats(**resumed["stats"]) if resumed else _NO_STATS
     limit = None  # a fresh epoch takes the whole pass
     if resumed:
-        limit = batches_left(run.setup["epoch_rows"], done.rows, run.world, cfg.batch_size)
+        limit = batches_left(run.setup.epoch_rows, done.rows, run.world, cfg.batch_size)
     chunk = CHECK_EVERY_BATCHES if cfg.checkpoint_every_minutes > 0 else None
     batches = iter(run.steps.count(shard.iter_torch_batches(**run.batches), epoch, done.rows))
     mine = _NO_STATS
@@ -290,14 +327,14 @@ def _report_progress(
     progress under ``partial`` (no ``metrics``); Ray Train sees ``val_mA`` = ``UNSCORED_MA``,
     so it ranks last and is dropped first once later epochs are kept.
     """
-    progress = done.rows / run.setup["epoch_rows"]
+    progress = done.rows / run.setup.epoch_rows
     metrics = {"epoch": epoch, PROGRESS_KEY: progress, "val_mA": UNSCORED_MA}
     meta = {
         "epoch": len(history),
         "history": history,
         "partial": {"epoch": epoch, "stats": dataclasses.asdict(done)},
     }
-    if run.rank == 0 and run.setup["progress"]:
+    if run.rank == 0 and run.setup.progress:
         logger.info("[stage1] epoch %d: checkpoint at %.0f%% of the epoch", epoch, 100 * progress)
     _report(run, metrics, meta)
 
@@ -345,9 +382,9 @@ def _report(run: _Run, metrics: dict[str, float], meta: dict[str, Any]) -> None:
         checkpoint = None
         if run.rank == 0:
             meta = {
-                "attributes": list(run.setup["attributes"]),
-                "eval_attributes": list(run.setup["eval_attributes"]),
-                "config": run.setup["config"],
+                "attributes": list(run.setup.attributes),
+                "eval_attributes": list(run.setup.eval_attributes),
+                "config": run.setup.config.to_dict(),
                 "world_size": run.world,
                 **meta,
             }
@@ -355,16 +392,3 @@ def _report(run: _Run, metrics: dict[str, float], meta: dict[str, Any]) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
     run.clock.restart()
-
-
-def _progress_line(metrics: dict[str, float], history: list[dict[str, float]], epochs: int) -> str:
-    """``epoch 3/30 step 450 loss 0.213 412 img/s data-wait 8% val mA 71.20 ETA 0:41:10``."""
-    this_run = [m["epoch_seconds"] for m in history[-3:]]
-    eta = (epochs - metrics["epoch"]) * float(np.mean(this_run))
-    return (
-        f"[stage1] epoch {metrics['epoch']}/{epochs} step {metrics['step']} "
-        f"loss {metrics['train_loss']:.4f} {metrics['images_per_s']:.0f} img/s "
-        f"data-wait {metrics['data_wait_fraction']:.0%} skipped {metrics['skipped_images']} "
-        f"val mA {100 * metrics['val_mA']:.2f} F1 {100 * metrics['val_f1']:.2f} "
-        f"ETA {datetime.timedelta(seconds=round(eta))}"
-    )

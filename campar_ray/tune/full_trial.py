@@ -38,8 +38,8 @@ from ray.util.queue import Queue
 from campar_ray import storage
 from campar_ray.config import Config
 from campar_ray.run.layout import RunDir
+from campar_ray.train.progress import PROGRESS_KEY
 from campar_ray.train.stage1 import train_stage1
-from campar_ray.train.worker import PROGRESS_KEY
 from campar_ray.tune.stage2 import fit_cfar_on_val
 from campar_ray.tune.trials import TrialContext, finish_trial_tracking, open_trial_tracker
 

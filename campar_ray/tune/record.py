@@ -14,7 +14,6 @@ No Ray here: the record is plain data, testable without a cluster.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import re
@@ -24,10 +23,10 @@ from typing import Any
 from campar_ray import storage
 from campar_ray.bounded import BoundedError, load_json
 from campar_ray.config import ConfigError
+from campar_ray.run.layout import SearchDir
 from campar_ray.tune.report import REPORTED, STATUSES, is_metric
 from campar_ray.tune.space import SearchSpace
 
-RECORD = "trials.json"
 FORMAT = "campar-tune-trials/1"
 FINISHED = ("complete", "stopped", "error")
 """Statuses that count against the budget; ``unfinished`` trials run again on resume."""
@@ -76,14 +75,14 @@ def to_row(entry: dict[str, Any]) -> dict[str, Any]:
 
 def write_record(tune_dir: str, rows: list[dict[str, Any]], space: SearchSpace) -> None:
     payload = {"format": FORMAT, "trials": [to_entry(row, space) for row in rows]}
-    storage.write_bytes(storage.join(tune_dir, RECORD), json.dumps(payload, indent=1).encode())
+    storage.write_json(SearchDir(tune_dir).record, payload)
 
 
 def read_record(
     tune_dir: str, space: SearchSpace, *, metric: str, num_samples: int, trials_dir: str
 ) -> Replay:
     """The checked record of ``tune_dir`` (empty when no trial had started yet)."""
-    path = storage.join(tune_dir, RECORD)
+    path = SearchDir(tune_dir).record
     if not storage.exists(path):
         return Replay([], [])
     payload = read_json_object(path, "campar's trial record")

@@ -20,6 +20,7 @@ import optuna
 import pandas as pd
 
 from campar_ray import storage
+from campar_ray.run.layout import SearchDir
 from campar_ray.tune.space import SearchSpace
 
 REPORTED = (
@@ -79,10 +80,7 @@ def in_report_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_table(rows: list[dict[str, Any]], tune_dir: str) -> dict[str, str]:
     """``trials.parquet`` and ``trials.csv`` in ``tune_dir``; returns both paths."""
     frame = pd.DataFrame(rows)
-    paths = {
-        "parquet": storage.join(tune_dir, "trials.parquet"),
-        "csv": storage.join(tune_dir, "trials.csv"),
-    }
+    paths = {suffix: SearchDir(tune_dir).table(suffix) for suffix in ("parquet", "csv")}
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     storage.write_bytes(paths["parquet"], buffer.getvalue())

@@ -42,7 +42,7 @@ from campar_ray import storage
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import Config, ConfigError
 from campar_ray.progress import Progress
-from campar_ray.run.layout import RunDir
+from campar_ray.run.layout import RunDir, SearchDir
 from campar_ray.runtime import init_ray, is_quiet
 from campar_ray.tracking import (
     ensure_experiment,
@@ -64,7 +64,7 @@ from campar_ray.tune.trials import (
 )
 
 METRICS = ("val_mA", "val_accuracy", "val_precision", "val_recall", "val_f1")
-EXPERIMENT, TRIALS_DIR = "search", "trials"
+EXPERIMENT = "search"
 ASHA_REDUCTION = 3
 """ASHA keeps the top third at each rung (grace period: one epoch)."""
 
@@ -180,7 +180,7 @@ def run_search(
     _record_settings(tune_dir, settings, resume)
     if not resume:  # an earlier search here was deleted: its trials' runs are not continued
         retire_trials(tracking, run_dir, tune_dir)
-    trials_dir = storage.join(tune_dir, TRIALS_DIR)
+    trials_dir = SearchDir(tune_dir).trials
     replay = Replay([], [])
     if resume:
         replay = read_record(
@@ -398,10 +398,10 @@ def _finish(
     counts = {status: sum(row["status"] == status for row in rows) for status in report.STATUSES}
     complete = counts["unfinished"] == 0 and len(rows) == plan.num_samples
     table = report.write_table(rows, tune_dir)["parquet"]
-    report.plot_history(rows, metric, storage.join(tune_dir, "history.png"))
+    report.plot_history(rows, metric, SearchDir(tune_dir).plot("history"))
     importances = report.param_importances(rows, plan.context.space, metric, plan.seed)
     if importances:
-        report.plot_importances(importances, metric, storage.join(tune_dir, "importances.png"))
+        report.plot_importances(importances, metric, SearchDir(tune_dir).plot("importances"))
     result = SearchResult(
         tune_dir=tune_dir,
         scope=plan.scope,
@@ -416,7 +416,7 @@ def _finish(
     best = report.best_row(rows, metric) if complete else None
     if best is not None:
         result = _score_best(result, best, plan)
-    _write_json(storage.join(tune_dir, "summary.json"), _summary(result))
+    storage.write_json(SearchDir(tune_dir).summary, _summary(result))
     if progress:
         print(result.summary())
     return result
@@ -460,14 +460,14 @@ def _require_logits(run_dir: str) -> None:
 
 def _record_settings(tune_dir: str, settings: dict[str, Any], resume: bool) -> None:
     """Write what this search is; a resume must repeat it exactly (same command + --resume)."""
-    path = storage.join(tune_dir, "search.json")
+    path = SearchDir(tune_dir).settings
     if not resume:
         if storage.exists(path):
             raise FileExistsError(
                 f"a search already exists in {tune_dir}; add --resume to continue it, "
                 "or delete that folder to start a new one"
             )
-        _write_json(path, settings)
+        storage.write_json(path, settings)
         return
     if not storage.exists(path):
         raise FileNotFoundError(f"nothing to resume: no search in {tune_dir}")
@@ -488,7 +488,3 @@ def _summary(result: SearchResult) -> dict[str, Any]:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
-
-
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    storage.write_bytes(path, json.dumps(payload, indent=2, default=str).encode())

@@ -20,10 +20,17 @@ import json
 from typing import Any
 
 from campar_ray import storage
-from campar_ray.cfar.als import probabilities
-from campar_ray.cfar.model import eval_columns, fit_model, save_model
+from campar_ray.cfar.model import fit_model, save_model
 from campar_ray.config import CfarConfig
-from campar_ray.metrics import choose_threshold, par_metrics, summary
+from campar_ray.decision import (
+    CFAR_FROM,
+    CFAR_SOURCE,
+    eval_columns,
+    protocol_threshold,
+    source_probabilities,
+    stage1_source,
+)
+from campar_ray.metrics import par_metrics, summary
 from campar_ray.run.layout import CFAR_METRICS_FILE, RunDir
 from campar_ray.run.logits import read_split_logits
 
@@ -41,14 +48,20 @@ def fit_cfar_on_val(
     val = read_split_logits(RunDir(logits_dir).logits("val"))
     model = fit_model(train, val, cfg, seed=seed, train_path=train_path)
     predictor = model.predictor
-    columns = eval_columns(train)
+    columns = eval_columns(val)
     labels = val.labels[:, columns]
-    cfar_probs = predictor.probabilities(val.prediction)[:, columns]
-    stage1_probs = probabilities(val.prediction)[:, columns]
-    stage1_threshold = float(choose_threshold(labels, stage1_probs))
+    sources = source_probabilities(val, CFAR_FROM, predictor)
+    stage1_probs = sources[stage1_source(model.prediction_logits)]
+    stage1_threshold = float(protocol_threshold("val", val, stage1_probs))
     metrics: dict[str, Any] = {
-        **_prefixed("val_", summary(par_metrics(labels, cfar_probs, predictor.threshold))),
-        **_prefixed("stage1_val_", summary(par_metrics(labels, stage1_probs, stage1_threshold))),
+        **_prefixed(
+            "val_",
+            summary(par_metrics(labels, sources[CFAR_SOURCE][:, columns], predictor.threshold)),
+        ),
+        **_prefixed(
+            "stage1_val_",
+            summary(par_metrics(labels, stage1_probs[:, columns], stage1_threshold)),
+        ),
         "threshold": predictor.threshold,
         "stage1_threshold": stage1_threshold,
         "als_iterations": model.als.iterations,
