@@ -54,8 +54,11 @@ class ModelConfig:
     """CAM normalisation: ``relu-max`` (eq. 10, the thesis; specific logits never fall below
     the bias) or ``min-max`` (keeps the sign of ``CAM * A``: no floor, same identity)."""
     logit_norm: str = "none"
-    """``none`` (eq. 9-12 as written) or ``batchnorm``: the reference classifier of [15],
-    ``Linear + BatchNorm1d`` over the logits, one affine map for shared and specific logits."""
+    """``none`` (eq. 9-12 as written); ``batchnorm``: the reference classifier of [15],
+    ``Linear + BatchNorm1d`` over the logits, one affine map for shared and specific logits,
+    with the shared logits' statistics; ``batchnorm-own``: the specific logits centred and
+    scaled by running statistics of their own, then the same learnt affine map (no more
+    parameters); ``batchnorm-own-affine``: an affine map of their own too (2 M more)."""
 
 
 @dataclass(frozen=True)

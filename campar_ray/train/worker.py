@@ -198,7 +198,8 @@ def _start(setup: dict[str, Any]) -> _Run:
     model = build_model(setup["model"], len(setup["attributes"]))
     ratio = torch.tensor(setup["positive_ratio"], device=device)
     if setup["model"].prior_bias:
-        init_bias_from_prior(model.head.output_bias(), ratio)
+        for bias in model.head.output_biases():
+            init_bias_from_prior(bias, ratio)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)
