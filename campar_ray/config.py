@@ -144,7 +144,12 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     """Logical CPUs reserved per training worker; fractions leave room for Ray Data."""
     keep_checkpoints: int = 2
-    """Best-k checkpoints kept, ranked by validation mA."""
+    """Best-k checkpoints kept, ranked by ``checkpoint_rule``."""
+    checkpoint_rule: str = "val_auc"
+    """Which epoch's checkpoint a run keeps as its result (its logits, bundle, CFAR):
+    ``val_auc`` (validation mean AUC over the evaluated attributes: threshold-free, so it
+    does not favour the head whose logits happen to sit near 0.5), ``last`` (the last
+    epoch) or ``val_mA`` (validation mA at 0.5, the rule before ``val_auc``)."""
     max_failures: int = 3
     """Worker failures tolerated (-1: no limit); each restart resumes from the latest
     checkpoint. Only failures another attempt can get past count (a killed worker, a lost
