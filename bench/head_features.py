@@ -177,7 +177,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peta-root", default=str(PETA_ROOT), help="PETA folder (raw layout)")
     parser.add_argument("--chunk", type=int, default=256, help="images per resumable chunk")
     parser.add_argument("--batch", type=int, default=32, help="images per encoder forward")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (1: on a shared, oversubscribed machine more threads spin and wait)",
+    )  # fmt: skip
     parser.add_argument(
         "--limit-images", type=int, default=0, help="cache only the first N images (0: all)"
     )
@@ -263,5 +266,5 @@ def main(argv: list[str] | None = None) -> FeatureCache:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

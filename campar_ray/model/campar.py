@@ -327,11 +327,19 @@ def build_model(cfg: ModelConfig, num_attributes: int) -> ParModel:
     if num_attributes < 1:
         raise ValueError(f"num_attributes must be at least 1, got {num_attributes}")
     backbone = build_backbone(cfg.backbone, cfg.weights)
-    fusion = MultiLevelFusion(backbone.channels, cfg.fusion_size) if cfg.fusion else None
+    return ParModel(backbone, *build_top(cfg, backbone.channels, num_attributes))
+
+
+def build_top(
+    cfg: ModelConfig, channels: tuple[int, ...], num_attributes: int
+) -> tuple[_Head, MultiLevelFusion | None]:
+    """``(head, fusion)`` of ``cfg`` over encoder levels of widths ``channels``: everything
+    above the encoder (a frozen encoder's cached levels feed it directly)."""
+    fusion = MultiLevelFusion(channels, cfg.fusion_size) if cfg.fusion else None
     head = HEADS[cfg.head](
-        backbone.channels[-1], num_attributes, cam_norm=cfg.cam_norm, logit_norm=cfg.logit_norm
+        channels[-1], num_attributes, cam_norm=cfg.cam_norm, logit_norm=cfg.logit_norm
     )
-    return ParModel(backbone, head, fusion)
+    return head, fusion
 
 
 def prediction_logits(output: ParOutput, predict_from: str) -> Tensor:
