@@ -567,6 +567,7 @@ def aggregate(
                 if path.exists():
                     run = run_endpoints(load_run(path), labels)
                     run["replicates"] = replicate_endpoints(run, labels["test"], weights[k])
+                    del run["predictions"], run["scores"]  # hundreds of runs: keep figures only
                     per_row[row.name][(k, seed_number)] = run
     rows = {
         name: {
