@@ -76,10 +76,16 @@ from campar_ray.cfar.fit import PROBABILITIES_FILE, eval_columns, fit_cfar
 from campar_ray.config import Config
 from campar_ray.data.converters import prepare
 from campar_ray.data.manifest import read_manifest, write_manifest
-from campar_ray.evaluate.diagnostics import attribute_auc, floor_ties, protocol_figures
+from campar_ray.evaluate.diagnostics import floor_ties, protocol_figures
 from campar_ray.evaluate.plots import angle_boxplot
 from campar_ray.evaluate.probes import angle_summary, angles, load_split_images
-from campar_ray.metrics import SUMMARY_KEYS, THRESHOLD_PROTOCOLS, par_metrics, summary
+from campar_ray.metrics import (
+    SUMMARY_KEYS,
+    THRESHOLD_PROTOCOLS,
+    attribute_auc,
+    par_metrics,
+    summary,
+)
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import (
     SplitLogits,

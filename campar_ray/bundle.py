@@ -44,7 +44,13 @@ from campar_ray.data.manifest import read_manifest
 from campar_ray.data.transforms import resize
 from campar_ray.metrics import THRESHOLD_PROTOCOLS, check_protocol, select_threshold
 from campar_ray.model import ParModel, ParOutput, Scorer, load_network, prediction_logits
-from campar_ray.run.checkpoints import META_FILE, MODEL_FILE, read_meta, stage1_checkpoints
+from campar_ray.run.checkpoints import (
+    META_FILE,
+    MODEL_FILE,
+    chosen_checkpoint,
+    read_meta,
+    stage1_checkpoints,
+)
 from campar_ray.run.layout import CFAR_DIR, CONFIG_FILE, RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits
 
@@ -74,12 +80,9 @@ VAL_PROTOCOLS = tuple(p for p in THRESHOLD_PROTOCOLS if p != FIXED.protocol)
 
 
 def best_checkpoint(run_dir: str) -> str:
-    """The checkpoint with the highest validation mA (the one stage 1 wrote the logits with).
-
-    Ties go to the earlier epoch, as a strict "better than" comparison keeps it.
-    """
-    checkpoints = stage1_checkpoints(run_dir)
-    return max(checkpoints, key=lambda item: (item[1]["metrics"]["val_mA"], -item[1]["epoch"]))[0]
+    """The checkpoint the run's ``train.checkpoint_rule`` keeps (the one stage 1 wrote the
+    logits with); see :func:`campar_ray.run.checkpoints.chosen_checkpoint`."""
+    return chosen_checkpoint(run_dir)
 
 
 def training_history(run_dir: str) -> list[dict[str, float]]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from campar_ray import storage
-from campar_ray.bundle import ParPredictor, load_model, training_history
+from campar_ray.bundle import ParPredictor, best_checkpoint, load_model, training_history
 from campar_ray.config import Config
 from campar_ray.data.images import ImageLimits
 from campar_ray.evaluate import plots
@@ -49,6 +49,7 @@ from campar_ray.metrics import (
     check_protocol,
     protocol_statement,
 )
+from campar_ray.run.checkpoints import read_meta
 from campar_ray.run.layout import RunDir
 
 HEADERS = {"mA": "mA", "accuracy": "Acc", "precision": "Prec", "recall": "Rec", "f1": "F1"}
@@ -335,9 +336,10 @@ def _training_section(run_dir: str) -> Section:
         section.blocks.append(f"No training history: {error}.")
         return section
     best = max(history, key=lambda entry: entry["val_mA"])
+    kept = read_meta(best_checkpoint(run_dir))["metrics"]
     section.blocks += [
         f"{len(history)} epochs; best validation mA {percent(best['val_mA'])} at epoch "
-        f"{best['epoch']}.",
+        f"{best['epoch']}; the run keeps epoch {kept['epoch']} (train.checkpoint_rule).",
         Figure("training.png", plots.training_curves(history), "Stage-1 training curves"),
     ]
     return section
