@@ -50,7 +50,6 @@ from campar_ray.model import check_backbone, positive_ratio
 from campar_ray.preflight import check_cluster
 from campar_ray.run.checkpoints import (
     SCORE_KEY,
-    check_checkpoint_rule,
     check_resumable,
     check_weights,
     read_meta,
@@ -346,10 +345,6 @@ def resolve_config(config: Config) -> Config:
         check_backbone(config.model.backbone)
     except ValueError as error:
         raise ConfigError(f"model.backbone: {error}") from None
-    try:
-        check_checkpoint_rule(cfg.checkpoint_rule)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
     return config.override(
         {
             "run.dir": _absolute(config.run.dir),
