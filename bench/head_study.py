@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import RESULTS_DIR, machine_info, versions, write_results
+from bench.common import RESULTS_DIR, machine_info, update_readme_block, versions, write_results
 from bench.head_features import DEFAULT_CACHE, FeatureCache
 
 NAME = "head_study"
@@ -657,6 +657,7 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if out.resolve() == RESULTS_DIR.resolve():
         write_results(NAME, figures)
+        update_readme_block(NAME, markdown(figures, recipe))
     else:
         out.mkdir(parents=True, exist_ok=True)
         record = {
