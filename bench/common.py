@@ -74,6 +74,27 @@ def write_results(script_name: str, figures: dict[str, Any], variant: str | None
     return path
 
 
+README = RESULTS_DIR.parents[1] / "README.md"
+
+
+def update_readme_block(name: str, text: str, readme: Path = README) -> None:
+    """Replace what sits between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in the
+    README with ``text``, so a table there is always the one the script last wrote, never a
+    hand copy of it. A README without the two markers is refused: a silent no-op would leave
+    a stale table in place."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    content = readme.read_text()
+    if (
+        content.count(begin) != 1
+        or content.count(end) != 1
+        or content.index(begin) > content.index(end)
+    ):
+        raise ValueError(f"{readme} needs one {begin} ... {end} block")
+    head, rest = content.split(begin)
+    _, tail = rest.split(end)
+    readme.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -77,13 +77,14 @@ from campar_ray.decision import (
     probabilities,
     validation_threshold,
 )
-from campar_ray.evaluate.diagnostics import attribute_auc, floor_ties, protocol_figures
+from campar_ray.evaluate.diagnostics import floor_ties, protocol_figures
 from campar_ray.evaluate.plots import angle_boxplot
 from campar_ray.evaluate.probes import angle_summary, angles, load_split_images
 from campar_ray.metrics import (
     SUMMARY_HEADERS,
     SUMMARY_KEYS,
     THRESHOLD_PROTOCOLS,
+    attribute_auc,
     par_metrics,
     summary,
 )

@@ -34,9 +34,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.head": ("campar", "baseline"),
     "model.predict_from": ("specific", "shared", "mean"),
     "model.cam_norm": ("relu-max", "min-max"),
-    "model.logit_norm": ("none", "batchnorm"),
+    "model.logit_norm": ("none", "batchnorm", "batchnorm-own", "batchnorm-own-affine"),
     "train.scheduler": ("plateau", "cosine"),
     "train.loss": ("bce", "weighted_bce"),
+    "train.checkpoint_rule": ("val_auc", "last", "val_mA"),
     "cfar.lookup": ("dictionary", "fold-in"),
     "cfar.solver": ("ray", "local", "implicit"),
 }
@@ -88,8 +89,11 @@ class ModelConfig:
     """CAM normalisation: ``relu-max`` (eq. 10, the thesis; specific logits never fall below
     the bias) or ``min-max`` (keeps the sign of ``CAM * A``: no floor, same identity)."""
     logit_norm: str = "none"
-    """``none`` (eq. 9-12 as written) or ``batchnorm``: the reference classifier of [15],
-    ``Linear + BatchNorm1d`` over the logits, one affine map for shared and specific logits."""
+    """``none`` (eq. 9-12 as written); ``batchnorm``: the reference classifier of [15],
+    ``Linear + BatchNorm1d`` over the logits, one affine map for shared and specific logits,
+    with the shared logits' statistics; ``batchnorm-own``: the specific logits centred and
+    scaled by running statistics of their own, then the same learnt affine map (no more
+    parameters); ``batchnorm-own-affine``: an affine map of their own too (2 M more)."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,12 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     """Logical CPUs reserved per training worker; fractions leave room for Ray Data."""
     keep_checkpoints: int = 2
-    """Best-k checkpoints kept, ranked by validation mA."""
+    """Best-k checkpoints kept, ranked by ``checkpoint_rule``."""
+    checkpoint_rule: str = "val_auc"
+    """Which epoch's checkpoint a run keeps as its result (its logits, bundle, CFAR):
+    ``val_auc`` (validation mean AUC over the evaluated attributes: threshold-free, so it
+    does not favour the head whose logits happen to sit near 0.5), ``last`` (the last
+    epoch) or ``val_mA`` (validation mA at 0.5, the rule before ``val_auc``)."""
     max_failures: int = 3
     """Worker failures tolerated (-1: no limit); each restart resumes from the latest
     checkpoint. Only failures another attempt can get past count (a killed worker, a lost

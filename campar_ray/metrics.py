@@ -7,6 +7,8 @@ Label-based: mA = mean over attributes of (TP/P + TN/N) / 2. Instance-based: acc
 precision and recall per image, averaged over images, with an empty denominator scoring 0;
 F1 from the *averaged* precision and recall. All vectorised over an N x M array.
 
+Threshold-free: per-attribute ROC AUC (:func:`attribute_auc`, :func:`mean_auc`).
+
 A threshold protocol (:data:`THRESHOLD_PROTOCOLS`, :func:`select_threshold`) says how the
 decision threshold is obtained: the fixed 0.5 PAR papers report at, or chosen on validation data.
 """
@@ -14,6 +16,7 @@ decision threshold is obtained: the fixed 0.5 PAR papers report at, or chosen on
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 EPS = 1e-20
 
@@ -213,3 +216,29 @@ def _binary(
             f"labels {labels.shape} and probs {probs.shape} must be equal N x M arrays"
         )
     return labels > 0, probs >= np.asarray(threshold)
+
+
+def attribute_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC per attribute (Mann-Whitney, ties counted half) over the images that know it
+    (labels -1 are left out); NaN where a class is absent."""
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    auc = np.full(labels.shape[1], np.nan)
+    for j in range(labels.shape[1]):
+        known = labels[:, j] >= 0
+        present, column = labels[known, j] > 0, scores[known, j]
+        positives = int(present.sum())
+        negatives = len(present) - positives
+        if positives and negatives:
+            ranks = rankdata(column)
+            auc[j] = (ranks[present].sum() - positives * (positives + 1) / 2) / (
+                positives * negatives
+            )
+    return auc
+
+
+def mean_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean ROC AUC over the attributes that have both classes: threshold-free, so it ranks
+    checkpoints and heads whatever threshold a protocol later picks (NaN when none has)."""
+    auc = attribute_auc(labels, scores)
+    return float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")

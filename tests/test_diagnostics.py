@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from campar_ray.evaluate.diagnostics import attribute_auc, floor_ties, protocol_figures
-from campar_ray.metrics import THRESHOLD_PROTOCOLS, choose_threshold, par_metrics
+from campar_ray.evaluate.diagnostics import floor_ties, protocol_figures
+from campar_ray.metrics import THRESHOLD_PROTOCOLS, attribute_auc, choose_threshold, par_metrics
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:

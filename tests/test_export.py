@@ -32,8 +32,11 @@ SIZE = (32, 16)
 ATTRIBUTES = ("hat", "bag", "skirt", "jeans", "logo")
 
 
-def make_run(run_dir: Path, head: str, fusion: bool) -> Path:
-    """One checkpoint of a fresh model plus random stage-1 logits, laid out as stage 1 does."""
+def make_run(run_dir: Path, head: str, fusion: bool, logit_norm: str = "none") -> Path:
+    """One checkpoint of a fresh model plus random stage-1 logits, laid out as stage 1 does.
+
+    A logit BatchNorm gets random positive scales, shifts and running statistics, so that
+    folding it into the exported graph is exercised, not the identity map it starts as."""
     torch.manual_seed(0)
     config = Config().override(
         {
@@ -41,12 +44,22 @@ def make_run(run_dir: Path, head: str, fusion: bool) -> Path:
             "model.backbone": "resnet18",
             "model.head": head,
             "model.fusion": fusion,
+            "model.logit_norm": logit_norm,
             "run.dir": str(run_dir),
         }
     )
     checkpoint = run_dir / "ray" / "stage1" / "checkpoint_000001"
     checkpoint.mkdir(parents=True)
-    torch.save(build_model(config.model, len(ATTRIBUTES)).state_dict(), checkpoint / "model.pt")
+    model = build_model(config.model, len(ATTRIBUTES))
+    with torch.no_grad():
+        for module in model.head.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                if module.weight is not None:
+                    module.weight.uniform_(0.5, 2.0)
+                    module.bias.normal_()
+    torch.save(model.state_dict(), checkpoint / "model.pt")
     metrics = {"epoch": 1, "train_loss": 1.0, "val_mA": 0.5}
     meta = {
         "epoch": 1,
@@ -163,6 +176,22 @@ def test_an_old_bundle_without_calibration_exports_raw(bundles, tmp_path):
     assert meta["calibration"] is None and meta["threshold"] == 0.5
     with pytest.raises(ValueError, match=r"has no calibration\.json .*`campar bundle`"):
         load_model(str(old), CALIBRATED)
+
+
+@pytest.mark.parametrize("logit_norm", ["batchnorm", "batchnorm-own-affine"])
+def test_torchscript_keeps_the_logit_batchnorm_of_either_statistics(tmp_path, logit_norm):
+    run = make_run(tmp_path / "run", "campar", False, logit_norm)
+    bundle = save_bundle(str(run), str(tmp_path / "bundle"), samples=0)
+    report = export_model(
+        bundle, "torchscript", str(tmp_path / "model.pt"), images=real_images(3), progress=False
+    )
+    assert max(report.max_abs_diff.values()) <= 1e-4
+    predictor = load_model(bundle)
+    assert predictor.model.head.logit_norm is not None  # the bundle kept the chosen form
+    weight, bias = predictor.model.head.effective_classifier("specific")
+    shared_weight, shared_bias = predictor.model.head.effective_classifier("shared")
+    same = torch.allclose(bias, shared_bias) and torch.allclose(weight, shared_weight)
+    assert same == (logit_norm == "batchnorm")  # own statistics: a classifier of their own
 
 
 def test_parity_check_catches_a_mismatch(bundles, tmp_path, monkeypatch):

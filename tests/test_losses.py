@@ -72,17 +72,20 @@ def test_positive_ratio_per_attribute():
         positive_ratio(np.array([1, 0, 1]))
 
 
-@pytest.mark.parametrize("logit_norm", ["none", "batchnorm"])
+@pytest.mark.parametrize("logit_norm", ["none", "batchnorm", "batchnorm-own-affine"])
 def test_prior_bias_starts_each_attribute_at_its_positive_rate(logit_norm):
     from campar_ray.model import CamParHead, init_bias_from_prior
 
     head = CamParHead(8, 3, logit_norm=logit_norm).eval()
     ratio = torch.tensor([0.5, 0.1, 0.0])
-    init_bias_from_prior(head.output_bias(), ratio)
+    for bias in head.output_biases():
+        init_bias_from_prior(bias, ratio)
     expected = torch.tensor([0.5, 0.1, 1e-3])
-    assert torch.allclose(torch.sigmoid(head.output_bias()), expected, atol=1e-6)
+    for bias in head.output_biases():
+        assert torch.allclose(torch.sigmoid(bias), expected, atol=1e-6)
     with torch.no_grad():  # a zero feature map scores exactly the prior, BatchNorm or not
         if head.logit_norm is not None:
             head.classifier.bias.zero_()  # cancelled by training-time centring anyway
         out = head(torch.zeros(2, 8, 3, 3))
     assert torch.allclose(torch.sigmoid(out.shared), expected.expand(2, 3), atol=1e-6)
+    assert torch.allclose(torch.sigmoid(out.specific), expected.expand(2, 3), atol=1e-6)

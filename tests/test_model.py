@@ -61,6 +61,8 @@ def _grads(module: torch.nn.Module) -> list[torch.Tensor]:
         {"cam_norm": "min-max"},
         {"logit_norm": "batchnorm"},
         {"cam_norm": "min-max", "logit_norm": "batchnorm"},
+        {"cam_norm": "min-max", "logit_norm": "batchnorm-own"},
+        {"logit_norm": "batchnorm-own-affine"},
     ],
 )
 def test_cheap_and_literal_specific_logits_and_gradients_agree(b, c, h, w, m, norms):
@@ -162,25 +164,73 @@ def test_relu_max_negative_maps_send_no_specific_gradient_to_the_features():
     assert torch.equal(f.grad, torch.zeros_like(f))
 
 
-@pytest.mark.parametrize("cam_norm", ["relu-max", "min-max"])
-def test_batchnormed_head_is_the_plain_head_with_the_folded_classifier(cam_norm):
-    torch.manual_seed(3)
-    head = CamParHead(6, 4, cam_norm=cam_norm, logit_norm="batchnorm")
+def _randomise_logit_norms(head: CamParHead) -> None:
+    """Affine parameters away from (1, 0), scale kept positive, and non-trivial running
+    statistics from a few training batches."""
     with torch.no_grad():
-        head.logit_norm.weight.uniform_(0.5, 2.0)  # scale > 0
-        head.logit_norm.bias.normal_()
-    for _ in range(3):  # non-trivial running statistics
+        for module in head.logit_norm.modules():
+            if isinstance(module, torch.nn.BatchNorm1d) and module.weight is not None:
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.normal_()
+    for _ in range(3):
         head(torch.randn(8, 6, 3, 2) * 3 + 1)
     head.eval()
-    plain = CamParHead(6, 4, cam_norm=cam_norm).eval()
-    weight, bias = head.effective_classifier()
-    with torch.no_grad():
-        plain.classifier.weight.copy_(weight[:, :, None, None])
-        plain.classifier.bias.copy_(bias)
+
+
+@pytest.mark.parametrize("cam_norm", ["relu-max", "min-max"])
+@pytest.mark.parametrize("logit_norm", ["batchnorm", "batchnorm-own", "batchnorm-own-affine"])
+def test_batchnormed_head_is_the_plain_head_with_the_folded_classifier(cam_norm, logit_norm):
+    torch.manual_seed(3)
+    head = CamParHead(6, 4, cam_norm=cam_norm, logit_norm=logit_norm)
+    _randomise_logit_norms(head)
     f = torch.randn(5, 6, 3, 2)
-    ours, folded = head(f), plain(f)
-    torch.testing.assert_close(ours.shared, folded.shared, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours.specific, folded.specific, atol=1e-5, rtol=1e-5)
+    ours = head(f)
+    for kind in ("shared", "specific"):
+        plain = CamParHead(6, 4, cam_norm=cam_norm).eval()
+        weight, bias = head.effective_classifier(kind)
+        with torch.no_grad():
+            plain.classifier.weight.copy_(weight[:, :, None, None])
+            plain.classifier.bias.copy_(bias)
+        folded = getattr(plain(f), kind)
+        torch.testing.assert_close(getattr(ours, kind), folded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        head.effective_classifier()[1], head.effective_classifier("specific")[1]
+    )  # CAM-PAR's own kind is the specific one
+
+
+def test_own_statistics_centre_the_specific_logits_the_shared_form_does_not():
+    torch.manual_seed(5)
+    f = 10 * torch.randn(64, 6, 3, 2) + 5  # logit variances far above BatchNorm's eps
+    means = {}
+    for logit_norm in ("batchnorm", "batchnorm-own", "batchnorm-own-affine"):
+        head = CamParHead(6, 3, logit_norm=logit_norm)
+        out = head(f)  # training mode: batch statistics, weight 1 and shift 0
+        torch.testing.assert_close(out.shared.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+        means[logit_norm] = out.specific.mean(0)
+        if logit_norm != "batchnorm":
+            torch.testing.assert_close(
+                out.specific.std(0, unbiased=False), torch.ones(3), atol=1e-4, rtol=1e-4
+            )
+    assert means["batchnorm"].abs().min() > 0.1  # the relu-max CAM's offset, uncorrected
+    for logit_norm in ("batchnorm-own", "batchnorm-own-affine"):
+        torch.testing.assert_close(means[logit_norm], torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_own_statistics_without_an_affine_map_borrow_the_shared_one():
+    torch.manual_seed(6)
+    head = CamParHead(6, 3, logit_norm="batchnorm-own")
+    shared_norm = head.logit_norm.shared
+    with torch.no_grad():
+        shared_norm.weight.fill_(2.0)
+        shared_norm.bias.fill_(-1.0)
+    out = head(10 * torch.randn(32, 6, 3, 2))
+    torch.testing.assert_close(out.specific.mean(0), torch.full((3,), -1.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out.specific.std(0, unbiased=False), torch.full((3,), 2.0), atol=1e-4, rtol=1e-4
+    )
+    assert head.output_biases() == (shared_norm.bias,)
+    own = CamParHead(6, 3, logit_norm="batchnorm-own-affine").output_biases()
+    assert len(own) == 2 and own[0] is not own[1]  # each logit kind starts at the prior
 
 
 def test_remedies_add_only_the_stated_parameters():
@@ -190,6 +240,12 @@ def test_remedies_add_only_the_stated_parameters():
     assert count(cam_norm="min-max") == count()
     assert count(logit_norm="batchnorm") == count() + 2 * 7  # BatchNorm1d's weight and shift
     assert count(cam_norm="min-max", logit_norm="batchnorm") == count() + 2 * 7
+    assert count(logit_norm="batchnorm-own") == count() + 2 * 7  # own statistics only
+    assert count(logit_norm="batchnorm-own-affine") == count() + 4 * 7  # and an affine map
+    baseline = sum(
+        p.numel() for p in BaselineHead(16, 7, logit_norm="batchnorm-own-affine").parameters()
+    )
+    assert baseline == count() + 2 * 7  # no specific logits: the reference BatchNorm only
 
 
 def test_batchnorm_statistics_come_from_the_shared_logits_and_a_batch_of_one_trains():

@@ -427,7 +427,12 @@ def test_run_reports_metrics_checkpoints_and_logits(killed_run, synthetic):
         assert metrics["skipped_images"] == metrics["train_skipped_images"] == 1
         assert metrics["val_images"] == sizes["val"]  # evaluation shards drop no image
         assert metrics["images_per_s"] > 0 and 0 <= metrics["data_wait_fraction"] <= 1
-    assert result.metrics["val_mA"] == max(m["val_mA"] for m in result.history)
+    assert result.metrics["val_auc"] == max(m["val_auc"] for m in result.history)  # the rule
+    for metrics in result.history:  # every epoch's validation logits are kept as evidence
+        kept = np.load(run_dir / "logits" / "epochs" / f"val-epoch{metrics['epoch']:03d}.npz")
+        assert (
+            kept["logits"].shape == kept["labels"].shape == (sizes["val"], kept["labels"].shape[1])
+        )
     assert load_config(run_dir / "config.yaml") == resolve_config(config)
 
     assert result.skipped == {"train": [corrupt], "val": [], "test": []}

@@ -369,7 +369,8 @@ def test_fc2_treats_images_with_no_known_label_as_absent():
 
 
 def test_diagnostics_leave_unknown_labels_out():
-    from campar_ray.evaluate.diagnostics import attribute_auc, floor_ties
+    from campar_ray.evaluate.diagnostics import floor_ties
+    from campar_ray.metrics import attribute_auc
 
     rng = np.random.default_rng(0)
     labels = (rng.random((50, 3)) < 0.4).astype(np.int8)

@@ -21,32 +21,17 @@ Why a head wins or loses mA can be read off its logits without retraining:
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
-from campar_ray.metrics import THRESHOLD_PROTOCOLS, par_metrics, select_threshold, summary
+from campar_ray.metrics import (
+    THRESHOLD_PROTOCOLS,
+    par_metrics,
+    select_threshold,
+    summary,
+)
 
 TIE_RTOL = 1e-6
 """Relative tolerance of a tie at the floor: float32 logits that are ``0 + b`` are exactly equal,
 this only absorbs BatchNorm's folded arithmetic."""
-
-
-def attribute_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC AUC per attribute (Mann-Whitney, ties counted half) over the images that know it
-    (labels -1 are left out); NaN where a class is absent."""
-    labels = np.asarray(labels)
-    scores = np.asarray(scores, dtype=np.float64)
-    auc = np.full(labels.shape[1], np.nan)
-    for j in range(labels.shape[1]):
-        known = labels[:, j] >= 0
-        present, column = labels[known, j] > 0, scores[known, j]
-        positives = int(present.sum())
-        negatives = len(present) - positives
-        if positives and negatives:
-            ranks = rankdata(column)
-            auc[j] = (ranks[present].sum() - positives * (positives + 1) / 2) / (
-                positives * negatives
-            )
-    return auc
 
 
 def floor_ties(labels: np.ndarray, specific: np.ndarray) -> dict[str, np.ndarray]:

@@ -51,7 +51,7 @@ from campar_ray.metrics import (
     check_protocol,
     protocol_statement,
 )
-from campar_ray.run.checkpoints import training_history
+from campar_ray.run.checkpoints import best_checkpoint, read_meta, training_history
 from campar_ray.run.layout import RunDir
 
 
@@ -365,9 +365,10 @@ def _training_section(run_dir: str) -> Section:
         section.blocks.append(f"No training history: {error}.")
         return section
     best = max(history, key=lambda entry: entry["val_mA"])
+    kept = read_meta(best_checkpoint(run_dir))["metrics"]
     section.blocks += [
         f"{len(history)} epochs; best validation mA {percent(best['val_mA'])} at epoch "
-        f"{best['epoch']}.",
+        f"{best['epoch']}; the run keeps epoch {kept['epoch']} (train.checkpoint_rule).",
         Figure("training.png", plots.training_curves(history), "Stage-1 training curves"),
     ]
     return section

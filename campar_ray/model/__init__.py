@@ -16,6 +16,7 @@ from campar_ray.model.campar import (
     ParModel,
     ParOutput,
     build_model,
+    build_top,
     class_activation_maps,
 )
 from campar_ray.model.fusion import MultiLevelFusion
@@ -59,6 +60,7 @@ __all__ = [
     "bce",
     "build_backbone",
     "build_model",
+    "build_top",
     "check_backbone",
     "class_activation_maps",
     "feature_weight_angles",

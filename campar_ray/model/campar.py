@@ -11,7 +11,8 @@ A property worth knowing when training: with the thesis's CAM (eq. 10, ``cam_nor
 ``CAM_j * A_j = ReLU(A_j)^2 / max`` is never negative, so ``l_specific_j >= b_j``: every image
 whose map has no positive activation ties at that floor, and its specific loss sends no
 gradient to the features. ``cam_norm="min-max"`` keeps the identity and removes the floor;
-``logit_norm="batchnorm"`` is the reference classifier of [15] (``Linear + BatchNorm1d``).
+``logit_norm="batchnorm"`` is the reference classifier of [15] (``Linear + BatchNorm1d``);
+``"batchnorm-own"``/``"batchnorm-own-affine"`` centre the specific logits by their own statistics.
 Both are documented in ``docs/METHOD.md`` with the equation they depart from.
 """
 
@@ -72,8 +73,9 @@ class LogitBatchNorm(nn.BatchNorm1d):
     per-attribute affine map ``scale * l + shift`` is applied to the specific logits. Folded
     into the classifier (``w' = scale * w``, ``b' = scale * b + shift``) that is exactly eq.
     9-12 with one classifier while ``scale > 0``: both CAM normalisations are unchanged by a
-    positive rescaling of ``A``. Normalising the specific logits with statistics of their own
-    would give them a second classifier. A training batch of one image uses the running
+    positive rescaling of ``A``. The specific logits are then never centred: their offset from
+    the shared ones (about -3 on PETA's negatives) stays in every prediction at 0.5, which
+    :class:`OwnLogitBatchNorm` removes. A training batch of one image uses the running
     statistics instead of raising, since the last batch of an epoch may hold one image.
     """
 
@@ -84,28 +86,107 @@ class LogitBatchNorm(nn.BatchNorm1d):
         normalised = specific * scale + shift if specific is not None else None
         return shared * scale + shift, normalised
 
-    def affine_map(self, shared: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(scale, shift)`` per attribute: from the batch when training, else the running
-        statistics (also what the folded, exported classifier uses)."""
-        if self.training and shared is not None and shared.shape[0] > 1:
-            mean, var = shared.mean(0), shared.var(0, unbiased=False)
+    def affine_map(
+        self,
+        logits: Tensor | None = None,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` per attribute: from the batch ``logits`` when training (updating
+        the running statistics), else the running statistics (also what the folded, exported
+        classifier uses). ``weight``/``bias`` replace this module's own affine parameters
+        (a module without them borrows them: :class:`OwnLogitBatchNorm`)."""
+        if self.training and logits is not None and logits.shape[0] > 1:
+            mean, var = logits.mean(0), logits.var(0, unbiased=False)
             with torch.no_grad():
-                n = shared.shape[0]
+                n = logits.shape[0]
                 self.running_mean.lerp_(mean.detach(), self.momentum)
                 self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
                 self.num_batches_tracked += 1
         else:
             mean, var = self.running_mean, self.running_var
-        scale = self.weight / torch.sqrt(var + self.eps)
-        return scale, self.bias - mean * scale
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        scale = weight / torch.sqrt(var + self.eps)
+        return scale, bias - mean * scale
+
+    def folded(self, kind: str) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` of logit ``kind`` at the running statistics: one map for both."""
+        return self.affine_map()
+
+    def shifts(self) -> tuple[Tensor, ...]:
+        """The parameters every logit ends with (to start at the prior)."""
+        return (self.bias,)
+
+
+class OwnLogitBatchNorm(nn.Module):
+    """Shared logits as in [15]; specific logits standardised by statistics of their own.
+
+    ``own_affine=False`` (``logit_norm="batchnorm-own"``): the specific logits' own running
+    mean and variance, then the shared logits' learnt ``weight``/``bias``; no parameter
+    beyond the reference's 2 M. ``own_affine=True`` (``"batchnorm-own-affine"``): their own
+    ``weight``/``bias`` too (2 M more). Either way each logit kind is centred on its own
+    batch, so at 0.5 the specific logits no longer carry their offset from the shared ones.
+
+    Folded, the specific logits are the plain head with a classifier of their own
+    (``scale_s * w``, ``scale_s * b + shift_s``), exact while ``scale_s > 0`` as for
+    :class:`LogitBatchNorm`: CAM-PAR's "one classifier" then holds up to a per-attribute
+    positive rescaling and an offset, which is what is measured against the shared form.
+    """
+
+    def __init__(self, num_attributes: int, own_affine: bool):
+        super().__init__()
+        self.shared = LogitBatchNorm(num_attributes)
+        self.specific = LogitBatchNorm(num_attributes, affine=own_affine)
+
+    def forward(
+        self, shared: Tensor, specific: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        scale, shift = self.shared.affine_map(shared)
+        if specific is None:
+            return shared * scale + shift, None
+        own_scale, own_shift = self.specific.affine_map(specific, *self._borrowed())
+        return shared * scale + shift, specific * own_scale + own_shift
+
+    def folded(self, kind: str) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` of logit ``kind`` (``shared``/``specific``), running statistics."""
+        if kind == "shared":
+            return self.shared.affine_map()
+        return self.specific.affine_map(None, *self._borrowed())
+
+    def shifts(self) -> tuple[Tensor, ...]:
+        own = () if self.specific.bias is None else (self.specific.bias,)
+        return (self.shared.bias, *own)
+
+    def _borrowed(self) -> tuple[Tensor | None, Tensor | None]:
+        if self.specific.weight is not None:
+            return None, None
+        return self.shared.weight, self.shared.bias
+
+
+def logit_norm_module(kind: str, num_attributes: int, specific: bool) -> nn.Module | None:
+    """The ``model.logit_norm`` module of a head (``specific``: it has specific logits; a
+    baseline head has none, so every BatchNorm form is the reference's for it)."""
+    if kind not in LOGIT_NORMS:
+        raise ValueError(f"unknown model.logit_norm {kind!r}; valid: {', '.join(LOGIT_NORMS)}")
+    if kind == "none":
+        return None
+    if kind == "batchnorm" or not specific:
+        return LogitBatchNorm(num_attributes)
+    return OwnLogitBatchNorm(num_attributes, own_affine=kind == "batchnorm-own-affine")
 
 
 class _Head(nn.Module):
     """One 1x1-convolution classifier over ``f``; the head types differ in what they score.
 
     ``logit_norm="batchnorm"`` adds the reference ``BatchNorm1d`` over the logits (2 M
-    parameters, as in [15]); ``cam_norm`` chooses the CAM normalisation (no parameters).
+    parameters, as in [15]); ``batchnorm-own`` gives CAM-PAR's specific logits running
+    statistics of their own (no more parameters), ``batchnorm-own-affine`` an affine map of
+    their own too (2 M more); ``cam_norm`` chooses the CAM normalisation (no parameters).
     """
+
+    SPECIFIC: bool
+    """Whether the head scores specific logits (its default kind of logit)."""
 
     def __init__(
         self,
@@ -117,13 +198,9 @@ class _Head(nn.Module):
         super().__init__()
         if cam_norm not in CAM_NORMS:
             raise ValueError(f"unknown model.cam_norm {cam_norm!r}; valid: {', '.join(CAM_NORMS)}")
-        if logit_norm not in LOGIT_NORMS:
-            raise ValueError(
-                f"unknown model.logit_norm {logit_norm!r}; valid: {', '.join(LOGIT_NORMS)}"
-            )
         self.classifier = nn.Conv2d(channels, num_attributes, kernel_size=1)
         self.cam_norm = cam_norm
-        self.logit_norm = LogitBatchNorm(num_attributes) if logit_norm == "batchnorm" else None
+        self.logit_norm = logit_norm_module(logit_norm, num_attributes, self.SPECIFIC)
 
     def activations(self, f: Tensor) -> Tensor:
         """``A = w f`` without bias, B x M x H x W, in float32 even under autocast.
@@ -147,27 +224,32 @@ class _Head(nn.Module):
             return shared, specific
         return self.logit_norm(shared, specific)
 
-    def effective_classifier(self) -> tuple[Tensor, Tensor]:
-        """``(w', b')``, M x C and M: the classifier with any BatchNorm folded in at its
-        running statistics (what the model scores with in eval mode).
+    def effective_classifier(self, kind: str | None = None) -> tuple[Tensor, Tensor]:
+        """``(w', b')``, M x C and M: the classifier of logit ``kind`` (``shared`` or
+        ``specific``; default: the head's own kind, specific for CAM-PAR) with any BatchNorm
+        folded in at its running statistics (what the model scores with in eval mode).
 
         The logit of an attribute-specific feature ``v`` is ``w'_j . v + b'_j``; Fig. 7 and
-        the floor diagnostics measure against these.
+        the floor diagnostics measure against these. The two kinds differ only when the
+        specific logits have statistics of their own (``logit_norm="batchnorm-own*"``).
         """
+        kind = kind or ("specific" if self.SPECIFIC else "shared")
         weight, bias = self.classifier.weight.float().flatten(1), self.bias
         if self.logit_norm is None:
             return weight, bias
-        scale, shift = self.logit_norm.affine_map()
+        scale, shift = self.logit_norm.folded(kind)
         return weight * scale[:, None], bias * scale + shift
 
-    def output_bias(self) -> Tensor:
-        """The parameter a logit ends with: BatchNorm's shift when the head has one, else ``b``
-        (the one to start at the prior: ``b`` cancels under batch normalisation)."""
-        return self.classifier.bias if self.logit_norm is None else self.logit_norm.bias
+    def output_biases(self) -> tuple[Tensor, ...]:
+        """The parameters the logits end with: the BatchNorm shifts when the head has them,
+        else ``b`` (the ones to start at the prior: ``b`` cancels under batch normalisation)."""
+        return (self.classifier.bias,) if self.logit_norm is None else self.logit_norm.shifts()
 
 
 class CamParHead(_Head):
     """Shared logits ``mean_hw(A) + b`` and CAM-disentangled specific logits."""
+
+    SPECIFIC = True
 
     def __init__(self, channels: int, num_attributes: int, literal: bool = False, **norms: str):
         super().__init__(channels, num_attributes, **norms)
@@ -195,6 +277,8 @@ class CamParHead(_Head):
 
 class BaselineHead(_Head):
     """GAP + linear classifier: shared logits only (the OFMA baseline [15])."""
+
+    SPECIFIC = False
 
     def forward(self, f: Tensor, return_cams: bool = False) -> ParOutput:
         with torch.autocast(device_type=f.device.type, enabled=False):
@@ -242,8 +326,16 @@ def build_model(cfg: ModelConfig, num_attributes: int) -> ParModel:
     if num_attributes < 1:
         raise ValueError(f"num_attributes must be at least 1, got {num_attributes}")
     backbone = build_backbone(cfg.backbone, cfg.weights)
-    fusion = MultiLevelFusion(backbone.channels, cfg.fusion_size) if cfg.fusion else None
+    return ParModel(backbone, *build_top(cfg, backbone.channels, num_attributes))
+
+
+def build_top(
+    cfg: ModelConfig, channels: tuple[int, ...], num_attributes: int
+) -> tuple[_Head, MultiLevelFusion | None]:
+    """``(head, fusion)`` of ``cfg`` over encoder levels of widths ``channels``: everything
+    above the encoder (a frozen encoder's cached levels feed it directly)."""
+    fusion = MultiLevelFusion(channels, cfg.fusion_size) if cfg.fusion else None
     head = HEADS[cfg.head](
-        backbone.channels[-1], num_attributes, cam_norm=cfg.cam_norm, logit_norm=cfg.logit_norm
+        channels[-1], num_attributes, cam_norm=cfg.cam_norm, logit_norm=cfg.logit_norm
     )
-    return ParModel(backbone, head, fusion)
+    return head, fusion

@@ -82,8 +82,8 @@ def stage1_loss(output: ParOutput, targets: Tensor, positive_ratio: Tensor | Non
 def init_bias_from_prior(bias: Tensor, ratio: Tensor) -> None:
     """Start each attribute's ``bias`` at ``logit(positive rate)`` (the prior of Lin et al., 2017).
 
-    ``bias`` is the head's ``output_bias()``: the classifier's ``b``, or BatchNorm's shift
-    when the logits are batch-normalised (``b`` then cancels).
+    ``bias`` is one of the head's ``output_biases()``: the classifier's ``b``, or a BatchNorm
+    shift when the logits are batch-normalised (``b`` then cancels).
 
     CAM-PAR's specific logit of a negative image cannot fall below the bias
     (``mean(CAM * A) >= 0``), and Adam moves a bias by about ``lr`` per step, so with a zero

@@ -20,7 +20,7 @@ import torch
 from campar_ray import storage
 from campar_ray.artifacts import ArtifactError, load_json, load_tensors
 from campar_ray.bounded import BoundedError, load_yaml
-from campar_ray.config import Config, ModelConfig
+from campar_ray.config import CHOICES, Config, ModelConfig
 from campar_ray.model import ParModel, WeightsMismatch, load_network, rebuild_network
 from campar_ray.run.layout import RunDir
 
@@ -29,6 +29,48 @@ if TYPE_CHECKING:  # serving (bundle, predict) loads checkpoints without Ray Tra
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+CHECKPOINT_RULES = CHOICES["train.checkpoint_rule"]
+"""``train.checkpoint_rule``: what makes one epoch's checkpoint the run's result."""
+LEGACY_RULE = "val_mA"
+"""The rule of runs trained before ``train.checkpoint_rule`` existed (their logits were
+written with the best checkpoint by validation mA)."""
+SCORE_KEY = "checkpoint_score"
+"""The metric Ray Train ranks (and keeps) checkpoints by: the rule's value of the epoch."""
+UNSCORED = -1.0
+"""The score of a mid-epoch checkpoint: below every rule's value (AUC and mA lie in [0, 1],
+epochs start at 1), so it ranks last; finite, because Ray's run snapshot stores -inf as null
+and a resumed run could then not rank its checkpoints."""
+
+
+def check_checkpoint_rule(rule: str) -> None:
+    if rule not in CHECKPOINT_RULES:
+        raise ValueError(
+            f"unknown train.checkpoint_rule {rule!r}; valid: {', '.join(CHECKPOINT_RULES)}"
+        )
+
+
+def checkpoint_score(metrics: dict[str, Any], rule: str) -> float:
+    """One finished epoch's score under ``rule`` (higher is better; ties go to the earlier
+    epoch). A NaN AUC (no attribute with both classes in validation) scores as unscored."""
+    check_checkpoint_rule(rule)
+    value = float(metrics["epoch"] if rule == "last" else metrics[rule])
+    return value if value == value else UNSCORED
+
+
+def run_rule(meta: dict[str, Any]) -> str:
+    """The checkpoint rule a run was trained under (its checkpoint's config)."""
+    return meta.get("config", {}).get("train", {}).get("checkpoint_rule", LEGACY_RULE)
+
+
+def best_checkpoint(run_dir: str) -> str:
+    """The checkpoint the run's ``train.checkpoint_rule`` keeps as its result (the one stage 1
+    wrote the logits with): the best finished epoch's score, ties to the earlier epoch."""
+    checkpoints = stage1_checkpoints(run_dir)
+    rule = run_rule(checkpoints[-1][1])
+    return max(
+        checkpoints,
+        key=lambda item: (checkpoint_score(item[1]["metrics"], rule), -item[1]["epoch"]),
+    )[0]
 
 
 def read_meta(checkpoint: str, *, ranked: bool = False) -> dict[str, Any]:
@@ -86,15 +128,6 @@ def stage1_checkpoints(run_dir: str) -> list[tuple[str, dict[str, Any]]]:
     if not found:
         raise FileNotFoundError(f"no stage-1 checkpoint with {META_FILE} under {root}")
     return sorted(found, key=lambda item: item[1]["epoch"])
-
-
-def best_checkpoint(run_dir: str) -> str:
-    """The checkpoint with the highest validation mA (the one stage 1 wrote the logits with).
-
-    Ties go to the earlier epoch, as a strict "better than" comparison keeps it.
-    """
-    checkpoints = stage1_checkpoints(run_dir)
-    return max(checkpoints, key=lambda item: (item[1]["metrics"]["val_mA"], -item[1]["epoch"]))[0]
 
 
 def training_history(run_dir: str) -> list[dict[str, float]]:

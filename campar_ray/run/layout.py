@@ -22,6 +22,9 @@ from campar_ray import storage
 CONFIG_FILE = "config.yaml"
 """The resolved config of a run (a bundle keeps its config under the same name)."""
 LOGITS_DIR = "logits"
+EPOCH_LOGITS_DIR = "epochs"
+"""Under :data:`LOGITS_DIR`: every epoch's validation logits, the evidence behind the
+checkpoint rule (``train.checkpoint_rule``)."""
 SKIPPED_FILE = "skipped.json"
 CFAR_DIR = "cfar"
 """Stage 2's artefacts (a bundle copies them under the same name)."""
@@ -88,6 +91,11 @@ class RunDir:
     def logits(self, split: str) -> str:
         """The stage-1 logits of ``split``: what stage 2, evaluation and the bundle read."""
         return self._join(LOGITS_DIR, f"{split}.parquet")
+
+    def epoch_logits(self, epoch: int) -> str:
+        """Epoch ``epoch``'s validation prediction logits and labels (``.npz``, float16
+        logits), written as the epoch is scored, whichever checkpoint the rule keeps."""
+        return self._join(LOGITS_DIR, EPOCH_LOGITS_DIR, f"val-epoch{epoch:03d}.npz")
 
     @property
     def skipped_images(self) -> str:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from campar_ray.config import CHOICES
 from campar_ray.decision import probabilities
-from campar_ray.metrics import par_metrics, summary
+from campar_ray.metrics import mean_auc, par_metrics, summary
 from campar_ray.model.inputs import normalize
 from campar_ray.model.scoring import autocast
 
@@ -69,11 +69,13 @@ class EpochStats:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Labels and probabilities of every valid image one worker evaluated."""
+    """Labels, prediction logits and probabilities of every valid image one worker evaluated."""
 
     labels: np.ndarray
     probs: np.ndarray
     skipped: int
+    logits: np.ndarray | None = None
+    """The logits whose sigmoid ``probs`` is (kept as each epoch's evidence)."""
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Adam:
@@ -291,7 +293,7 @@ def evaluate(
     ranks, and a plain module issues no collective that could wait for a finished rank.
     """
     model.eval()
-    labels, probs, skipped = [], [], 0
+    labels, probs, raw, skipped = [], [], [], 0
     for batch in batches:
         x, y, dropped = prepare_batch(batch, device, channels_last, model)
         skipped += dropped
@@ -299,11 +301,13 @@ def evaluate(
             continue
         with autocast(device, amp):
             logits = logits_fn(model(x))
-        probs.append(probabilities(logits))
+        raw.append(logits.float().cpu().numpy())
+        probs.append(probabilities(raw[-1]))
         labels.append(y.cpu().numpy().astype(np.int8))
     if not probs:
-        return Predictions(np.zeros((0, 0), np.int8), np.zeros((0, 0), np.float32), skipped)
-    return Predictions(np.concatenate(labels), np.concatenate(probs), skipped)
+        empty = np.zeros((0, 0), np.float32)
+        return Predictions(np.zeros((0, 0), np.int8), empty, skipped, empty)
+    return Predictions(np.concatenate(labels), np.concatenate(probs), skipped, np.concatenate(raw))
 
 
 def merge_predictions(parts: Iterable[Predictions]) -> Predictions:
@@ -316,13 +320,18 @@ def merge_predictions(parts: Iterable[Predictions]) -> Predictions:
         labels=np.concatenate([part.labels for part in filled]),
         probs=np.concatenate([part.probs for part in filled]),
         skipped=sum(part.skipped for part in parts),
+        logits=None
+        if any(part.logits is None for part in filled)
+        else np.concatenate([part.logits for part in filled]),
     )
 
 
 def validation_metrics(
     labels: np.ndarray, probs: np.ndarray, eval_indices: np.ndarray | list[int]
 ) -> dict[str, float]:
-    """``val_mA``, ``val_accuracy``, ... on the evaluated attributes at threshold 0.5."""
+    """``val_mA``, ``val_accuracy``, ... on the evaluated attributes at threshold 0.5, and
+    ``val_auc`` (their mean AUC, threshold-free)."""
     columns = np.asarray(eval_indices)
     metrics = summary(par_metrics(labels[:, columns], probs[:, columns]))
+    metrics["auc"] = mean_auc(labels[:, columns], probs[:, columns])
     return {f"val_{key}": value for key, value in metrics.items()}

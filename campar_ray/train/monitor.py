@@ -39,6 +39,7 @@ from ray.train import UserCallback
 from campar_ray import storage
 from campar_ray.config import DataConfig, TrackingConfig
 from campar_ray.progress import Progress
+from campar_ray.run.checkpoints import SCORE_KEY
 from campar_ray.run.layout import RunDir
 from campar_ray.runtime import is_quiet
 from campar_ray.tracking import Tracker, markdown_table, open_tracker, run_key
@@ -46,7 +47,7 @@ from campar_ray.train.progress import PROGRESS_KEY, progress_line
 
 logger = logging.getLogger(__name__)
 
-VAL_METRICS = ("val_mA", "val_accuracy", "val_precision", "val_recall", "val_f1")
+VAL_METRICS = ("val_mA", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_auc")
 ROWS_KEY = "rows_trained"
 """Marks rank 0's progress post inside an epoch: the group's rows trained so far."""
 POST_EVERY_SECONDS = 1.0
@@ -93,8 +94,8 @@ class EpochMonitor:
             logger.warning("%s Ray Data's stats of the epoch: %s", warning, path)
 
     def finish(self, history: list[dict[str, float]]) -> None:
-        """The best epoch's metrics (the checkpoint whose logits are written) and the report."""
-        best = max(history, key=lambda metrics: metrics["val_mA"])
+        """The kept epoch's metrics (the checkpoint whose logits are written) and the report."""
+        best = max(history, key=lambda metrics: (metrics[SCORE_KEY], -metrics["epoch"]))
         self._tracker.log_final(best)
         self._tracker.log_report(stage1_report(best, history))
         self._tracker.close()
@@ -121,7 +122,9 @@ def starvation_warning(metrics: Mapping[str, float], data: DataConfig) -> str | 
 def stage1_report(best: Mapping[str, float], history: list[dict[str, float]]) -> str:
     """Markdown: the best epoch, then every epoch's validation metrics and input speed."""
     rows = {
-        f"epoch {int(m['epoch'])}": {key.removeprefix("val_"): m[key] for key in VAL_METRICS}
+        f"epoch {int(m['epoch'])}": {
+            key.removeprefix("val_"): m.get(key, float("nan")) for key in VAL_METRICS
+        }
         for m in history
     }
     speed = "\n".join(
@@ -130,8 +133,9 @@ def stage1_report(best: Mapping[str, float], history: list[dict[str, float]]) ->
         for m in history
     )
     return (
-        f"**Stage 1**: best epoch {int(best['epoch'])} of {len(history)}, "
-        f"val mA {100 * best['val_mA']:.2f} (its checkpoint writes the logits).\n\n"
+        f"**Stage 1**: kept epoch {int(best['epoch'])} of {len(history)}, "
+        f"val AUC {100 * best['val_auc']:.2f}, val mA {100 * best['val_mA']:.2f} "
+        "(its checkpoint writes the logits).\n\n"
         f"{markdown_table(rows)}\n\n{speed}\n"
     )
 

@@ -13,10 +13,6 @@ import numpy as np
 
 PROGRESS_KEY = "epoch_progress"
 """Marks a mid-epoch report: the fraction of the epoch's rows trained so far."""
-UNSCORED_MA = -1.0
-"""``val_mA`` of a mid-epoch report: below every real score (mA lies in [0, 1]), so Ray Train
-ranks it last; finite, because Ray's run snapshot stores -inf as null and a resumed run
-could then not rank its checkpoints."""
 
 
 def progress_line(metrics: dict[str, float], history: list[dict[str, float]], epochs: int) -> str:

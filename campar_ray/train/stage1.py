@@ -49,7 +49,13 @@ from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
 from campar_ray.decision import fit_run_calibration
 from campar_ray.model import check_backbone, positive_ratio
 from campar_ray.preflight import check_cluster
-from campar_ray.run.checkpoints import check_resumable, check_weights, read_meta, stored_config
+from campar_ray.run.checkpoints import (
+    SCORE_KEY,
+    check_resumable,
+    check_weights,
+    read_meta,
+    stored_config,
+)
 from campar_ray.run.layout import DERIVED, STAGE1_RUN, RunDir
 from campar_ray.runtime import init_ray
 from campar_ray.tracking import ensure_experiment, resolve_tracking, retire_runs
@@ -139,7 +145,7 @@ def train_stage1(
     ensure_experiment(config.tracking, config.tracking.experiment)
     config = planned  # config.yaml keeps an automatic 0; the run uses the planned number
     result = _trainer(config, table, info, progress, callbacks or []).fit()
-    best = result.get_best_checkpoint(metric="val_mA", mode="max")
+    best = result.get_best_checkpoint(metric=SCORE_KEY, mode="max")
     if best is None or result.checkpoint is None:
         raise RuntimeError(f"stage-1 run in {config.run.dir} finished without a checkpoint")
     history = read_meta(_location(result.checkpoint, config.run.dir))["history"]
@@ -194,7 +200,7 @@ def _trainer(
             storage_path=RunDir(config.run.dir).ray_storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
-                checkpoint_score_attribute="val_mA",
+                checkpoint_score_attribute=SCORE_KEY,
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -388,7 +394,8 @@ class ShardConfig(DataConfig):
 def _print_summary(meta: dict[str, Any], path: str, skipped: dict[str, list[str]]) -> None:
     metrics = meta["metrics"]
     print(
-        f"[stage1] best epoch {meta['epoch']}: val mA {100 * metrics['val_mA']:.2f} "
+        f"[stage1] kept epoch {meta['epoch']} ({meta['config']['train']['checkpoint_rule']}): "
+        f"val AUC {100 * metrics['val_auc']:.2f} mA {100 * metrics['val_mA']:.2f} "
         f"acc {100 * metrics['val_accuracy']:.2f} prec {100 * metrics['val_precision']:.2f} "
         f"rec {100 * metrics['val_recall']:.2f} F1 {100 * metrics['val_f1']:.2f}\n"
         f"[stage1] checkpoint {path}\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import itertools
 import logging
 import tempfile
@@ -22,6 +23,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 from ray.exceptions import RayTaskError
 
+from campar_ray import storage
 from campar_ray.config import Config, DataConfig, ModelConfig, TrackingConfig, TrainConfig
 from campar_ray.decision import prediction_logits
 from campar_ray.model import (
@@ -37,7 +40,14 @@ from campar_ray.model import (
     init_bias_from_prior,
     stage1_loss,
 )
-from campar_ray.run.checkpoints import restore_checkpoint, save_checkpoint
+from campar_ray.run.checkpoints import (
+    SCORE_KEY,
+    UNSCORED,
+    checkpoint_score,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from campar_ray.run.layout import RunDir
 from campar_ray.train.loop import (
     EpochStats,
     Predictions,
@@ -56,7 +66,7 @@ from campar_ray.train.loop import (
     validation_metrics,
 )
 from campar_ray.train.monitor import EpochMonitor, StepPoster
-from campar_ray.train.progress import PROGRESS_KEY, UNSCORED_MA, progress_line
+from campar_ray.train.progress import PROGRESS_KEY, progress_line
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +223,13 @@ def _worker_loop(setup: WorkerSetup) -> None:
         predictions = evaluate(
             run.model, val_shard.iter_torch_batches(**run.batches), logits_fn, **run.options
         )
-        metrics = _epoch_metrics(epoch, stats, predictions, setup.eval_indices, history)
+        merged = merge_predictions(_all_gather(predictions))
+        metrics = _epoch_metrics(epoch, stats, merged, setup.eval_indices, history)
         metrics["world_size"] = run.world
         metrics["lr"] = run.optimizer.param_groups[0]["lr"]
+        metrics[SCORE_KEY] = checkpoint_score(metrics, setup.train.checkpoint_rule)
+        if run.rank == 0:
+            _keep_epoch_logits(setup.run_dir, epoch, merged)
         step_scheduler(run.scheduler, metrics["val_mA"])
         history.append(metrics)
         if run.rank == 0 and setup.progress:  # Ray Train forwards worker logs to the driver
@@ -235,7 +249,8 @@ def _start(setup: WorkerSetup) -> _Run:
     model = build_model(setup.model, len(setup.attributes))
     ratio = torch.tensor(setup.positive_ratio, device=device)
     if setup.model.prior_bias:
-        init_bias_from_prior(model.head.output_bias(), ratio)
+        for bias in model.head.output_biases():
+            init_bias_from_prior(bias, ratio)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)
@@ -324,11 +339,11 @@ def _report_progress(
     """A mid-epoch checkpoint: never mistaken for a finished epoch, never the best one.
 
     Its ``meta.json`` keeps ``epoch`` and ``history`` at the last finished epoch and holds the
-    progress under ``partial`` (no ``metrics``); Ray Train sees ``val_mA`` = ``UNSCORED_MA``,
+    progress under ``partial`` (no ``metrics``); Ray Train sees the score ``UNSCORED``,
     so it ranks last and is dropped first once later epochs are kept.
     """
     progress = done.rows / run.setup.epoch_rows
-    metrics = {"epoch": epoch, PROGRESS_KEY: progress, "val_mA": UNSCORED_MA}
+    metrics = {"epoch": epoch, PROGRESS_KEY: progress, "val_mA": UNSCORED, SCORE_KEY: UNSCORED}
     meta = {
         "epoch": len(history),
         "history": history,
@@ -342,12 +357,12 @@ def _report_progress(
 def _epoch_metrics(
     epoch: int,
     stats: EpochStats,
-    predictions: Predictions,
+    merged: Predictions,
     eval_indices: list[int],
     history: list[dict[str, float]],
 ) -> dict[str, float]:
-    """One epoch's metrics from the group's training stats and every worker's predictions."""
-    merged = merge_predictions(_all_gather(predictions))
+    """One epoch's metrics from the group's training stats and every worker's predictions
+    (``merged``)."""
     return {
         "epoch": epoch,
         "step": (history[-1]["step"] if history else 0) + stats.steps,
@@ -362,6 +377,16 @@ def _epoch_metrics(
         "val_skipped_images": merged.skipped,
         "skipped_images": stats.skipped + merged.skipped,
     }
+
+
+def _keep_epoch_logits(run_dir: str, epoch: int, merged: Predictions) -> None:
+    """The epoch's validation prediction logits (float16) and labels, every worker's share in
+    rank order: the evidence behind ``train.checkpoint_rule``, whichever epoch it keeps."""
+    if merged.logits is None:
+        return
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, logits=merged.logits.astype(np.float16), labels=merged.labels)
+    storage.write_bytes(RunDir(run_dir).epoch_logits(epoch), buffer.getvalue())
 
 
 def _all_gather(value: Any) -> list[Any]:

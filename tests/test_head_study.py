@@ -1,0 +1,142 @@
+"""The head study's machinery on synthetic features: no PETA, no encoder, seconds of CPU.
+
+The aggregation is checked against known answers (a row identical to the baseline, a row
+that ranks perfectly, bootstrap weights of one reproduce the plain metrics), and a tiny
+study (a cache of random levels, one epoch) runs end to end: training every row, CFAR,
+skipping finished runs on a re-run, the JSON and the Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import head_study
+from bench.head_features import FeatureCache, create_cache, write_chunk
+from campar_ray.metrics import mean_auc, par_metrics
+
+SHAPES = [(4, 4, 2), (6, 2, 2), (8, 2, 1)]
+ATTRIBUTES = 6
+EVALUATED = np.array([0, 1, 2, 3, 4])
+
+
+def _synthetic_cache(root, persons: int = 40, per_person: int = 3) -> FeatureCache:
+    """Random levels whose deepest map carries each image's labels, so heads can learn."""
+    rng = np.random.default_rng(0)
+    count = persons * per_person
+    person_labels = rng.integers(0, 2, (persons, ATTRIBUTES))
+    labels = np.repeat(person_labels, per_person, axis=0).astype(np.int8)
+    create_cache(
+        root,
+        shapes=SHAPES,
+        labels=labels,
+        identities=[f"p{i // per_person}" for i in range(count)],
+        images=[f"img{i}.png" for i in range(count)],
+        eval_indices=EVALUATED,
+        attributes=tuple(f"a{j}" for j in range(ATTRIBUTES)),
+        chunk=count,
+        encoder={"backbone": "synthetic"},
+    )
+    views = {}
+    for view in ("plain", "flip"):
+        levels = [rng.normal(size=(count, *shape)).astype(np.float32) for shape in SHAPES]
+        levels[2][:, :ATTRIBUTES, 0, 0] += 2 * labels
+        views[view] = levels
+    write_chunk(root / "features", 0, count, views)
+    return FeatureCache.open(root)
+
+
+def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path, capsys):
+    cache = _synthetic_cache(tmp_path / "cache")
+    assert cache.complete() and cache.levels("flip")[2].dtype == np.float16
+    argv = [
+        "--cache", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"),
+        "--out", str(tmp_path / "out"), "--splits", "1", "--seeds", "0", "1",
+        "--epochs", "1", "--batch", "16", "--threads", "1", "--cfar-keys", "4",
+        "--replicates", "20", "--samples", "50",
+    ]  # fmt: skip
+    figures = head_study.main(argv)
+    assert set(figures["rows"]) == {row.name for row in head_study.ROWS}
+    assert all(entry["pairs"] == 2 for entry in figures["comparisons"])  # 1 split x 2 seeds
+    baseline = head_study.load_run(tmp_path / "runs" / "split0" / "seed1" / "baseline.npz")
+    assert baseline["test"].dtype == np.float16 and baseline["test"].shape[1] == len(EVALUATED)
+    assert baseline["meta"]["best_epoch"] == 1 and "val_auc" in baseline["meta"]["history"][0]
+    with np.load(tmp_path / "runs" / "split0" / "split.npz") as split:
+        persons = [set(split[f"{part}_persons"]) for part in ("train", "val", "test")]
+    assert not (persons[0] & persons[2]) and not (persons[1] & persons[2])
+    written = json.loads((tmp_path / "out" / "head_study.json").read_text())
+    assert written["figures"]["comparisons"] == figures["comparisons"]
+    assert "| + CAM-PAR (own statistics) |" in (tmp_path / "out" / "head_study.md").read_text()
+    capsys.readouterr()
+    head_study.main(argv)  # everything is there: nothing trains again
+    assert "runs/min" not in capsys.readouterr().out
+
+
+def _write_runs(root, rows: dict[str, np.ndarray], labels: np.ndarray, persons: np.ndarray):
+    split = root / "split0"
+    split.mkdir(parents=True)
+    np.savez(
+        split / "split.npz",
+        val_labels=labels,
+        test_labels=labels,
+        test_persons=persons,
+    )
+    for seed in range(4):
+        for name, logits in rows.items():
+            result = {"val": logits, "test": logits, "best_epoch": 1, "history": [], "seconds": 0}
+            path = head_study.run_path(root, 0, seed, name)
+            head_study.save_run(path, result, np.arange(labels.shape[1]), False)
+
+
+def test_aggregation_finds_no_difference_in_a_copy_and_a_clear_one_in_a_perfect_row(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, (200, 3)).astype(np.int8)
+    noisy = (labels - 0.5) + rng.normal(0, 1.0, labels.shape)
+    perfect = 4.0 * (labels - 0.5)
+    persons = np.repeat(np.arange(100), 2)
+    _write_runs(
+        tmp_path, {"baseline": noisy, "fusion": noisy, "campar_own": perfect}, labels, persons
+    )
+    figures = head_study.aggregate(tmp_path, replicates=30, samples=100)
+    by_row = {entry["row"]: entry for entry in figures["comparisons"]}
+    same = by_row["fusion"]
+    for endpoint in head_study.ENDPOINTS:
+        assert same[endpoint]["difference"] == same[endpoint]["low"] == same[endpoint]["high"] == 0
+        assert same[endpoint]["wilcoxon_p"] is None
+    better = by_row["campar_own"]
+    assert better["pairs"] == 4
+    assert better["auc"]["low"] > 0 and better["mA_05"]["low"] > 0
+    assert better["auc"]["difference"] == pytest.approx(1 - mean_auc(labels, noisy), abs=1e-3)
+    assert figures["rows"]["baseline"]["runs"] == 4
+
+
+def test_unit_bootstrap_weights_reproduce_the_plain_metrics():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, (60, 4)).astype(np.int8)
+    scores = np.round(rng.normal(size=labels.shape) + labels, 1)  # ties included
+    ones = np.ones((1, len(labels)))
+    pred = scores >= 0.3
+    assert head_study.weighted_ma(labels, pred, ones)[0] == pytest.approx(
+        par_metrics(labels, pred.astype(float), 0.5)["mA"]
+    )
+    assert head_study.weighted_auc(labels, scores, ones)[0] == pytest.approx(
+        mean_auc(labels, scores)
+    )
+    weights = head_study.person_weights(np.repeat(np.arange(20), 3), 5, rng)
+    assert weights.shape == (5, 60) and np.allclose(weights.sum(1), 60)  # 20 persons drawn
+    assert np.all(weights[:, 0::3] == weights[:, 1::3])  # one person's images move together
+
+
+def test_the_readme_block_is_replaced_and_a_readme_without_markers_refused(tmp_path):
+    from bench.common import update_readme_block
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- t:begin -->\nold table\n<!-- t:end -->\nafter\n")
+    update_readme_block("t", "| new |\n", readme)
+    assert readme.read_text() == "intro\n<!-- t:begin -->\n| new |\n<!-- t:end -->\nafter\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs one <!-- t:begin -->"):
+        update_readme_block("t", "| new |", readme)
+    assert readme.read_text() == "no markers\n"
