@@ -282,7 +282,8 @@ def test_bundle_refuses_weights_that_are_not_this_networks_tensors(
         ("attributes.json", {"attributes": ["a", "b"]}, "does not name the attributes"),
         ("config.yaml", [1, 2], "is not a campar config: expected a mapping, got list"),
         ("config.yaml", {"train": {"lr": -1}}, "is not a campar config: bad value -1.0 for "),
-        ("config.yaml", {"model": {"head": 3}, "x": 1}, "is not a campar config: unknown config "),
+        ("config.yaml", {"model": {"head": "x"}}, "is not a campar config: bad value 'x' for "),
+        ("config.yaml", {"train": {"lr": 0.1}, "x": 1}, "is not a campar config: unknown config "),
     ],
 )
 def test_a_bundle_with_a_broken_file_is_refused_in_one_line_naming_it(

@@ -377,8 +377,8 @@ def test_resume_never_unpickles_the_run_directory(resumed_search, tmp_path):
             lambda r: r["trials"][2]["info"].update({"trial_dir": "/tmp/elsewhere"}),
             "trial_dir must be",
         ),
-        ("trials.json", "pickle", "is not campar's trial record (not JSON"),
-        ("search.json", "pickle", "is not campar's search settings (not JSON"),
+        ("trials.json", "pickle", "is not valid JSON"),
+        ("search.json", "pickle", "is not valid JSON"),
     ],
     ids=["type", "unknown-key", "outside-space", "metric", "trial-dir", "pickle", "settings"],
 )
