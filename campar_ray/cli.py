@@ -605,7 +605,7 @@ def _doctor_arguments(parser: argparse.ArgumentParser) -> None:
 def _doctor(args: argparse.Namespace, config: Config) -> int:
     from campar_ray import storage
     from campar_ray.data.manifest import read_info
-    from campar_ray.preflight import ClusterShape, Finding, doctor_report
+    from campar_ray.preflight import ClusterShape, Finding, RunSections, doctor_report
     from campar_ray.runtime import init_ray
 
     if args.gpu:
@@ -622,7 +622,7 @@ def _doctor(args: argparse.Namespace, config: Config) -> int:
         except (OSError, ValueError) as error:
             problems.append(Finding("error", f"{what}: {error}"))
     init_ray(args.address, insecure=args.insecure)
-    report, fits = doctor_report(config, ClusterShape.from_ray(), problems)
+    report, fits = doctor_report(RunSections.of(config), ClusterShape.from_ray(), problems)
     print(report)
     return 0 if fits else 1
 

@@ -15,9 +15,11 @@ through :mod:`campar_ray.data.concurrency`), so the plan counts the decode tasks
 will run. :func:`plan` says which nodes are missing, or why the run can never fit;
 :func:`check_cluster` (what training calls) refuses only the latter, otherwise asks the
 autoscaler for the missing nodes and waits for them up to ``train.node_wait_minutes``, and
-hands back the config it planned. :func:`doctor_report` renders everything for ``campar
-doctor``. The shapes of the shipped clusters come from their files (:func:`launcher_shape`,
-:func:`kuberay_shape`), so the recipes can be planned against them without a cloud.
+hands back the one thing it decides: the number of decode tasks the run gets. Everything here
+reads a :class:`RunSections`, the four sections of a config a plan depends on.
+:func:`doctor_report` renders everything for ``campar doctor``. The shapes of the shipped
+clusters come from their files (:func:`launcher_shape`, :func:`kuberay_shape`), so the recipes
+can be planned against them without a cloud.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from campar_ray import storage
-from campar_ray.config import Config
-from campar_ray.data.concurrency import AUTO, least_decode_tasks, with_decode_tasks
+from campar_ray.config import Config, DataConfig, RunSettings, StorageConfig, TrainConfig
+from campar_ray.data.concurrency import cluster_decode_tasks, least_decode_tasks
 
 GIB = 1024**3
 IMAGE_BYTES_PER_PIXEL = 3  # decoded uint8 RGB blocks travel through the object store
@@ -41,6 +43,22 @@ POLL_SECONDS = 10.0
 
 class PreflightError(ValueError):
     """The configured run cannot work on this cluster; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class RunSections:
+    """What a plan reads of a run's config: how it decodes and prefetches (``data``), its
+    workers (``train``), where it writes (``run``) and which mounts every node shares
+    (``storage``). The model, CFAR and tracking sections never change whether a run fits."""
+
+    data: DataConfig
+    train: TrainConfig
+    run: RunSettings
+    storage: StorageConfig
+
+    @classmethod
+    def of(cls, config: Config) -> RunSections:
+        return cls(config.data, config.train, config.run, config.storage)
 
 
 @dataclass(frozen=True)
@@ -116,30 +134,27 @@ class Reservation:
     worker_bundle: dict[str, float]
     decode_bundle: dict[str, float]
     decode_tasks: int
-    """Decode tasks wanted at once: ``data.decode_concurrency``, made concrete by
+    """Decode tasks wanted at once: ``data.decode_concurrency`` made concrete by
     :func:`resolve_decoding`."""
     prefetch_bytes: float
     """Decoded images held in the object store: prefetched batches plus blocks in flight."""
 
     @classmethod
-    def of(cls, config: Config) -> Reservation:
-        """What ``config`` asks for; its ``data.decode_concurrency`` must be concrete (see
-        :func:`resolve_decoding`, which :func:`plan` applies)."""
+    def of(cls, sections: RunSections, decode_tasks: int) -> Reservation:
+        """What the run of ``sections`` asks for with ``decode_tasks`` decode tasks (its
+        ``data.decode_concurrency`` made concrete: :func:`resolve_decoding`, which
+        :func:`plan` applies)."""
         from campar_ray.data.ray_pipeline import BLOCK_ROWS
 
-        train, data = config.train, config.data
-        if data.decode_concurrency == AUTO:
-            raise ValueError(
-                "Reservation.of needs a concrete data.decode_concurrency: resolve_decoding()"
-            )
+        train, data = sections.train, sections.data
         image = data.image_size[0] * data.image_size[1] * IMAGE_BYTES_PER_PIXEL
         batches = (data.prefetch_batches + 1) * train.batch_size * train.max_workers
-        blocks = data.decode_concurrency * BLOCK_ROWS * 2  # one in flight, one queued
+        blocks = decode_tasks * BLOCK_ROWS * 2  # one in flight, one queued
         return cls(
             workers=train.max_workers,
-            worker_bundle=_worker_bundle(config),
+            worker_bundle=_worker_bundle(train),
             decode_bundle={"CPU": data.decode_cpus},
-            decode_tasks=data.decode_concurrency,
+            decode_tasks=decode_tasks,
             prefetch_bytes=float((batches + blocks) * image),
         )
 
@@ -170,29 +185,30 @@ class Plan:
         return _sum(self.nodes).get("CPU", 0.0) - used
 
 
-def resolve_decoding(config: Config, shape: ClusterShape) -> Config:
-    """``config`` with ``data.decode_concurrency`` concrete for the cluster ``shape`` gives the
-    run: its live nodes plus those the autoscaler adds for the training workers and the decode
-    tasks the run cannot start without (see :mod:`campar_ray.data.concurrency`)."""
-    workers = [_worker_bundle(config)] * config.train.max_workers
-    decoding = [{"CPU": config.data.decode_cpus}] * least_decode_tasks(config.data)
+def resolve_decoding(sections: RunSections, shape: ClusterShape) -> int:
+    """``data.decode_concurrency`` made concrete (a number set is kept) for the cluster
+    ``shape`` gives the run: its live nodes plus those the autoscaler adds for the training
+    workers and the decode tasks the run cannot start without (see
+    :mod:`campar_ray.data.concurrency`)."""
+    data, train = sections.data, sections.train
+    workers = [_worker_bundle(train)] * train.max_workers
+    decoding = [{"CPU": data.decode_cpus}] * least_decode_tasks(data)
     placed = _grow([*workers, *decoding], shape)
     added = [_type(shape, name).resources for name in _each(placed[1])] if placed else []
-    return with_decode_tasks(config, _sum([*shape.nodes, *added]).get("CPU", 0.0))
+    return cluster_decode_tasks(data, train, _sum([*shape.nodes, *added]).get("CPU", 0.0))
 
 
-def _worker_bundle(config: Config) -> dict[str, float]:
+def _worker_bundle(train: TrainConfig) -> dict[str, float]:
     """One training worker's bundle: its CPUs, and a GPU with ``train.use_gpu``."""
-    train = config.train
     return {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
 
 
-def plan(config: Config, shape: ClusterShape) -> Plan:
-    """Place ``config``'s run on ``shape``: every worker and every decode task it wants, else
-    every worker and one decode task; :attr:`Plan.problem` says why not even that fits.
+def plan(sections: RunSections, shape: ClusterShape) -> Plan:
+    """Place the run of ``sections`` on ``shape``: every worker and every decode task it wants,
+    else every worker and one decode task; :attr:`Plan.problem` says why not even that fits.
     Automatic decoding (:func:`resolve_decoding`) takes what the workers leave and adds no node."""
-    need = Reservation.of(resolve_decoding(config, shape))
-    least = need.bundles[: need.workers + least_decode_tasks(config.data)]
+    need = Reservation.of(sections, resolve_decoding(sections, shape))
+    least = need.bundles[: need.workers + least_decode_tasks(sections.data)]
     first = need.bundles[: need.workers + 1]
     for wanted in (least, first):
         placed = _grow(wanted, shape)
@@ -202,22 +218,22 @@ def plan(config: Config, shape: ClusterShape) -> Plan:
             fit += sum(_place(need.decode_bundle, bins) for _ in range(need.decode_tasks - fit))
             nodes = (*shape.nodes, *(_type(shape, name).resources for name in _each(add)))
             return Plan(need, add, nodes, fit)
-    return Plan(need, nodes=shape.nodes, problem=_why_not(config, need, shape))
+    return Plan(need, nodes=shape.nodes, problem=_why_not(sections, need, shape))
 
 
 def findings(
-    config: Config, shape: ClusterShape, image_folders: Iterable[str] = ()
+    sections: RunSections, shape: ClusterShape, image_folders: Iterable[str] = ()
 ) -> list[Finding]:
-    """Every problem of running ``config``'s stage 1 on ``shape``, errors first.
+    """Every problem of running the stage 1 of ``sections`` on ``shape``, errors first.
 
     ``image_folders`` are the local folders a path manifest's images are read from (checked
     like the manifest itself on a cluster of several machines).
     """
-    placed = plan(config, shape)
+    placed = plan(sections, shape)
     found: list[Finding] = []
     if placed.problem:
         found.append(Finding("error", placed.problem))
-    elif placed.decode_fit < least_decode_tasks(config.data):
+    elif placed.decode_fit < least_decode_tasks(sections.data):
         found.append(
             Finding(
                 "warning",
@@ -245,19 +261,19 @@ def findings(
                 "expect spilling to disk",
             )
         )
-    found += path_findings(config, shape, image_folders)
+    found += path_findings(sections, shape, image_folders)
     return sorted(found, key=lambda finding: finding.level != "error")
 
 
 def path_findings(
-    config: Config, shape: ClusterShape, image_folders: Iterable[str] = ()
+    sections: RunSections, shape: ClusterShape, image_folders: Iterable[str] = ()
 ) -> list[Finding]:
     """A local path every node must read but only this machine has, on a cluster of several
     machines. Relative paths are resolved here, on the driver, as training resolves them."""
     if shape.one_machine:
         return []
-    mounts = config.storage.shared_mounts
-    paths = [("data.manifest", config.data.manifest), ("run.dir", config.run.dir)]
+    mounts = sections.storage.shared_mounts
+    paths = [("data.manifest", sections.data.manifest), ("run.dir", sections.run.dir)]
     paths += [("the manifest's images in", folder) for folder in image_folders]
     return [
         Finding(
@@ -293,36 +309,38 @@ def image_folders(manifest: str) -> list[str]:
 
 
 def check_cluster(
-    config: Config,
+    sections: RunSections,
     observe: Callable[[], ClusterShape] = ClusterShape.from_ray,
     request: Callable[[list[dict[str, float]]], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
-) -> Config:
-    """Raise :class:`PreflightError` for the first error of ``config`` on the connected
-    cluster; when it only lacks nodes the autoscaler can add, ask for them (``request``, by
-    default Ray's ``request_resources``) and wait up to ``train.node_wait_minutes``.
+) -> int:
+    """Raise :class:`PreflightError` for the first error of the run of ``sections`` on the
+    connected cluster; when it only lacks nodes the autoscaler can add, ask for them
+    (``request``, by default Ray's ``request_resources``) and wait up to
+    ``train.node_wait_minutes``.
 
-    Returns ``config`` as planned for the cluster the run gets (:func:`resolve_decoding`): what
-    training builds its datasets with."""
+    Returns the ``data.decode_concurrency`` planned for the cluster the run gets
+    (:func:`resolve_decoding`): what training builds its datasets with."""
     shape = observe()
+    data = sections.data
     # Images inside the manifest's folder are where the manifest is (checked as such); only
     # data.allow_outside_root lets a manifest name local images elsewhere.
-    outside = config.data.allow_outside_root and not shape.one_machine
-    folders = image_folders(config.data.manifest) if outside else []
-    errors = [f for f in findings(config, shape, folders) if f.level == "error"]
+    outside = data.allow_outside_root and not shape.one_machine
+    folders = image_folders(data.manifest) if outside else []
+    errors = [f for f in findings(sections, shape, folders) if f.level == "error"]
     if errors:
         raise PreflightError(errors[0].message)
-    placed = plan(config, shape)
+    placed = plan(sections, shape)
     if placed.add:
         shape = _wait_for_nodes(
-            config, placed, observe, request or _request_resources, sleep, clock
+            sections, placed, observe, request or _request_resources, sleep, clock
         )
-    return resolve_decoding(config, shape)
+    return resolve_decoding(sections, shape)
 
 
 def _wait_for_nodes(
-    config: Config,
+    sections: RunSections,
     placed: Plan,
     observe: Callable[[], ClusterShape],
     request: Callable[[list[dict[str, float]]], None],
@@ -332,7 +350,7 @@ def _wait_for_nodes(
     """The cluster once the autoscaler added what ``placed`` lacks, asking it for the bundles
     the run cannot start without (automatic decoding takes what the workers leave)."""
     need = placed.need
-    minutes = config.train.node_wait_minutes
+    minutes = sections.train.node_wait_minutes
     deadline = clock() + 60 * minutes
     print(
         f"[preflight] waiting up to {minutes:g} min (train.node_wait_minutes) for the "
@@ -345,9 +363,9 @@ def _wait_for_nodes(
         while True:
             # Asked again at every look: a request replaces any earlier one, such as another
             # trial's of the same search.
-            request(need.bundles[: need.workers + least_decode_tasks(config.data)])
+            request(need.bundles[: need.workers + least_decode_tasks(sections.data)])
             shape = observe()
-            now = plan(config, shape)
+            now = plan(sections, shape)
             if not now.problem and not now.add:
                 return shape
             if clock() >= deadline:
@@ -369,14 +387,14 @@ def _request_resources(bundles: list[dict[str, float]]) -> None:
 
 
 def doctor_report(
-    config: Config, shape: ClusterShape, checked: Sequence[Finding] = ()
+    sections: RunSections, shape: ClusterShape, checked: Sequence[Finding] = ()
 ) -> tuple[str, bool]:
     """The ``campar doctor`` text and whether the run would start.
 
     ``checked`` are the caller's own findings (the manifest, the run directory), listed with
     the cluster's so that "ok: nothing found" means nothing was found anywhere.
     """
-    placed = plan(config, shape)
+    placed = plan(sections, shape)
     need, totals = placed.need, shape.totals
     lines = [
         f"cluster: {len(shape.nodes)} node(s), {totals.get('CPU', 0):g} CPU, "
@@ -395,9 +413,9 @@ def doctor_report(
     if placed.add:
         lines.append(
             f"plan: the autoscaler adds {_describe(placed.add)}; training asks for them and "
-            f"waits up to {config.train.node_wait_minutes:g} min (train.node_wait_minutes)"
+            f"waits up to {sections.train.node_wait_minutes:g} min (train.node_wait_minutes)"
         )
-    problems = sorted([*checked, *findings(config, shape)], key=lambda f: f.level != "error")
+    problems = sorted([*checked, *findings(sections, shape)], key=lambda f: f.level != "error")
     lines += [f"{f.level}: {f.message}" for f in problems] or ["ok: nothing found"]
     return "\n".join(lines), not any(f.level == "error" for f in problems)
 
@@ -510,10 +528,11 @@ def _place(bundle: dict[str, float], free: list[dict[str, float]]) -> bool:
     return False
 
 
-def _why_not(config: Config, need: Reservation, shape: ClusterShape) -> str:
+def _why_not(sections: RunSections, need: Reservation, shape: ClusterShape) -> str:
     """The one-line reason ``need`` never fits ``shape``, naming what to change."""
+    train, data = sections.train, sections.data
     shapes = [*shape.nodes, *(kind.resources for kind in shape.node_types if kind.max_count)]
-    if config.train.use_gpu and not any(s.get("GPU", 0) > 0 for s in shapes):
+    if train.use_gpu and not any(s.get("GPU", 0) > 0 for s in shapes):
         return (
             "train.use_gpu (--gpu) is set but no node has a GPU and the autoscaler can "
             "add none; drop --gpu or add GPU nodes"
@@ -531,9 +550,9 @@ def _why_not(config: Config, need: Reservation, shape: ClusterShape) -> str:
             "or train.cpus_per_worker"
         )
     return (
-        f"{need.workers} training worker(s) x {config.train.cpus_per_worker:g} CPU take the "
+        f"{need.workers} training worker(s) x {train.cpus_per_worker:g} CPU take the "
         f"CPUs the cluster {where} ({_capacity(shape)}), leaving none for Ray Data decoding "
-        f"(a task of data.decode_cpus={config.data.decode_cpus:g}; it would wait forever); "
+        f"(a task of data.decode_cpus={data.decode_cpus:g}; it would wait forever); "
         "lower train.num_workers, train.cpus_per_worker or data.decode_cpus"
     )
 

@@ -22,6 +22,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from campar_ray.config import load_config
 from campar_ray.preflight import (
     ClusterShape,
+    RunSections,
     doctor_report,
     findings,
     kuberay_shape,
@@ -182,14 +183,15 @@ def test_the_shipped_clusters_are_read_as_they_start():
     assert shapes["kuberay/raycluster.yaml"].node_types[0].resources == gpu_node
 
 
-def _recipe(name: str, overrides: list[str] = ()):
-    """A shipped recipe as a job on a cluster runs it: manifest and run directory in a bucket."""
+def _recipe(name: str, overrides: list[str] = ()) -> RunSections:
+    """A shipped recipe as a job on a cluster runs it: manifest and run directory in a bucket
+    (the sections the planner reads)."""
     stem = name.removesuffix(".yaml")
     bucket = [
         f"data.manifest=s3://my-bucket/campar/{stem}/manifest",
         f"run.dir=s3://my-bucket/campar/runs/{stem}",
     ]
-    return load_config(ROOT / "configs" / name, [*bucket, *overrides])
+    return RunSections.of(load_config(ROOT / "configs" / name, [*bucket, *overrides]))
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -216,7 +218,7 @@ def test_every_recipe_fits_every_shipped_cluster_with_cpus_left_for_decoding(nam
 
 @pytest.mark.parametrize("name", ["pa100k.yaml", "peta.yaml", "rap1.yaml"])
 def test_a_recipes_local_paths_are_refused_on_every_shipped_cluster(name):
-    local = load_config(ROOT / "configs" / name)  # data/<name>.parquet, runs/<name>
+    local = RunSections.of(load_config(ROOT / "configs" / name))  # data/<name>.parquet, runs/<name>
     for cluster, shape in _shipped_clusters().items():
         errors = [f.message for f in findings(local, shape) if f.level == "error"]
         assert [e.split(" ", 1)[0] for e in errors] == ["data.manifest", "run.dir"], cluster
@@ -229,7 +231,7 @@ def test_the_readme_job_line_parses_and_plans():
     line = re.search(r"python jobs/pipeline\.py (?:[^\n]*\\\n)*[^\n]*", text)[0]
     args = _pipeline_args(shlex.split(line.replace("\\\n", " "))[2:])
     assert args.prepare and args.root.startswith("s3://") and args.prepare_args == "--pack"
-    config = load_config(ROOT / args.config, args.overrides)
+    config = RunSections.of(load_config(ROOT / args.config, args.overrides))
     shape = launcher_shape(_load("aws.yaml"))
     assert [f for f in findings(config, shape) if f.level == "error"] == []
 

@@ -12,13 +12,14 @@ import yaml
 from campar_ray.cli import main
 from campar_ray.config import Config, load_config
 from campar_ray.data import generate_synthetic
-from campar_ray.data.concurrency import decode_tasks, least_decode_tasks, with_decode_tasks
+from campar_ray.data.concurrency import cluster_decode_tasks, decode_tasks, least_decode_tasks
 from campar_ray.preflight import (
     GIB,
     ClusterShape,
     NodeType,
     PreflightError,
     Reservation,
+    RunSections,
     check_cluster,
     doctor_report,
     findings,
@@ -38,13 +39,13 @@ RUN = Config().override(
 
 
 def _errors(config: Config, shape: ClusterShape) -> list[str]:
-    return [f.message for f in findings(config, shape) if f.level == "error"]
+    return [f.message for f in findings(RunSections.of(config), shape) if f.level == "error"]
 
 
 def test_a_run_that_fits_has_no_findings():
-    assert findings(RUN, LAPTOP) == []
-    need = Reservation.of(RUN)
-    assert plan(RUN, LAPTOP).data_cpus == 2.0 and need.worker_bundle == {"CPU": 1.0}
+    assert findings(RunSections.of(RUN), LAPTOP) == []
+    need = Reservation.of(RunSections.of(RUN), decode_tasks=2)
+    assert plan(RunSections.of(RUN), LAPTOP).data_cpus == 2.0 and need.worker_bundle == {"CPU": 1.0}
     # (prefetch 2 + 1 in use) x 32 images x 2 workers + 2 tasks x 256 rows x 2 pools
     assert need.prefetch_bytes == (3 * 32 * 2 + 2 * 256 * 2) * 64 * 32 * 3
 
@@ -75,14 +76,14 @@ def test_prefetch_larger_than_the_object_store_is_refused_and_half_of_it_warned(
     big = RUN.override({"data.image_size": [256, 192], "train.batch_size": 256})
     small_store = ClusterShape(nodes=({"CPU": 4.0, "object_store_memory": 0.25 * GIB},))
     assert "GiB of object store" in _errors(big, small_store)[0]
-    need = Reservation.of(RUN).prefetch_bytes
+    need = Reservation.of(RunSections.of(RUN), decode_tasks=2).prefetch_bytes
     tight = ClusterShape(nodes=({"CPU": 4.0, "object_store_memory": 1.5 * need},))
-    (warning,) = findings(RUN, tight)
+    (warning,) = findings(RunSections.of(RUN), tight)
     assert warning.level == "warning" and "object store" in warning.message
 
 
 def test_doctor_report_lists_nodes_reservation_and_verdict():
-    text, fits = doctor_report(RUN.override({"train.num_workers": 4}), LAPTOP)
+    text, fits = doctor_report(RunSections.of(RUN.override({"train.num_workers": 4})), LAPTOP)
     assert not fits
     assert text.splitlines()[0] == "cluster: 1 node(s), 4 CPU, 0 GPU, 2.00 GiB object store"
     assert "run: 4 worker(s) x 1 CPU; Ray Data keeps 0 CPU" in text
@@ -124,18 +125,19 @@ class FakeCluster:
     def sleep(self, seconds: float) -> None:
         self.now += seconds
 
-    def check(self, config: Config) -> Config:
+    def check(self, config: Config) -> int:
+        """The decode tasks :func:`check_cluster` plans for ``config``'s run."""
         return check_cluster(
-            config, self.observe, self.requests.append, self.sleep, lambda: self.now
+            RunSections.of(config), self.observe, self.requests.append, self.sleep, lambda: self.now
         )
 
 
 def test_a_cold_autoscaling_cluster_is_planned_against_its_node_types():
-    assert findings(GPU_RECIPE, COLD) == []
-    planned = plan(GPU_RECIPE, COLD)
+    assert findings(RunSections.of(GPU_RECIPE), COLD) == []
+    planned = plan(RunSections.of(GPU_RECIPE), COLD)
     assert planned.add == {"gpu_worker": 4} and planned.decode_fit == 8
     assert planned.data_cpus == 16.0  # 4 nodes x 8 CPU, less 4 workers x 4
-    text, fits = doctor_report(GPU_RECIPE, COLD)
+    text, fits = doctor_report(RunSections.of(GPU_RECIPE), COLD)
     assert fits and "autoscaler node type gpu_worker: 8 CPU, 1 GPU, up to 8" in text
     assert "plan: the autoscaler adds 4 x gpu_worker" in text
 
@@ -183,9 +185,12 @@ def test_only_what_can_never_fit_is_refused():
 
 def test_decode_tasks_that_do_not_all_fit_are_a_warning():
     roomy = ClusterShape(nodes=({"CPU": 6.0, "GPU": 1.0},) * 4)  # 2 CPUs left a node
-    assert findings(GPU_RECIPE, roomy) == [] and plan(GPU_RECIPE, roomy).decode_fit == 8
+    assert (
+        findings(RunSections.of(GPU_RECIPE), roomy) == []
+        and plan(RunSections.of(GPU_RECIPE), roomy).decode_fit == 8
+    )
     tight = ClusterShape(nodes=({"CPU": 5.0, "GPU": 1.0},) * 4)  # 1 CPU left a node
-    (warning,) = findings(GPU_RECIPE, tight)
+    (warning,) = findings(RunSections.of(GPU_RECIPE), tight)
     assert warning.level == "warning"
     assert warning.message.startswith("only 4 of data.decode_concurrency=8 decode tasks fit")
 
@@ -199,29 +204,28 @@ def test_the_one_reading_of_decode_concurrency():
     assert decode_tasks(0, 1.0, free_cpus=0.5) == 1  # always at least one
     auto = RUN.override({"data.decode_concurrency": 0})
     assert least_decode_tasks(auto.data) == 1 and least_decode_tasks(RUN.data) == 2
-    assert with_decode_tasks(auto, cluster_cpus=4.0).data.decode_concurrency == 4  # 2 left
-    assert with_decode_tasks(RUN, cluster_cpus=64.0) == RUN
-    with pytest.raises(ValueError, match="needs a concrete"):
-        Reservation.of(auto)
+    assert cluster_decode_tasks(auto.data, auto.train, cluster_cpus=4.0) == 4  # 2 left
+    assert cluster_decode_tasks(RUN.data, RUN.train, cluster_cpus=64.0) == 2
 
 
 def test_automatic_decoding_is_planned_with_the_tasks_training_runs():
     auto = RUN.override({"data.decode_concurrency": 0})
-    planned = plan(auto, LAPTOP)
+    planned = plan(RunSections.of(auto), LAPTOP)
     assert planned.need.decode_tasks == planned.decode_fit == 4  # 2 CPUs left / 0.5
     assert planned.need.prefetch_bytes == (3 * 32 * 2 + 4 * 256 * 2) * 64 * 32 * 3
-    assert resolve_decoding(auto, LAPTOP).data.decode_concurrency == 4
+    assert resolve_decoding(RunSections.of(auto), LAPTOP) == 4
+    assert resolve_decoding(RunSections.of(RUN), LAPTOP) == 2  # a number set is kept
     cluster = FakeCluster([LAPTOP])
-    assert cluster.check(auto).data.decode_concurrency == 4 and cluster.requests == []
+    assert cluster.check(auto) == 4 and cluster.requests == []
 
 
 def test_automatic_decoding_on_a_cold_cluster_counts_the_nodes_the_workers_bring():
     auto = GPU_RECIPE.override({"data.decode_concurrency": 0})
-    planned = plan(auto, COLD)
+    planned = plan(RunSections.of(auto), COLD)
     assert planned.add == {"gpu_worker": 4}
     assert planned.need.decode_tasks == planned.decode_fit == 16  # 4 x 8 CPU, less 4 x 4
     cluster = FakeCluster([COLD, GROWN])
-    assert cluster.check(auto).data.decode_concurrency == 16
+    assert cluster.check(auto) == 16
     # The autoscaler is asked for the workers and the first decode task only: the rest
     # takes what the workers leave and is no reason for a node.
     assert cluster.requests[0] == [{"CPU": 4.0, "GPU": 1.0}] * 4 + [{"CPU": 1.0}]
@@ -239,9 +243,9 @@ def test_automatic_decoding_adds_no_node_and_warns_of_nothing():
             "run.dir": "s3://b/r",
         }
     )
-    planned = plan(auto, halves)
+    planned = plan(RunSections.of(auto), halves)
     assert planned.add == {} and (planned.need.decode_tasks, planned.decode_fit) == (2, 1)
-    assert findings(auto, halves) == []
+    assert findings(RunSections.of(auto), halves) == []
 
 
 MULTI_MACHINE = ClusterShape(nodes=({"CPU": 4.0},) * 2, hosts=("10.0.0.1", "10.0.0.2"))
@@ -277,7 +281,11 @@ def test_a_path_manifests_image_folder_must_be_shared_too(tmp_path):
 
 
 def _errors_with_images(config: Config, folders: list[str]) -> list[str]:
-    return [f.message for f in findings(config, MULTI_MACHINE, folders) if f.level == "error"]
+    return [
+        f.message
+        for f in findings(RunSections.of(config), MULTI_MACHINE, folders)
+        if f.level == "error"
+    ]
 
 
 @pytest.mark.ray

@@ -3,17 +3,14 @@
 A number is kept as given. ``0`` (the default) is automatic: as many tasks of
 ``data.decode_cpus`` as the CPUs the training workers leave, at least one (one pool of tasks
 reads, decodes, resizes and augments). The preflight makes it concrete here for the cluster
-the run gets and plans with that number, training builds its datasets with the config the
+the run gets and plans with that number, training builds its datasets with the number the
 preflight hands back, and a search counts each trial's tasks here. The caller says how many
 CPUs the cluster has: nothing here asks Ray.
 """
 
 from __future__ import annotations
 
-from campar_ray.config import Config, DataConfig
-
-AUTO = 0
-"""``data.decode_concurrency`` for "as many as the CPUs the training workers leave"."""
+from campar_ray.config import DataConfig, TrainConfig
 
 
 def decode_tasks(concurrency: int, decode_cpus: float, free_cpus: float) -> int:
@@ -30,11 +27,8 @@ def least_decode_tasks(data: DataConfig) -> int:
     return decode_tasks(data.decode_concurrency, data.decode_cpus, free_cpus=0.0)
 
 
-def with_decode_tasks(config: Config, cluster_cpus: float) -> Config:
-    """``config`` with ``data.decode_concurrency`` concrete on a cluster of ``cluster_cpus``
-    CPUs: :func:`decode_tasks` of the CPUs its training workers (all of an elastic range)
-    leave there."""
-    data, train = config.data, config.train
+def cluster_decode_tasks(data: DataConfig, train: TrainConfig, cluster_cpus: float) -> int:
+    """``data.decode_concurrency`` made concrete on a cluster of ``cluster_cpus`` CPUs:
+    :func:`decode_tasks` of the CPUs the training workers (all of an elastic range) leave there."""
     free = cluster_cpus - train.max_workers * train.cpus_per_worker
-    tasks = decode_tasks(data.decode_concurrency, data.decode_cpus, free)
-    return config.override({"data.decode_concurrency": tasks})
+    return decode_tasks(data.decode_concurrency, data.decode_cpus, free)

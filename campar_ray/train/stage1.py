@@ -48,7 +48,7 @@ from campar_ray.data.manifest import (
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
 from campar_ray.decision import fit_run_calibration
 from campar_ray.model import check_backbone, positive_ratio
-from campar_ray.preflight import check_cluster
+from campar_ray.preflight import RunSections, check_cluster
 from campar_ray.run.checkpoints import (
     SCORE_KEY,
     check_resumable,
@@ -134,7 +134,7 @@ def train_stage1(
         check_weights(config.run.dir, checkpoint, config.model, len(info.attributes))
     storage.check_writable(config.run.dir)
     init_ray(address, insecure=insecure)
-    planned = check_cluster(config)
+    decode_tasks = check_cluster(RunSections.of(config))
     if existing_run == "fresh":
         _clear_run(config.run.dir)
         retire_runs(config.tracking, config.run.dir)  # the new run is a new MLflow run
@@ -143,7 +143,8 @@ def train_stage1(
         yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
     )
     ensure_experiment(config.tracking, config.tracking.experiment)
-    config = planned  # config.yaml keeps an automatic 0; the run uses the planned number
+    # config.yaml keeps an automatic 0; the run uses the planned number
+    config = config.override({"data.decode_concurrency": decode_tasks})
     result = _trainer(config, table, info, progress, callbacks or []).fit()
     best = result.get_best_checkpoint(metric=SCORE_KEY, mode="max")
     if best is None or result.checkpoint is None:
