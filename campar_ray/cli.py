@@ -18,7 +18,16 @@ import sys
 from collections.abc import Callable
 
 import campar_ray
-from campar_ray.config import LOOKUPS, SOLVERS, Config, ConfigError, describe_keys, load_config
+from campar_ray.config import (
+    EXPORT_FORMATS,
+    LOOKUPS,
+    SOLVERS,
+    TUNE_SCOPES,
+    Config,
+    ConfigError,
+    describe_keys,
+    load_config,
+)
 from campar_ray.progress import set_interval
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -389,7 +398,7 @@ def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     _shorthand(parser, "--manifest", "data.manifest", metavar="M")
     _shorthand(parser, "--run-dir", "run.dir", metavar="D")
     _allow_outside_root_argument(parser)
-    parser.add_argument("--scope", choices=["cfar", "full"], default="cfar")
+    parser.add_argument("--scope", choices=TUNE_SCOPES, default="cfar")
     parser.add_argument("--num-samples", type=int, default=16, help="trials to run")
     parser.add_argument("--search-space", default=None, help="YAML space (default: built-in)")
     parser.add_argument("--metric", default="val_mA", help="validation metric to maximise")
@@ -538,7 +547,7 @@ def _predict(args: argparse.Namespace, config: Config) -> int:
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="bundle (or run) directory")
-    parser.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, default="torchscript")
     parser.add_argument("--out", required=True, help="file to write")
     parser.add_argument(
         "--check-images", default=None, metavar="GLOB", help="real images for parity"

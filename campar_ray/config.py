@@ -316,6 +316,13 @@ SOLVERS = CHOICES["cfar.solver"]
 """``cfar.solver``'s choices (:func:`campar_ray.cfar.solver.fit_als`)."""
 LOOKUPS = CHOICES["cfar.lookup"]
 """``cfar.lookup``'s choices (:class:`campar_ray.cfar.dictionary.ConfidenceEstimator`)."""
+TUNE_SCOPES = ("cfar", "full")
+"""What a search tunes (``campar tune --scope``; :mod:`campar_ray.tune.space`): stage 2 on a
+trained run, or stage 1 and 2 together. Not a config key; here so the CLI lists them without
+importing optuna."""
+EXPORT_FORMATS = ("torchscript", "onnx")
+"""``campar export --format``'s choices (:func:`campar_ray.export.export_model`); here so the
+CLI lists them without importing torch."""
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,12 @@ from torch import Tensor, nn
 
 from campar_ray.bundle import Image, ParPredictor, has_calibration, load_model, load_samples
 from campar_ray.cfar.fit import CfarPredictor
+from campar_ray.config import EXPORT_FORMATS
 from campar_ray.decision import CALIBRATED, FIXED, Calibration, cfar_logits, prediction_logits
 from campar_ray.model import ParModel
 from campar_ray.model.inputs import normalize
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = EXPORT_FORMATS
 TOLERANCE = 1e-4
 METADATA_NAME = "campar.json"
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")

@@ -25,9 +25,9 @@ import yaml
 from campar_ray import storage
 from campar_ray.bounded import BoundedError, load_yaml
 from campar_ray.cfar.fit import check_cfar_config
-from campar_ray.config import Config, ConfigError, config_keys
+from campar_ray.config import TUNE_SCOPES, Config, ConfigError, config_keys
 
-SCOPES = ("cfar", "full")
+SCOPES = TUNE_SCOPES
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 STAGE2_PREFIX = "cfar."
 FIXED_KEYS = (
