@@ -60,7 +60,7 @@ def make_run(run_dir: Path, head: str, fusion: bool, logit_norm: str = "none") -
                     module.weight.uniform_(0.5, 2.0)
                     module.bias.normal_()
     torch.save(model.state_dict(), checkpoint / "model.pt")
-    metrics = {"epoch": 1, "train_loss": 1.0, "val_mA": 0.5}
+    metrics = {"epoch": 1, "train_loss": 1.0, "val_mA": 0.5, "val_auc": 0.5}
     meta = {
         "epoch": 1,
         "attributes": list(ATTRIBUTES),

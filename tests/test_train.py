@@ -390,7 +390,7 @@ def test_the_restarted_run_is_one_mlflow_run_and_one_tensorboard_curve(killed_ru
     assert run.data.params["train.epochs"] == "2"
     assert run.data.params["model.backbone"] == "resnet18"
     assert run.data.metrics["final/val_mA"] == result.metrics["val_mA"]
-    assert "best epoch" in run.data.tags["mlflow.note.content"]
+    assert "kept epoch" in run.data.tags["mlflow.note.content"]
 
     events = EventAccumulator(str(Path(config.run.dir) / "tensorboard" / "stage1"))
     events.Reload()
