@@ -36,7 +36,7 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
 from campar_ray import storage
-from campar_ray.config import CHOICES, Config, ConfigError, TrainConfig
+from campar_ray.config import Config, ConfigError, TrainConfig
 from campar_ray.data.manifest import (
     ManifestInfo,
     check_images,
@@ -60,13 +60,11 @@ from campar_ray.run.layout import DERIVED, STAGE1_RUN, RunDir
 from campar_ray.runtime import init_ray
 from campar_ray.tracking import ensure_experiment, resolve_tracking, retire_runs
 from campar_ray.train.inference import write_logits
-from campar_ray.train.loop import SCHEDULERS
 from campar_ray.train.monitor import EpochReports
 from campar_ray.train.worker import SETUP_KEY, InputError, WorkerSetup, worker_loop
 
 logger = logging.getLogger(__name__)
 
-LOSSES = CHOICES["train.loss"]
 RUN_KEYS = ("model", "data.manifest", "data.image_size", "data.pad", "train.loss", "seed")
 """Config keys (a section name: all its keys) that shape the network and what it learns from.
 A run directory resumes only when its stored config matches on all of them (``--resume``
@@ -329,15 +327,8 @@ def _scaling_workers(cfg: TrainConfig) -> int | tuple[int, int]:
 
 def resolve_config(config: Config) -> Config:
     """Check what stage 1 needs and make local paths absolute (Ray wants absolute storage)."""
-    cfg = config.train
     if not config.data.manifest:
         raise ConfigError("data.manifest is empty; give the manifest to train on (--manifest)")
-    if cfg.loss not in LOSSES:
-        raise ConfigError(f"unknown train.loss {cfg.loss!r}; valid: {', '.join(LOSSES)}")
-    if cfg.scheduler not in SCHEDULERS:
-        raise ConfigError(
-            f"unknown train.scheduler {cfg.scheduler!r}; valid: {', '.join(SCHEDULERS)}"
-        )
     try:  # here, not in a worker minutes after the cluster started
         check_backbone(config.model.backbone)
     except ValueError as error:
