@@ -75,13 +75,14 @@ def write_results(script_name: str, figures: dict[str, Any], variant: str | None
 
 
 README = RESULTS_DIR.parents[1] / "README.md"
+RESULTS_MD = RESULTS_DIR.parent / "RESULTS.md"
 
 
-def update_readme_block(name: str, text: str, readme: Path = README) -> None:
-    """Replace what sits between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in the
-    README with ``text``, so a table there is always the one the script last wrote, never a
-    hand copy of it. A README without the two markers is refused: a silent no-op would leave
-    a stale table in place."""
+def update_marked_block(name: str, text: str, readme: Path = README) -> None:
+    """Replace what sits between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in
+    ``readme`` (the README or bench/RESULTS.md) with ``text``, so a table there is always the
+    one the script last wrote, never a hand copy of it. A file without the two markers is
+    refused: a silent no-op would leave a stale table in place."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     content = readme.read_text()
     if (

@@ -53,7 +53,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import RESULTS_DIR, machine_info, update_readme_block, versions, write_results
+from bench.common import (
+    README,
+    RESULTS_DIR,
+    RESULTS_MD,
+    machine_info,
+    update_marked_block,
+    versions,
+    write_results,
+)
 from bench.head_features import DEFAULT_CACHE, FeatureCache
 from campar_ray.decision import probabilities
 
@@ -652,7 +660,8 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if out.resolve() == RESULTS_DIR.resolve():
         write_results(NAME, figures)
-        update_readme_block(NAME, markdown(figures, recipe))
+        for document in (README, RESULTS_MD):
+            update_marked_block(NAME, markdown(figures, recipe), document)
     else:
         out.mkdir(parents=True, exist_ok=True)
         record = {

@@ -130,13 +130,13 @@ def test_unit_bootstrap_weights_reproduce_the_plain_metrics():
 
 
 def test_the_readme_block_is_replaced_and_a_readme_without_markers_refused(tmp_path):
-    from bench.common import update_readme_block
+    from bench.common import update_marked_block
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- t:begin -->\nold table\n<!-- t:end -->\nafter\n")
-    update_readme_block("t", "| new |\n", readme)
+    update_marked_block("t", "| new |\n", readme)
     assert readme.read_text() == "intro\n<!-- t:begin -->\n| new |\n<!-- t:end -->\nafter\n"
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="needs one <!-- t:begin -->"):
-        update_readme_block("t", "| new |", readme)
+        update_marked_block("t", "| new |", readme)
     assert readme.read_text() == "no markers\n"
