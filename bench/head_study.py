@@ -66,6 +66,9 @@ from bench.head_features import DEFAULT_CACHE, FeatureCache
 from campar_ray.decision import probabilities
 
 NAME = "head_study"
+LAST_STAGE_NAME = "head_study_last_stage"
+"""Part 5's figures (the encoder's last stage learning), kept apart from the frozen study's."""
+LAST_STAGE_ROWS = ("baseline", "campar_own", "campar_own_cfar_dictionary")
 RATIOS = (0.4, 0.2, 0.4)
 SPLIT_SEED = 100
 ENDPOINTS = {
@@ -78,6 +81,12 @@ EPOCHS = 8
 """With batch 128 and Adam at 2e-3, 300 steps over the 40 % training share: a linear head on
 frozen features is near its best by then (the rule keeps the best epoch anyway), and a run
 stays within about a minute of one core (the fusion rows cost the most)."""
+LAST_STAGE_BLOCKS = slice(5, 7)
+"""EfficientNet-Lite0's stride-32 blocks: between the cached middle level (112 channels) and
+the deepest (320)."""
+LAST_STAGE_LR = 1e-4
+"""Adam's rate for the ImageNet last stage in part 5: the reference recipe's rate for the
+whole network (``configs/reference.yaml``); the head keeps ``--lr``."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +200,8 @@ class Recipe:
     rule: str
     threads: int
     cfar_keys: int
+    last_stage: bool = False
+    """Part 5: the encoder's last stage learns (at ``LAST_STAGE_LR``) with the head."""
 
 
 def row_config(row: Row):
@@ -211,10 +222,14 @@ def row_config(row: Row):
 
 
 class CachedLevels:
-    """The encoder's levels of chosen images, gathered from the cache per batch (float32)."""
+    """The encoder's levels of chosen images, gathered from the cache per batch (float32).
 
-    def __init__(self, cache: FeatureCache, fusion: bool):
-        self.needed = range(3) if fusion else (2,)
+    With ``below_last_stage`` the deepest level is not read: the model computes it from the
+    level below with its own (learning) last stage."""
+
+    def __init__(self, cache: FeatureCache, fusion: bool, below_last_stage: bool = False):
+        deepest = 1 if below_last_stage else 2
+        self.needed = range(deepest + 1) if fusion else (deepest,)
         self.views = {view: cache.levels(view) for view in ("plain", "flip")}
 
     def gather(self, rows: np.ndarray, flips: np.ndarray | None = None) -> list:
@@ -231,8 +246,11 @@ class CachedLevels:
         return levels, order
 
 
-def build_head_model(row: Row, channels: tuple[int, ...], attributes: int):
-    """``ParModel`` whose encoder is the identity on cached levels (same head, same fusion)."""
+def build_head_model(row: Row, channels: tuple[int, ...], attributes: int, last_stage=None):
+    """``ParModel`` whose encoder is the identity on cached levels (same head, same fusion).
+
+    ``last_stage``: the encoder's last stage, applied to the cached level below it to give
+    the deepest level, so that stage learns with the head (the study's part 5)."""
     import torch
     from torch import nn
 
@@ -241,11 +259,28 @@ def build_head_model(row: Row, channels: tuple[int, ...], attributes: int):
     class Levels(nn.Module):
         """Stands for the frozen encoder: the levels it would return are the model's input."""
 
+        def __init__(self):
+            super().__init__()
+            self.last_stage = last_stage
+
         def forward(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
-            return levels
+            if self.last_stage is None:
+                return levels
+            return [*levels, self.last_stage(levels[-1])]  # the deepest level comes last
 
     head, fusion = build_top(row_config(row).model, channels, attributes)
     return ParModel(Levels(), head, fusion)
+
+
+def imagenet_last_stage(cache: FeatureCache):
+    """The cached encoder's last stage (EfficientNet-Lite0 blocks 5-6, stride 32, 2.3 M
+    parameters) with its ImageNet weights: the part the study's part 5 lets learn."""
+    from torch import nn
+
+    from campar_ray.model.backbone import build_backbone
+
+    encoder = build_backbone(cache.meta["encoder"]["backbone"], cache.meta["encoder"]["weights"])
+    return nn.Sequential(*encoder.body.blocks[LAST_STAGE_BLOCKS])
 
 
 def predict(model, source: CachedLevels, rows: np.ndarray, predict_from: str) -> np.ndarray:
@@ -281,12 +316,21 @@ def train_row(
     config = row_config(row)
     torch.manual_seed(seed)
     channels = tuple(shape[0] for shape in cache.meta["shapes"])
-    model = build_head_model(row, channels, split.labels.shape[1])
-    optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=config.train.weight_decay)
+    stage = imagenet_last_stage(cache) if recipe.last_stage else None
+    model = build_head_model(row, channels, split.labels.shape[1], stage)
+    if stage is None:
+        optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=config.train.weight_decay)
+    else:  # the library's Adam, with the ImageNet stage at the reference recipe's rate
+        in_stage = {id(p) for p in stage.parameters()}
+        groups = [
+            {"params": [p for p in model.parameters() if id(p) not in in_stage]},
+            {"params": list(stage.parameters()), "lr": LAST_STAGE_LR},
+        ]
+        optimizer = torch.optim.Adam(groups, lr=recipe.lr, weight_decay=config.train.weight_decay)
     train_rows, val_rows = split.parts["train"], split.parts["val"]
     ratio = positive_ratio(split.labels[train_rows])
     weighted = config.train.loss == "weighted_bce"
-    source = CachedLevels(cache, row.fusion)
+    source = CachedLevels(cache, row.fusion, recipe.last_stage)
     order_rng = np.random.default_rng([split.index, seed])
     best: tuple[float, dict, np.ndarray] | None = None
     history = []
@@ -406,7 +450,9 @@ def run_study(args: argparse.Namespace) -> None:
     if not cache.complete() and not args.limit_images:
         raise SystemExit(f"the feature cache at {args.cache} is not complete; fill it first")
     count = args.limit_images or cache.count
-    recipe = Recipe(args.epochs, args.lr, args.batch, args.rule, args.threads, args.cfar_keys)
+    recipe = Recipe(
+        args.epochs, args.lr, args.batch, args.rule, args.threads, args.cfar_keys, args.last_stage
+    )
     runs = Path(args.runs)
     splits = [make_split(cache, k, count) for k in range(args.splits)]
     for split in splits:
@@ -620,11 +666,16 @@ def aggregate(
 
 def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
     """The study's table: each row's means and its paired differences with 95 % intervals."""
+    encoder = (
+        "an ImageNet EfficientNet-Lite0 whose last stage (blocks 5-6) learns"
+        if recipe.get("last_stage")
+        else "a frozen ImageNet EfficientNet-Lite0"
+    )
     lines = [
-        f"Head study on a frozen ImageNet EfficientNet-Lite0 (224x112; PETA, 7 of its 10 "
-        f"subsets, 12,039 images): {len(figures['splits'])} person-disjoint 40/20/40 splits x "
-        f"seeds; {recipe}. Differences are paired (same split, seed, initialisation and batch "
-        "order), in mA / AUC points, with a 95 % hierarchical bootstrap interval (splits, then "
+        f"Head study on {encoder} (224x112; PETA, 7 of its 10 subsets, 12,039 images): "
+        f"{len(figures['splits'])} person-disjoint 40/20/40 splits x seeds; {recipe['text']}. "
+        "Differences are paired (same split, seed, initialisation and batch order), in mA / "
+        "AUC points, with a 95 % hierarchical bootstrap interval (splits, then "
         "seeds, then test persons) and the Wilcoxon signed-rank p over the pairs.",
         "",
         "| row | vs | pairs | " + " | ".join(ENDPOINTS.values()) + " |",
@@ -651,29 +702,33 @@ def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
 
 def publish(args: argparse.Namespace) -> dict[str, Any]:
     figures = aggregate(Path(args.runs), replicates=args.replicates, samples=args.samples)
-    recipe = (
-        f"{args.epochs} epochs, Adam lr {args.lr:g}, batch {args.batch}, "
-        f"checkpoint rule {args.rule}"
+    text = (
+        f"{args.epochs} epochs, Adam lr {args.lr:g}"
+        + (f" (last stage {LAST_STAGE_LR:g})" if args.last_stage else "")
+        + f", batch {args.batch}, checkpoint rule {args.rule}"
     )
+    recipe = {"text": text, "last_stage": args.last_stage}
     figures["recipe"] = recipe
     figures["runs_dir"] = os.path.abspath(args.runs)
+    name = LAST_STAGE_NAME if args.last_stage else NAME
     out = Path(args.out)
     if out.resolve() == RESULTS_DIR.resolve():
-        write_results(NAME, figures)
-        for document in (README, RESULTS_MD):
-            update_marked_block(NAME, markdown(figures, recipe), document)
+        write_results(name, figures)
+        # the frozen study is the README's headline table; part 5 lives in RESULTS.md
+        for document in (RESULTS_MD,) if args.last_stage else (README, RESULTS_MD):
+            update_marked_block(name, markdown(figures, recipe), document)
     else:
         out.mkdir(parents=True, exist_ok=True)
         record = {
-            "script": NAME,
+            "script": name,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python -m bench.head_study", *sys.argv[1:]]),
             "machine": machine_info(),
             "versions": versions(),
             "figures": figures,
         }
-        (out / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"{NAME}.md").write_text(markdown(figures, recipe))
+        (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(figures, recipe))
     return figures
 
 
@@ -682,14 +737,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache", default=DEFAULT_CACHE, help="feature cache (bench.head_features)"
     )
-    parser.add_argument("--runs", default=os.path.join(DEFAULT_CACHE, "runs"), help="run files")
+    parser.add_argument(
+        "--runs", help="run files (default: runs/, or last_stage_runs/ with --last-stage, "
+        "in the cache folder)",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder of {NAME}.json/.md")
     parser.add_argument("--splits", type=int, default=3, help="person-disjoint splits")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument(
         "--rows", nargs="+", choices=[row.name for row in ROWS if row.lookup != "fold-in"],
-        default=[row.name for row in ROWS if row.lookup != "fold-in"],
-        help="rows to train (a CFAR dictionary row fits the fold-in row too)",
+        help="rows to train (a CFAR dictionary row fits the fold-in row too; default: all, "
+        f"or {', '.join(LAST_STAGE_ROWS)} with --last-stage)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--last-stage", action="store_true",
+        help=f"part 5: the encoder's last stage learns too, at Adam {LAST_STAGE_LR:g}",
     )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -714,6 +776,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
+    if args.runs is None:
+        args.runs = os.path.join(args.cache, "last_stage_runs" if args.last_stage else "runs")
+    if args.rows is None:
+        args.rows = (
+            list(LAST_STAGE_ROWS)
+            if args.last_stage
+            else [row.name for row in ROWS if row.lookup != "fold-in"]
+        )
     args.rows = [ROW_BY_NAME[name] for name in args.rows]
     if not args.aggregate:
         run_study(args)

