@@ -39,6 +39,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("bce", "weighted_bce"),
     "train.checkpoint_rule": ("val_auc", "last", "val_mA"),
     "cfar.lookup": ("dictionary", "fold-in"),
+    "cfar.fc2_rule": ("val_auc", "last", "val_mA"),
+    "cfar.fc2_loss": ("weighted_bce", "bce"),
     "cfar.solver": ("ray", "local", "implicit"),
 }
 """The keys with a fixed set of values: checked whenever a :class:`Config` is built (so
@@ -356,7 +358,15 @@ class CfarConfig:
     fc2_lr: float = 1e-2
     """Learning rate of fc2 (the head over ``concat(r_hat, logits)``)."""
     fc2_epochs: int = 200
-    """Most fc2 epochs; the epoch kept is the best on validation."""
+    """Most fc2 epochs; the epoch kept is the best on validation under ``fc2_rule``."""
+    fc2_rule: str = "val_auc"
+    """Which fc2 epoch is kept, as ``train.checkpoint_rule`` for stage 1: validation mean AUC
+    (threshold-free; the run's calibration then owns the decision), ``last``, or validation
+    mA at 0.5 (``val_mA``, the rule before #32: on PETA it kept epoch 0, stage 1 itself, in
+    every run, because fc2 moves the logits' offset before it improves their ranking)."""
+    fc2_loss: str = "weighted_bce"
+    """fc2's training loss: the reference recipe's weighted BCE (positive rates of the
+    training labels, as stage 1 uses) or plain ``bce``."""
 
     def __post_init__(self) -> None:
         _ = self.als  # AlsSettings checks the ALS keys; the others are checked here

@@ -2,12 +2,15 @@
 
 Stage 1 stays frozen: fc2 needs only the stored logits, so it trains full-batch in seconds.
 It starts *as* the stage-1 prediction (weights ``[0 | I]`` on ``concat(r_hat, logits)``, bias
-0), and the epoch kept is the one with the best validation mA, epoch 0 included. So on the
-validation data that selects it, CFAR is never worse than stage 1 at the selection threshold:
-it can only move away from stage 1 where that helps.
+0), and the epoch kept is the best under ``cfar.fc2_rule``, epoch 0 included. So on the
+validation data that selects it, CFAR is never worse than stage 1 by that rule: it can only
+move away from stage 1 where that helps. The default rule is validation mean AUC: fc2 first
+moves the logits' offsets (where 0.5 falls) and only then their ranking, so a rule at 0.5
+kept epoch 0 in every PETA run; the decision is the run's calibration's (``decision``).
 
-Unknown labels (-1) are left out of fc2's training and validation losses (the mean over the
-known entries; today's plain mean when every label is known) and of its validation mA.
+The loss is stage 1's (``cfar.fc2_loss``; :func:`campar_ray.model.losses.bce`, weighted by
+the training labels' positive rates). Unknown labels (-1) are left out of fc2's training and
+validation losses and of its validation scores.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.functional import binary_cross_entropy_with_logits
 
-from campar_ray.data.manifest import known_entries
 from campar_ray.decision import probabilities
-from campar_ray.metrics import par_metrics
+from campar_ray.metrics import mean_auc, par_metrics
+from campar_ray.model.losses import bce, positive_ratio
+from campar_ray.run.checkpoints import checkpoint_score
 
 PATIENCE = 20
 """Epochs without a lower validation loss before training stops."""
@@ -73,11 +76,12 @@ class Fc2Fit:
     head: Fc2
     best_epoch: int
     epochs_run: int
-    val_mA: float
+    val_score: float
+    """The kept epoch's validation score under the rule it was kept by."""
     val_loss: float
     curve: tuple[float, ...]
-    """Validation mA after each epoch, epoch 0 (the stage-1 prediction) first: what a study
-    of fc2's training data reads (``bench/fc2_heldout.py``)."""
+    """Validation score after each epoch, epoch 0 (the stage-1 prediction) first: what a
+    study of fc2's training data reads (``bench/fc2_heldout.py``)."""
 
 
 def train_fc2(
@@ -88,62 +92,54 @@ def train_fc2(
     epochs: int,
     columns: np.ndarray | None = None,
     patience: int = PATIENCE,
+    rule: str = "val_auc",
+    loss: str = "weighted_bce",
 ) -> Fc2Fit:
-    """Full-batch Adam on the training BCE, stopped early on the validation loss.
+    """Full-batch Adam on the training loss, stopped early on the validation loss.
 
-    The epoch kept is the one with the best validation mA (epoch 0, the stage-1 prediction,
-    included; ties go to the lower validation loss), computed at threshold 0.5 over
-    ``columns`` (the evaluated attributes; all when None). Training stops after ``patience``
-    epochs without a lower validation loss, or after ``epochs``. Deterministic: no random
-    initialisation, no sampling.
+    The epoch kept is the best under ``rule`` (``train.checkpoint_rule``'s choices; epoch 0,
+    the stage-1 prediction, included; ties go to the lower validation loss), scored over
+    ``columns`` (the evaluated attributes; all when None). ``loss``: ``weighted_bce`` weighs
+    each attribute by the training labels' positive rate, as stage 1's loss does. Training
+    stops after ``patience`` epochs without a lower validation loss, or after ``epochs``.
+    Deterministic: no random initialisation, no sampling.
     """
     head = Fc2(train.logits.shape[1])
     optimiser = torch.optim.Adam(head.parameters(), lr=lr)
-    inputs = (_tensor(train.r_hat), _tensor(train.logits))
-    target, known = _tensor(train.labels > 0), _known(train.labels)
-    val_inputs = (_tensor(val.r_hat), _tensor(val.logits))
-    val_target, val_known = _tensor(val.labels > 0), _known(val.labels)
+    ratio = positive_ratio(train.labels) if loss == "weighted_bce" else None
+    inputs, target = (_tensor(train.r_hat), _tensor(train.logits)), _tensor(train.labels)
+    val_inputs, val_target = (_tensor(val.r_hat), _tensor(val.logits)), _tensor(val.labels)
     columns = np.arange(train.logits.shape[1]) if columns is None else columns
+    labels = val.labels[:, columns]
 
-    def validate() -> tuple[float, float]:
+    def validate(epoch: int) -> tuple[float, float]:
         with torch.no_grad():
             out = head(*val_inputs)
-            loss = float(_bce(out, val_target, val_known))
-        probs = probabilities(out.numpy())
-        return par_metrics(val.labels[:, columns], probs[:, columns])["mA"], loss
+            val_loss = float(bce(out, val_target, ratio))
+        scores = out.numpy()[:, columns]
+        metrics = {"epoch": epoch, "val_auc": mean_auc(labels, scores)}
+        if rule == "val_mA":
+            metrics["val_mA"] = par_metrics(labels, probabilities(scores))["mA"]
+        return checkpoint_score(metrics, rule), val_loss
 
-    best_epoch, (best_mA, best_loss), best_state = 0, validate(), head.arrays()
+    best_epoch, (best_score, best_loss), best_state = 0, validate(0), head.arrays()
     lowest_loss, lowest_epoch = best_loss, 0
-    curve = [best_mA]
+    curve = [best_score]
     epoch = 0
     for epoch in range(1, epochs + 1):
         optimiser.zero_grad()
-        _bce(head(*inputs), target, known).backward()
+        bce(head(*inputs), target, ratio).backward()
         optimiser.step()
-        mA, loss = validate()
-        curve.append(mA)
-        if (mA, -loss) > (best_mA, -best_loss):
-            best_epoch, best_mA, best_loss, best_state = epoch, mA, loss, head.arrays()
-        if loss < lowest_loss:
-            lowest_loss, lowest_epoch = loss, epoch
+        score, val_loss = validate(epoch)
+        curve.append(score)
+        if (score, -val_loss) > (best_score, -best_loss):
+            best_epoch, best_score, best_loss, best_state = epoch, score, val_loss, head.arrays()
+        if val_loss < lowest_loss:
+            lowest_loss, lowest_epoch = val_loss, epoch
         elif epoch - lowest_epoch >= patience:
             break
     kept = Fc2.from_arrays(best_state["weight"], best_state["bias"])
-    return Fc2Fit(kept, best_epoch, epoch, best_mA, best_loss, tuple(curve))
-
-
-def _known(labels: np.ndarray) -> torch.Tensor | None:
-    """The known entries of ``labels`` as a float mask, None when every label is known."""
-    known = known_entries(labels)
-    return None if known is None else _tensor(known)
-
-
-def _bce(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
-    """Mean BCE over the known entries (the plain mean when ``known`` is None)."""
-    if known is None:
-        return binary_cross_entropy_with_logits(logits, target)
-    losses = binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return (losses * known).sum() / known.sum().clamp(min=1)
+    return Fc2Fit(kept, best_epoch, epoch, best_score, best_loss, tuple(curve))
 
 
 def _tensor(values: np.ndarray) -> torch.Tensor:

@@ -62,7 +62,7 @@ MODEL_FILES = (FACTORS_FILE, DICTIONARY_FILE, FC2_FILE, MODEL_FILE)
 Progress = Callable[[str, dict[str, Any]], None]
 """``progress(stage, values)``: stage ``als`` after each ALS iteration (iteration,
 objective, relative_change, elapsed), then ``dictionary`` (keys) and ``fc2`` (lookup,
-best_epoch, epochs_run, val_mA, val_loss) once per lookup fitted."""
+best_epoch, epochs_run, rule, val_score, val_loss) once per lookup fitted."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def fit_model(
     for lookup in LOOKUPS if compare_lookups else (cfg.lookup,):
         estimator = ConfidenceEstimator(als.Y, dictionary, lookup, cfg.als)
         predictors[lookup], fits[lookup] = _fit_predictor(estimator, train, val, cfg, columns)
-        report("fc2", {"lookup": lookup, **_fc2_summary(fits[lookup])})
+        report("fc2", {"lookup": lookup, **_fc2_summary(fits[lookup], cfg.fc2_rule)})
     return CfarModel(
         cfg,
         seed,
@@ -195,7 +195,9 @@ def save_model(directory: str, model: CfarModel, *, image_factors: bool = True) 
             "converged": model.als.converged,
         },
         "keys_used": len(model.dictionary.keys),
-        "fc2": {lookup: _fc2_summary(fit) for lookup, fit in model.fc2.items()},
+        "fc2": {
+            lookup: _fc2_summary(fit, model.config.fc2_rule) for lookup, fit in model.fc2.items()
+        },
         "threshold": model.predictor.threshold,
     }
     storage.write_bytes(storage.join(directory, MODEL_FILE), json.dumps(meta, indent=2).encode())
@@ -233,11 +235,12 @@ def check_same_attributes(splits: dict[str, SplitLogits]) -> None:
             )
 
 
-def _fc2_summary(fit: Fc2Fit) -> dict[str, float]:
+def _fc2_summary(fit: Fc2Fit, rule: str) -> dict[str, float | str]:
     return {
         "best_epoch": fit.best_epoch,
         "epochs_run": fit.epochs_run,
-        "val_mA": fit.val_mA,
+        "rule": rule,
+        "val_score": fit.val_score,
         "val_loss": fit.val_loss,
     }
 
@@ -256,7 +259,13 @@ def _fit_predictor(
         return Fc2Split(reconstruction(logits, estimator), logits, split.labels)
 
     fit = train_fc2(
-        fc2_inputs(train), fc2_inputs(val), lr=cfg.fc2_lr, epochs=cfg.fc2_epochs, columns=columns
+        fc2_inputs(train),
+        fc2_inputs(val),
+        lr=cfg.fc2_lr,
+        epochs=cfg.fc2_epochs,
+        columns=columns,
+        rule=cfg.fc2_rule,
+        loss=cfg.fc2_loss,
     )
     predictor = CfarPredictor(estimator, fit.head, 0.5, train.attributes)
     threshold = protocol_threshold("val", val, predictor.probabilities(cfar_logits(val)))
