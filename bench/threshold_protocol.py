@@ -28,8 +28,14 @@ import numpy as np
 
 from bench.common import write_results
 from campar_ray.cfar.fit import load_cfar_if_fitted
-from campar_ray.decision import CFAR_SOURCE, eval_columns, final_source, source_probabilities
-from campar_ray.evaluate.metrics_table import LABELS, run_config
+from campar_ray.decision import (
+    CFAR_SOURCE,
+    SOURCE_LABELS,
+    eval_columns,
+    final_source,
+    source_probabilities,
+)
+from campar_ray.evaluate.metrics_table import run_config
 from campar_ray.metrics import choose_threshold, par_metrics, summary
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import read_split_logits
@@ -99,7 +105,9 @@ def report(scores: dict[str, dict[str, Any]]) -> str:
                 f"{m['threshold']:.2f}, {100 * m['mA']:.2f}, {100 * m['f1']:.2f}"
                 for m in (by_protocol[protocol] for protocol in PROTOCOLS)
             ]
-            lines.append(f"| {Path(run).name} | {LABELS[source]} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {Path(run).name} | {SOURCE_LABELS[source]} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 

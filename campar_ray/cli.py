@@ -372,7 +372,7 @@ def _fit_cfar_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
-    from campar_ray.cfar.fit import SPLITS, fit_cfar
+    from campar_ray.cfar.fit import SPLITS, cfar_figures_text, fit_cfar
     from campar_ray.run.logits import require_logits
     from campar_ray.runtime import init_ray
 
@@ -386,7 +386,7 @@ def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
         progress=_log_progress,
         tracking=config.tracking,
     )
-    _print_cfar_metrics(result.metrics)
+    print(cfar_figures_text(result.metrics))
     print(f"artefacts: {result.output_dir}")
     return 0
 
@@ -457,7 +457,7 @@ def _threshold_argument(parser: argparse.ArgumentParser, calibrated: bool = Fals
 
 
 def _evaluate(args: argparse.Namespace, config: Config) -> int:
-    from campar_ray.evaluate import evaluate
+    from campar_ray.evaluate import evaluate, figures_text
 
     result = evaluate(
         config.run.dir,
@@ -468,12 +468,8 @@ def _evaluate(args: argparse.Namespace, config: Config) -> int:
         angle_images=args.angle_images,
         cam_images=args.cam_images,
     )
+    print(figures_text(result))
     print(f"report: {result['files']['markdown']} (threshold protocol {args.threshold})")
-    calibration = result["calibration"]
-    for protocol in ("0.5", "calibrated"):
-        print(
-            f"{result['final']} mA at protocol {protocol}: {100 * calibration[protocol]['mA']:.2f}"
-        )
     return 0
 
 
@@ -785,16 +781,6 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a cluster that accepts clients without a token (trusted networks only)",
     )
-
-
-def _print_cfar_metrics(metrics: dict) -> None:
-    """Stage 1 alone vs stage 1 + CFAR, val and test, at validation-chosen thresholds."""
-    from campar_ray.metrics import SUMMARY_KEYS as keys
-
-    for split in ("val", "test"):
-        print(f"{split:<24}" + "".join(f"{key:>10}" for key in keys))
-        for column, values in metrics[split].items():
-            print(f"  {column:<22}" + "".join(f"{100 * values[key]:10.2f}" for key in keys))
 
 
 def _log_progress(stage: str, values: dict) -> None:

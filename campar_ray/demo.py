@@ -19,7 +19,7 @@ from typing import Any
 
 from campar_ray import storage
 from campar_ray.config import Config, load_config
-from campar_ray.metrics import SUMMARY_HEADERS, protocol_statement
+from campar_ray.metrics import protocol_statement
 from campar_ray.run.layout import RunDir
 from campar_ray.runtime import init_ray
 
@@ -38,13 +38,14 @@ class DemoResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        rows = [f"{'test split':<28}" + "".join(f"{h:>8}" for h in SUMMARY_HEADERS.values())]
-        for source in self.metrics["sources"].values():
-            values = (source[k] for k in SUMMARY_HEADERS)
-            rows.append(f"{source['label']:<28}" + "".join(f"{100 * v:8.2f}" for v in values))
+        """The evaluation's table as ``campar evaluate`` prints it (the search's test figure is
+        its ``val`` row), the report's protocol, the time of each step and the report."""
+        from campar_ray.evaluate import figures_text
+
         steps = ", ".join(f"{step} {seconds:.0f}s" for step, seconds in self.timings.items())
         protocol = protocol_statement(self.metrics["threshold_protocol"])
-        return "\n".join([*rows, protocol, f"time: {steps}", f"report: {self.report}"])
+        table = figures_text(self.metrics)
+        return "\n".join([table, protocol, f"time: {steps}", f"report: {self.report}"])
 
 
 def demo_config(out: str, manifest: str, overrides: list[str] | None = None) -> Config:

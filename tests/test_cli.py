@@ -113,6 +113,13 @@ def test_demo_runs_every_step_then_reuses_them(ray_cluster, tmp_path, capsys):
     metrics = json.loads((tmp_path / "run" / "report" / "test" / "metrics.json").read_text())
     assert "stage1_cfar" in metrics["sources"]
     assert (tmp_path / "run" / "report" / "test" / "report.html").exists()
+    # One figure, one name: the search's test figure is stage 2 at its own val threshold, the
+    # final table's val row and metrics.json's; the table's default rows are at 0.5.
+    (searched,) = re.findall(r"test mA, Stage 1 \+ CFAR: (\d+\.\d\d) \(threshold val\)", out)
+    (row,) = re.findall(r"^Stage 1 \+ CFAR\s+val\s+(\d+\.\d\d) ", out, re.M)
+    assert searched == row == f"{100 * metrics['protocols']['val']['mA']:.2f}"
+    fixed = f"{100 * metrics['sources']['stage1_cfar']['mA']:.2f}"
+    assert re.search(rf"^Stage 1 \+ CFAR\s+0\.5\s+{fixed} ", out, re.M), out
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert {"data", "stage 1", "search", "stage 2", "evaluate"} <= set(timings)
 

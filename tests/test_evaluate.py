@@ -286,11 +286,14 @@ def test_report_numbers_equal_metrics_json(report):
 
 def test_report_shows_raw_and_calibrated_side_by_side(report):
     markdown = Path(report["files"]["markdown"]).read_text()
-    rows = _table_rows(markdown, "Calibration")
+    rows = _table_rows(markdown, "Every threshold protocol and calibration")
     calibration = report["calibration"]
-    assert [row[1] for row in rows] == ["0.5", CALIBRATED]
-    for row, protocol in zip(rows, ("0.5", CALIBRATED), strict=True):
-        assert row[2] == f"{100 * calibration[protocol]['mA']:.2f}"
+    assert [row[1] for row in rows] == [*THRESHOLD_PROTOCOLS, CALIBRATED]
+    for row in rows:
+        assert row[2] == f"{100 * report['protocols'][row[1]]['mA']:.2f}"
+    assert {p: calibration[p] for p in ("0.5", CALIBRATED)} == {
+        p: report["protocols"][p] for p in ("0.5", CALIBRATED)
+    }
     assert set(calibration["offsets"]) == set(report["eval_attributes"])
     assert calibration["how"].startswith("calibrated: per-attribute offsets on stage1_cfar")
 
@@ -359,6 +362,22 @@ def test_on_val_per_attribute_beats_val_beats_half(protocol_reports):
         protocol_reports["val", "val-per-attribute"]["markdown"], "Overall metrics"
     )
     assert all(row[1].startswith("per attribute, ") for row in per_attribute_table)
+
+
+def test_fit_cfar_and_evaluate_give_one_protocol_one_figure(runs, protocol_reports):
+    """fit-cfar's metrics.json and evaluate's, on the same run: every source they share, on
+    both splits, has the same five figures under the same protocol, computed once."""
+    fitted = json.loads((runs["cfar"] / "cfar" / "metrics.json").read_text())
+    columns = {"stage1_shared": "stage1_shared", "stage1_specific": "stage1_specific"}
+    columns["stage1_cfar"] = fitted["selected"]
+    for split in ("val", "test"):
+        for protocol, key in (("val", split), ("0.5", f"{split}_at_0.5")):
+            report = protocol_reports[split, protocol]
+            for source, column in columns.items():
+                ours = {k: report["sources"][source][k] for k in fitted[key][column]}
+                assert ours == fitted[key][column], (split, protocol, source)
+            final = {k: report["protocols"][protocol][k] for k in fitted[key][column]}
+            assert final == fitted[key][fitted["selected"]]
 
 
 def test_default_protocol_metrics_are_par_metrics_at_half(runs, tmp_path):

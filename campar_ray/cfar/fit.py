@@ -7,10 +7,14 @@ configured one with :func:`~campar_ray.cfar.model.save_model` into the run's ``c
 :func:`load_cfar`), next to:
 
 - ``metrics.json``: stage 1 alone (shared and specific logits) next to stage 1 + CFAR with
-  either lookup, on val and test, over the evaluated attributes;
+  either lookup, on val and test, over the evaluated attributes, under the threshold
+  protocols ``val`` and ``0.5``;
 - ``probabilities.npz``: the probabilities every figure of ``metrics.json`` came from.
 
-Every decision threshold is chosen on validation data only, one per column, by mA.
+Every figure is scored by :func:`campar_ray.decision.score_sources`, as ``campar evaluate``
+scores it, so the saved lookup's figures are the ones evaluate prints for stage 1 + CFAR under
+the same protocol. Every ``val`` threshold is chosen on validation data only, one per column,
+by mA.
 """
 
 from __future__ import annotations
@@ -22,8 +26,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from campar_ray import storage
 from campar_ray.artifacts import save_arrays
@@ -42,13 +44,17 @@ from campar_ray.cfar.model import (
 from campar_ray.config import LOOKUPS, CfarConfig, TrackingConfig
 from campar_ray.decision import (
     CFAR_FROM,
+    CFAR_PROTOCOL,
+    CFAR_SOURCE,
+    FIXED,
+    SOURCE_LABELS,
+    SourceFigures,
     eval_columns,
-    final_logits,
+    figure_table,
     fit_run_calibration,
-    probabilities,
-    source_probabilities,
+    score_sources,
 )
-from campar_ray.metrics import par_metrics, select_threshold, summary
+from campar_ray.metrics import summary
 from campar_ray.progress import Progress as PhaseProgress
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits
@@ -109,9 +115,8 @@ def fit_cfar(
             train_path=run.logits("train"),
             progress=_counted(_tracked(progress or (lambda stage, values: None), tracker), steps),
         )
-    columns = eval_columns(splits["train"])
-    probs = _probabilities(splits, model.predictors, columns)
-    metrics = _metrics(splits, probs, model.predictors, columns, selected=cfg.lookup)
+    figures = _figures(splits, model.predictors)
+    metrics = _metrics(splits, figures, selected=cfg.lookup)
 
     output_dir = run.cfar
     save_model(output_dir, model)
@@ -119,9 +124,9 @@ def fit_cfar(
     save_arrays(  # the evidence behind metrics.json, so any protocol can be re-scored later
         storage.join(output_dir, PROBABILITIES_FILE),
         **{
-            f"{column}.{split}": values
-            for column, by in probs.items()
-            for split, values in by.items()
+            f"{column}.{split}": scored.probs
+            for split in REPORTED
+            for column, scored in figures[split, CFAR_PROTOCOL].items()
         },
     )
     storage.write_json(run.cfar_metrics, metrics)
@@ -149,6 +154,22 @@ def load_cfar_if_fitted(path: str) -> CfarPredictor | None:
     if storage.exists(storage.join(RunDir(path).cfar, MODEL_FILE)):
         return load_cfar(path)
     return None
+
+
+def cfar_figures_text(metrics: dict[str, Any]) -> str:
+    """What ``campar fit-cfar`` prints: each column's figures on val (``val`` thresholds) and
+    on test (``0.5``, then ``val``), named as ``campar evaluate`` names them; the saved lookup
+    is the stage 1 + CFAR that evaluate, predict and tune's refit report."""
+    tables = []
+    for split in REPORTED:
+        protocols = (CFAR_PROTOCOL,) if split == "val" else (FIXED.protocol, CFAR_PROTOCOL)
+        rows = [
+            (_label(column, metrics["selected"]), protocol, values)
+            for protocol in protocols
+            for column, values in metrics[_key(split, protocol)].items()
+        ]
+        tables.append(figure_table(split, rows))
+    return "\n".join(tables)
 
 
 def cfar_report(metrics: dict[str, Any]) -> str:
@@ -207,59 +228,60 @@ def _counted(progress: Progress, steps: PhaseProgress) -> Progress:
     return report
 
 
-def _probabilities(
-    splits: dict[str, SplitLogits], predictors: dict[str, CfarPredictor], columns: np.ndarray
-) -> dict[str, dict[str, np.ndarray]]:
-    """Column -> split -> probabilities of the evaluated attributes, on the reported splits:
-    stage 1's shared and specific logits and stage 1 + CFAR for every lookup."""
-    stage1 = {name: source_probabilities(splits[name], CFAR_FROM, None) for name in REPORTED}
-    probs = {
-        column: {name: stage1[name][column][:, columns] for name in REPORTED}
-        for column in stage1["val"]
-    }
-    for lookup, predictor in predictors.items():
-        probs[_column(lookup)] = {
-            name: probabilities(final_logits(splits[name], CFAR_FROM, predictor))[:, columns]
-            for name in REPORTED
-        }
-    return probs
+def _figures(
+    splits: dict[str, SplitLogits], predictors: dict[str, CfarPredictor]
+) -> dict[tuple[str, str], dict[str, SourceFigures]]:
+    """(split, protocol) -> column -> figures, on the reported splits under ``val`` and
+    ``0.5``: stage 1's shared and specific logits, then stage 1 + CFAR for every lookup."""
+    figures = {}
+    for split in REPORTED:
+        for protocol in (CFAR_PROTOCOL, FIXED.protocol):
+            stage1, refined = {}, {}
+            for lookup, predictor in predictors.items():
+                scored = score_sources(splits[split], splits["val"], CFAR_FROM, predictor, protocol)
+                refined[_column(lookup)] = scored.pop(CFAR_SOURCE)
+                stage1.update(scored)  # stage 1's sources: the same whichever lookup
+            figures[split, protocol] = {**stage1, **refined}
+    return figures
 
 
 def _metrics(
     splits: dict[str, SplitLogits],
-    probs: dict[str, dict[str, np.ndarray]],
-    predictors: dict[str, CfarPredictor],
-    columns: np.ndarray,
+    figures: dict[tuple[str, str], dict[str, SourceFigures]],
     selected: str,
 ) -> dict[str, Any]:
-    """Each column at 0.5 and at its own validation-chosen threshold, on val and test."""
-    labels = {name: splits[name].labels[:, columns] for name in REPORTED}
-    thresholds = {
-        column: float(select_threshold("val", labels["val"], probs[column]["val"]))
-        for column in probs
-        if column.startswith("stage1_")
-    }
-    for lookup, predictor in predictors.items():
-        thresholds[_column(lookup)] = predictor.threshold
-
+    """Each column at its own validation-chosen threshold and at 0.5, on val and test."""
+    chosen = figures["val", CFAR_PROTOCOL]
     result: dict[str, Any] = {
         "selected": _column(selected),
-        "eval_attributes": [splits["train"].attributes[i] for i in columns],
-        "thresholds": thresholds,
+        "eval_attributes": [splits["train"].attributes[i] for i in eval_columns(splits["train"])],
+        "thresholds": {column: float(scored.threshold) for column, scored in chosen.items()},
     }
-    for name in REPORTED:
-        for tag, chosen in (("", thresholds), ("_at_0.5", dict.fromkeys(thresholds, 0.5))):
-            result[f"{name}{tag}"] = {
-                column: summary(par_metrics(labels[name], by_split[name], chosen[column]))
-                for column, by_split in probs.items()
+    for split in REPORTED:
+        for protocol in (CFAR_PROTOCOL, FIXED.protocol):
+            result[_key(split, protocol)] = {
+                column: summary(scored.metrics)
+                for column, scored in figures[split, protocol].items()
             }
     result["test_attr_mA"] = {
-        column: par_metrics(labels["test"], by_split["test"], thresholds[column])[
-            "attr_accuracy"
-        ].tolist()
-        for column, by_split in probs.items()
+        column: scored.metrics["attr_accuracy"].tolist()
+        for column, scored in figures["test", CFAR_PROTOCOL].items()
     }
     return result
+
+
+def _key(split: str, protocol: str) -> str:
+    """``metrics.json``'s key of a split's figures under a protocol: ``test``, ``test_at_0.5``."""
+    return split if protocol == CFAR_PROTOCOL else f"{split}_at_{protocol}"
+
+
+def _label(column: str, selected: str) -> str:
+    """A column's name in printed figures: the source's, with the lookup for stage 2's."""
+    if column in SOURCE_LABELS:
+        return SOURCE_LABELS[column]
+    lookup = column.removeprefix("cfar_").replace("_", "-")
+    saved = " (saved)" if column == selected else ""
+    return f"{SOURCE_LABELS[CFAR_SOURCE]}, {lookup} lookup{saved}"
 
 
 def _column(lookup: str) -> str:

@@ -10,7 +10,9 @@ and, as the reference the torch export is checked against, the export:
   parts;
 - :mod:`.thresholds`: the threshold of each protocol, chosen on validation data;
 - :mod:`.calibration`: per-attribute logit offsets fitted on validation data, saved with the
-  run and the bundle, so that a calibrated model decides at 0.5.
+  run and the bundle, so that a calibrated model decides at 0.5;
+- :mod:`.figures`: every source's figures on a split under a protocol, and how a printed
+  figure names its split, source and protocol.
 
 Ray-free and torch-free: it works on NumPy arrays (a torch tensor is converted once, in
 :func:`.logits.as_array`), so an ALS actor that reads logits pays for neither.
@@ -28,6 +30,12 @@ from campar_ray.decision.calibration import (
     run_calibration,
     save_calibration,
 )
+from campar_ray.decision.figures import (
+    SourceFigures,
+    figure_line,
+    figure_table,
+    score_sources,
+)
 from campar_ray.decision.logits import (
     CFAR_FROM,
     StageOneLogits,
@@ -40,12 +48,14 @@ from campar_ray.decision.logits import (
 from campar_ray.decision.refine import Combiner, Reconstructor, Refiner, reconstruction, refine
 from campar_ray.decision.sources import (
     CFAR_SOURCE,
+    SOURCE_LABELS,
     final_logits,
     final_source,
     source_probabilities,
     stage1_source,
 )
 from campar_ray.decision.thresholds import (
+    CFAR_PROTOCOL,
     FIXED,
     VAL_PROTOCOLS,
     Threshold,
@@ -59,14 +69,17 @@ from campar_ray.decision.thresholds import (
 __all__ = [
     "CALIBRATED",
     "CFAR_FROM",
+    "CFAR_PROTOCOL",
     "CFAR_SOURCE",
     "DECISION_PROTOCOLS",
     "FIXED",
+    "SOURCE_LABELS",
     "VAL_PROTOCOLS",
     "Calibration",
     "Combiner",
     "Reconstructor",
     "Refiner",
+    "SourceFigures",
     "StageOneLogits",
     "Threshold",
     "as_array",
@@ -74,6 +87,8 @@ __all__ = [
     "cfar_logits",
     "check_decision",
     "eval_columns",
+    "figure_line",
+    "figure_table",
     "final_logits",
     "final_source",
     "fit_calibration",
@@ -88,6 +103,7 @@ __all__ = [
     "run_calibration",
     "run_threshold",
     "save_calibration",
+    "score_sources",
     "source_probabilities",
     "source_thresholds",
     "stage1_source",

@@ -23,6 +23,13 @@ from campar_ray.decision.logits import (
 from campar_ray.decision.refine import Refiner
 
 CFAR_SOURCE = "stage1_cfar"
+SOURCE_LABELS = {
+    "stage1_shared": "Stage 1, shared logits",
+    "stage1_specific": "Stage 1, specific logits",
+    "stage1_mean": "Stage 1, mean of both logits",
+    CFAR_SOURCE: "Stage 1 + CFAR",
+}
+"""Each source's name in tables and printed figures."""
 
 
 def stage1_source(predict_from: str) -> str:

@@ -38,6 +38,10 @@ FIXED = Threshold(0.5, "fixed, as PAR papers report", "0.5")
 VAL_PROTOCOLS = tuple(p for p in THRESHOLD_PROTOCOLS if p != FIXED.protocol)
 """The protocols whose thresholds depend on the run, so a bundle must store them."""
 
+CFAR_PROTOCOL = "val"
+"""The protocol of stage 2's own threshold, chosen on val by fit-cfar (and by each search
+trial): the protocol of every figure fit-cfar ranks by and tune reports."""
+
 
 def eval_columns(logits: SplitLogits) -> np.ndarray:
     """Indices of the evaluated attributes within all attributes (all when none are named)."""
@@ -67,7 +71,7 @@ def source_thresholds(
         name: protocol_threshold(protocol, val, values)
         for name, values in source_probabilities(val, predict_from, cfar).items()
     }
-    if cfar is not None and protocol == "val":
+    if cfar is not None and protocol == CFAR_PROTOCOL:
         chosen[CFAR_SOURCE] = cfar.threshold
     return chosen
 

@@ -2,6 +2,7 @@
 the ablation table across runs."""
 
 from campar_ray.evaluate.compare import compare_runs, markdown_table
+from campar_ray.evaluate.metrics_table import figures_text
 from campar_ray.evaluate.report import evaluate
 
-__all__ = ["compare_runs", "evaluate", "markdown_table"]
+__all__ = ["compare_runs", "evaluate", "figures_text", "markdown_table"]

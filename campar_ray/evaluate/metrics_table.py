@@ -12,9 +12,12 @@ When the split's images come from several data sources (the manifest's ``source`
 datasets of a merged corpus, PETA's subsets), each prediction source is also scored on each
 data source's images alone (:func:`campar_ray.metrics.metrics_by_group`).
 
-Next to them, always: the final source (the one predictions use) at 0.5 and calibrated
-(:mod:`campar_ray.decision.calibration`), side by side. Probabilities and thresholds are
-:mod:`campar_ray.decision`'s; this module only scores and tabulates them.
+Next to them, always: the final source (the one predictions use) under every decision
+protocol (0.5, ``val``, ``val-per-attribute`` and calibrated,
+:mod:`campar_ray.decision.calibration`), side by side: the figures fit-cfar and tune print are
+among them, under the same names. Probabilities, thresholds and the scoring of each source are
+:mod:`campar_ray.decision`'s (:func:`~campar_ray.decision.score_sources`, which fit-cfar uses
+too); this module only tabulates them.
 """
 
 from __future__ import annotations
@@ -31,27 +34,30 @@ from campar_ray.config import Config
 from campar_ray.data.manifest import ManifestError, read_manifest
 from campar_ray.decision import (
     CALIBRATED,
+    DECISION_PROTOCOLS,
     FIXED,
+    SOURCE_LABELS,
     Calibration,
     calibrated_probabilities,
     eval_columns,
+    figure_table,
     final_logits,
     final_source,
     run_calibration,
-    source_probabilities,
-    source_thresholds,
+    score_sources,
 )
-from campar_ray.metrics import SUMMARY_KEYS, check_protocol, metrics_by_group, par_metrics, summary
+from campar_ray.metrics import (
+    SUMMARY_KEYS,
+    THRESHOLD_PROTOCOLS,
+    check_protocol,
+    metrics_by_group,
+    par_metrics,
+    summary,
+)
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits
 
 SPLITS = ("val", "test")
-LABELS = {
-    "stage1_shared": "Stage 1, shared logits",
-    "stage1_specific": "Stage 1, specific logits",
-    "stage1_mean": "Stage 1, mean of both logits",
-    "stage1_cfar": "Stage 1 + CFAR",
-}
 ATTRIBUTE_KEYS = {
     "accuracy": "attr_accuracy",
     "positive_rate": "attr_positive_rate",
@@ -101,18 +107,17 @@ def score_split(
     check_split(split)
     check_protocol(threshold)
     logits = read_split_logits(RunDir(run_dir).logits(split))
-    columns = eval_columns(logits)
+    labels = logits.labels[:, eval_columns(logits)]
     groups = row_sources(manifest, logits.images) if manifest else None
     val = read_split_logits(RunDir(run_dir).logits("val"))
-    thresholds = source_thresholds(val, predict_from, cfar, threshold)
     scored = []
-    for name, values in source_probabilities(logits, predict_from, cfar).items():
-        value = thresholds[name]
-        value = value if np.ndim(value) == 0 else value[columns]
-        labels, probs = logits.labels[:, columns], values[:, columns]
-        metrics = par_metrics(labels, probs, value)
-        by_source = None if groups is None else metrics_by_group(labels, probs, value, groups)
-        scored.append(Scored(name, value, _source_text(name, threshold), metrics, by_source))
+    for name, item in score_sources(logits, val, predict_from, cfar, threshold).items():
+        by_source = (
+            None if groups is None else metrics_by_group(labels, item.probs, item.threshold, groups)
+        )
+        scored.append(
+            Scored(name, item.threshold, _source_text(name, threshold), item.metrics, by_source)
+        )
     return scored, logits
 
 
@@ -140,20 +145,38 @@ def _source_text(name: str, protocol: str) -> str:
     )
 
 
-def score_calibration(
+def score_protocols(
     run_dir: str, logits: SplitLogits, predict_from: str, cfar: CfarPredictor | None
-) -> tuple[Calibration, dict[str, dict[str, Any]]]:
-    """The run's calibration and its final source's metrics on ``logits``: raw at 0.5
-    (``0.5``) and calibrated (``calibrated``, read at 0.5 too), over the evaluated attributes."""
+) -> tuple[Calibration, dict[str, dict[str, float]]]:
+    """The run's calibration and its final source's five figures on ``logits`` under every
+    decision protocol: each threshold protocol (:func:`~campar_ray.decision.score_sources`)
+    and calibrated (read at 0.5), over the evaluated attributes."""
+    val = read_split_logits(RunDir(run_dir).logits("val"))
+    final = final_source(logits, predict_from, cfar)
+    figures = {
+        protocol: summary(score_sources(logits, val, predict_from, cfar, protocol)[final].metrics)
+        for protocol in THRESHOLD_PROTOCOLS
+    }
     calibration = run_calibration(run_dir, predict_from, cfar)
     columns = eval_columns(logits)
-    final = final_logits(logits, predict_from, cfar)
-    labels = logits.labels[:, columns]
-    metrics = {
-        protocol: par_metrics(labels, calibrated_probabilities(final, chosen)[:, columns])
-        for protocol, chosen in ((FIXED.protocol, None), (CALIBRATED, calibration))
-    }
-    return calibration, metrics
+    probs = calibrated_probabilities(final_logits(logits, predict_from, cfar), calibration)
+    figures[CALIBRATED] = summary(par_metrics(logits.labels[:, columns], probs[:, columns]))
+    return calibration, figures
+
+
+def figures_text(document: dict[str, Any]) -> str:
+    """The terminal's table of an evaluation (``campar evaluate``, the demo): every source
+    under the report's protocol, then the final source under each other decision protocol,
+    as the report's tables show them."""
+    protocol = document["threshold_protocol"]
+    rows = [(source["label"], protocol, source) for source in document["sources"].values()]
+    label = SOURCE_LABELS[document["final"]]
+    rows += [
+        (label, other, document["protocols"][other])
+        for other in DECISION_PROTOCOLS
+        if other != protocol
+    ]
+    return figure_table(document["split"], rows)
 
 
 def metrics_document(
@@ -166,19 +189,20 @@ def metrics_document(
     protocol: str,
 ) -> dict[str, Any]:
     """The JSON-ready content of ``metrics.json`` (fractions in [0, 1]); ``protocol`` is the
-    threshold protocol the sources were scored under. Its ``calibration`` block is the final
+    threshold protocol the sources were scored under. Its ``protocols`` block is the final
+    source's figures under every decision protocol; its ``calibration`` block is the final
     source raw at 0.5 (``0.5``) next to calibrated (``calibrated``), with each evaluated
     attribute's offset."""
     columns = eval_columns(logits)
     names = [logits.attributes[index] for index in columns]
     predict_from = config.model.predict_from
     final = final_source(logits, predict_from, cfar)
-    calibration, calibrated = score_calibration(run_dir, logits, predict_from, cfar)
+    calibration, protocols = score_protocols(run_dir, logits, predict_from, cfar)
     sources = {}
     for item in scored:
         per_attribute = np.broadcast_to(item.threshold, len(names))
         sources[item.name] = {
-            "label": LABELS[item.name],
+            "label": SOURCE_LABELS[item.name],
             "threshold": np.asarray(item.threshold, dtype=float).tolist(),
             "threshold_source": item.threshold_source,
             **{key: float(item.metrics[key]) for key in SUMMARY_KEYS},
@@ -208,10 +232,11 @@ def metrics_document(
         "eval_attributes": names,
         "final": final,
         "sources": sources,
+        "protocols": protocols,
         "calibration": {
             "source": calibration.source,
             "how": calibration.threshold.source,
             "offsets": dict(zip(names, calibration.array[columns].tolist(), strict=True)),
-            **{name: summary(values) for name, values in calibrated.items()},
+            **{name: protocols[name] for name in (FIXED.protocol, CALIBRATED)},
         },
     }

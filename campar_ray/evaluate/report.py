@@ -26,11 +26,10 @@ from campar_ray import storage
 from campar_ray.bundle import ParPredictor, load_model
 from campar_ray.config import Config
 from campar_ray.data.images import ImageLimits
-from campar_ray.decision import CALIBRATED
+from campar_ray.decision import DECISION_PROTOCOLS, SOURCE_LABELS
 from campar_ray.evaluate import plots
 from campar_ray.evaluate.document import Figure, Section, Table, render_html, render_markdown
 from campar_ray.evaluate.metrics_table import (
-    LABELS,
     check_split,
     metrics_document,
     run_config,
@@ -88,7 +87,7 @@ def evaluate(
         _overview(document),
         _overall_section(document),
         *_source_sections(document),
-        _calibration_section(document),
+        _protocol_section(document),
         _attribute_section(document),
     ]
     image_sections, angle_stats = _image_sections(
@@ -135,7 +134,7 @@ def _overview(document: dict[str, Any]) -> Section:
             f"stage-1 predictions from {model['predict_from']} logits, "
             f"input {model['image_size'][0]}x{model['image_size'][1]}, "
             f"CFAR {'fitted' if document['cfar'] else 'not fitted'}.",
-            f"Predictions (predict, export) use: {LABELS[document['final']]}.",
+            f"Predictions (predict, export) use: {SOURCE_LABELS[document['final']]}.",
             f"{protocol_statement(document['threshold_protocol'])} Thresholds are never chosen "
             f"on test data; --threshold picks the protocol ({', '.join(THRESHOLD_PROTOCOLS)}).",
         ],
@@ -196,26 +195,24 @@ def _source_sections(document: dict[str, Any]) -> list[Section]:
     ]
 
 
-def _calibration_section(document: dict[str, Any]) -> Section:
+def _protocol_section(document: dict[str, Any]) -> Section:
+    """The final source under every decision protocol, as ``campar evaluate`` prints it."""
     calibration = document["calibration"]
-    label = LABELS[document["final"]]
+    label = SOURCE_LABELS[document["final"]]
     rows = [
-        [f"{label}, raw", "0.5", *(percent(calibration["0.5"][key]) for key in SUMMARY_KEYS)],
-        [
-            f"{label}, calibrated",
-            CALIBRATED,
-            *(percent(calibration[CALIBRATED][key]) for key in SUMMARY_KEYS),
-        ],
+        [label, protocol, *(percent(document["protocols"][protocol][key]) for key in SUMMARY_KEYS)]
+        for protocol in DECISION_PROTOCOLS
     ]
     offsets = calibration["offsets"].values()
-    header = ["Source", "Protocol", *(f"{SUMMARY_HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
+    header = ["Source", "Threshold", *(f"{SUMMARY_HEADERS[k]} (%)" for k in SUMMARY_KEYS)]
     return Section(
-        "Calibration",
+        "Every threshold protocol and calibration",
         [
-            f"The final source raw at 0.5 next to calibrated: {calibration['how']}. Offsets "
-            f"(logit units) of the evaluated attributes: {min(offsets):+.2f} to "
-            f"{max(offsets):+.2f}. Predict (--threshold calibrated), the bundle and the "
-            "exported files apply them.",
+            "The final source under each threshold protocol (--threshold; fit-cfar and tune "
+            "report val) and calibrated: "
+            f"{calibration['how']}. Offsets (logit units) of the evaluated attributes: "
+            f"{min(offsets):+.2f} to {max(offsets):+.2f}. Predict (--threshold calibrated), the "
+            "bundle and the exported files apply them.",
             Table(header, rows),
         ],
     )

@@ -41,6 +41,7 @@ from ray.tune.search.optuna import OptunaSearch
 from campar_ray import storage
 from campar_ray.cfar.fit import fit_cfar
 from campar_ray.config import Config, ConfigError
+from campar_ray.decision import CFAR_PROTOCOL, CFAR_SOURCE, SOURCE_LABELS, figure_line
 from campar_ray.progress import Progress
 from campar_ray.run.layout import RunDir, SearchDir
 from campar_ray.runtime import init_ray, is_quiet
@@ -91,7 +92,11 @@ class SearchResult:
     best_config: str | None = None
     """``best.yaml``: the base config with the best values (run.dir set to where to fit)."""
     test: dict[str, float] = field(default_factory=dict)
-    """The best configuration's stage 1 + CFAR on test (scored once, after the search)."""
+    """The best configuration's stage 1 + CFAR on test (scored once, after the search, at its
+    ``val`` threshold: ``campar evaluate --threshold val`` prints the same figures)."""
+    refit: str | None = None
+    """The stage-2 folder the best configuration was refitted into (``<run_dir>/cfar`` for
+    scope ``cfar``): the model evaluate, bundle and predict then use."""
     importances: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -103,13 +108,15 @@ class SearchResult:
         elif self.best_trial is None:
             lines.append("[tune] no trial completed the pipeline; see the table's error column")
         else:
-            val = 100 * self.best_val[self.metric]
-            test = 100 * self.test[f"test_{self.metric.removeprefix('val_')}"]
-            lines.append(
-                f"[tune] best trial {self.best_trial}: {self.metric} {val:.2f}, "
-                f"test {test:.2f} (scored once)"
-            )
-            lines.append(f"[tune] best config {self.best_config}")
+            metric, label = self.metric.removeprefix("val_"), SOURCE_LABELS[CFAR_SOURCE]
+            val = self.best_val[self.metric]
+            test = self.test[f"test_{metric}"]
+            lines += [
+                f"[tune] best trial {self.best_trial}: "
+                + figure_line("val", metric, label, val, CFAR_PROTOCOL),
+                f"[tune] best config {self.best_config}, refitted into {self.refit}, test "
+                "scored once: " + figure_line("test", metric, label, test, CFAR_PROTOCOL),
+            ]
         return "\n".join(lines)
 
 
@@ -444,6 +451,7 @@ def _score_best(result: SearchResult, best: dict[str, Any], plan: _Plan) -> Sear
         best_val={key: value for key, value in best.items() if report.is_metric(key)},
         best_config=best_config,
         test={f"test_{key}": value for key, value in fitted["test"][selected].items()},
+        refit=RunDir(fit_dir).cfar,
     )
 
 

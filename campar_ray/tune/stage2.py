@@ -24,13 +24,12 @@ from campar_ray.cfar.model import fit_model, save_model
 from campar_ray.config import CfarConfig
 from campar_ray.decision import (
     CFAR_FROM,
+    CFAR_PROTOCOL,
     CFAR_SOURCE,
-    eval_columns,
-    protocol_threshold,
-    source_probabilities,
+    score_sources,
     stage1_source,
 )
-from campar_ray.metrics import par_metrics, summary
+from campar_ray.metrics import summary
 from campar_ray.run.layout import CFAR_METRICS_FILE, RunDir
 from campar_ray.run.logits import read_split_logits
 
@@ -48,22 +47,13 @@ def fit_cfar_on_val(
     val = read_split_logits(RunDir(logits_dir).logits("val"))
     model = fit_model(train, val, cfg, seed=seed, train_path=train_path)
     predictor = model.predictor
-    columns = eval_columns(val)
-    labels = val.labels[:, columns]
-    sources = source_probabilities(val, CFAR_FROM, predictor)
-    stage1_probs = sources[stage1_source(model.prediction_logits)]
-    stage1_threshold = float(protocol_threshold("val", val, stage1_probs))
+    scored = score_sources(val, val, CFAR_FROM, predictor, CFAR_PROTOCOL)  # as fit-cfar does
+    refined, stage1 = scored[CFAR_SOURCE], scored[stage1_source(model.prediction_logits)]
     metrics: dict[str, Any] = {
-        **_prefixed(
-            "val_",
-            summary(par_metrics(labels, sources[CFAR_SOURCE][:, columns], predictor.threshold)),
-        ),
-        **_prefixed(
-            "stage1_val_",
-            summary(par_metrics(labels, stage1_probs[:, columns], stage1_threshold)),
-        ),
+        **_prefixed("val_", summary(refined.metrics)),
+        **_prefixed("stage1_val_", summary(stage1.metrics)),
         "threshold": predictor.threshold,
-        "stage1_threshold": stage1_threshold,
+        "stage1_threshold": float(stage1.threshold),
         "als_iterations": model.als.iterations,
         "als_objective": model.als.objectives[-1],
         "keys_used": len(model.dictionary.keys),
