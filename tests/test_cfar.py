@@ -109,6 +109,18 @@ def test_cfar_is_not_worse_than_stage1_on_validation(fitted):
     assert metrics["val"]["cfar_dictionary"]["mA"] > metrics["val"]["stage1_specific"]["mA"]
 
 
+def test_stage1_cfar_read_at_half_is_already_calibrated(fitted):
+    """fc2's bias carries its validation offsets: fitting them again finds (nearly) none."""
+    from campar_ray.cfar.model import OFFSET_GRID, _decision_offsets
+
+    run_dir, result, _ = fitted
+    val = read_split_logits(RunDir(str(run_dir)).logits("val"))
+    again = _decision_offsets(result.predictor.refined_logits(cfar_logits(val)), val.labels)
+    step = np.diff(np.log(OFFSET_GRID) - np.log1p(-OFFSET_GRID)).max()
+    known = val.labels.any(axis=0)  # an attribute with no positive keeps the lowest cut
+    assert np.abs(again[known]).max() <= step + 1e-4
+
+
 def test_load_cfar_round_trip(fitted):
     run_dir, result, _ = fitted
     loaded = load_cfar(str(run_dir))

@@ -50,6 +50,7 @@ from campar_ray.decision import (
     reconstruction,
     refine,
 )
+from campar_ray.metrics import choose_threshold
 from campar_ray.run.logits import SplitLogits
 
 FACTORS_FILE = "factors.npz"
@@ -267,9 +268,29 @@ def _fit_predictor(
         rule=cfg.fc2_rule,
         loss=cfg.fc2_loss,
     )
-    predictor = CfarPredictor(estimator, fit.head, 0.5, train.attributes)
+    val_inputs, arrays = fc2_inputs(val), fit.head.arrays()
+    offsets = _decision_offsets(fit.head.logits(val_inputs.r_hat, val_inputs.logits), val.labels)
+    head = Fc2.from_arrays(arrays["weight"], arrays["bias"] - offsets)
+    predictor = CfarPredictor(estimator, head, 0.5, train.attributes)
     threshold = protocol_threshold("val", val, predictor.probabilities(cfar_logits(val)))
     return dataclasses.replace(predictor, threshold=float(threshold)), fit
+
+
+OFFSET_GRID = 1 / (1 + np.exp(-np.linspace(-8.0, 8.0, 161)))
+"""Candidate cuts for fc2's per-attribute offsets: 0.1 logit apart over [-8, 8]. fc2 trained
+with a BCE gives rare attributes probabilities far below the protocols' 0.05 floor."""
+
+
+def _decision_offsets(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Where 0.5 falls for fc2: each attribute's logit cut with the best validation balanced
+    accuracy (the mA term), as an offset for fc2's bias (0 where no validation label is known).
+
+    fc2's epoch is kept by ranking (``cfar.fc2_rule``), and its first steps move each
+    attribute's offset; with this offset folded into its bias, stage 1 + CFAR read at 0.5 is
+    already calibrated, and the run's calibration on top of it stays near 0."""
+    probs = probabilities(logits)
+    cuts = choose_threshold(labels, probs, per_attribute=True, candidates=OFFSET_GRID)
+    return (np.log(cuts) - np.log1p(-cuts)).astype(np.float32)
 
 
 def _silent(stage: str, values: dict[str, Any]) -> None:
