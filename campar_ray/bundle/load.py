@@ -40,7 +40,7 @@ from campar_ray.decision import (
     run_threshold,
     save_calibration,
 )
-from campar_ray.model import load_network
+from campar_ray.model import load_network, resolve_inputs
 from campar_ray.run.checkpoints import META_FILE, MODEL_FILE, best_checkpoint, read_meta
 from campar_ray.run.layout import CALIBRATION_FILE, CFAR_DIR, CONFIG_FILE, RunDir
 
@@ -155,7 +155,16 @@ def sample_images(config: Config, split: str, count: int) -> np.ndarray:
         try:
             size = tuple(config.data.image_size)
             limits = ImageLimits.of(config.data)
-            images.append(read_image(source, info.root, limits, size=size, stored=info.pixels))
+            images.append(
+                read_image(
+                    source,
+                    info.root,
+                    limits,
+                    size=size,
+                    stored=info.pixels,
+                    interpolation=resolve_inputs(config).data.interpolation,
+                )
+            )
         except (ValueError, OSError):
             continue
     return np.stack(images) if images else empty
