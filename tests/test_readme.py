@@ -24,9 +24,12 @@ What changes, and why (nothing else does):
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -123,22 +126,37 @@ def folder_corpus(root: Path) -> None:
     (root / "labels.csv").write_text("\n".join(["image,hat,bag", *rows]) + "\n")
 
 
-@pytest.fixture
-def clone(tmp_path, monkeypatch) -> Path:
-    """A fresh clone's working directory (with its ``configs/``), PETA in
-    ``../shared/datasets/peta``; the other datasets under ``tmp_path`` (``/data/`` there)."""
-    work = tmp_path / "clone"
+@dataclass(frozen=True)
+class Clone:
+    work: Path
+    """The commands' working directory, a fresh clone's (with its ``configs/``)."""
+    printed: str
+    """What the data blocks printed."""
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Clone:
+    """The data blocks run once for the module, from a fresh clone's working directory: PETA
+    in ``../shared/datasets/peta``, the other datasets where ``/data/`` points. The tests run
+    in that directory, as the README's commands do."""
+    root = tmp_path_factory.mktemp("readme")
+    work = root / "clone"
     work.mkdir()
     shutil.copytree(REPO / "configs", work / "configs")
-    peta = tiny_peta(tmp_path / "shared" / "datasets")
-    shutil.copytree(peta, tmp_path / "PETA")
-    peta_with_mat(tmp_path / "PETA")
-    tiny_pa100k(tmp_path / "PA100k")
-    write_rap1(tmp_path / "RAP")
-    write_rap2(tmp_path / "RAPv2")
-    folder_corpus(tmp_path / "my_corpus")
-    monkeypatch.chdir(work)
-    return work
+    peta = tiny_peta(root / "shared" / "datasets")
+    shutil.copytree(peta, root / "PETA")
+    peta_with_mat(root / "PETA")
+    tiny_pa100k(root / "PA100k")
+    write_rap1(root / "RAP")
+    write_rap2(root / "RAPv2")
+    folder_corpus(root / "my_corpus")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.chdir(work)
+        blocks = readme_blocks()
+        for argv in blocks["data"] + blocks["merge"]:
+            run(on_small_data(argv, root))
+        yield Clone(work, printed.getvalue())
 
 
 def run(argv: list[str]) -> None:
@@ -149,41 +167,33 @@ def run(argv: list[str]) -> None:
 def test_the_readme_marks_its_data_and_training_blocks():
     blocks = readme_blocks()
     assert set(blocks) == {"data", "merge", "train"}
-    assert [argv[1] for argv in blocks["data"]] == ["prepare"] * 7
-    assert [argv[1] for argv in blocks["train"]] == ["train"] * 5
+    assert {argv[1] for argv in blocks["data"] + blocks["merge"]} == {"prepare"}
+    assert {argv[1] for argv in blocks["train"]} == {"train"}
+    assert sum("--subset" in argv for argv in blocks["train"]) == 1  # the quick check
 
 
-def prepare_everything(clone: Path) -> None:
-    datasets = clone.parent
-    blocks = readme_blocks()
-    for argv in blocks["data"] + blocks["merge"]:
-        run(on_small_data(argv, datasets))
-
-
-def test_the_data_blocks_run_as_written(clone, capsys):
-    prepare_everything(clone)
-    printed = capsys.readouterr().out
+def test_the_data_blocks_run_as_written(clone):
     for manifest in ("synth/manifest", "peta", "peta0", "pa100k", "rap1", "rap2", "mine",
                      "peta_pa100k"):  # fmt: skip
-        assert (clone / "data" / f"{manifest}.parquet").is_file(), printed
-    table, _ = read_manifest(str(clone / "data" / "peta0.parquet"))
+        assert (clone.work / "data" / f"{manifest}.parquet").is_file(), clone.printed
+    table, _ = read_manifest(str(clone.work / "data" / "peta0.parquet"))
     assert table.num_rows == 40  # every image PETA.mat lists, split by its partition 0
-    assert "outside the manifest's folder" in printed  # prepare's note on data/peta.parquet
+    assert "outside the manifest's folder" in clone.printed  # prepare's note on peta.parquet
 
 
 @pytest.mark.ray
 def test_the_training_block_runs_as_written(ray_cluster, clone, capsys):
-    prepare_everything(clone)
+    datasets = clone.work.parent
     lines = readme_blocks()["train"]
     (quick,) = [argv for argv in lines if "--subset" in argv]
     placeholders = {"M": "data/peta.parquet", "D": "runs/variant"}
     for argv in lines:
         args = cli.build_parser().parse_args(
-            [placeholders.get(arg, arg) for arg in on_small_data(argv, clone.parent)]
+            [placeholders.get(arg, arg) for arg in on_small_data(argv, datasets)]
         )
         config = load_config(args.config, cli._overrides(args))
         assert Path(config.data.manifest).is_file(), argv  # every line names a real manifest
     capsys.readouterr()
-    run([*on_small_data(quick, clone.parent), *TINY_TRAIN])
+    run([*on_small_data(quick, datasets), *TINY_TRAIN])
     assert "best checkpoint:" in capsys.readouterr().out
-    assert (clone / "runs" / "quick" / "logits" / "test.parquet").is_file()
+    assert (clone.work / "runs" / "quick" / "logits" / "test.parquet").is_file()

@@ -94,7 +94,7 @@ def test_a_timm_encoder_trains_and_exports_with_its_own_normalisation(
     preds = str(tmp_path / "preds.parquet")
     argv = ["predict", "--model", bundle, "--input", str(folder), "--out", preds]
     assert run_campar(capsys, *argv, "--threshold", CALIBRATED)[0] == 0
-    table = pq.read_table(preds).sort_by("image")
+    table = pq.read_table(preds).sort_by("path")
     attributes = load_model(bundle).attributes
     got = np.stack([table.column(PROB_PREFIX + a).to_numpy() for a in attributes], axis=1)
     np.testing.assert_allclose(got, expected, atol=1e-5)
