@@ -8,6 +8,8 @@ read from the files :func:`save_bundle` wrote when a bundle is.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow.compute as pc
 import yaml
@@ -149,22 +151,16 @@ def sample_images(config: Config, split: str, count: int) -> np.ndarray:
     rows = table.filter(pc.equal(table.column("split"), split))
     column = "binary" if "binary" in rows.column_names else "image"
     images = []
+    data = resolve_inputs(config).data  # resized as the run's encoder wants
+    read = functools.partial(
+        read_image, root=info.root, limits=ImageLimits.of(data), size=tuple(data.image_size),
+        stored=info.pixels, interpolation=data.interpolation,
+    )  # fmt: skip
     for source in rows.column(column).to_pylist():
         if len(images) == count:
             break
         try:
-            size = tuple(config.data.image_size)
-            limits = ImageLimits.of(config.data)
-            images.append(
-                read_image(
-                    source,
-                    info.root,
-                    limits,
-                    size=size,
-                    stored=info.pixels,
-                    interpolation=resolve_inputs(config).data.interpolation,
-                )
-            )
+            images.append(read(source))
         except (ValueError, OSError):
             continue
     return np.stack(images) if images else empty

@@ -100,20 +100,12 @@ def load_split_images(
     sources = rows.column(BINARY_COLUMN if BINARY_COLUMN in rows.column_names else "image")
     names, pixels, keep = [], [], []
     identities = rows.column("identity").to_pylist()
+    options = {"size": size, "stored": info.pixels, "interpolation": interpolation}
     for index, (name, source) in enumerate(
         zip(rows.column("image").to_pylist(), sources.to_pylist(), strict=True)
     ):
         try:
-            pixels.append(
-                read_image(
-                    source,
-                    info.root,
-                    limits,
-                    size=size,
-                    stored=info.pixels,
-                    interpolation=interpolation,
-                )
-            )
+            pixels.append(read_image(source, info.root, limits, **options))
         except (ValueError, OSError):
             continue
         names.append(name)
