@@ -273,6 +273,7 @@ def _pack_arguments(parser: argparse.ArgumentParser) -> None:
 def _pack(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.data.images import ImageLimits
     from campar_ray.data.pack import pack_manifest
+    from campar_ray.model import resolve_inputs
 
     report = pack_manifest(
         args.manifest,
@@ -282,6 +283,7 @@ def _pack(args: argparse.Namespace, config: Config) -> int:
         limits=ImageLimits.of(config.data),
         decode=tuple(config.data.image_size) if args.decode else None,
         progress=_counter("packed"),
+        interpolation=resolve_inputs(config).data.interpolation,
     )
     print(report.summary())
     return 1 if report.skipped else 0

@@ -35,6 +35,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.predict_from": ("specific", "shared", "mean"),
     "model.cam_norm": ("relu-max", "min-max"),
     "model.logit_norm": ("none", "batchnorm", "batchnorm-own", "batchnorm-own-affine"),
+    "data.interpolation": (
+        "encoder",
+        "bilinear",
+        "bicubic",
+        "nearest",
+        "lanczos",
+        "box",
+        "hamming",
+    ),
     "train.scheduler": ("plateau", "cosine"),
     "train.loss": ("bce", "weighted_bce"),
     "train.checkpoint_rule": ("val_auc", "last", "val_mA"),
@@ -108,6 +117,11 @@ class DataConfig:
     """Network input size as ``[H, W]``."""
     pad: int = 10
     """Padding before the random crop (reference augmentation)."""
+    interpolation: str = "encoder"
+    """The filter that resizes images to ``image_size``; ``encoder``: the one the encoder's
+    pretrained weights expect (timm's pretrained configuration of a ``timm:`` model, else
+    bilinear, as torchvision's ``Resize``). ``campar train`` saves the run's config with the
+    filter it resolved to, which the run's logits, bundle, ``predict`` and export then use."""
     decode_concurrency: int = 0
     """Ray Data tasks decoding images in parallel (the size of the decode task pool);
     ``0``: as many as the CPUs the training workers leave hold (see ``decode_cpus``)."""

@@ -205,8 +205,10 @@ def describe(predictor: ParPredictor) -> dict[str, Any]:
             "source": predictor.calibration.source,
             "applied": "inside the exported module: sigmoid(final logits - offsets)",
         },
-        "input": "float32 N x 3 x H x W, RGB scaled to [0, 1], minus mean, divided by std",
+        "input": "float32 N x 3 x H x W: RGB resized to image_size with interpolation (Pillow's "
+        "filter of that name, antialiased), scaled to [0, 1], minus mean, divided by std",
         "image_size": list(predictor.image_size),
+        "interpolation": predictor.interpolation,
         "mean": list(predictor.model.backbone.mean),
         "std": list(predictor.model.backbone.std),
         "output": "float32 N x M probabilities, attributes in the order above",

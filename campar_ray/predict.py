@@ -161,6 +161,7 @@ def predict(
             fn_kwargs={
                 "root": inputs.root,
                 "size": predictor.image_size,
+                "interpolation": predictor.interpolation,
                 "limits": limits,
                 "stored": inputs.stored,
                 "reasons": True,

@@ -110,7 +110,12 @@ def rap_names(n=N_RAP):
 
 @pytest.fixture
 def rap1_root(tmp_path):
-    root = tmp_path / "RAP"
+    return write_rap1(tmp_path / "RAP")
+
+
+def write_rap1(root):
+    """A RAP v1 folder at ``root``: ``RAP_annotation.mat`` and its images (also the README
+    test's). Returns ``root``, the labels and the five partitions."""
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, (N_RAP, 55)).astype(np.uint8)
     labels[3, 52] = 2  # one uncertain value
@@ -173,7 +178,12 @@ def test_rap1_options_are_checked(rap1_root, tmp_path):
 
 @pytest.fixture
 def rap2_root(tmp_path):
-    root = tmp_path / "RAP2"
+    return write_rap2(tmp_path / "RAP2")
+
+
+def write_rap2(root):
+    """A RAP v2 folder at ``root``, as :func:`write_rap1`; returns ``root``, the labels, the
+    selected attributes and the five partitions."""
     n = N_RAP
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 2, (n, 60)).astype(np.uint8)

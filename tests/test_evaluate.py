@@ -44,6 +44,7 @@ from campar_ray.decision import (
     source_probabilities,
 )
 from campar_ray.evaluate import compare_runs, evaluate
+from campar_ray.evaluate.plots import image_caption
 from campar_ray.export import export_model
 from campar_ray.metrics import THRESHOLD_PROTOCOLS, choose_threshold, par_metrics, summary
 from campar_ray.model import build_model, stage1_loss
@@ -115,10 +116,11 @@ def train_tiny_run(run_dir: Path, manifest: str, head: str, epochs: int = 2) -> 
     history = []
     for epoch in range(1, epochs + 1):
         stats = train_one_epoch(model, train, optimizer, stage1_loss, device=CPU)
-        predictions = evaluate_epoch(model, val, logits_fn, device=CPU)
+        predictions = evaluate_epoch(model, val, logits_fn, device=CPU, loss_fn=stage1_loss)
         metrics = {
             "epoch": epoch,
             "train_loss": stats.loss,
+            "val_loss": predictions.loss_sum / len(predictions.probs),
             **validation_metrics(predictions.labels, predictions.probs, info.eval_indices()),
             "lr": optimizer.param_groups[0]["lr"],
         }
@@ -257,6 +259,24 @@ def _table_rows(markdown: str, heading: str) -> list[list[str]]:
     section = markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("|")]
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
+def test_cam_overlays_show_distinct_persons(report, runs):
+    """The test split lists each person's images together (3 of p00001 first): the overlays
+    take one image of each of four persons instead of the first four images."""
+    markdown = Path(report["files"]["markdown"]).read_text()
+    names = [row[0] for row in _table_rows(markdown, "Class activation maps")]
+    table, _ = read_manifest(str(runs["manifest"]))
+    images, identities = table.column("image").to_pylist(), table.column("identity").to_pylist()
+    person = dict(zip(images, identities, strict=True))
+    assert len(names) == 4 and len({person[name] for name in names}) == 4
+
+
+def test_cam_captions_keep_the_whole_file_name():
+    name = "/data/PETA/PETA dataset/TownCentre/archive/0123_FRAME_2011_RGB_of_a_person.png"
+    caption = image_caption(name)
+    assert caption.replace("\n", "") == "TownCentre/archive/0123_FRAME_2011_RGB_of_a_person.png"
+    assert max(map(len, caption.splitlines())) <= 24
 
 
 def test_report_numbers_equal_metrics_json(report):

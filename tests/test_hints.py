@@ -11,6 +11,7 @@ command again with the hint and checks that the refusal is gone.
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import shlex
 from pathlib import Path
@@ -120,3 +121,93 @@ def test_quoted_commands_in_the_package_name_flags_they_accept():
             found += 1
             assert set(hinted_flags(rest)) <= flags, (path.name, command, rest)
     assert found > 5
+
+
+def commands() -> list[str]:
+    (subparsers,) = (
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    return list(subparsers.choices)
+
+
+def message_texts(tree: ast.AST) -> list[tuple[int, str]]:
+    """Every string a module may print: string constants and f-strings (placeholders as
+    ``{}``), less docstrings and the flags and help texts of argument definitions."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                skipped.add(id(body[0].value))
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if name in ("add_argument", "_shorthand", "add_parser"):
+                skipped |= {id(sub) for arg in node.args for sub in ast.walk(arg)}
+                skipped |= {id(sub) for kw in node.keywords for sub in ast.walk(kw.value)}
+    texts = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.JoinedStr):
+            parts = [v.value if isinstance(v, ast.Constant) else "{}" for v in node.values]
+            texts.append((node.lineno, "".join(map(str, parts))))
+            skipped |= {id(value) for value in node.values}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            texts.append((node.lineno, node.value))
+    return texts
+
+
+QUOTED = re.compile(r"campar ([a-z-]+)((?: [^ `'\")]+)*)")
+"""A quoted command line (``campar pack ... --decode``): its flags are the quoted command's,
+checked by :func:`test_quoted_commands_in_the_package_name_flags_they_accept`."""
+
+
+HINTS: tuple[tuple[str, str, tuple[str, ...] | str], ...] = (
+    ("data/manifest.py", "is outside", "--allow-outside-root"),
+    ("data/manifest.py", "no manifest given", ("train", "tune", "doctor")),
+    ("data/ray_pipeline.py", "", ("train", "tune", "demo")),
+    ("data/converters/", "", ("prepare",)),
+    ("train/", "", ("train",)),
+    ("run/checkpoints.py", "", ("train",)),
+    ("tune/", "", ("tune",)),
+    ("preflight.py", "", ("train", "doctor")),
+    ("predict.py", "", ("predict",)),
+    ("runtime.py", "", "--address"),
+)
+"""Which commands can print a message: (module or package folder, a regex the message
+matches, the commands, or a flag: every command that accepts it). A hint there must name
+flags that every one of them accepts. Other messages are shared by many commands; each flag
+they name must be one that some command accepts."""
+
+
+def printers(module: str, text: str) -> tuple[str, ...]:
+    for prefix, pattern, who in HINTS:
+        if module.startswith(prefix) and re.search(pattern, text):
+            if isinstance(who, str):
+                return tuple(c for c in commands() if who in accepted_flags(c))
+            return who
+    return ()
+
+
+def test_every_hint_in_the_package_names_flags_its_commands_accept():
+    """Each ``--flag`` a message of the package names (outside a quoted ``campar CMD ...``)
+    is accepted by every command that can print that message."""
+    package = Path(__file__).resolve().parents[1] / "campar_ray"
+    known = set().union(*map(accepted_flags, commands())) | {"--version", "--help"}
+    checked, wrong = 0, []
+    for path in sorted(package.rglob("*.py")):
+        module = path.relative_to(package).as_posix()
+        for line, text in message_texts(ast.parse(path.read_text())):
+            for flag in hinted_flags(QUOTED.sub("", text)):
+                checked += 1
+                if flag not in known:
+                    wrong.append(f"{module}:{line}: {flag} is no campar flag: {text!r}")
+                wrong += [
+                    f"{module}:{line}: campar {command} does not accept {flag}: {text!r}"
+                    for command in printers(module, text)
+                    if flag not in accepted_flags(command)
+                ]
+    assert not wrong, "\n".join(wrong)
+    assert checked > 20

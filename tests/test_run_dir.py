@@ -10,6 +10,7 @@ then `--fresh`.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def test_more_epochs_resume_the_run_and_fresh_starts_over_in_place(tiny_run, cap
     assert _epochs(run_dir) == [1, 2]
     history = stage1_checkpoints(str(run_dir))[-1][1]["history"]
     assert [m["epoch"] for m in history] == [1, 2] and history[0] == tiny_run.epoch1
+    assert all(0 < m["val_loss"] < math.inf for m in history)  # the report's val-loss curve
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 2
     runs = _mlflow_runs(tiny_run.mlflow_uri)
     assert list(runs) == [first] and runs[first][1] == [1, 2]  # the same MLflow run goes on

@@ -100,6 +100,23 @@ def test_train_one_epoch_learns_and_counts_images():
     predictions = evaluate(model, _batches(seed=1), lambda out: out, device=CPU)
     metrics = validation_metrics(predictions.labels, predictions.probs, [0, 1, 2])
     assert metrics["val_mA"] > 0.9
+    assert predictions.loss_sum is None  # no loss asked for
+
+
+def test_evaluate_gives_the_validation_loss_as_training_measures_it():
+    """The validation loss is training's loss on the validation images, averaged per image as
+    the training loss is: on the data it trained on, the two agree (no step between)."""
+    torch.manual_seed(0)
+    model, data = TinyNet(), _batches(invalid=3)
+    predictions = evaluate(model, data, lambda out: out, device=CPU, loss_fn=_bce)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # measures, changes nothing
+    stats = train_one_epoch(model, data, optimizer, _bce, device=CPU)
+    assert predictions.loss_sum / len(predictions.probs) == pytest.approx(stats.loss, rel=1e-5)
+    halves = [
+        evaluate(model, data[i::2], lambda out: out, device=CPU, loss_fn=_bce) for i in (0, 1)
+    ]
+    merged = merge_predictions(halves)  # workers' shares add up
+    assert merged.loss_sum == pytest.approx(predictions.loss_sum, rel=1e-5)
 
 
 def test_undecodable_rows_are_dropped_and_counted_and_empty_batches_skip_the_step():

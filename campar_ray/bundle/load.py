@@ -8,6 +8,8 @@ read from the files :func:`save_bundle` wrote when a bundle is.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow.compute as pc
 import yaml
@@ -40,7 +42,7 @@ from campar_ray.decision import (
     run_threshold,
     save_calibration,
 )
-from campar_ray.model import load_network
+from campar_ray.model import load_network, resolve_inputs
 from campar_ray.run.checkpoints import META_FILE, MODEL_FILE, best_checkpoint, read_meta
 from campar_ray.run.layout import CALIBRATION_FILE, CFAR_DIR, CONFIG_FILE, RunDir
 
@@ -149,13 +151,16 @@ def sample_images(config: Config, split: str, count: int) -> np.ndarray:
     rows = table.filter(pc.equal(table.column("split"), split))
     column = "binary" if "binary" in rows.column_names else "image"
     images = []
+    data = resolve_inputs(config).data  # resized as the run's encoder wants
+    read = functools.partial(
+        read_image, root=info.root, limits=ImageLimits.of(data), size=tuple(data.image_size),
+        stored=info.pixels, interpolation=data.interpolation,
+    )  # fmt: skip
     for source in rows.column(column).to_pylist():
         if len(images) == count:
             break
         try:
-            size = tuple(config.data.image_size)
-            limits = ImageLimits.of(config.data)
-            images.append(read_image(source, info.root, limits, size=size, stored=info.pixels))
+            images.append(read(source))
         except (ValueError, OSError):
             continue
     return np.stack(images) if images else empty

@@ -19,7 +19,7 @@ from campar_ray.config import Config
 from campar_ray.data.images import read_image
 from campar_ray.data.transforms import resize
 from campar_ray.decision import Calibration, Threshold, calibrated_probabilities, final_logits
-from campar_ray.model import ParModel, ParOutput, Scorer
+from campar_ray.model import ParModel, ParOutput, Scorer, resolve_inputs
 
 Image = np.ndarray | str | os.PathLike
 
@@ -47,7 +47,9 @@ class ParPredictor:
         calibration: Calibration | None = None,
     ):
         self.scorer = Scorer(model)
-        self.config = config
+        self.config = resolve_inputs(config)
+        """The run's config, its ``data.interpolation`` the encoder's filter (older runs saved
+        ``encoder``)."""
         self.attributes = tuple(attributes)
         self.eval_attributes = tuple(eval_attributes)
         self.decision = threshold
@@ -67,6 +69,11 @@ class ParPredictor:
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.config.data.image_size)
+
+    @property
+    def interpolation(self) -> str:
+        """The filter images are resized with: the encoder's own (``data.interpolation``)."""
+        return self.config.data.interpolation
 
     @property
     def threshold(self) -> float | tuple[float, ...]:
@@ -96,9 +103,11 @@ class ParPredictor:
                         f"image {index} must be an H x W x 3 uint8 array, got "
                         f"{image.dtype} {image.shape}"
                     )
-                batch[index] = resize(image, self.image_size)
+                batch[index] = resize(image, self.image_size, self.interpolation)
             else:
-                batch[index] = read_image(os.fspath(image), "", size=self.image_size)
+                batch[index] = read_image(
+                    os.fspath(image), "", size=self.image_size, interpolation=self.interpolation
+                )
         return torch.from_numpy(batch)
 
     def stage1(self, x: Tensor, return_cams: bool = False) -> ParOutput:

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from campar_ray import storage
 from campar_ray.config import DataConfig
 from campar_ray.data.manifest import OutsideRootError, guard_image, resolve_image
-from campar_ray.data.transforms import resize_image
+from campar_ray.data.transforms import BILINEAR, resize_image
 
 MAX_IMAGE_PIXELS = DataConfig.max_image_pixels
 
@@ -72,6 +72,7 @@ def read_image(
     size: tuple[int, int] | None = None,
     mirror: bool = False,
     stored: tuple[int, int] | None = None,
+    interpolation: str = BILINEAR,
 ) -> np.ndarray:
     """Load and decode one manifest image within ``limits`` (resized, mirrored: see
     :func:`decode_image`); raises one of :data:`UNREADABLE`.
@@ -87,7 +88,9 @@ def read_image(
     if isinstance(image, str):
         image, root = guard_image(image, root, allow_outside_root=limits.allow_outside_root), ""
     data = load_image_bytes(image, root)
-    return decode_image(data, max_pixels=limits.max_pixels, size=size, mirror=mirror)
+    return decode_image(
+        data, max_pixels=limits.max_pixels, size=size, mirror=mirror, interpolation=interpolation
+    )
 
 
 def stored_pixels(
@@ -126,6 +129,7 @@ def decode_image(
     max_pixels: int = MAX_IMAGE_PIXELS,
     size: tuple[int, int] | None = None,
     mirror: bool = False,
+    interpolation: str = BILINEAR,
 ) -> np.ndarray:
     """Decode PNG/JPEG/BMP/... bytes to an H x W x 3 uint8 RGB array, resized to ``size``
     ``(H, W)`` when given and mirrored left-right when ``mirror``.
@@ -152,7 +156,7 @@ def decode_image(
             if mirror:
                 rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if size is not None:
-                rgb = resize_image(rgb, size)
+                rgb = resize_image(rgb, size, interpolation)
             array = np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
     except ImageDecodeError:
         raise

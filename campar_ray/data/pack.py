@@ -48,6 +48,7 @@ from campar_ray.data.manifest import (
     output_root,
     read_manifest,
 )
+from campar_ray.data.transforms import BILINEAR
 
 SHARD_MB = 256.0
 """Default shard size: large enough that a cluster makes few requests, small enough that
@@ -86,6 +87,7 @@ def pack_rows(
     max_pixels: int = MAX_IMAGE_PIXELS,
     decode: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    interpolation: str = BILINEAR,
 ) -> PackReport:
     """Write ``table`` with each row's image bytes (decoded pixels at ``decode`` = ``(H, W)``
     when given) as a packed manifest at ``out``.
@@ -97,7 +99,9 @@ def pack_rows(
     it into the packed shards. A missing image raises ``FileNotFoundError`` naming it (and
     leaves no partial manifest). ``progress(done, total)`` follows the rows read.
     """
-    load = functools.partial(_image_bytes, root=root, max_pixels=max_pixels, decode=decode)
+    load = functools.partial(
+        _image_bytes, root=root, max_pixels=max_pixels, decode=decode, interpolation=interpolation
+    )
     stored = dataclasses.replace(info, pixels=tuple(decode) if decode else None)
     done, written = 0, 0
     skipped: list[tuple[str, str]] = []
@@ -130,9 +134,10 @@ def pack_manifest(
     limits: ImageLimits = STRICT,
     decode: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    interpolation: str = BILINEAR,
 ) -> PackReport:
     """``campar pack``: re-write the path manifest ``manifest`` as packed shards at ``out``
-    (of decoded ``(H, W)`` pixels with ``decode``).
+    (of decoded ``(H, W)`` pixels with ``decode``, resized with ``interpolation``).
 
     ``out`` is checked to be writable (bucket, credentials) first, then every image
     reference to stay in the manifest's folder (unless ``limits`` allow otherwise), all
@@ -154,17 +159,18 @@ def pack_manifest(
         max_pixels=limits.max_pixels,
         decode=decode,
         progress=progress,
+        interpolation=interpolation,
     )
 
 
 def _image_bytes(
-    image: str, *, root: str, max_pixels: int, decode: tuple[int, int] | None
+    image: str, *, root: str, max_pixels: int, decode: tuple[int, int] | None, interpolation: str
 ) -> tuple[bytes | None, str | None]:
     """``(bytes to store, None)`` for an image (its encoded file, or its pixels decoded at
     ``decode``), ``(None, why)`` for a file that is none."""
     data = load_image_bytes(image, root)
     try:
-        pixels = decode_image(data, max_pixels=max_pixels, size=decode)
+        pixels = decode_image(data, max_pixels=max_pixels, size=decode, interpolation=interpolation)
     except ImageDecodeError as error:
         return None, str(error)
     return (data if decode is None else pixels.tobytes()), None

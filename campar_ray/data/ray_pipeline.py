@@ -42,7 +42,7 @@ from campar_ray.data.manifest import (
     manifest_files,
     subset_rows,
 )
-from campar_ray.data.transforms import Shift, shift_into
+from campar_ray.data.transforms import BILINEAR, Shift, shift_into
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def decode_batch(
     pad: int | None = None,
     stored: tuple[int, int] | None = None,
     reasons: bool = False,
+    interpolation: str = BILINEAR,
 ) -> dict[str, np.ndarray]:
     """Load, decode and resize every image of a batch (and augment it, given ``pad``); flag
     the ones that fail. ``stored``: the manifest holds pixels decoded at that size
@@ -95,7 +96,10 @@ def decode_batch(
     for index, (source, shift) in enumerate(zip(sources, shifts, strict=True)):
         try:
             mirror = bool(shift and shift.flip)
-            pixels = read_image(source, root, limits, size=size, mirror=mirror, stored=stored)
+            pixels = read_image(
+                source, root, limits, size=size, mirror=mirror, stored=stored,
+                interpolation=interpolation,
+            )  # fmt: skip
         except UNREADABLE as error:
             logger.warning("skipping image %s: %s", batch["image"][index], error)
             errors[index] = f"{type(error).__name__}: {error}"
@@ -138,8 +142,8 @@ def build_dataset(
         raise ManifestError(
             f"manifest {info.path} stores images decoded at {height}x{width} (campar pack "
             f"--decode) but data.image_size is {data.image_size[0]}x{data.image_size[1]}: set "
-            f"data.image_size=[{height},{width}] or pack again with --decode "
-            f"{data.image_size[0]}x{data.image_size[1]}"
+            f"data.image_size=[{height},{width}] or pack again at this size (campar pack "
+            f"--decode --set data.image_size=[{data.image_size[0]},{data.image_size[1]}])"
         )
     pieces = plan_pieces(
         info.path, split, data.decode_concurrency, seed if train else None, subset=data.subset
@@ -153,6 +157,7 @@ def build_dataset(
         pad=data.pad if train else None,
         limits=ImageLimits.of(data),
         stored=info.pixels,
+        interpolation=data.interpolation,
     )
     return ray.data.read_datasource(
         source,
@@ -265,12 +270,16 @@ def decode_piece(
     limits: ImageLimits = STRICT,
     pad: int | None = None,
     stored: tuple[int, int] | None = None,
+    interpolation: str = BILINEAR,
 ) -> list[Block]:
     """Read and decode (and augment, given ``pad``) one piece: a read task's output, one block
     of :func:`decode_batch`'s columns."""
     rows = read_piece(file, row_group, first, offsets)
     batch = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in rows.column_names}
-    decoded = decode_batch(batch, root=root, size=size, limits=limits, pad=pad, stored=stored)
+    decoded = decode_batch(
+        batch, root=root, size=size, limits=limits, pad=pad, stored=stored,
+        interpolation=interpolation,
+    )  # fmt: skip
     return [BlockAccessor.batch_to_block(decoded)]
 
 
@@ -293,8 +302,10 @@ class ManifestPieces(Datasource):
         pad: int | None,
         limits: ImageLimits = STRICT,
         stored: tuple[int, int] | None = None,
+        interpolation: str = BILINEAR,
     ) -> None:
         super().__init__()
+        self._interpolation = interpolation
         self._pieces = pieces
         self._root = root
         self._size = size
@@ -336,6 +347,7 @@ class ManifestPieces(Datasource):
                 limits=self._limits,
                 pad=self._pad,
                 stored=self._stored,
+                interpolation=self._interpolation,
             )
             metadata = BlockMetadata(
                 num_rows=len(rows),

@@ -20,24 +20,46 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from campar_ray.config import CHOICES
 
-def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize a Pillow image to ``size = (H, W)`` (bilinear, antialiased).
+BILINEAR = "bilinear"
+"""The default filter: what torchvision's ``Resize`` applies to PIL images, so the pixels match
+the reference recipe's input."""
+ENCODER = "encoder"
+"""``data.interpolation``'s default: the encoder's own filter. Wherever an encoder is known
+(training, a run's predictor, ``pack --decode``) :func:`campar_ray.model.resolve_inputs`
+replaces it by the encoder's filter first; image code without an encoder (benchmarks of the
+input pipeline) reads it as :data:`BILINEAR`, every torchvision encoder's filter."""
+FILTERS = {name: Image.Resampling[name.upper()] for name in CHOICES["data.interpolation"][1:]}
+"""Pillow's filter for each named interpolation (``data.interpolation`` once resolved)."""
 
-    PIL's bilinear filter is what torchvision's ``Resize`` applies to PIL images, so the
-    pixels match the reference recipe's input.
-    """
+
+def resample(interpolation: str) -> Image.Resampling:
+    """Pillow's filter called ``interpolation`` (:data:`ENCODER`: bilinear)."""
+    try:
+        return FILTERS[BILINEAR if interpolation == ENCODER else interpolation]
+    except KeyError:
+        raise ValueError(
+            f"data.interpolation {interpolation!r} is not a resize filter; one of: "
+            f"{', '.join(CHOICES['data.interpolation'])}"
+        ) from None
+
+
+def resize_image(
+    image: Image.Image, size: tuple[int, int], interpolation: str = BILINEAR
+) -> Image.Image:
+    """Resize a Pillow image to ``size = (H, W)`` with ``interpolation`` (antialiased)."""
     height, width = size
     if image.size == (width, height):
         return image
-    return image.resize((width, height), Image.BILINEAR)
+    return image.resize((width, height), resample(interpolation))
 
 
-def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = BILINEAR) -> np.ndarray:
     """:func:`resize_image` for an ``H x W x 3`` uint8 array already decoded."""
     if image.shape[:2] == tuple(size):
         return image
-    return np.asarray(resize_image(Image.fromarray(image), size))
+    return np.asarray(resize_image(Image.fromarray(image), size, interpolation))
 
 
 @dataclass(frozen=True)

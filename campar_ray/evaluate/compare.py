@@ -73,7 +73,7 @@ def compare_runs(
             try:
                 images = load_split_images(
                     config.data.manifest, split, predictor.image_size, angle_images,
-                    ImageLimits.of(config.data),
+                    ImageLimits.of(config.data), predictor.config.data.interpolation,
                 )  # fmt: skip
             except (FileNotFoundError, ValueError) as error:
                 notes.append(f"No angles for {run_dir}: its images cannot be read ({error}).")

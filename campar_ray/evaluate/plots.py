@@ -9,7 +9,6 @@ the very same bytes in its HTML page.
 from __future__ import annotations
 
 import io
-import posixpath
 from collections.abc import Sequence
 
 import numpy as np
@@ -92,7 +91,7 @@ def cam_grid(
     grid = figure.subplots(len(samples), columns, squeeze=False)
     for row, (sample, picked) in enumerate(zip(samples, shown, strict=True)):
         grid[row, 0].imshow(sample.pixels)
-        grid[row, 0].set_title(_short(posixpath.basename(sample.name)), fontsize=7)
+        grid[row, 0].set_title(image_caption(sample.name), fontsize=7)
         for column, index in enumerate(picked, start=1):
             axes = grid[row, column]
             axes.imshow(sample.pixels)
@@ -108,12 +107,16 @@ def cam_grid(
 
 
 def training_curves(history: Sequence[dict[str, float]]) -> bytes:
-    """Training loss, validation mA/F1 and learning rate per epoch."""
+    """Training and validation loss, validation mA/F1 and learning rate per epoch (runs
+    trained before the validation loss was recorded show the training loss alone)."""
     epochs = [entry["epoch"] for entry in history]
     figure = Figure(figsize=(10, 3.4), dpi=DPI)
     loss, quality, rate = figure.subplots(1, 3)
-    loss.plot(epochs, [entry["train_loss"] for entry in history], marker="o")
-    loss.set_title("training loss")
+    for key, label in (("train_loss", "training"), ("val_loss", "validation")):
+        if all(key in entry for entry in history):
+            loss.plot(epochs, [entry[key] for entry in history], marker="o", label=label)
+    loss.set_title("loss")
+    loss.legend(fontsize=8)
     for key, label in (("val_mA", "val mA"), ("val_f1", "val F1"), ("val_accuracy", "val Acc")):
         if all(key in entry for entry in history):
             quality.plot(epochs, [100 * entry[key] for entry in history], marker="o", label=label)
@@ -131,8 +134,11 @@ def training_curves(history: Sequence[dict[str, float]]) -> bytes:
     return _png(figure)
 
 
-def _short(name: str, limit: int = 22) -> str:
-    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+def image_caption(name: str, width: int = 24) -> str:
+    """An image's file name whole, with the two folders above it (PETA's subset and
+    ``archive``), on lines of ``width`` characters: a cut name can be told from no other."""
+    tail = "/".join(name.replace("\\", "/").split("/")[-3:])
+    return "\n".join(tail[start : start + width] for start in range(0, len(tail), width))
 
 
 def _png(figure: Figure) -> bytes:

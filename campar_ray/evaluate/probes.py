@@ -8,6 +8,7 @@ needs hundreds of images, not the whole split.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from campar_ray.bundle import ParPredictor
 from campar_ray.data.images import STRICT, ImageLimits, read_image
 from campar_ray.data.manifest import BINARY_COLUMN, labels_matrix, read_manifest
+from campar_ray.data.transforms import BILINEAR
 from campar_ray.model import feature_weight_angles
 from campar_ray.model.inputs import normalize
 from campar_ray.progress import Progress
@@ -27,15 +29,41 @@ BATCH = 32
 
 @dataclass(frozen=True)
 class SplitImages:
-    """Decoded, resized images of a split with their labels (all attributes) and names."""
+    """Decoded, resized images of a split with their labels (all attributes), names and
+    persons."""
 
     names: list[str]
     pixels: np.ndarray
     """uint8 N x H x W x 3."""
     labels: np.ndarray
+    identities: list[str]
+    """Each image's person (the manifest's ``identity``)."""
+
+    def take(self, indices: Sequence[int]) -> SplitImages:
+        return SplitImages(
+            [self.names[i] for i in indices],
+            self.pixels[list(indices)],
+            self.labels[list(indices)],
+            [self.identities[i] for i in indices],
+        )
 
     def first(self, count: int) -> SplitImages:
-        return SplitImages(self.names[:count], self.pixels[:count], self.labels[:count])
+        return self.take(range(min(count, len(self.names))))
+
+    def distinct_persons(self, count: int) -> SplitImages:
+        """Up to ``count`` images, each of another person, spread over the split: a data set
+        lists a person's images together, so the first few are often one person. With fewer
+        persons than ``count``, further images of theirs fill the rest."""
+        firsts, seen = [], set()
+        for index, person in enumerate(self.identities):
+            if person not in seen:
+                seen.add(person)
+                firsts.append(index)
+        spread = np.unique(np.linspace(0, len(firsts) - 1, min(count, len(firsts))).astype(int))
+        chosen = [firsts[i] for i in spread] if firsts else []
+        taken = set(chosen)
+        rest = [i for i in range(len(self.names)) if i not in taken]
+        return self.take(chosen + rest[: max(0, count - len(chosen))])
 
 
 @dataclass(frozen=True)
@@ -51,9 +79,15 @@ class CamSample:
 
 
 def load_split_images(
-    manifest: str, split: str, size: tuple[int, int], limit: int, limits: ImageLimits = STRICT
+    manifest: str,
+    split: str,
+    size: tuple[int, int],
+    limit: int,
+    limits: ImageLimits = STRICT,
+    interpolation: str = BILINEAR,
 ) -> SplitImages:
-    """Up to ``limit`` decodable images of ``split``, evenly spaced over the split, read
+    """Up to ``limit`` decodable images of ``split``, evenly spaced over the split, resized
+    with ``interpolation`` (the run's encoder's filter) and read
     through the manifest guard under ``limits`` (the run's ``data``)."""
     if not manifest:
         raise FileNotFoundError("the run's config names no manifest (data.manifest is empty)")
@@ -65,18 +99,21 @@ def load_split_images(
     rows = rows.take(picked)
     sources = rows.column(BINARY_COLUMN if BINARY_COLUMN in rows.column_names else "image")
     names, pixels, keep = [], [], []
+    identities = rows.column("identity").to_pylist()
+    options = {"size": size, "stored": info.pixels, "interpolation": interpolation}
     for index, (name, source) in enumerate(
         zip(rows.column("image").to_pylist(), sources.to_pylist(), strict=True)
     ):
         try:
-            pixels.append(read_image(source, info.root, limits, size=size, stored=info.pixels))
+            pixels.append(read_image(source, info.root, limits, **options))
         except (ValueError, OSError):
             continue
         names.append(name)
         keep.append(index)
     labels = labels_matrix(rows)[keep]
     empty = np.zeros((0, *size, 3), dtype=np.uint8)
-    return SplitImages(names, np.stack(pixels) if pixels else empty, labels)
+    persons = [identities[i] for i in keep]
+    return SplitImages(names, np.stack(pixels) if pixels else empty, labels, persons)
 
 
 def eval_mask(predictor: ParPredictor) -> np.ndarray:

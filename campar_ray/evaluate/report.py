@@ -268,6 +268,7 @@ def _image_sections(
             predictor.image_size,
             max(angle_images, cam_images, 1),
             ImageLimits.of(config.data),
+            predictor.config.data.interpolation,
         )
     except (FileNotFoundError, ValueError) as error:
         note = f"Skipped: the run's images cannot be read ({error})."
@@ -280,13 +281,13 @@ def _image_sections(
             other_data = run_config(baseline_run).data
             other_images = load_split_images(
                 other_data.manifest, split, other.image_size, angle_images,
-                ImageLimits.of(other_data),
+                ImageLimits.of(other_data), other.config.data.interpolation,
             )  # fmt: skip
             groups[run_label(other.config, baseline_run)] = angles(other, other_images)
         angle_section.blocks += _angle_blocks(groups)
     else:
         angle_section.blocks.append("Skipped: angle_images is 0.")
-    samples = cam_samples(predictor, images, cam_images)
+    samples = cam_samples(predictor, images.distinct_persons(cam_images), cam_images)
     if samples:
         cam_section.blocks += _cam_blocks(samples, predictor, cams_per_image)
     else:

@@ -6,6 +6,8 @@ from campar_ray.model.backbone import (
     TimmBackbone,
     build_backbone,
     check_backbone,
+    encoder_interpolation,
+    resolve_inputs,
     torchvision_backbones,
 )
 from campar_ray.model.campar import (
@@ -63,6 +65,7 @@ __all__ = [
     "build_top",
     "check_backbone",
     "class_activation_maps",
+    "encoder_interpolation",
     "feature_weight_angles",
     "init_bias_from_prior",
     "load_network",
@@ -70,6 +73,7 @@ __all__ = [
     "positive_ratio",
     "read_state_dict",
     "rebuild_network",
+    "resolve_inputs",
     "stage1_loss",
     "torchvision_backbones",
 ]

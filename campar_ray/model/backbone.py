@@ -23,6 +23,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from campar_ray.config import Config
+from campar_ray.data.transforms import BILINEAR, ENCODER, FILTERS
 from campar_ray.model.inputs import IMAGENET_MEAN, IMAGENET_STD
 from campar_ray.model.pretrained import (
     KEY_RULES,
@@ -45,8 +47,10 @@ __all__ = [
     "TorchvisionBackbone",
     "WeightsError",
     "build_backbone",
+    "encoder_interpolation",
     "load_weights",
     "read_state_dict",
+    "resolve_inputs",
     "torchvision_backbones",
 ]
 
@@ -160,6 +164,27 @@ def _check_timm_name(name: str) -> None:
         raise ValueError(
             f"unknown timm model {name!r}; close names: {', '.join(close) or 'none'}. {_TIMM_HINT}"
         )
+
+
+def encoder_interpolation(name: str) -> str:
+    """The resize filter the encoder ``name``'s pretrained weights expect: timm's pretrained
+    configuration for a ``timm:`` model (``bicubic`` for most), else bilinear (torchvision's
+    ``Resize``). Read from timm's table, without building the network."""
+    if name.startswith(TIMM_PREFIX):
+        from timm.models import get_pretrained_cfg
+
+        pretrained = get_pretrained_cfg(name[len(TIMM_PREFIX) :])
+        if pretrained is not None and pretrained.interpolation in FILTERS:
+            return pretrained.interpolation
+    return BILINEAR
+
+
+def resolve_inputs(config: Config) -> Config:
+    """``config`` with ``data.interpolation: encoder`` replaced by the encoder's own filter
+    (:func:`encoder_interpolation`): what a run saves, and what the data layer resizes with."""
+    if config.data.interpolation != ENCODER:
+        return config
+    return config.override({"data.interpolation": encoder_interpolation(config.model.backbone)})
 
 
 def build_backbone(name: str, weights: str = "none") -> Backbone:

@@ -76,6 +76,9 @@ class Predictions:
     skipped: int
     logits: np.ndarray | None = None
     """The logits whose sigmoid ``probs`` is (kept as each epoch's evidence)."""
+    loss_sum: float | None = None
+    """The training loss summed over the images (given a ``loss_fn``): the validation loss
+    that goes beside the training loss."""
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Adam:
@@ -286,28 +289,36 @@ def evaluate(
     device: torch.device,
     amp: bool = False,
     channels_last: bool = False,
+    loss_fn: Callable[[object, torch.Tensor], torch.Tensor] | None = None,
 ) -> Predictions:
-    """Sigmoid of ``logits_fn(model(x))`` for every valid image, with its labels.
+    """Sigmoid of ``logits_fn(model(x))`` for every valid image, with its labels, and the
+    summed ``loss_fn(model(x), labels)`` when given (training's loss, on these images).
 
     Pass the unwrapped module under DDP: evaluation shards may differ in length across
     ranks, and a plain module issues no collective that could wait for a finished rank.
     """
     model.eval()
     labels, probs, raw, skipped = [], [], [], 0
+    loss_sum = None if loss_fn is None else 0.0
     for batch in batches:
         x, y, dropped = prepare_batch(batch, device, channels_last, model)
         skipped += dropped
         if len(x) == 0:
             continue
         with autocast(device, amp):
-            logits = logits_fn(model(x))
+            output = model(x)
+            logits = logits_fn(output)
+            if loss_fn is not None:
+                loss_sum += float(loss_fn(output, y)) * len(y)
         raw.append(logits.float().cpu().numpy())
         probs.append(probabilities(raw[-1]))
         labels.append(y.cpu().numpy().astype(np.int8))
     if not probs:
         empty = np.zeros((0, 0), np.float32)
-        return Predictions(np.zeros((0, 0), np.int8), empty, skipped, empty)
-    return Predictions(np.concatenate(labels), np.concatenate(probs), skipped, np.concatenate(raw))
+        return Predictions(np.zeros((0, 0), np.int8), empty, skipped, empty, loss_sum)
+    return Predictions(
+        np.concatenate(labels), np.concatenate(probs), skipped, np.concatenate(raw), loss_sum
+    )
 
 
 def merge_predictions(parts: Iterable[Predictions]) -> Predictions:
@@ -323,6 +334,9 @@ def merge_predictions(parts: Iterable[Predictions]) -> Predictions:
         logits=None
         if any(part.logits is None for part in filled)
         else np.concatenate([part.logits for part in filled]),
+        loss_sum=None
+        if any(part.loss_sum is None for part in parts)
+        else sum(part.loss_sum for part in parts),
     )
 
 

@@ -47,7 +47,7 @@ from campar_ray.data.manifest import (
 )
 from campar_ray.data.ray_pipeline import build_dataset, data_execution_options
 from campar_ray.decision import fit_run_calibration
-from campar_ray.model import check_backbone, positive_ratio
+from campar_ray.model import check_backbone, positive_ratio, resolve_inputs
 from campar_ray.preflight import RunSections, check_cluster
 from campar_ray.run.checkpoints import (
     SCORE_KEY,
@@ -130,6 +130,7 @@ def train_stage1(
         checkpoint = check_resumable(config.run.dir, info.attributes)
         config = check_run_dir(config, stored, existing_run)
         check_weights(config.run.dir, checkpoint, config.model, len(info.attributes))
+    config = resolve_inputs(config)  # the encoder's resize filter, saved in config.yaml
     storage.check_writable(config.run.dir)
     init_ray(address, insecure=insecure)
     decode_tasks = check_cluster(RunSections.of(config))

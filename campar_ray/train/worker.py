@@ -221,7 +221,11 @@ def _worker_loop(setup: WorkerSetup) -> None:
         stats = _train_epoch(run, train_shard, epoch, history, resumed)
         resumed = None
         predictions = evaluate(
-            run.model, val_shard.iter_torch_batches(**run.batches), logits_fn, **run.options
+            run.model,
+            val_shard.iter_torch_batches(**run.batches),
+            logits_fn,
+            loss_fn=run.loss_fn,
+            **run.options,
         )
         merged = merge_predictions(_all_gather(predictions))
         metrics = _epoch_metrics(epoch, stats, merged, setup.eval_indices, history)
@@ -367,6 +371,7 @@ def _epoch_metrics(
         "epoch": epoch,
         "step": (history[-1]["step"] if history else 0) + stats.steps,
         "train_loss": stats.loss,
+        **({} if merged.loss_sum is None else {"val_loss": merged.loss_sum / len(merged.probs)}),
         **validation_metrics(merged.labels, merged.probs, eval_indices),
         "images_per_s": stats.images_per_s,
         "data_wait_fraction": stats.data_wait_fraction,
