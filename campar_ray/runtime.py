@@ -200,14 +200,34 @@ def _private_token_file() -> None:
 
 def terminate_as_interrupt() -> Callable | int | None:
     """Make SIGTERM raise as SIGINT (Ctrl-C) does, in the main thread; return the handler it
-    replaced (None off the main thread, where no handler can be set).
+    replaced (None off the main thread, where no handler can be set). :func:`terminated`
+    then tells the two apart.
 
     ``ray.init`` sets its own (``sys.exit``), under which a stopped search died with Ray's C++
-    stack dump and exit 134; :func:`init_ray` sets this one again after joining.
+    stack dump and exit 134; :func:`init_ray` sets this one again after joining. Raising
+    SIGINT (rather than KeyboardInterrupt) lets whoever handles Ctrl-C at that moment act: Ray
+    Tune ends its search gracefully, saving the finished trials.
     """
+    global _terminated
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    _terminated = False
+    return signal.signal(signal.SIGTERM, _terminate)
+
+
+_terminated = False
+
+
+def _terminate(*_: object) -> None:
+    global _terminated
+    _terminated = True
+    signal.raise_signal(signal.SIGINT)
+
+
+def terminated() -> bool:
+    """True when SIGTERM stopped this process's command (since the CLI set the handler),
+    False for Ctrl-C."""
+    return _terminated
 
 
 class _LogFile(logging.FileHandler):

@@ -66,6 +66,7 @@ from campar_ray.train.loop import (
     validation_metrics,
 )
 from campar_ray.train.monitor import EpochMonitor, StepPoster
+from campar_ray.train.persist import persist_checkpoint
 from campar_ray.train.progress import PROGRESS_KEY, progress_line
 
 logger = logging.getLogger(__name__)
@@ -415,5 +416,5 @@ def _report(run: _Run, metrics: dict[str, float], meta: dict[str, Any]) -> None:
             }
             save_checkpoint(folder, run.model, run.optimizer, run.scheduler, run.scaler, meta)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=persist_checkpoint)
     run.clock.restart()
