@@ -28,6 +28,7 @@ authentication mode is fixed per process) and only an "unauthenticated" refusal 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -242,6 +243,14 @@ class _LogFile(logging.FileHandler):
     def _open(self):  # logging.FileHandler opens the file here
         os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
         return super()._open()
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Drop a record the file cannot take (a full disk) instead of printing logging's
+        traceback on the terminal: the command's own one line says what failed."""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the last lines' flush, on a full disk
+            super().close()
 
 
 def _route_output() -> str:

@@ -186,8 +186,9 @@ def worker_loop(loop_config: dict[str, WorkerSetup]) -> None:
 
 def recurs(error: BaseException) -> bool:
     """True when a restart from the checkpoint would meet ``error`` again: a ``ValueError``
-    (bad data or config) or a ``FloatingPointError`` (a diverged loss), raised in the worker
-    or in a Ray Data read task feeding it.
+    (bad data or config, or a write the run's disk has no room for: a
+    :class:`~campar_ray.storage.WriteError`) or a ``FloatingPointError`` (a diverged loss),
+    raised in the worker or in a Ray Data read task feeding it.
 
     A read task's error reaches the worker as a ``RayTaskError`` holding the task's own
     exception in ``cause``; it is judged by that exception, never by the wrapper's type or
