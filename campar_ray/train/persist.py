@@ -11,10 +11,12 @@ record of every checkpoint, so that none could be resumed.
 :func:`persist_checkpoint` is the worker's ``checkpoint_upload_fn``: on a local disk it first
 checks that the checkpoint fits with :data:`ROOM_MARGIN` to spare, then lets Ray copy it,
 deleting the folder if the copy fails anyway (another process filled the disk meanwhile).
-Either way it raises :class:`~campar_ray.storage.WriteError`, a ``ValueError``: the worker
-treats it as an error a restart would meet again (:func:`~campar_ray.train.worker.recurs`),
-so the run ends at once with that one line, with the previous checkpoint still the latest
-registered one, the one a re-run resumes from.
+Either way a local disk's failure raises :class:`~campar_ray.storage.WriteError`, a
+``ValueError``: the worker treats it as an error a restart would meet again
+(:func:`~campar_ray.train.worker.recurs`), so the run ends at once with that one line, with
+the previous checkpoint still the latest registered one, the one a re-run resumes from. On
+an object store the half-written folder is deleted too, but the error stays Ray's own: a
+lost connection may pass, so Ray Train restarts the group (``train.max_failures``) as before.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def persist_into(context: Any, checkpoint: ray.train.Checkpoint, name: str) -> r
     except (OSError, pa.ArrowException) as error:
         with contextlib.suppress(OSError, pa.ArrowException):
             filesystem.delete_dir(target)
+        if not local:  # an object store's error may pass (the network): Ray Train retries
+            raise
         raise storage.WriteError(
             f"cannot write checkpoint {target}: {storage.cause(error)}"
         ) from None
