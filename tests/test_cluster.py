@@ -27,13 +27,9 @@ from multinode import LocalCluster, wait_for
 from campar_ray import storage
 from campar_ray.runtime import InsecureClusterError, require_authentication
 
-# Epoch 1's checkpoint lands, the node dies, the new group trains epochs 2 and 3: one whole
-# epoch after the kill, and one epoch of margin for the kill to come before training ends.
-EPOCHS = 3
+EPOCHS = 4
 TINY = {
-    # A small network: each epoch's checkpoint (weights and Adam state) goes to the S3 server,
-    # a few MB here against about 135 MB for ResNet-18.
-    "model.backbone": "timm:mobilenetv3_small_050",
+    "model.backbone": "resnet18",
     "model.fusion": "false",
     "data.image_size": "[32, 16]",
     "train.epochs": str(EPOCHS),
