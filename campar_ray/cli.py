@@ -45,7 +45,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every failure a user can cause ends in one line on stderr: bad input
     (exit 2), a Ray Train / Ray Data failure as its root cause with the full trace in a log
-    file (exit 1), Ctrl-C (exit 130). Anything else is a bug and keeps its traceback."""
+    file (exit 1), Ctrl-C (exit 130) or SIGTERM (exit 143) with what was saved. Anything else
+    is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     config = None
@@ -58,14 +59,19 @@ def main(argv: list[str] | None = None) -> int:
             return args.handler(args, config)
     except _ray_failures() as error:  # first: Ray's errors may also be ValueErrors
         log, cause = _write_log(args, config, error), _root_cause(error)
+        if _is_write_error(error):  # a full disk: what a re-run, once there is room, resumes
+            cause += f"; {_saved(args, config)}"
         print(f"campar {args.command}: failed: {cause} (full trace: {log})", file=sys.stderr)
         return 1
     except (ConfigError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"campar {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"campar {args.command}: interrupted; {_saved(args, config)}", file=sys.stderr)
-        return 130
+        from campar_ray.runtime import terminated
+
+        stopped = "stopped by SIGTERM" if terminated() else "interrupted"
+        print(f"campar {args.command}: {stopped}; {_saved(args, config)}", file=sys.stderr)
+        return 143 if terminated() else 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -427,7 +433,9 @@ def _tune(args: argparse.Namespace, config: Config) -> int:
         metric=args.metric,
         resume=args.resume,
     )  # prints its progress and summary
-    return 0 if result.complete else 1
+    if not result.complete:  # Tune ends a search on Ctrl-C or SIGTERM instead of raising
+        raise KeyboardInterrupt
+    return 0
 
 
 # --- evaluate / compare ---------------------------------------------------------------------
@@ -710,9 +718,7 @@ def _root_cause(error: BaseException) -> str:
     """
     from ray.exceptions import UserCodeException
 
-    chain = [error]
-    while (inner := _inner(chain[-1])) is not None and inner not in chain:
-        chain.append(inner)
+    chain = _chain(error)
     if isinstance(chain[-1], UserCodeException):
         for wrapper in reversed(chain):
             raised = _RAISED.search(str(wrapper))
@@ -725,6 +731,22 @@ def _root_cause(error: BaseException) -> str:
 
 _RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)
 """The ``Type: message`` line of a traceback's text (the first one is the innermost)."""
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions behind it (:func:`_inner`), the innermost last."""
+    chain = [error]
+    while (inner := _inner(chain[-1])) is not None and inner not in chain:
+        chain.append(inner)
+    return chain
+
+
+def _is_write_error(error: BaseException) -> bool:
+    """True when a Ray failure comes from a write to the run's storage that failed (a full
+    disk in a training worker): the run itself can go on once there is room."""
+    from campar_ray.storage import WriteError
+
+    return isinstance(_chain(error)[-1], WriteError)
 
 
 def _inner(error: BaseException) -> BaseException | None:

@@ -28,6 +28,7 @@ authentication mode is fixed per process) and only an "unauthenticated" refusal 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -200,14 +201,34 @@ def _private_token_file() -> None:
 
 def terminate_as_interrupt() -> Callable | int | None:
     """Make SIGTERM raise as SIGINT (Ctrl-C) does, in the main thread; return the handler it
-    replaced (None off the main thread, where no handler can be set).
+    replaced (None off the main thread, where no handler can be set). :func:`terminated`
+    then tells the two apart.
 
     ``ray.init`` sets its own (``sys.exit``), under which a stopped search died with Ray's C++
-    stack dump and exit 134; :func:`init_ray` sets this one again after joining.
+    stack dump and exit 134; :func:`init_ray` sets this one again after joining. Raising
+    SIGINT (rather than KeyboardInterrupt) lets whoever handles Ctrl-C at that moment act: Ray
+    Tune ends its search gracefully, saving the finished trials.
     """
+    global _terminated
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    _terminated = False
+    return signal.signal(signal.SIGTERM, _terminate)
+
+
+_terminated = False
+
+
+def _terminate(*_: object) -> None:
+    global _terminated
+    _terminated = True
+    signal.raise_signal(signal.SIGINT)
+
+
+def terminated() -> bool:
+    """True when SIGTERM stopped this process's command (since the CLI set the handler),
+    False for Ctrl-C."""
+    return _terminated
 
 
 class _LogFile(logging.FileHandler):
@@ -222,6 +243,14 @@ class _LogFile(logging.FileHandler):
     def _open(self):  # logging.FileHandler opens the file here
         os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
         return super()._open()
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Drop a record the file cannot take (a full disk) instead of printing logging's
+        traceback on the terminal: the command's own one line says what failed."""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the last lines' flush, on a full disk
+            super().close()
 
 
 def _route_output() -> str:

@@ -33,9 +33,8 @@ class WriteError(StorageError, OSError):
     Still an ``OSError`` for callers that fall back elsewhere on one."""
 
 
-FULL = (
-    "no space left on the device (or over quota): free some space, or write elsewhere, and re-run"
-)
+FREE_SPACE = "free some space, or write elsewhere, and re-run"
+FULL = f"no space left on the device (or over quota): {FREE_SPACE}"
 # Substrings of pyarrow / AWS SDK errors -> the cause a user can act on.
 _CAUSES = (
     (("NO_SUCH_BUCKET", "NoSuchBucket", "Bucket '"), "the bucket does not exist"),
@@ -187,7 +186,7 @@ def write_bytes(path: str, data: bytes) -> None:
     except (OSError, pa.ArrowException) as error:
         if local and os.path.exists(tmp):
             os.remove(tmp)
-        raise WriteError(f"cannot write {path}: {_cause(error)}") from None
+        raise WriteError(f"cannot write {path}: {cause(error)}") from None
 
 
 @contextlib.contextmanager
@@ -241,7 +240,7 @@ def check_writable(path: str, *, create: bool = True) -> None:
             stream.write(b"probe")
         filesystem.delete_file(probe)
     except (OSError, pa.ArrowException) as error:
-        raise StorageError(f"cannot write to {path}: {_cause(error)}") from None
+        raise StorageError(f"cannot write to {path}: {cause(error)}") from None
 
 
 def _existing_folder(path: str) -> str:
@@ -251,7 +250,7 @@ def _existing_folder(path: str) -> str:
     return path
 
 
-def _cause(error: Exception) -> str:
+def cause(error: Exception) -> str:
     """The actionable reason in a storage error, else its first line."""
     if isinstance(error, OSError) and error.errno == errno.EROFS:
         return "read-only file system"

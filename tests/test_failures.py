@@ -27,7 +27,7 @@ from campar_ray.cli import main
 from campar_ray.config import load_config
 from campar_ray.data import generate_synthetic, read_manifest
 from campar_ray.data.manifest import write_manifest
-from campar_ray.run.checkpoints import best_checkpoint
+from campar_ray.run.checkpoints import best_checkpoint, resume_checkpoint
 
 MISSING_LOGITS = (
     "not found: stage 1 writes it when `campar train` finishes (re-run `campar train` with the "
@@ -196,7 +196,8 @@ def test_ctrl_c_and_sigterm_say_what_was_saved_and_how_to_resume(
     trained, tmp_path, capsys, no_training, monkeypatch, stop, snapshot
 ):
     """SIGTERM (a scheduler stopping the job) ends like Ctrl-C: one line naming the last
-    checkpoint Ray Train will resume from (or that there is none yet), exit 130."""
+    checkpoint Ray Train will resume from (or that there is none yet), exit 143 (130 for
+    Ctrl-C)."""
     run_dir = _copy(trained[1], tmp_path)
     checkpoint = Path(best_checkpoint(str(run_dir)))
     if snapshot:
@@ -214,13 +215,14 @@ def test_ctrl_c_and_sigterm_say_what_was_saved_and_how_to_resume(
     finally:
         signal.signal(signal.SIGINT, previous)
     assert signal.getsignal(signal.SIGTERM) is terminate  # the command put it back
-    assert code == 130 and out == ""
+    assert (code, out) == ((143, "") if stop == signal.SIGTERM else (130, ""))
     saved = (
         f"the last checkpoint saved is {checkpoint}; re-run the same command to resume from it"
         if snapshot
         else "no checkpoint was saved yet; re-run the same command to start again"
     )
-    assert err.strip() == f"campar train: interrupted; {saved}"
+    stopped = "stopped by SIGTERM" if stop == signal.SIGTERM else "interrupted"
+    assert err.strip() == f"campar train: {stopped}; {saved}"
     assert _state(run_dir) == before
 
 
@@ -762,6 +764,93 @@ def test_a_full_disk_during_bundle_is_one_line_and_leaves_no_partial_file(
         line,
     )
     assert list(full_disk.iterdir()) == []  # no model.pt.tmp, no half bundle
+
+
+@pytest.mark.ray
+def test_a_full_disk_during_train_is_one_line_and_the_last_checkpoint_stays_resumable(
+    tiny_run, full_disk, capsys
+):
+    """A run resumed on a disk with room for its small files but not for epoch 2's checkpoint
+    ends in one line that names the checkpoint folder, the fix and the checkpoint a re-run
+    resumes from; no half-written checkpoint is left or registered."""
+    _resize(full_disk, 2**29)
+    run_dir = Path(shutil.copytree(tiny_run.run_dir, full_disk / "run"))
+    checkpoints = run_dir / "ray" / "stage1"
+    epoch1 = Path(best_checkpoint(str(run_dir)))
+    snapshot = (checkpoints / "checkpoint_manager_snapshot.json").read_bytes()
+    before = {path.name for path in checkpoints.iterdir()}
+    used = shutil.disk_usage(full_disk).used
+    _resize(full_disk, used + 4 * 2**20)  # logs, config and epoch logits fit; no checkpoint
+    argv = ("--manifest", tiny_run.manifest, "--run-dir", str(run_dir), *tiny_run.argv)
+    code, _, err = run_campar(capsys, "train", *argv, "--epochs", "2")
+    assert code == 1 and "Traceback" not in err, err
+    assert re.fullmatch(
+        rf"campar train: failed: WriteError: cannot write checkpoint {re.escape(str(checkpoints))}"
+        r"/checkpoint_[\w.-]+: \d+\.\d MB free on its disk, \d+\.\d MB needed: free some space, "
+        rf"or write elsewhere, and re-run; the last checkpoint saved is {re.escape(str(epoch1))}; "
+        r"re-run the same command to resume from it \(full trace: \S+\)",
+        one_line(err),
+    )
+    assert {path.name for path in checkpoints.iterdir()} == before
+    assert (checkpoints / "checkpoint_manager_snapshot.json").read_bytes() == snapshot
+    assert resume_checkpoint(str(run_dir)) == str(epoch1) == best_checkpoint(str(run_dir))
+    assert not [path for path in run_dir.rglob("*.tmp*")]
+
+
+def _resize(mount: Path, size: int) -> None:
+    """Give the tmpfs at ``mount`` ``size`` bytes (at least what it holds)."""
+    import subprocess
+
+    size = -(-size // 4096) * 4096
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+
+def test_a_checkpoint_copy_that_fails_part_way_leaves_no_folder(tmp_path):
+    """Ray Train's own copy of a checkpoint (``persist_current_checkpoint``) failing mid-file,
+    as on a disk filled by another process after the room check: the half-copied folder is
+    deleted and the error is one line. The write fails for real, past this process's file
+    size limit (``RLIMIT_FSIZE``: EFBIG, "File too large"), so no mount is needed."""
+    import resource
+
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    from campar_ray.storage import FULL, WriteError
+    from campar_ray.train.persist import persist_into
+
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "meta.json").write_text("{}")
+    (local / "model.pt").write_bytes(b"\1" * 2**21)
+    context = StorageContext(str(tmp_path / "store"), "stage1")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+    try:
+        with pytest.raises(WriteError) as raised:
+            persist_into(context, Checkpoint.from_directory(str(local)), "checkpoint_x")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    target = tmp_path / "store" / "stage1" / "checkpoint_x"
+    assert str(raised.value) == f"cannot write checkpoint {target}: {FULL}"
+    assert not target.exists()
+
+
+def test_a_checkpoint_without_room_is_refused_before_a_byte_is_copied(tmp_path, monkeypatch):
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    from campar_ray.storage import WriteError
+    from campar_ray.train import persist
+
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "model.pt").write_bytes(b"\1" * 2**20)
+    context = StorageContext(str(tmp_path / "store"), "stage1")
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(persist, "ROOM_MARGIN", free)  # 1 MB more than the disk has
+    with pytest.raises(WriteError, match=r"MB free on its disk, \d+\.\d MB needed: free some"):
+        persist.persist_into(context, Checkpoint.from_directory(str(local)), "checkpoint_x")
+    assert not (tmp_path / "store" / "stage1" / "checkpoint_x").exists()
 
 
 @pytest.mark.ray

@@ -122,3 +122,20 @@ def test_a_local_cluster_keeps_its_http_ports_local_and_its_token_private(tmp_pa
     assert not [entry for entry in listening if entry[0] == "0.0.0.0"]
     token = tmp_path / ".ray" / "auth_token"
     assert token.is_file() and oct(token.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_log_file_on_a_full_disk_drops_records_without_a_traceback(capsys):
+    """``/dev/full`` answers every write with ENOSPC, as a full disk does: Ray's log lines
+    are dropped instead of each printing logging's "--- Logging error ---" traceback."""
+    import logging
+
+    handler = runtime._LogFile("/dev/full")
+    logger = logging.getLogger("campar-test-full-disk")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("a line for a full disk")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert capsys.readouterr().err == ""

@@ -8,6 +8,8 @@ import os
 import pickle
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +19,12 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import ray
 import ray._private.state as ray_state
 import ray.tune
-from cli_checks import Payload
+from cli_checks import Payload, one_line
 from mlflow.tracking import MlflowClient
+from multinode import wait_for
 from ray.util import placement_group_table
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -220,23 +224,38 @@ def test_rows_rank_complete_trials_only_and_explain_importance():
 # --- real searches ------------------------------------------------------------------------
 
 
-class InterruptAfter(ray.tune.Callback):
-    """Ctrl+C after ``count`` trials complete, once."""
+def _terminate_after(count: int, run: Path) -> tuple[int, str]:
+    """``campar tune`` (``_cli_args``) in its own process on the session's cluster, sent
+    SIGTERM as a scheduler stopping the job would, once ``count`` trials are complete in its
+    ``trials.json``: its exit code and stderr."""
+    argv = [str(Path(sys.executable).with_name("campar")), "tune", *_cli_args(run)]
+    argv += ["--address", ray.get_runtime_context().gcs_address]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    def __init__(self, count: int, marker: Path):
-        self.count, self.marker, self.seen = count, marker, 0
+    def complete() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"campar tune ended before SIGTERM:\n{process.stderr.read()}")
+        try:
+            trials = json.loads((run / "tune" / "trials.json").read_text())["trials"]
+        except (FileNotFoundError, json.JSONDecodeError):  # not yet, or being written
+            return False
+        return sum(trial["status"] == "complete" for trial in trials) >= count
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.seen += 1
-        if self.seen == self.count and not self.marker.exists():
-            self.marker.touch()
-            os.kill(os.getpid(), signal.SIGINT)
+    try:
+        wait_for(complete, timeout=600, what=f"{count} complete trials")
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    return process.returncode, err
 
 
 @dataclass(frozen=True)
 class Resumed:
     run: Path
     first: SearchResult
+    stopped: tuple[int, str]
+    """``campar tune``'s exit code and stderr after SIGTERM."""
     first_table: pd.DataFrame
     done_first: pd.DataFrame
     stamps: dict[str, float]
@@ -248,18 +267,12 @@ class Resumed:
 
 @pytest.fixture(scope="module")
 def resumed_search(ray_cluster, tmp_path_factory):
-    """An 8-trial cfar search interrupted after 3 trials, its tune state's pickles replaced
-    by a payload, then resumed to the end with ``campar tune --resume``."""
+    """An 8-trial cfar search stopped by SIGTERM after 3 trials, its tune state's pickles
+    replaced by a payload, then resumed to the end with ``campar tune --resume``."""
     run = tmp_path_factory.mktemp("tune") / "run"
     write_tiny_run(run)
-    common = {"run_dir": str(run), "scope": "cfar", "num_samples": 8, "seed": 0}
-    first = run_search(
-        _tracked(BASE, run),
-        **common,
-        max_concurrent=2,
-        callbacks=[InterruptAfter(3, run / "interrupted")],
-        progress=False,
-    )
+    stopped = _terminate_after(3, run)
+    first = _summary_result(run)
     first_table = pd.read_parquet(first.table)
     done_first = first_table.query("status == 'complete'")
     stamps = {
@@ -272,8 +285,9 @@ def resumed_search(ray_cluster, tmp_path_factory):
     assert cli_main(["tune", *_cli_args(run), "--resume"]) == 0
     second = _summary_result(run)
     return Resumed(
-        run, first, first_table, done_first, stamps, folders_before, planted, marker, second
-    )
+        run, first, stopped, first_table, done_first, stamps, folders_before, planted, marker,
+        second,
+    )  # fmt: skip
 
 
 def _plant_payloads(tune_dir: Path, marker: Path) -> list[Path]:
@@ -334,6 +348,21 @@ def test_an_interrupted_search_resumes_where_it_stopped(resumed_search):
     assert sorted(entry["trial_id"] for entry in record) == sorted(table.trial_id)
     with pytest.raises(FileExistsError, match="add --resume"):
         run_search(BASE, run_dir=str(run), scope="cfar", num_samples=8, progress=False)
+
+
+@pytest.mark.ray
+def test_sigterm_stops_a_search_in_one_line_saying_how_to_resume(resumed_search):
+    """SIGTERM (a scheduler's stop) ends ``campar tune`` like Ctrl-C, not with Ray's C++ stack
+    dump and exit 134: Tune stops the search, the finished trials stay in ``trials.json`` and
+    one line says so; the fixture's ``--resume`` then completes it."""
+    code, err = resumed_search.stopped
+    record = resumed_search.run / "tune" / "trials.json"
+    assert code == 143 and "Traceback" not in err and "*** SIG" not in err, err  # no stack dump
+    assert one_line(err) == (
+        f"campar tune: stopped by SIGTERM; finished trials are kept in {record}; add --resume "
+        "to run the rest"
+    )
+    assert resumed_search.second.complete
 
 
 @pytest.mark.ray

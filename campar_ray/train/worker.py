@@ -66,6 +66,7 @@ from campar_ray.train.loop import (
     validation_metrics,
 )
 from campar_ray.train.monitor import EpochMonitor, StepPoster
+from campar_ray.train.persist import persist_checkpoint
 from campar_ray.train.progress import PROGRESS_KEY, progress_line
 
 logger = logging.getLogger(__name__)
@@ -185,8 +186,9 @@ def worker_loop(loop_config: dict[str, WorkerSetup]) -> None:
 
 def recurs(error: BaseException) -> bool:
     """True when a restart from the checkpoint would meet ``error`` again: a ``ValueError``
-    (bad data or config) or a ``FloatingPointError`` (a diverged loss), raised in the worker
-    or in a Ray Data read task feeding it.
+    (bad data or config, or a write the run's disk has no room for: a
+    :class:`~campar_ray.storage.WriteError`) or a ``FloatingPointError`` (a diverged loss),
+    raised in the worker or in a Ray Data read task feeding it.
 
     A read task's error reaches the worker as a ``RayTaskError`` holding the task's own
     exception in ``cause``; it is judged by that exception, never by the wrapper's type or
@@ -420,5 +422,5 @@ def _report(run: _Run, metrics: dict[str, float], meta: dict[str, Any]) -> None:
             }
             save_checkpoint(folder, run.model, run.optimizer, run.scheduler, run.scaler, meta)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=persist_checkpoint)
     run.clock.restart()
