@@ -39,7 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("bce", "weighted_bce"),
     "train.checkpoint_rule": ("val_auc", "last", "val_mA"),
     "cfar.lookup": ("dictionary", "fold-in"),
-    "cfar.solver": ("ray", "local", "implicit"),
+    "cfar.solver": ("auto", "ray", "local", "implicit"),
 }
 """The keys with a fixed set of values: checked whenever a :class:`Config` is built (so
 ``campar config`` and ``campar doctor`` refuse what ``train`` would), shown by ``campar config
@@ -60,6 +60,25 @@ MAX_FACTORS = 1024
 """Largest ALS latent dimension D: every solve is D x D per row, Y is M x D."""
 MAX_KEYS = 100_000
 """Largest attribute-set dictionary (K x M values)."""
+LOCAL_ALS_MAX_ENTRIES = 5_000_000
+"""``cfar.solver=auto`` fits ALS in this process up to this many entries of r (N images x M
+attributes), on Ray actors above it or whenever a cluster address is given (``--address``,
+``RAY_ADDRESS``). Why this size: both solvers run the same NumPy kernels, about 2e-5 CPU s
+per image and iteration at M = 51, D = 32 (``bench/results/als_scaling.json``), so two actors
+can save at most half of 15 iterations' work, about 3e-6 s per entry, while starting them and
+loading their shards took 12 to 35 s there: the actors pay off from about 5 M entries
+(100k images x 51 attributes). PETA (11,400 x 35), RAP and PA-100K train sets all fit well
+under it; the driver holds r anyway (the dictionary is built from it), so the actors save no
+memory there."""
+PREDICT_IN_PROCESS_MAX = 512
+"""``campar predict`` scores at most this many images in its own process (no Ray), and
+starts or joins Ray above it or whenever a cluster address is given (``--address``,
+``RAY_ADDRESS``). Why this size: before the first image is scored the Ray path starts a
+local cluster, a decode task pool and a scoring actor that imports torch and loads the
+bundle, 40 to 120 s on a 2-core laptop (50 images: 47 s, 3 s of it the model, issue #34),
+while in process a ResNet-50 at 256 x 192 scores some 10 to 20 images a second on the same
+cores: 512 images take about as long as the Ray path's start, beyond which its parallel
+decoding, actor pool and GPUs pay for it."""
 
 
 @dataclass(frozen=True)
@@ -313,7 +332,8 @@ class AlsSettings:
 
 
 SOLVERS = CHOICES["cfar.solver"]
-"""``cfar.solver``'s choices (:func:`campar_ray.cfar.solver.fit_als`)."""
+"""``cfar.solver``'s choices (:func:`campar_ray.cfar.solver.choose_solver` resolves ``auto``
+into one of the others, which :func:`campar_ray.cfar.solver.fit_als` runs)."""
 LOOKUPS = CHOICES["cfar.lookup"]
 """``cfar.lookup``'s choices (:class:`campar_ray.cfar.dictionary.ConfidenceEstimator`)."""
 TUNE_SCOPES = ("cfar", "full")
@@ -347,8 +367,10 @@ class CfarConfig:
     """``dictionary`` (nearest key) or ``fold-in`` (exact least-squares factor)."""
     actors: int = 2
     """Ray actors sharing the rows of ``r``."""
-    solver: str = "ray"
-    """``ray`` (sharded actors), ``local`` (NumPy) or ``implicit`` (reference library)."""
+    solver: str = "auto"
+    """``auto`` (``local`` up to :data:`LOCAL_ALS_MAX_ENTRIES` entries of r and no cluster
+    address given, else ``ray``), ``ray`` (sharded actors), ``local`` (NumPy in this process)
+    or ``implicit`` (reference library). ``fit-cfar`` prints the one it took."""
     iterations: int = AlsSettings.iterations
     """Most ALS iterations (each solves both factor matrices once)."""
     tol: float = AlsSettings.tol

@@ -179,7 +179,7 @@ def test_dictionary_lookup_reconstructs_confidences_of_training_rows():
     ("change", "message"),
     [
         ({"lookup": "nearest"}, "lookup must be one of dictionary, fold-in"),
-        ({"solver": "spark"}, "solver must be one of ray, local, implicit"),
+        ({"solver": "spark"}, "solver must be one of auto, ray, local, implicit"),
         ({"keys": 0}, r"keys\b.*in \[1, 100000\]"),
         ({"lam": -1.0}, r"lam\b.*> 0"),
         ({"fc2_lr": 0.0}, r"fc2_lr\b.*> 0"),
