@@ -67,18 +67,18 @@ attributes), on Ray actors above it or whenever a cluster address is given (``--
 per image and iteration at M = 51, D = 32 (``bench/results/als_scaling.json``), so two actors
 can save at most half of 15 iterations' work, about 3e-6 s per entry, while starting them and
 loading their shards took 12 to 35 s there: the actors pay off from about 5 M entries
-(100k images x 51 attributes). PETA (11,400 x 35), RAP and PA-100K train sets all fit well
-under it; the driver holds r anyway (the dictionary is built from it), so the actors save no
-memory there."""
+(100k images x 51 attributes). PETA (11,400 x 35), RAP and PA-100K train sets all fit under
+it; the driver holds r anyway (the dictionary is built from it), so the actors save no memory
+there."""
 PREDICT_IN_PROCESS_MAX = 512
 """``campar predict`` scores at most this many images in its own process (no Ray), and
 starts or joins Ray above it or whenever a cluster address is given (``--address``,
-``RAY_ADDRESS``). Why this size: before the first image is scored the Ray path starts a
-local cluster, a decode task pool and a scoring actor that imports torch and loads the
-bundle, 40 to 120 s on a 2-core laptop (50 images: 47 s, 3 s of it the model, issue #34),
-while in process a ResNet-50 at 256 x 192 scores some 10 to 20 images a second on the same
-cores: 512 images take about as long as the Ray path's start, beyond which its parallel
-decoding, actor pool and GPUs pay for it."""
+``RAY_ADDRESS``). Why this size: before its first image the Ray path starts a local cluster,
+decode tasks and a scoring actor that imports torch and loads the bundle, a fixed 40 s or
+more on a laptop (a user's 50 images took 47 s, 3 s of it the model: 60 ms an image for a
+ResNet-50 at 256 x 192 on CPU). Up to 512 images the whole in-process run (about 30 s at
+that rate) is shorter than that start-up alone; beyond it the Ray path's parallel decoding,
+actor pool and GPUs can pay for it."""
 
 
 @dataclass(frozen=True)
