@@ -36,8 +36,8 @@ class ParPredictor:
     ``predict_proba`` takes paths and URIs, Pillow images and decoded images (``H x W x 3``
     uint8 RGB arrays), of any size, one or a list; they are decoded, resized and normalised
     exactly as in training, so an image gives the same probabilities whichever form it
-    comes in. ``score`` is what batch
-    prediction's actors call on decoded batches. Both go through the network's
+    comes in. ``score`` is what batch prediction calls on decoded batches, in its actors or
+    in process. Both go through the network's
     :class:`~campar_ray.model.Scorer`, as stage 1's logits do. Lower-level pieces (``stage1``
     on a normalised batch, ``probabilities`` of its output) serve evaluation and export,
     which need the CAMs or a traced module. With a ``calibration`` (the ``calibrated``
