@@ -76,7 +76,8 @@ starts or joins Ray above it or whenever a cluster address is given (``--address
 ``RAY_ADDRESS``). Why this size: before its first image the Ray path starts a local cluster,
 decode tasks and a scoring actor that imports torch and loads the bundle, a fixed 40 s or
 more on a laptop (a user's 50 images took 47 s, 3 s of it the model: 60 ms an image for a
-ResNet-50 at 256 x 192 on CPU). Up to 512 images the whole in-process run (about 30 s at
+ResNet-50 at 256 x 192 on CPU), and on the same cores its one-CPU actor scores no faster
+than torch's threads in process. Up to 512 images the whole in-process run (about 30 s at
 that rate) is shorter than that start-up alone; beyond it the Ray path's parallel decoding,
 actor pool and GPUs can pay for it."""
 
