@@ -382,10 +382,11 @@ def _fit_cfar_arguments(parser: argparse.ArgumentParser) -> None:
 def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.cfar.fit import SPLITS, cfar_figures_text, fit_cfar
     from campar_ray.run.logits import require_logits
-    from campar_ray.runtime import init_ray
+    from campar_ray.runtime import cluster_address, init_ray
 
     require_logits(config.run.dir, SPLITS)
-    if config.cfar.solver == "ray":
+    address = cluster_address(args.address)  # auto then solves on that cluster: join it first
+    if config.cfar.solver == "ray" or (config.cfar.solver == "auto" and address):
         init_ray(args.address, insecure=args.insecure)
     result = fit_cfar(
         config.run.dir,
@@ -393,6 +394,7 @@ def _fit_cfar(args: argparse.Namespace, config: Config) -> int:
         seed=config.seed,
         progress=_log_progress,
         tracking=config.tracking,
+        address=address,
     )
     print(cfar_figures_text(result.metrics))
     print(f"artefacts: {result.output_dir}")
@@ -533,9 +535,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 def _predict(args: argparse.Namespace, config: Config) -> int:
     from campar_ray.data.images import ImageLimits
     from campar_ray.predict import predict
-    from campar_ray.runtime import init_ray
 
-    init_ray(args.address, insecure=args.insecure)
     result = predict(
         args.model,
         args.input,
@@ -546,6 +546,8 @@ def _predict(args: argparse.Namespace, config: Config) -> int:
         batch_size=args.batch_size,
         data=config.data,
         limits=ImageLimits.of(config.data),
+        address=args.address,
+        insecure=args.insecure,
     )
     print(result.summary())
     return 0

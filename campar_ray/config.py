@@ -50,7 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "cfar.lookup": ("dictionary", "fold-in"),
     "cfar.fc2_rule": ("val_auc", "last", "val_mA"),
     "cfar.fc2_loss": ("weighted_bce", "bce"),
-    "cfar.solver": ("ray", "local", "implicit"),
+    "cfar.solver": ("auto", "ray", "local", "implicit"),
 }
 """The keys with a fixed set of values: checked whenever a :class:`Config` is built (so
 ``campar config`` and ``campar doctor`` refuse what ``train`` would), shown by ``campar config
@@ -71,6 +71,26 @@ MAX_FACTORS = 1024
 """Largest ALS latent dimension D: every solve is D x D per row, Y is M x D."""
 MAX_KEYS = 100_000
 """Largest attribute-set dictionary (K x M values)."""
+LOCAL_ALS_MAX_ENTRIES = 5_000_000
+"""``cfar.solver=auto`` fits ALS in this process up to this many entries of r (N images x M
+attributes), on Ray actors above it or whenever a cluster address is given (``--address``,
+``RAY_ADDRESS``). Why this size: both solvers run the same NumPy kernels, about 2e-5 CPU s
+per image and iteration at M = 51, D = 32 (``bench/results/als_scaling.json``), so two actors
+can save at most half of 15 iterations' work, about 3e-6 s per entry, while starting them and
+loading their shards took 12 to 35 s there: the actors pay off from about 5 M entries
+(100k images x 51 attributes). PETA (11,400 x 35), RAP and PA-100K train sets all fit under
+it; the driver holds r anyway (the dictionary is built from it), so the actors save no memory
+there."""
+PREDICT_IN_PROCESS_MAX = 512
+"""``campar predict`` scores at most this many images in its own process (no Ray), and
+starts or joins Ray above it or whenever a cluster address is given (``--address``,
+``RAY_ADDRESS``). Why this size: before its first image the Ray path starts a local cluster,
+decode tasks and a scoring actor that imports torch and loads the bundle, a fixed 40 s or
+more on a laptop (a user's 50 images took 47 s, 3 s of it the model: 60 ms an image for a
+ResNet-50 at 256 x 192 on CPU), and on the same cores its one-CPU actor scores no faster
+than torch's threads in process. Up to 512 images the whole in-process run (about 30 s at
+that rate) is shorter than that start-up alone; beyond it the Ray path's parallel decoding,
+actor pool and GPUs can pay for it."""
 
 
 @dataclass(frozen=True)
@@ -329,7 +349,8 @@ class AlsSettings:
 
 
 SOLVERS = CHOICES["cfar.solver"]
-"""``cfar.solver``'s choices (:func:`campar_ray.cfar.solver.fit_als`)."""
+"""``cfar.solver``'s choices (:func:`campar_ray.cfar.solver.choose_solver` resolves ``auto``
+into one of the others, which :func:`campar_ray.cfar.solver.fit_als` runs)."""
 LOOKUPS = CHOICES["cfar.lookup"]
 """``cfar.lookup``'s choices (:class:`campar_ray.cfar.dictionary.ConfidenceEstimator`)."""
 TUNE_SCOPES = ("cfar", "full")
@@ -363,8 +384,10 @@ class CfarConfig:
     """``dictionary`` (nearest key) or ``fold-in`` (exact least-squares factor)."""
     actors: int = 2
     """Ray actors sharing the rows of ``r``."""
-    solver: str = "ray"
-    """``ray`` (sharded actors), ``local`` (NumPy) or ``implicit`` (reference library)."""
+    solver: str = "auto"
+    """``auto`` (``local`` up to :data:`LOCAL_ALS_MAX_ENTRIES` entries of r and no cluster
+    address given, else ``ray``), ``ray`` (sharded actors), ``local`` (NumPy in this process)
+    or ``implicit`` (reference library). ``fit-cfar`` prints the one it took."""
     iterations: int = AlsSettings.iterations
     """Most ALS iterations (each solves both factor matrices once)."""
     tol: float = AlsSettings.tol

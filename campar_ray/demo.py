@@ -154,7 +154,7 @@ def _search(config: Config, trials: int) -> None:
     """CFAR-scope search; its best settings (chosen on val) are refitted into the run.
 
     Trials use the in-process NumPy solver: at demo size an ALS fit takes well under a
-    second, less than starting the actors of the Ray solver (used by the stage-2 step).
+    second, less than starting the actors of the Ray solver.
     """
     from campar_ray.tune import run_search
 

@@ -1,16 +1,20 @@
-"""Batch inference over folders, globs and manifests with Ray Data (an actor pool).
+"""Batch inference over folders, globs and manifests: in this process, or with Ray Data.
 
-``list -> decode + resize (tasks, training's own decode) -> predict (the actors that write
-stage 1's logits, each loading the bundle's predictor once)``, streamed
+A few images (at most :data:`~campar_ray.config.PREDICT_IN_PROCESS_MAX`, no cluster address
+given) are scored in this process, batch by batch: starting Ray would take longer than the
+whole job. Above that, or on a named cluster, ``list -> decode + resize (tasks) -> predict
+(an actor pool, each actor loading the bundle's predictor once)`` runs on Ray Data, streamed
 block by block, so any number of images runs in bounded memory and on as many actors (and
-GPUs) as the cluster offers. The driver receives only probabilities, never pixels, and
-writes one row per input in input order: ``path``, ``error`` (null when the image was read),
-``prob_<attribute>`` for every attribute and ``predicted`` (the attribute names at or above
-their threshold under the chosen threshold protocol: 0.5 by default, as PAR papers report, or
-the bundle's validation-chosen ``val`` / ``val-per-attribute`` thresholds; a Parquet file
-names the protocol, threshold and its source in its schema metadata). An image that cannot
-be read or decoded gets its error message and null probabilities; the run goes on. Images of
-any size are resized as in training.
+GPUs) as the cluster offers; the driver receives only probabilities, never pixels. Both
+paths run the same steps (training's own decode, ``decode_batch``, then the actors'
+``ScoringActor``) and say in one line which one they took. The result has one row per input
+in input order: ``path``, ``error`` (null when the image was read), ``prob_<attribute>`` for
+every attribute and ``predicted`` (the attribute names at or above their threshold under the
+chosen threshold protocol: 0.5 by default, as PAR papers report, or the bundle's
+validation-chosen ``val`` / ``val-per-attribute`` thresholds; a Parquet file names the
+protocol, threshold and its source in its schema metadata). An image that cannot be read or
+decoded gets its error message and null probabilities; the run goes on. Images of any size
+are resized as in training.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import glob
 import io
 import json
 import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,11 +35,12 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+import torch
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from campar_ray import storage
-from campar_ray.bundle import load_model
-from campar_ray.config import DataConfig
+from campar_ray.bundle import ParPredictor, load_model
+from campar_ray.config import PREDICT_IN_PROCESS_MAX, DataConfig
 from campar_ray.data.concurrency import decode_tasks
 from campar_ray.data.images import STRICT, ImageLimits
 from campar_ray.data.manifest import BINARY_COLUMN, check_images, read_manifest
@@ -40,7 +48,7 @@ from campar_ray.data.ray_pipeline import decode_batch
 from campar_ray.decision import Threshold
 from campar_ray.model.scoring import ScoringActor
 from campar_ray.progress import Progress
-from campar_ray.runtime import init_ray
+from campar_ray.runtime import cluster_address, init_ray
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OUTPUT_SUFFIXES = (".parquet", ".csv")
@@ -62,6 +70,32 @@ class PredictResult:
             f"{self.images} images ({self.errors} unreadable) -> {self.path}; "
             f"threshold protocol {self.threshold.protocol} ({self.threshold.source})"
         )
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where :func:`predict` scores its images (``on_ray``) and why, in one line."""
+
+    on_ray: bool
+    line: str
+
+
+def choose_route(images: int, address: str | None = None) -> Route:
+    """Ray for a cluster address (``address``, else ``RAY_ADDRESS``: the work belongs there)
+    or more than :data:`~campar_ray.config.PREDICT_IN_PROCESS_MAX` images, else this
+    process."""
+    cluster = cluster_address(address)
+    if cluster:
+        return Route(True, f"predict: {images} images on Ray (cluster {cluster})")
+    if images > PREDICT_IN_PROCESS_MAX:
+        return Route(
+            True, f"predict: {images} images on Ray (over {PREDICT_IN_PROCESS_MAX} images)"
+        )
+    return Route(
+        False,
+        f"predict: {images} images in-process (at most {PREDICT_IN_PROCESS_MAX}; pass "
+        "--address or more images for Ray)",
+    )
 
 
 @dataclass(frozen=True)
@@ -126,6 +160,9 @@ def predict(
     data: DataConfig | None = None,
     cpus_per_actor: float = 1.0,
     limits: ImageLimits = STRICT,
+    address: str | None = None,
+    insecure: bool = False,
+    on_ray: bool | None = None,
 ) -> PredictResult:
     """Predict every image of ``source`` with the bundle (or run) ``model``; write ``out``.
 
@@ -133,10 +170,15 @@ def predict(
     ``;``). ``threshold`` is the protocol (:data:`campar_ray.metrics.DECISION_PROTOCOLS`)
     that decides ``predicted``: ``calibrated`` writes calibrated probabilities, read at 0.5.
     A manifest's rows go through the manifest guard under ``limits``
-    (``data.allow_outside_root``: off, its rows stay in its folder). Connects to the Ray
-    cluster (or starts a local one) if none is connected. Decoding follows ``data`` as
-    training's does (``decode_concurrency`` tasks of ``decode_cpus`` CPUs each; 0: as many as
-    the scoring actors leave on the cluster).
+    (``data.allow_outside_root``: off, its rows stay in its folder).
+
+    Where it runs (:func:`choose_route`, said in one line on stderr; ``on_ray`` overrides):
+    in this process for a few images, else on Ray, joining ``address`` (else
+    ``RAY_ADDRESS``; ``insecure`` as :func:`~campar_ray.runtime.init_ray` takes it) or
+    starting a local cluster when none is joined. On Ray, ``actors`` replicas of
+    ``cpus_per_actor`` CPUs score and decoding follows ``data`` as training's does
+    (``decode_concurrency`` tasks of ``decode_cpus`` CPUs each; 0: as many as the scoring
+    actors leave on the cluster).
     """
     if not out.endswith(OUTPUT_SUFFIXES):
         raise ValueError(f"output {out!r} must end with one of {', '.join(OUTPUT_SUFFIXES)}")
@@ -145,50 +187,31 @@ def predict(
     data = data or DataConfig()
     predictor = load_model(model, threshold)
     inputs = list_inputs(source, limits)
-    init_ray()
-    if gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise ValueError("--gpu asks for GPU actors but the Ray cluster has no GPU")
-    free = ray.cluster_resources().get("CPU", 0) - actors * cpus_per_actor
-    tasks = decode_tasks(data.decode_concurrency, data.decode_cpus, free)
-    rows = inputs.table.append_column(
-        "row", pa.array(np.arange(inputs.table.num_rows, dtype=np.int64))
-    )
-    blocks = [rows.slice(start, BLOCK_ROWS) for start in range(0, rows.num_rows, BLOCK_ROWS)]
-    scored = (
-        ray.data.from_arrow(blocks)
-        .map_batches(
-            decode_batch,
-            fn_kwargs={
-                "root": inputs.root,
-                "size": predictor.image_size,
-                "interpolation": predictor.interpolation,
-                "limits": limits,
-                "stored": inputs.stored,
-                "reasons": True,
-            },
-            batch_format="numpy",
-            batch_size=None,
-            compute=TaskPoolStrategy(size=tasks),
-            num_cpus=data.decode_cpus,
-        )
-        .map_batches(
-            ScoringActor,
-            fn_constructor_kwargs={
-                "load": functools.partial(load_model, model, threshold),
-                "use_gpu": gpu,
-            },
-            batch_format="numpy",
-            batch_size=batch_size,
-            compute=ActorPoolStrategy(size=actors),
-            num_cpus=cpus_per_actor,
-            num_gpus=1 if gpu else 0,
-        )
-    )
-    count = rows.num_rows
+    count = inputs.table.num_rows
+    route = choose_route(count, address)
+    if on_ray is not None and on_ray != route.on_ray:
+        where = "on Ray" if on_ray else "in-process"
+        route = Route(on_ray, f"predict: {count} images {where} (as asked)")
+    print(route.line, file=sys.stderr, flush=True)
+    rows = inputs.table.append_column("row", pa.array(np.arange(count, dtype=np.int64)))
+    decode = {
+        "root": inputs.root,
+        "size": predictor.image_size,
+        "interpolation": predictor.interpolation,
+        "limits": limits,
+        "stored": inputs.stored,
+        "reasons": True,
+    }
+    if route.on_ray:
+        init_ray(address, insecure=insecure)
+        load = functools.partial(load_model, model, threshold)
+        scored = _on_ray(rows, decode, load, gpu, actors, batch_size, data, cpus_per_actor)
+    else:
+        scored = _in_process(rows, decode, predictor, gpu, batch_size)
     probs = np.full((count, len(predictor.attributes)), np.nan, dtype=np.float32)
     errors = np.full(count, "", dtype=object)
     with Progress("[predict]", count) as progress:
-        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in scored:
             probs[batch["row"]] = batch["probs"]
             errors[batch["row"]] = batch["error"]
             progress.update(len(batch["row"]))
@@ -199,6 +222,65 @@ def predict(
     write_predictions(out, table)
     failed = int(sum(1 for error in errors if error))
     return PredictResult(out, count, failed, table, predictor.decision)
+
+
+def _in_process(
+    rows: pa.Table,
+    decode: dict[str, Any],
+    predictor: ParPredictor,
+    gpu: bool,
+    batch_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Scored batches of ``rows``, decoded and scored here by the Ray path's own steps."""
+    if gpu and not torch.cuda.is_available():
+        raise ValueError("--gpu asks for a GPU but torch finds none on this machine")
+    scorer = ScoringActor(lambda: predictor, use_gpu=gpu)
+    for start in range(0, rows.num_rows, batch_size):
+        block = rows.slice(start, batch_size)
+        batch = {
+            name: block.column(name).to_numpy(zero_copy_only=False) for name in block.column_names
+        }
+        yield scorer(decode_batch(batch, **decode))
+
+
+def _on_ray(
+    rows: pa.Table,
+    decode: dict[str, Any],
+    load: Callable[[], ParPredictor],
+    gpu: bool,
+    actors: int,
+    batch_size: int,
+    data: DataConfig,
+    cpus_per_actor: float,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Scored batches of ``rows`` from Ray Data: decode tasks, then an actor pool that
+    ``load``s the predictor once per actor."""
+    if gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise ValueError("--gpu asks for GPU actors but the Ray cluster has no GPU")
+    free = ray.cluster_resources().get("CPU", 0) - actors * cpus_per_actor
+    tasks = decode_tasks(data.decode_concurrency, data.decode_cpus, free)
+    blocks = [rows.slice(start, BLOCK_ROWS) for start in range(0, rows.num_rows, BLOCK_ROWS)]
+    scored = (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            decode_batch,
+            fn_kwargs=decode,
+            batch_format="numpy",
+            batch_size=None,
+            compute=TaskPoolStrategy(size=tasks),
+            num_cpus=data.decode_cpus,
+        )
+        .map_batches(
+            ScoringActor,
+            fn_constructor_kwargs={"load": load, "use_gpu": gpu},
+            batch_format="numpy",
+            batch_size=batch_size,
+            compute=ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=1 if gpu else 0,
+        )
+    )
+    return scored.iter_batches(batch_size=None, batch_format="numpy")
 
 
 def prediction_table(

@@ -14,7 +14,8 @@ from campar_ray.cfar.als import fit_local, initial_attribute_factors
 from campar_ray.cfar.dictionary import build_dictionary
 from campar_ray.cfar.fit import fit_cfar, load_cfar
 from campar_ray.cfar.head import Fc2, Fc2Split, train_fc2
-from campar_ray.config import AlsSettings, CfarConfig, ConfigError
+from campar_ray.cfar.solver import SolverChoice, choose_solver
+from campar_ray.config import LOCAL_ALS_MAX_ENTRIES, AlsSettings, CfarConfig, ConfigError
 from campar_ray.decision import cfar_logits, probabilities
 from campar_ray.metrics import par_metrics
 from campar_ray.run.layout import RunDir
@@ -220,7 +221,7 @@ def test_dictionary_lookup_reconstructs_confidences_of_training_rows():
     ("change", "message"),
     [
         ({"lookup": "nearest"}, "lookup must be one of dictionary, fold-in"),
-        ({"solver": "spark"}, "solver must be one of ray, local, implicit"),
+        ({"solver": "spark"}, "solver must be one of auto, ray, local, implicit"),
         ({"keys": 0}, r"keys\b.*in \[1, 100000\]"),
         ({"lam": -1.0}, r"lam\b.*> 0"),
         ({"fc2_lr": 0.0}, r"fc2_lr\b.*> 0"),
@@ -232,12 +233,49 @@ def test_bad_config_values_are_named(tmp_path, change, message):
         fit_cfar(str(tmp_path), dataclasses.replace(CONFIG, **change))
 
 
+def _copy_logits(run_dir: Path, to: Path) -> None:
+    for split in SIZES:
+        source = RunDir(str(run_dir)).logits(split)
+        storage.write_bytes(RunDir(str(to)).logits(split), storage.read_bytes(source))
+
+
+def test_the_auto_solver_fits_a_small_r_in_process_and_says_so(
+    fitted, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run_dir, local, _ = fitted
+    _copy_logits(run_dir, tmp_path)
+    auto = fit_cfar(str(tmp_path), dataclasses.replace(CONFIG, solver="auto"))
+    entries = SIZES["train"] * M
+    assert (
+        f"[cfar] ALS solver: local (auto: {entries:,} entries of r (N x M), at most "
+        f"{LOCAL_ALS_MAX_ENTRIES:,}: in this process; --solver ray or a cluster address for "
+        "Ray actors)"
+    ) in capsys.readouterr().err.splitlines()
+    assert auto.als.objectives == local.als.objectives
+    meta = json.loads((tmp_path / "cfar" / "cfar.json").read_text())
+    assert meta["config"]["solver"] == "local"  # what ran, not "auto"
+
+
+def test_the_auto_solver_takes_ray_for_a_large_r_or_a_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    small, large = LOCAL_ALS_MAX_ENTRIES, LOCAL_ALS_MAX_ENTRIES + 1
+    assert choose_solver("auto", small).solver == "local"
+    assert choose_solver("auto", large) == SolverChoice(
+        "ray", f"auto: {large:,} entries of r (N x M), over {LOCAL_ALS_MAX_ENTRIES:,}"
+    )
+    assert choose_solver("auto", 10, "10.0.0.1:6379").solver == "ray"
+    assert choose_solver("local", large, "10.0.0.1:6379").solver == "local"  # as set
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert choose_solver("auto", 10).reason == "auto: a cluster address is given (10.0.0.2:6379)"
+    with pytest.raises(ValueError, match="solver must be one of auto, ray, local, implicit"):
+        choose_solver("spark", 10)
+
+
 @pytest.mark.ray
 def test_fit_cfar_with_the_ray_solver_matches_local(ray_cluster, fitted, tmp_path):
     run_dir, local, _ = fitted
-    for split in SIZES:
-        source = RunDir(str(run_dir)).logits(split)
-        storage.write_bytes(RunDir(str(tmp_path)).logits(split), storage.read_bytes(source))
+    _copy_logits(run_dir, tmp_path)
     sharded = fit_cfar(str(tmp_path), dataclasses.replace(CONFIG, solver="ray", actors=2))
     np.testing.assert_allclose(sharded.als.objectives, local.als.objectives, rtol=1e-9)
     assert sharded.metrics["val"]["cfar_dictionary"]["mA"] == pytest.approx(

@@ -180,8 +180,8 @@ def test_every_key_is_documented_and_listed_with_type_default_and_choices(capsys
     out = capsys.readouterr().out.splitlines()
     assert 'train.scheduler: str = "plateau"  one of: plateau, cosine' in out
     assert "data.image_size: tuple[int, int] = [256, 192]" in out
-    at = out.index('cfar.solver: str = "ray"  one of: ray, local, implicit')
-    assert out[at + 1].startswith("    `ray` (sharded actors)")
+    at = out.index('cfar.solver: str = "auto"  one of: auto, ray, local, implicit')
+    assert out[at + 1].startswith("    `auto` (`local` up to")
 
 
 @pytest.mark.parametrize("command", ["config", "doctor", "train"])

@@ -233,7 +233,7 @@ def test_ctrl_c_and_sigterm_say_what_was_saved_and_how_to_resume(
     ("argv", "split"),
     [
         (("evaluate", "--angle-images", "0", "--cam-images", "0"), "test"),
-        (("fit-cfar",), "train"),  # the default solver joins Ray: the check comes first
+        (("fit-cfar",), "train"),  # before the ALS solver is chosen (Ray with cfar.solver=ray)
         (("bundle", "--out", "{tmp}/bundle"), "val"),
     ],
 )

@@ -22,7 +22,7 @@ from PIL import Image
 
 from campar_ray.bundle import load_model
 from campar_ray.cli import main
-from campar_ray.config import Config
+from campar_ray.config import PREDICT_IN_PROCESS_MAX, Config
 from campar_ray.data.images import STRICT
 from campar_ray.data.manifest import ManifestInfo, manifest_table, write_manifest
 from campar_ray.data.ray_pipeline import decode_batch
@@ -33,6 +33,8 @@ from campar_ray.model import build_model
 from campar_ray.model.inputs import normalize
 from campar_ray.model.scoring import ScoringActor
 from campar_ray.predict import (
+    Route,
+    choose_route,
     list_inputs,
     predict,
     prediction_table,
@@ -166,10 +168,42 @@ def test_a_protocol_the_bundle_lacks_is_refused(bundle, tmp_path):
         load_model(str(bundle), "test")
 
 
+def test_predict_proba_gives_a_file_the_same_probabilities_as_a_path_pil_image_or_array(
+    bundle, folder, tmp_path
+):
+    """PIL images (RGB and grey) and their RGB arrays go through the decoder's own steps:
+    bit for bit the probabilities of their files (in the same batches), one image, a list or
+    one N x H x W x 3 array."""
+    grey = tmp_path / "grey.png"
+    Image.fromarray(_image(5, (40, 20))[..., 0]).save(grey)
+    paths = [folder / "a.png", folder / "b.jpg", folder / "d.bmp", folder / "sub/e.png", grey]
+    predictor = load_model(str(bundle))
+    expected = predictor.predict_proba(paths)
+    pil = [Image.open(path) for path in paths]
+    assert pil[-1].mode == "L"
+    arrays = [np.asarray(image.convert("RGB")) for image in pil]
+    np.testing.assert_array_equal(predictor.predict_proba(pil), expected)
+    np.testing.assert_array_equal(predictor.predict_proba(arrays), expected)
+    np.testing.assert_array_equal(predictor.predict_proba([*pil[:2], *arrays[2:]]), expected)
+    one = predictor.predict_proba(str(paths[1]))  # one image: a batch of one
+    assert one.shape == (1, len(ATTRIBUTES))
+    np.testing.assert_array_equal(predictor.predict_proba(pil[1]), one)
+    np.testing.assert_array_equal(predictor.predict_proba(arrays[1]), one)
+    same_size = [resize(array, SIZE) for array in arrays]
+    np.testing.assert_array_equal(predictor.predict_proba(np.stack(same_size)), expected)
+
+
 def test_bundle_input_errors_name_the_problem(bundle, tmp_path):
     predictor = load_model(str(bundle))
     with pytest.raises(ValueError, match=r"image 1 must be an H x W x 3 uint8 array"):
         predictor.predict_proba([_image(0, SIZE), np.zeros((32, 16), np.uint8)])
+    rgba = np.zeros((32, 16, 4), np.uint8)
+    with pytest.raises(ValueError, match=r"got uint8 \(32, 16, 4\) \(a PIL image's \.convert"):
+        predictor.predict_proba(rgba)
+    with pytest.raises(TypeError, match=r"^image 1 must be a path, a PIL image or an H x W x 3 "):
+        predictor.predict_proba([_image(0, SIZE), 3.5])
+    with pytest.raises(TypeError, match=r"^images must be .*, or a list of them, got int$"):
+        predictor.predict_proba(7)
     with pytest.raises(FileNotFoundError, match=r"missing\.png"):
         predictor.predict_proba([tmp_path / "missing.png"])
     with pytest.raises(FileNotFoundError, match="neither a model bundle"):
@@ -257,11 +291,46 @@ def test_output_suffix_is_checked_first(bundle, folder, tmp_path):
         predict(str(bundle), str(folder), str(tmp_path / "preds.json"))
 
 
+def test_predict_goes_to_ray_for_many_images_or_a_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert choose_route(PREDICT_IN_PROCESS_MAX) == Route(
+        False,
+        f"predict: {PREDICT_IN_PROCESS_MAX} images in-process (at most "
+        f"{PREDICT_IN_PROCESS_MAX}; pass --address or more images for Ray)",
+    )
+    many = PREDICT_IN_PROCESS_MAX + 1
+    assert choose_route(many) == Route(
+        True, f"predict: {many} images on Ray (over {PREDICT_IN_PROCESS_MAX} images)"
+    )
+    assert choose_route(3, "10.0.0.1:6379").on_ray
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert choose_route(3) == Route(True, "predict: 3 images on Ray (cluster 10.0.0.2:6379)")
+
+
 @pytest.mark.ray
-def test_predict_folder_keeps_every_row_and_records_errors(ray_cluster, bundle, folder, tmp_path):
+def test_predict_folder_keeps_every_row_and_records_errors(
+    ray_cluster, bundle, folder, tmp_path, capsys, monkeypatch
+):
+    """On Ray (asked for) and in this process (a few images: chosen), the same rows, errors
+    and probabilities."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     out = tmp_path / "preds.parquet"
-    result = predict(str(bundle), str(folder), str(out), batch_size=3)
-    assert (result.images, result.errors) == (7, 2)
+    result = predict(str(bundle), str(folder), str(out), batch_size=3, on_ray=True)
+    local = predict(str(bundle), str(folder), str(tmp_path / "local.parquet"), batch_size=3)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("predict:")]
+    assert said == [
+        "predict: 7 images on Ray (as asked)",
+        f"predict: 7 images in-process (at most {PREDICT_IN_PROCESS_MAX}; pass --address or "
+        "more images for Ray)",
+    ]
+    assert (result.images, result.errors) == (local.images, local.errors) == (7, 2)
+    probs = [f"prob_{a}" for a in ATTRIBUTES]
+    assert result.table.drop_columns(probs).equals(local.table.drop_columns(probs))
+    np.testing.assert_allclose(
+        result.table.select(probs).to_pandas().to_numpy(),
+        local.table.select(probs).to_pandas().to_numpy(),
+        atol=1e-6,
+    )
     table = pq.read_table(out)
     rows = table.to_pylist()
     names = [Path(row["path"]).name for row in rows]
@@ -280,17 +349,21 @@ def test_predict_folder_keeps_every_row_and_records_errors(ray_cluster, bundle, 
     assert table.schema.metadata[b"threshold_protocol"] == b"0.5"
 
 
-@pytest.mark.ray
 def test_predict_cli_applies_per_attribute_thresholds(
-    ray_cluster, bundle, folder, tmp_path, capsys
+    bundle, folder, tmp_path, capsys, monkeypatch
 ):
+    """A few images: scored in this process, Ray never joined, and the command says so."""
+    from campar_ray import predict as module
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(module, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
     out = tmp_path / "preds.parquet"
     args = ["predict", "--model", str(bundle), "--input", str(folder / "*.png"), "--out", str(out)]
     assert main([*args, "--threshold", "val-per-attribute"]) == 0
     printed = capsys.readouterr()
-    [summary] = printed.out.splitlines()  # one line, no object dump: Ray's logs go to a file
+    [summary] = printed.out.splitlines()  # one line, no object dump
     assert f"-> {out}; threshold protocol val-per-attribute" in summary
-    assert "Running Dataset" not in printed.err
+    assert "predict: 3 images in-process (at most " in printed.err
     table = pq.read_table(out)
     metadata = table.schema.metadata
     assert metadata[b"threshold_protocol"] == b"val-per-attribute"

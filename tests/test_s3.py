@@ -92,7 +92,7 @@ def test_prepare_pack_train_resume_cfar_evaluate_all_in_the_bucket(
     assert last["history"][0] == first["history"][0]
     assert {"train.parquet", "val.parquet", "test.parquet"} <= set(_list(f"{run}/logits"))
 
-    assert main(["fit-cfar", "--run-dir", run, *_tiny()]) == 0
+    assert main(["fit-cfar", "--run-dir", run, "--solver", "ray", *_tiny()]) == 0
     assert "metrics.json" in _list(f"{run}/cfar")
     args = ["--run-dir", run, "--angle-images", "8", "--cam-images", "1"]
     assert main(["evaluate", *args, *_tiny()]) == 0

@@ -152,10 +152,12 @@ def test_scope_cfar_needs_a_stage2_entry_and_files_must_exist(tmp_path):
 
 
 def test_concurrency_follows_the_free_resources_and_what_a_trial_holds():
-    full = trial_footprint(Config().override({"train.cpus_per_worker": 0.5}), "full")
+    ray_als = Config().override({"cfar.solver": "ray", "train.cpus_per_worker": 0.5})
+    full = trial_footprint(ray_als, "full")
     assert full == {"CPU": 1.0 + 1.0 + 0.5 + 1 * 0.5, "GPU": 0.0}  # trial, ALS, worker, decode
     assert trial_bundles(BASE) == [{"CPU": 1.0}]  # local ALS: no actors to place
-    assert trial_bundles(Config()) == [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]
+    assert trial_bundles(Config()) == [{"CPU": 1.0}]  # auto: a trial fits ALS in its process
+    assert trial_bundles(ray_als) == [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]
     assert max_concurrent_trials({"CPU": 16.0}, trial_footprint(BASE, "cfar")) == 16
     assert max_concurrent_trials({"CPU": 7.0, "GPU": 2.0}, {"CPU": 3.0, "GPU": 1.0}) == 2
     assert max_concurrent_trials({"CPU": 0.5}, {"CPU": 3.0, "GPU": 0.0}) == 1

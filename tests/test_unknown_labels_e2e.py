@@ -27,8 +27,8 @@ from campar_ray.evaluate.metrics_table import score_split
 from campar_ray.metrics import SUMMARY_KEYS, par_metrics, summary
 from campar_ray.run.logits import read_split_logits
 
-CFAR = ("--set", "cfar.actors=1", "--set", "cfar.keys=4", "--set", "cfar.factors=4",
-        "--set", "cfar.fc2_epochs=20")  # fmt: skip
+CFAR = ("--set", "cfar.solver=ray", "--set", "cfar.actors=1", "--set", "cfar.keys=4",
+        "--set", "cfar.factors=4", "--set", "cfar.fc2_epochs=20")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from campar_ray.cfar.model import (
     load_predictor,
     save_model,
 )
+from campar_ray.cfar.solver import choose_solver
 from campar_ray.config import LOOKUPS, CfarConfig, TrackingConfig
 from campar_ray.decision import (
     CFAR_FROM,
@@ -93,18 +95,25 @@ def fit_cfar(
     seed: int = 0,
     progress: Progress | None = None,
     tracking: TrackingConfig | None = None,
+    address: str | None = None,
 ) -> CfarResult:
     """Fit stage 2 on a run's stage-1 logits and write its artefacts (see module doc).
 
-    The fit is tracked as ``tracking`` says (default: TensorBoard files in
-    ``<run_dir>/tensorboard/cfar``): its config, the ALS objective per iteration, the val and
-    test metrics of every column and a short report. Each fit is a new MLflow run.
+    ``cfg.solver="auto"`` becomes the solver :func:`~campar_ray.cfar.solver.choose_solver`
+    picks for this run's r and the cluster ``address`` (else ``RAY_ADDRESS``), said in one
+    line on stderr and saved as the solver used. The fit is tracked as ``tracking`` says
+    (default: TensorBoard files in ``<run_dir>/tensorboard/cfar``): its config, the ALS
+    objective per iteration, the val and test metrics of every column and a short report.
+    Each fit is a new MLflow run.
     """
     check_cfar_config(cfg)
     run = RunDir(run_dir)
-    tracker = _open_tracker(run_dir, cfg, seed, resolve_tracking(tracking or TrackingConfig()))
     splits = {name: read_split_logits(run.logits(name)) for name in SPLITS}
     check_same_attributes(splits)
+    choice = choose_solver(cfg.solver, splits["train"].labels.size, address)
+    print(choice.line(), file=sys.stderr, flush=True)
+    cfg = dataclasses.replace(cfg, solver=choice.solver)
+    tracker = _open_tracker(run_dir, cfg, seed, resolve_tracking(tracking or TrackingConfig()))
     with PhaseProgress("[cfar] ALS, dictionary, fc2", _steps(cfg), unit="steps") as steps:
         model = fit_model(
             splits["train"],

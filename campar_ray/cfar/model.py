@@ -37,7 +37,7 @@ from campar_ray.cfar.dictionary import (
     build_dictionary,
 )
 from campar_ray.cfar.head import Fc2, Fc2Fit, Fc2Split, train_fc2
-from campar_ray.cfar.solver import SOLVERS, fit_als
+from campar_ray.cfar.solver import SOLVERS, choose_solver, fit_als
 from campar_ray.config import AlsSettings, CfarConfig, ConfigError
 from campar_ray.data.manifest import known_entries
 from campar_ray.decision import (
@@ -125,13 +125,16 @@ def fit_model(
     compare_lookups: bool = False,
     train_path: str | None = None,
     progress: Progress | None = None,
+    address: str | None = None,
 ) -> CfarModel:
     """Stage 2 from stage-1 logits: ALS and the dictionary on train, then fc2 (trained on
     train, its epoch and decision threshold chosen on val) for ``cfg.lookup``, or for every
     lookup with ``compare_lookups``.
 
-    Reads and writes no file, with one exception: ``solver="ray"`` needs ``train_path``, the
-    logits file ``train`` was read from, whose rows its actors read themselves.
+    ``solver="auto"`` is resolved by :func:`~campar_ray.cfar.solver.choose_solver` (on the
+    size of r and the cluster ``address``). Reads and writes no file, with one exception: the
+    Ray solver needs ``train_path``, the logits file ``train`` was read from, whose rows its
+    actors read themselves.
     """
     check_cfar_config(cfg)
     check_same_attributes({"train": train, "val": val})
@@ -139,10 +142,11 @@ def fit_model(
     columns = eval_columns(train)
     r_train = probabilities(cfar_logits(train))
     known = known_entries(train.labels)  # unknown training labels: no observation
+    solver = choose_solver(cfg.solver, r_train.size, address).solver
     als = fit_als(
-        train_path if cfg.solver == "ray" else r_train,
+        train_path if solver == "ray" else r_train,
         cfg.als,
-        solver=cfg.solver,
+        solver=solver,
         actors=cfg.actors,
         seed=seed,
         known=known,

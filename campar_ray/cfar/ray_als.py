@@ -42,6 +42,7 @@ from campar_ray.cfar.als import (
 from campar_ray.data.manifest import known_entries
 from campar_ray.decision.logits import cfar_logits, probabilities
 from campar_ray.run.logits import count_rows, read_split_logits
+from campar_ray.runtime import init_ray
 
 if TYPE_CHECKING:
     from campar_ray.config import AlsSettings
@@ -168,7 +169,9 @@ def fit_ray(
     cpus_per_actor: float = ACTOR_CPUS,
 ) -> AlsResult:
     """One ALS fit on Ray actors from the seeded starting Y; the actors are released
-    afterwards."""
+    afterwards. Joins Ray as :func:`~campar_ray.runtime.init_ray` does when this process has
+    not (``cfar.solver=auto`` picks this solver for a large r without being asked to)."""
+    init_ray()
     with ShardedAls(path, settings, actors=actors, cpus_per_actor=cpus_per_actor) as solver:
         Y0 = initial_attribute_factors(solver.attributes, settings.factors, seed)
         return solver.fit(Y0, callback)

@@ -10,12 +10,16 @@ What is fitted travels as one value, :class:`~campar_ray.config.AlsSettings`, fr
 down to every solver, so that no layer forwards (or re-checks) its numbers one by one; how it
 is solved (solver, actors, seed) stays in the arguments of :func:`fit_als`.
 
+``cfar.solver=auto`` (the default) is resolved by :func:`choose_solver`, the one rule: the
+local solver for small r, the Ray actors for a large one or on a named cluster.
+
 The Ray and ``implicit`` modules are imported when chosen, so that loading a fitted stage 2
 (bundles, prediction) needs neither.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,13 +31,55 @@ from campar_ray.cfar.als import (
     fit_local,
     initial_attribute_factors,
 )
-from campar_ray.config import SOLVERS
+from campar_ray.config import LOCAL_ALS_MAX_ENTRIES, SOLVERS
 from campar_ray.data.manifest import known_entries
 from campar_ray.decision.logits import cfar_logits, probabilities
 from campar_ray.run.logits import read_split_logits
+from campar_ray.runtime import cluster_address
 
 if TYPE_CHECKING:
     from campar_ray.config import AlsSettings
+
+AUTO = "auto"
+FIT_SOLVERS = tuple(solver for solver in SOLVERS if solver != AUTO)
+"""The solvers :func:`fit_als` runs: ``cfar.solver``'s choices but ``auto``."""
+
+
+@dataclass(frozen=True)
+class SolverChoice:
+    """The solver a fit uses and why, for the one line a fit prints."""
+
+    solver: str
+    reason: str
+
+    def line(self) -> str:
+        return f"[cfar] ALS solver: {self.solver} ({self.reason})"
+
+
+def choose_solver(requested: str, entries: int, address: str | None = None) -> SolverChoice:
+    """``requested`` (a ``cfar.solver`` value) as the solver to run, for an r of ``entries``
+    values (N x M).
+
+    ``auto``: ``ray`` when a cluster address is given (``address``, else ``RAY_ADDRESS``: the
+    work belongs on that cluster) or r has more than
+    :data:`~campar_ray.config.LOCAL_ALS_MAX_ENTRIES` entries (the actors' start-up is then
+    paid back), else ``local``. Any other value is kept as set.
+    """
+    if requested not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {requested!r}")
+    if requested != AUTO:
+        return SolverChoice(requested, "set by cfar.solver")
+    cluster = cluster_address(address)
+    if cluster:
+        return SolverChoice("ray", f"auto: a cluster address is given ({cluster})")
+    size = f"{entries:,} entries of r (N x M)"
+    if entries > LOCAL_ALS_MAX_ENTRIES:
+        return SolverChoice("ray", f"auto: {size}, over {LOCAL_ALS_MAX_ENTRIES:,}")
+    return SolverChoice(
+        "local",
+        f"auto: {size}, at most {LOCAL_ALS_MAX_ENTRIES:,}: in this process; --solver ray or "
+        "a cluster address for Ray actors",
+    )
 
 
 def fit_als(
@@ -63,8 +109,11 @@ def fit_als(
     above M, so the extra dimensions add nothing. Stops early when the relative objective
     change falls below ``settings.tol``; raises AlsDivergedError on NaN.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if solver not in FIT_SOLVERS:
+        raise ValueError(
+            f"solver must be one of {', '.join(FIT_SOLVERS)}, got {solver!r} "
+            "(choose_solver resolves 'auto')"
+        )
     if actors < 1:
         raise ValueError(f"actors must be >= 1, got {actors}")
     if solver == "ray":

@@ -123,6 +123,25 @@ def stored_pixels(
     return pixels[:, ::-1] if mirror else pixels
 
 
+def image_pixels(
+    image: Image.Image,
+    *,
+    size: tuple[int, int] | None = None,
+    mirror: bool = False,
+    interpolation: str = BILINEAR,
+) -> np.ndarray:
+    """A decoded Pillow image as :func:`decode_image` returns it: RGB (grey, palette and RGBA
+    converted), mirrored when asked, resized to ``size`` ``(H, W)`` when given, as a writable
+    H x W x 3 uint8 array (``torch.from_numpy`` needs one). Also what a caller's own Pillow
+    image goes through (``ParPredictor.predict_proba``), so it gets its file's pixels."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    if mirror:
+        rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if size is not None:
+        rgb = resize_image(rgb, size, interpolation)
+    return np.array(rgb, dtype=np.uint8)
+
+
 def decode_image(
     data: bytes,
     *,
@@ -152,12 +171,7 @@ def decode_image(
                     f"({max_pixels})"
                 )
             img.load()
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
-            if mirror:
-                rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            if size is not None:
-                rgb = resize_image(rgb, size, interpolation)
-            array = np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
+            array = image_pixels(img, size=size, mirror=mirror, interpolation=interpolation)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:  # its message names a BytesIO object, nothing useful

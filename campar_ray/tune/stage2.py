@@ -21,6 +21,7 @@ from typing import Any
 
 from campar_ray import storage
 from campar_ray.cfar.model import fit_model, save_model
+from campar_ray.cfar.solver import AUTO
 from campar_ray.config import CfarConfig
 from campar_ray.decision import (
     CFAR_FROM,
@@ -41,7 +42,12 @@ def fit_cfar_on_val(
 
     Returns ``val_<metric>`` for stage 1 + CFAR (at its validation-chosen threshold),
     ``stage1_val_<metric>`` for stage 1 alone (likewise), the threshold, and fit details.
+    ``cfar.solver=auto`` fits in the trial's own process: a search's parallelism is its
+    trials, and a trial's placement group holds ALS actors only for an explicit ``ray``
+    (:func:`campar_ray.tune.trials.trial_bundles`).
     """
+    if cfg.solver == AUTO:
+        cfg = dataclasses.replace(cfg, solver="local")
     train_path = RunDir(logits_dir).logits("train")
     train = read_split_logits(train_path)
     val = read_split_logits(RunDir(logits_dir).logits("val"))

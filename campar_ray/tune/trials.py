@@ -26,7 +26,8 @@ from campar_ray.tune.space import SearchSpace
 from campar_ray.tune.stage2 import fit_cfar_on_val
 
 TRIAL_CPUS = 1.0
-"""The trial process itself: stage 2's k-means, fc2 and (``solver=local``) ALS run in it."""
+"""The trial process itself: stage 2's k-means, fc2 and (``solver=local`` or ``auto``) ALS run
+in it."""
 
 
 @dataclass(frozen=True)
