@@ -42,10 +42,8 @@ whose file exists is skipped, so the study resumes where it stopped; work goes s
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,15 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    README,
-    RESULTS_DIR,
-    RESULTS_MD,
-    machine_info,
-    update_marked_block,
-    versions,
-    write_results,
-)
+from bench.common import RESULTS_DIR, publish_figures
 from bench.head_features import DEFAULT_CACHE, FeatureCache
 from campar_ray.decision import probabilities
 
@@ -370,9 +360,16 @@ def run_path(runs: Path, split: int, seed: int, row: str) -> Path:
     return runs / f"split{split}" / f"seed{seed}" / f"{row}.npz"
 
 
-def save_run(path: Path, result: dict[str, Any], eval_indices: np.ndarray, full: bool) -> None:
+def save_run(
+    path: Path,
+    result: dict[str, Any],
+    eval_indices: np.ndarray,
+    full: bool,
+    extra: dict[str, np.ndarray] | None = None,
+) -> None:
     """Val/test logits of the evaluated attributes (fp16), the epoch kept, the history; for
-    a CFAR parent every attribute's train/val/test logits too. Written atomically."""
+    a CFAR parent every attribute's train/val/test logits too; ``extra`` arrays as they are
+    (another study's run facts, e.g. the labels it trained with). Written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         part: np.asarray(result[part])[:, eval_indices] if result[part].shape[1] > len(eval_indices)
@@ -385,6 +382,7 @@ def save_run(path: Path, result: dict[str, Any], eval_indices: np.ndarray, full:
     np.savez_compressed(
         _partial(path),
         **{key: value.astype(np.float16) for key, value in arrays.items()},
+        **(extra or {}),
         meta=np.array(json.dumps(meta)),
     )
     os.replace(_partial(path), path)
@@ -657,23 +655,7 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
     )
     figures["recipe"] = recipe
     figures["runs_dir"] = os.path.abspath(args.runs)
-    out = Path(args.out)
-    if out.resolve() == RESULTS_DIR.resolve():
-        write_results(NAME, figures)
-        for document in (README, RESULTS_MD):
-            update_marked_block(NAME, markdown(figures, recipe), document)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {
-            "script": NAME,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m bench.head_study", *sys.argv[1:]]),
-            "machine": machine_info(),
-            "versions": versions(),
-            "figures": figures,
-        }
-        (out / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"{NAME}.md").write_text(markdown(figures, recipe))
+    publish_figures(NAME, figures, markdown(figures, recipe), Path(args.out))
     return figures
 
 
