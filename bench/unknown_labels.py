@@ -147,6 +147,8 @@ def arm_split(split: Split, arm: str, seed: int, sides: np.ndarray) -> tuple[Spl
             part: rows[sides[rows] == side] if part != "test" else rows
             for part, rows in split.parts.items()
         }
+        if not all(len(parts[part]) for part in ("train", "val")):
+            raise ValueError(f"source {side} has no train or no val image in split {split.index}")
         own = np.arange(len(columns))
         return (
             dataclasses.replace(split, parts=parts, labels=evaluated[:, columns], eval_indices=own),
