@@ -395,8 +395,9 @@ def load_run(path: Path) -> dict[str, Any]:
     return run
 
 
-def run_study(args: argparse.Namespace) -> None:
-    """Train every missing run, seed-major, printing one line per run."""
+def open_study(args: argparse.Namespace) -> tuple[FeatureCache, list[Split]]:
+    """The cache (complete, unless a smoke run limits the images) and the splits, each saved
+    under ``args.runs`` once; torch set to ``args.threads``."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -404,11 +405,17 @@ def run_study(args: argparse.Namespace) -> None:
     if not cache.complete() and not args.limit_images:
         raise SystemExit(f"the feature cache at {args.cache} is not complete; fill it first")
     count = args.limit_images or cache.count
-    recipe = Recipe(args.epochs, args.lr, args.batch, args.rule, args.threads, args.cfar_keys)
-    runs = Path(args.runs)
     splits = [make_split(cache, k, count) for k in range(args.splits)]
     for split in splits:
-        save_split(split, runs / f"split{split.index}")
+        save_split(split, Path(args.runs) / f"split{split.index}")
+    return cache, splits
+
+
+def run_study(args: argparse.Namespace) -> None:
+    """Train every missing run, seed-major, printing one line per run."""
+    cache, splits = open_study(args)
+    recipe = Recipe(args.epochs, args.lr, args.batch, args.rule, args.threads, args.cfar_keys)
+    runs = Path(args.runs)
     done_before = time.perf_counter()
     trained = 0
     for seed in args.seeds:
@@ -546,6 +553,33 @@ def wilcoxon_p(differences: np.ndarray) -> float | None:
     return float(wilcoxon(differences).pvalue)
 
 
+def paired_difference(
+    runs: dict[tuple[int, int], dict],
+    references: dict[tuple[int, int], dict],
+    pairs: list[tuple[int, int]],
+    endpoint: str,
+    samples: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """One endpoint's mean paired difference over ``pairs`` ((split, seed) keys of both
+    scored-run tables, each run with its point value and person-bootstrap ``replicates``),
+    its :func:`hierarchical_interval`, the wins and the Wilcoxon p."""
+    point = np.array([runs[p][endpoint] - references[p][endpoint] for p in pairs])
+    tables: dict[int, list[np.ndarray]] = {}
+    for p in pairs:
+        tables.setdefault(p[0], []).append(
+            runs[p]["replicates"][endpoint] - references[p]["replicates"][endpoint]
+        )
+    low, high = hierarchical_interval({k: np.stack(v) for k, v in tables.items()}, samples, rng)
+    return {
+        "difference": float(point.mean()),
+        "low": low,
+        "high": high,
+        "wins": int((point > 0).sum()),
+        "wilcoxon_p": wilcoxon_p(point),
+    }
+
+
 def aggregate(
     runs: Path, *, replicates: int = 200, samples: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
@@ -588,25 +622,9 @@ def aggregate(
             continue
         entry: dict[str, Any] = {"row": name, "reference": reference, "pairs": len(pairs)}
         for endpoint in ENDPOINTS:
-            point = np.array(
-                [per_row[name][p][endpoint] - per_row[reference][p][endpoint] for p in pairs]
+            entry[endpoint] = paired_difference(
+                per_row[name], per_row[reference], pairs, endpoint, samples, rng
             )
-            tables: dict[int, list[np.ndarray]] = {}
-            for p in pairs:
-                tables.setdefault(p[0], []).append(
-                    per_row[name][p]["replicates"][endpoint]
-                    - per_row[reference][p]["replicates"][endpoint]
-                )
-            low, high = hierarchical_interval(
-                {k: np.stack(v) for k, v in tables.items()}, samples, rng
-            )
-            entry[endpoint] = {
-                "difference": float(point.mean()),
-                "low": low,
-                "high": high,
-                "wins": int((point > 0).sum()),
-                "wilcoxon_p": wilcoxon_p(point),
-            }
         comparisons.append(entry)
     return {
         "rows": rows,
@@ -614,6 +632,13 @@ def aggregate(
         "splits": sorted(weights),
         "bootstrap": {"person_replicates": replicates, "hierarchical_samples": samples},
     }
+
+
+def difference_cell(figure: dict[str, Any]) -> str:
+    """``+d [low, high] p=...`` in points: a :func:`paired_difference` in a table cell."""
+    p = "-" if figure["wilcoxon_p"] is None else f"{figure['wilcoxon_p']:.2g}"
+    interval = f"[{100 * figure['low']:+.2f}, {100 * figure['high']:+.2f}]"
+    return f"{100 * figure['difference']:+.2f} {interval} p={p}"
 
 
 def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
@@ -636,10 +661,7 @@ def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
     for entry in figures["comparisons"]:
         cells = []
         for endpoint in ENDPOINTS:
-            e = entry[endpoint]
-            p = "-" if e["wilcoxon_p"] is None else f"{e['wilcoxon_p']:.2g}"
-            interval = f"[{100 * e['low']:+.2f}, {100 * e['high']:+.2f}]"
-            cells.append(f"{100 * e['difference']:+.2f} {interval} p={p}")
+            cells.append(difference_cell(entry[endpoint]))
         lines.append(
             f"| {ROW_BY_NAME[entry['row']].label} | {ROW_BY_NAME[entry['reference']].label} "
             f"| {entry['pairs']} | " + " | ".join(cells) + " |"
@@ -647,37 +669,34 @@ def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(args: argparse.Namespace) -> dict[str, Any]:
-    figures = aggregate(Path(args.runs), replicates=args.replicates, samples=args.samples)
-    recipe = (
+def recipe_text(args: argparse.Namespace) -> str:
+    """The training recipe in words, for a table's caption."""
+    return (
         f"{args.epochs} epochs, Adam lr {args.lr:g}, batch {args.batch}, "
         f"checkpoint rule {args.rule}"
     )
+
+
+def publish(args: argparse.Namespace) -> dict[str, Any]:
+    figures = aggregate(Path(args.runs), replicates=args.replicates, samples=args.samples)
+    recipe = recipe_text(args)
     figures["recipe"] = recipe
     figures["runs_dir"] = os.path.abspath(args.runs)
     publish_figures(NAME, figures, markdown(figures, recipe), Path(args.out))
     return figures
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every study on the feature cache shares: cache, splits, recipe, the
+    bootstrap's sizes and ``--aggregate``."""
     parser.add_argument(
         "--cache", default=DEFAULT_CACHE, help="feature cache (bench.head_features)"
     )
-    parser.add_argument("--runs", default=os.path.join(DEFAULT_CACHE, "runs"), help="run files")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder of {NAME}.json/.md")
     parser.add_argument("--splits", type=int, default=3, help="person-disjoint splits")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument(
-        "--rows", nargs="+", choices=[row.name for row in ROWS if row.lookup != "fold-in"],
-        default=[row.name for row in ROWS if row.lookup != "fold-in"],
-        help="rows to train (a CFAR dictionary row fits the fold-in row too)",
-    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rule", default="val_auc", help="train.checkpoint_rule of every run")
-    parser.add_argument("--cfar-keys", type=int, default=32, help="CFAR dictionary size")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (1: on a shared 2-core machine, 2 threads made a step 15x slower)",
@@ -691,6 +710,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--aggregate", action="store_true", help="train nothing: aggregate the finished runs"
     )
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_study_arguments(parser)
+    parser.add_argument("--runs", default=os.path.join(DEFAULT_CACHE, "runs"), help="run files")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder of {NAME}.json/.md")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument(
+        "--rows", nargs="+", choices=[row.name for row in ROWS if row.lookup != "fold-in"],
+        default=[row.name for row in ROWS if row.lookup != "fold-in"],
+        help="rows to train (a CFAR dictionary row fits the fold-in row too)",
+    )  # fmt: skip
+    parser.add_argument("--cfar-keys", type=int, default=32, help="CFAR dictionary size")
     return parser
 
 

@@ -50,7 +50,7 @@ import numpy as np
 
 from bench import head_study
 from bench.common import RESULTS_DIR, publish_figures
-from bench.head_features import DEFAULT_CACHE, FeatureCache
+from bench.head_features import DEFAULT_CACHE
 from bench.head_study import ENDPOINTS, Split
 
 NAME = "unknown_labels"
@@ -176,19 +176,10 @@ def image_sources(manifest: str | Path, images: np.ndarray) -> np.ndarray:
 
 def run_benchmark(args: argparse.Namespace) -> None:
     """Train every missing run, seed-major, one line per run."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    cache = FeatureCache.open(args.cache)
-    if not cache.complete() and not args.limit_images:
-        raise SystemExit(f"the feature cache at {args.cache} is not complete; fill it first")
-    count = args.limit_images or cache.count
-    sides = source_groups(image_sources(args.manifest, cache.images[:count]))
+    cache, splits = head_study.open_study(args)
+    sides = source_groups(image_sources(args.manifest, cache.images[: len(splits[0].labels)]))
     recipe = head_study.Recipe(args.epochs, args.lr, args.batch, args.rule, args.threads, 0)
     runs = Path(args.runs)
-    splits = [head_study.make_split(cache, k, count) for k in range(args.splits)]
-    for split in splits:
-        head_study.save_split(split, runs / f"split{split.index}")
     started, trained = time.perf_counter(), 0
     for seed in args.seeds:
         for split in splits:
@@ -272,25 +263,12 @@ def aggregate(
             "attributes": len(found[reference][pairs[0]]["columns"]),
         }
         for endpoint in ENDPOINTS:
-            values = {name: np.array([scores[name][p][endpoint] for p in pairs]) for name in scores}
-            difference = values[arm] - values[reference]
-            tables: dict[int, list[np.ndarray]] = {}
-            for p in pairs:
-                tables.setdefault(p[0], []).append(
-                    scores[arm][p]["replicates"][endpoint]
-                    - scores[reference][p]["replicates"][endpoint]
-                )
-            low, high = head_study.hierarchical_interval(
-                {k: np.stack(v) for k, v in tables.items()}, samples, rng
-            )
             entry[endpoint] = {
-                "arm_mean": float(values[arm].mean()),
-                "reference_mean": float(values[reference].mean()),
-                "difference": float(difference.mean()),
-                "low": low,
-                "high": high,
-                "wins": int((difference > 0).sum()),
-                "wilcoxon_p": head_study.wilcoxon_p(difference),
+                "arm_mean": float(np.mean([scores[arm][p][endpoint] for p in pairs])),
+                "reference_mean": float(np.mean([scores[reference][p][endpoint] for p in pairs])),
+                **head_study.paired_difference(
+                    scores[arm], scores[reference], pairs, endpoint, samples, rng
+                ),
             }
         comparisons.append(entry)
     return {
@@ -324,11 +302,9 @@ def markdown(figures: dict[str, Any], recipe: str) -> str:
         cells = []
         for endpoint in ENDPOINTS:
             e = entry[endpoint]
-            p = "-" if e["wilcoxon_p"] is None else f"{e['wilcoxon_p']:.2g}"
             cells.append(
                 f"{100 * e['arm_mean']:.2f} / {100 * e['reference_mean']:.2f}: "
-                f"**{100 * e['difference']:+.2f}** "
-                f"[{100 * e['low']:+.2f}, {100 * e['high']:+.2f}] p={p}"
+                + head_study.difference_cell(e)
             )
         lines.append(
             f"| {ARMS[entry['arm']]} | {ARMS[entry['reference']]} | {entry['attributes']} "
@@ -339,10 +315,7 @@ def markdown(figures: dict[str, Any], recipe: str) -> str:
 
 def publish(args: argparse.Namespace) -> dict[str, Any]:
     figures = aggregate(Path(args.runs), replicates=args.replicates, samples=args.samples)
-    recipe = (
-        f"{args.epochs} epochs, Adam lr {args.lr:g}, batch {args.batch}, "
-        f"checkpoint rule {args.rule}"
-    )
+    recipe = head_study.recipe_text(args)
     figures["recipe"] = recipe
     figures["runs_dir"] = os.path.abspath(args.runs)
     publish_figures(NAME, figures, markdown(figures, recipe), Path(args.out))
@@ -351,32 +324,15 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--cache", default=DEFAULT_CACHE, help="feature cache (bench.head_features)"
-    )
+    head_study.add_study_arguments(parser)
     parser.add_argument(
         "--manifest", default=os.path.join(DEFAULT_CACHE, "manifest.parquet"),
         help="the cache's manifest (each image's PETA subset)",
     )  # fmt: skip
     parser.add_argument("--runs", default="/work/cache/unknown_labels/runs", help="run files")
     parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder of {NAME}.json/.md")
-    parser.add_argument("--splits", type=int, default=3, help="person-disjoint splits")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(5)))
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    parser.add_argument("--epochs", type=int, default=head_study.EPOCHS)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rule", default="val_auc", help="train.checkpoint_rule of every run")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument(
-        "--limit-images", type=int, default=0,
-        help="use only the first N cached images (a smoke run; 0: all)",
-    )  # fmt: skip
-    parser.add_argument("--replicates", type=int, default=200, help="person-bootstrap draws")
-    parser.add_argument("--samples", type=int, default=2000, help="hierarchical draws")
-    parser.add_argument(
-        "--aggregate", action="store_true", help="train nothing: aggregate the finished runs"
-    )
     return parser
 
 
