@@ -242,20 +242,29 @@ def aggregate(
                     found[arm][(k, int(seed_dir.name.removeprefix("seed")))] = head_study.load_run(
                         path
                     )
+    scored: dict[tuple[str, tuple[int, int], bytes], dict] = {}
+
+    def score(name: str, pair: tuple[int, int], columns: np.ndarray) -> dict:
+        """The endpoints (and their person-bootstrap replicates) of one run on ``columns``;
+        each run is scored once per attribute set, however many comparisons it enters."""
+        key = (name, pair, columns.tobytes())
+        if key not in scored:
+            run, truth = scoped(found[name][pair], columns), test_labels[pair[0]][:, columns]
+            point = head_study.run_endpoints(run, {"val": run["val_labels"], "test": truth})
+            point["replicates"] = head_study.replicate_endpoints(point, truth, weights[pair[0]])
+            del point["predictions"], point["scores"]
+            scored[key] = point
+        return scored[key]
+
     comparisons = []
     for arm, reference in COMPARISONS:
         pairs = sorted(set(found[arm]) & set(found[reference]))
         if not pairs:
             continue
-        scores: dict[str, dict[tuple[int, int], dict]] = {arm: {}, reference: {}}
-        for pair in pairs:
-            columns = found[reference][pair]["columns"]
-            truth = test_labels[pair[0]][:, columns]
-            for name in scores:
-                run = scoped(found[name][pair], columns)
-                point = head_study.run_endpoints(run, {"val": run["val_labels"], "test": truth})
-                point["replicates"] = head_study.replicate_endpoints(point, truth, weights[pair[0]])
-                scores[name][pair] = point
+        scores = {
+            name: {p: score(name, p, found[reference][p]["columns"]) for p in pairs}
+            for name in (arm, reference)
+        }
         entry: dict[str, Any] = {
             "arm": arm,
             "reference": reference,
