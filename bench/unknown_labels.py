@@ -20,7 +20,8 @@ both heads share (CAM-PAR adds a second, equally masked term), so the time buys 
 (b) **Two sources** (the 35 evaluated attributes): PETA's subsets dealt into two groups of
     about equal size (largest subset first, each into the group with fewer images: TownCentre
     against the six others), and per (split, seed) two attribute groups of 23 (11 shared, the
-    35 covered). ``joint`` trains on both groups' images, each knowing its own attributes;
+    35 covered). ``joint`` trains on both groups' images, each knowing its own attributes
+    (``joint_negatives``: the same, the other group's attributes written as 0);
     ``alone_a``/``alone_b`` train on one group's images and attributes only; ``pooled``
     on both groups with every label (the ceiling). A comparison is scored on the reference's
     attributes (``joint`` vs ``alone_a`` on group a's 23).
@@ -66,6 +67,7 @@ ARMS = {
     **{f"negatives{p}": f"{p} % hidden, written as 0" for p in FRACTIONS},
     "pooled": "two sources, every label",
     "joint": "two sources jointly, masked",
+    "joint_negatives": "two sources jointly, unknowns written as 0",
     "alone_a": "source a alone",
     "alone_b": "source b alone",
 }
@@ -73,6 +75,7 @@ COMPARISONS = (
     *((f"masked{p}", f"negatives{p}") for p in FRACTIONS),
     *((f"masked{p}", "all") for p in FRACTIONS),
     *((f"negatives{p}", "all") for p in FRACTIONS),
+    ("joint", "joint_negatives"),
     ("joint", "alone_a"),
     ("joint", "alone_b"),
     ("joint", "pooled"),
@@ -133,13 +136,13 @@ def arm_split(split: Split, arm: str, seed: int, sides: np.ndarray) -> tuple[Spl
     if arm == "pooled":
         return dataclasses.replace(split, labels=evaluated, eval_indices=everything), everything
     groups = dict(zip("ab", attribute_groups(count, split.index, seed), strict=True))
-    if arm == "joint":
+    if arm in ("joint", "joint_negatives"):
         labels = evaluated.copy()
         test = np.zeros(len(labels), dtype=bool)
         test[split.parts["test"]] = True
         for side, columns in groups.items():
             unannotated = np.setdiff1d(everything, columns)
-            labels[np.ix_((sides == side) & ~test, unannotated)] = UNKNOWN
+            labels[np.ix_((sides == side) & ~test, unannotated)] = UNKNOWN if arm == "joint" else 0
         return dataclasses.replace(split, labels=labels, eval_indices=everything), everything
     if arm in ("alone_a", "alone_b"):
         side, columns = arm[-1], groups[arm[-1]]

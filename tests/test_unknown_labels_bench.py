@@ -67,6 +67,8 @@ def test_two_sources_annotate_two_thirds_each_and_alone_arms_keep_their_own():
     train_a = split.parts["train"][sides[split.parts["train"]] == "a"]
     unknown = joint.labels[train_a] == ul.UNKNOWN
     assert np.array_equal(unknown.any(0), ~np.isin(np.arange(8), a)) and unknown.any(0).sum() == 3
+    negatives, _ = ul.arm_split(split, "joint_negatives", 1, sides)
+    assert np.array_equal(negatives.labels == 0, (joint.labels == 0) | (joint.labels == ul.UNKNOWN))
     alone, own = ul.arm_split(split, "alone_b", 1, sides)
     assert np.array_equal(own, b) and np.array_equal(alone.labels, evaluated[:, b])
     assert set(sides[alone.parts["train"]]) == {"b"}
