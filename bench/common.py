@@ -62,16 +62,20 @@ def write_results(script_name: str, figures: dict[str, Any], variant: str | None
     name = Path(script_name).stem
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / (f"{name}-{variant}.json" if variant else f"{name}.json")
+    _write_record(path, name, figures, Path(sys.argv[0]).name)
+    return path
+
+
+def _write_record(path: Path, name: str, figures: dict[str, Any], program: str) -> None:
     record = {
         "script": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join([program, *sys.argv[1:]]),
         "machine": machine_info(),
         "versions": versions(),
         "figures": figures,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
 
 
 README = RESULTS_DIR.parents[1] / "README.md"
@@ -94,6 +98,31 @@ def update_marked_block(name: str, text: str, readme: Path = README) -> None:
     head, rest = content.split(begin)
     _, tail = rest.split(end)
     readme.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+
+
+def publish_figures(
+    name: str,
+    figures: dict[str, Any],
+    table: str,
+    out: Path,
+    *,
+    documents: tuple[Path, ...] | None = None,
+    program: str | None = None,
+) -> None:
+    """A study's figures and Markdown ``table`` into ``out``: into bench/results (JSON
+    through :func:`write_results`, the table also into the marked ``name`` block of each of
+    ``documents``, by default the README and bench/RESULTS.md), or, for a trial, only into
+    ``out`` (no document touched). ``program`` is the command recorded (default
+    ``python -m bench.<name>``)."""
+    program = program or f"python -m bench.{name}"
+    if out.resolve() == RESULTS_DIR.resolve():
+        write_results(name, figures)
+        for document in (README, RESULTS_MD) if documents is None else documents:
+            update_marked_block(name, table, document)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_record(out / f"{name}.json", name, figures, program)
+    (out / f"{name}.md").write_text(table)
 
 
 def _cpu_model() -> str:

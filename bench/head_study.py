@@ -42,10 +42,8 @@ whose file exists is skipped, so the study resumes where it stopped; work goes s
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,15 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    README,
-    RESULTS_DIR,
-    RESULTS_MD,
-    machine_info,
-    update_marked_block,
-    versions,
-    write_results,
-)
+from bench.common import RESULTS_DIR, RESULTS_MD, publish_figures
 from bench.head_features import DEFAULT_CACHE, FeatureCache
 from campar_ray.decision import probabilities
 
@@ -414,9 +404,16 @@ def run_path(runs: Path, split: int, seed: int, row: str) -> Path:
     return runs / f"split{split}" / f"seed{seed}" / f"{row}.npz"
 
 
-def save_run(path: Path, result: dict[str, Any], eval_indices: np.ndarray, full: bool) -> None:
+def save_run(
+    path: Path,
+    result: dict[str, Any],
+    eval_indices: np.ndarray,
+    full: bool,
+    extra: dict[str, np.ndarray] | None = None,
+) -> None:
     """Val/test logits of the evaluated attributes (fp16), the epoch kept, the history; for
-    a CFAR parent every attribute's train/val/test logits too. Written atomically."""
+    a CFAR parent every attribute's train/val/test logits too; ``extra`` arrays as they are
+    (another study's run facts, e.g. the labels it trained with). Written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
         part: np.asarray(result[part])[:, eval_indices] if result[part].shape[1] > len(eval_indices)
@@ -429,6 +426,7 @@ def save_run(path: Path, result: dict[str, Any], eval_indices: np.ndarray, full:
     np.savez_compressed(
         _partial(path),
         **{key: value.astype(np.float16) for key, value in arrays.items()},
+        **(extra or {}),
         meta=np.array(json.dumps(meta)),
     )
     os.replace(_partial(path), path)
@@ -441,8 +439,9 @@ def load_run(path: Path) -> dict[str, Any]:
     return run
 
 
-def run_study(args: argparse.Namespace) -> None:
-    """Train every missing run, seed-major, printing one line per run."""
+def open_study(args: argparse.Namespace) -> tuple[FeatureCache, list[Split]]:
+    """The cache (complete, unless a smoke run limits the images) and the splits, each saved
+    under ``args.runs`` once; torch set to ``args.threads``."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -450,13 +449,19 @@ def run_study(args: argparse.Namespace) -> None:
     if not cache.complete() and not args.limit_images:
         raise SystemExit(f"the feature cache at {args.cache} is not complete; fill it first")
     count = args.limit_images or cache.count
+    splits = [make_split(cache, k, count) for k in range(args.splits)]
+    for split in splits:
+        save_split(split, Path(args.runs) / f"split{split.index}")
+    return cache, splits
+
+
+def run_study(args: argparse.Namespace) -> None:
+    """Train every missing run, seed-major, printing one line per run."""
+    cache, splits = open_study(args)
     recipe = Recipe(
         args.epochs, args.lr, args.batch, args.rule, args.threads, args.cfar_keys, args.last_stage
     )
     runs = Path(args.runs)
-    splits = [make_split(cache, k, count) for k in range(args.splits)]
-    for split in splits:
-        save_split(split, runs / f"split{split.index}")
     done_before = time.perf_counter()
     trained = 0
     for seed in args.seeds:
@@ -594,6 +599,33 @@ def wilcoxon_p(differences: np.ndarray) -> float | None:
     return float(wilcoxon(differences).pvalue)
 
 
+def paired_difference(
+    runs: dict[tuple[int, int], dict],
+    references: dict[tuple[int, int], dict],
+    pairs: list[tuple[int, int]],
+    endpoint: str,
+    samples: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """One endpoint's mean paired difference over ``pairs`` ((split, seed) keys of both
+    scored-run tables, each run with its point value and person-bootstrap ``replicates``),
+    its :func:`hierarchical_interval`, the wins and the Wilcoxon p."""
+    point = np.array([runs[p][endpoint] - references[p][endpoint] for p in pairs])
+    tables: dict[int, list[np.ndarray]] = {}
+    for p in pairs:
+        tables.setdefault(p[0], []).append(
+            runs[p]["replicates"][endpoint] - references[p]["replicates"][endpoint]
+        )
+    low, high = hierarchical_interval({k: np.stack(v) for k, v in tables.items()}, samples, rng)
+    return {
+        "difference": float(point.mean()),
+        "low": low,
+        "high": high,
+        "wins": int((point > 0).sum()),
+        "wilcoxon_p": wilcoxon_p(point),
+    }
+
+
 def aggregate(
     runs: Path, *, replicates: int = 200, samples: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
@@ -636,25 +668,9 @@ def aggregate(
             continue
         entry: dict[str, Any] = {"row": name, "reference": reference, "pairs": len(pairs)}
         for endpoint in ENDPOINTS:
-            point = np.array(
-                [per_row[name][p][endpoint] - per_row[reference][p][endpoint] for p in pairs]
+            entry[endpoint] = paired_difference(
+                per_row[name], per_row[reference], pairs, endpoint, samples, rng
             )
-            tables: dict[int, list[np.ndarray]] = {}
-            for p in pairs:
-                tables.setdefault(p[0], []).append(
-                    per_row[name][p]["replicates"][endpoint]
-                    - per_row[reference][p]["replicates"][endpoint]
-                )
-            low, high = hierarchical_interval(
-                {k: np.stack(v) for k, v in tables.items()}, samples, rng
-            )
-            entry[endpoint] = {
-                "difference": float(point.mean()),
-                "low": low,
-                "high": high,
-                "wins": int((point > 0).sum()),
-                "wilcoxon_p": wilcoxon_p(point),
-            }
         comparisons.append(entry)
     return {
         "rows": rows,
@@ -662,6 +678,13 @@ def aggregate(
         "splits": sorted(weights),
         "bootstrap": {"person_replicates": replicates, "hierarchical_samples": samples},
     }
+
+
+def difference_cell(figure: dict[str, Any]) -> str:
+    """``+d [low, high] p=...`` in points: a :func:`paired_difference` in a table cell."""
+    p = "-" if figure["wilcoxon_p"] is None else f"{figure['wilcoxon_p']:.2g}"
+    interval = f"[{100 * figure['low']:+.2f}, {100 * figure['high']:+.2f}]"
+    return f"{100 * figure['difference']:+.2f} {interval} p={p}"
 
 
 def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
@@ -689,10 +712,7 @@ def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
     for entry in figures["comparisons"]:
         cells = []
         for endpoint in ENDPOINTS:
-            e = entry[endpoint]
-            p = "-" if e["wilcoxon_p"] is None else f"{e['wilcoxon_p']:.2g}"
-            interval = f"[{100 * e['low']:+.2f}, {100 * e['high']:+.2f}]"
-            cells.append(f"{100 * e['difference']:+.2f} {interval} p={p}")
+            cells.append(difference_cell(entry[endpoint]))
         lines.append(
             f"| {ROW_BY_NAME[entry['row']].label} | {ROW_BY_NAME[entry['reference']].label} "
             f"| {entry['pairs']} | " + " | ".join(cells) + " |"
@@ -700,64 +720,40 @@ def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(args: argparse.Namespace) -> dict[str, Any]:
-    figures = aggregate(Path(args.runs), replicates=args.replicates, samples=args.samples)
-    text = (
+def recipe_text(args: argparse.Namespace, last_stage: bool = False) -> str:
+    """The training recipe in words, for a table's caption."""
+    return (
         f"{args.epochs} epochs, Adam lr {args.lr:g}"
-        + (f" (last stage {LAST_STAGE_LR:g})" if args.last_stage else "")
+        + (f" (last stage {LAST_STAGE_LR:g})" if last_stage else "")
         + f", batch {args.batch}, checkpoint rule {args.rule}"
     )
-    recipe = {"text": text, "last_stage": args.last_stage}
+
+
+def publish(args: argparse.Namespace) -> dict[str, Any]:
+    figures = aggregate(Path(args.runs), replicates=args.replicates, samples=args.samples)
+    recipe = {"text": recipe_text(args, args.last_stage), "last_stage": args.last_stage}
     figures["recipe"] = recipe
     figures["runs_dir"] = os.path.abspath(args.runs)
-    name = LAST_STAGE_NAME if args.last_stage else NAME
-    out = Path(args.out)
-    if out.resolve() == RESULTS_DIR.resolve():
-        write_results(name, figures)
-        # the frozen study is the README's headline table; part 5 lives in RESULTS.md
-        for document in (RESULTS_MD,) if args.last_stage else (README, RESULTS_MD):
-            update_marked_block(name, markdown(figures, recipe), document)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {
-            "script": name,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m bench.head_study", *sys.argv[1:]]),
-            "machine": machine_info(),
-            "versions": versions(),
-            "figures": figures,
-        }
-        (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(figures, recipe))
+    # the frozen study is the README's headline table; part 5 lives in RESULTS.md only
+    name, documents = (LAST_STAGE_NAME, (RESULTS_MD,)) if args.last_stage else (NAME, None)
+    publish_figures(
+        name, figures, markdown(figures, recipe), Path(args.out),
+        documents=documents, program="python -m bench.head_study",
+    )  # fmt: skip
     return figures
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every study on the feature cache shares: cache, splits, recipe, the
+    bootstrap's sizes and ``--aggregate``."""
     parser.add_argument(
         "--cache", default=DEFAULT_CACHE, help="feature cache (bench.head_features)"
     )
-    parser.add_argument(
-        "--runs", help="run files (default: runs/, or last_stage_runs/ with --last-stage, "
-        "in the cache folder)",
-    )  # fmt: skip
-    parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder of {NAME}.json/.md")
     parser.add_argument("--splits", type=int, default=3, help="person-disjoint splits")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument(
-        "--rows", nargs="+", choices=[row.name for row in ROWS if row.lookup != "fold-in"],
-        help="rows to train (a CFAR dictionary row fits the fold-in row too; default: all, "
-        f"or {', '.join(LAST_STAGE_ROWS)} with --last-stage)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--last-stage", action="store_true",
-        help=f"part 5: the encoder's last stage learns too, at Adam {LAST_STAGE_LR:g}",
-    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rule", default="val_auc", help="train.checkpoint_rule of every run")
-    parser.add_argument("--cfar-keys", type=int, default=32, help="CFAR dictionary size")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (1: on a shared 2-core machine, 2 threads made a step 15x slower)",
@@ -771,6 +767,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--aggregate", action="store_true", help="train nothing: aggregate the finished runs"
     )
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_study_arguments(parser)
+    parser.add_argument(
+        "--runs", help="run files (default: runs/, or last_stage_runs/ with --last-stage, "
+        "in the cache folder)",
+    )  # fmt: skip
+    parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder of {NAME}.json/.md")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument(
+        "--rows", nargs="+", choices=[row.name for row in ROWS if row.lookup != "fold-in"],
+        help="rows to train (a CFAR dictionary row fits the fold-in row too; default: all, "
+        f"or {', '.join(LAST_STAGE_ROWS)} with --last-stage)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--last-stage", action="store_true",
+        help=f"part 5: the encoder's last stage learns too, at Adam {LAST_STAGE_LR:g}",
+    )  # fmt: skip
+    parser.add_argument("--cfar-keys", type=int, default=32, help="CFAR dictionary size")
     return parser
 
 

@@ -1,241 +1,360 @@
-"""Unknown labels on real PETA: what masking gains over writing them as negatives (issue 36).
+"""Unknown labels on real PETA: what masking gains over writing them as negatives, and what
+joint training over two partly annotated sources gains over each alone (issue 36).
 
-Every setting trains stage 1 end to end (the recipe of :mod:`bench.peta_ablation`: CPU
-ResNet-18 128x64 or GPU ResNet-50, CAM-PAR head without fusion) on a manifest derived from
-PETA's, and is scored on the untouched, fully labelled test split at 0.5 and at one threshold
-chosen on validation:
+Every arm trains the head study's ``baseline`` row (global average pooling of the deepest
+level, a linear classifier, BatchNorm1d over its logits) on the cached frozen-encoder levels of
+:mod:`bench.head_features`, with the head study's splits, recipe, training loop
+(:func:`bench.head_study.train_row`: the library's weighted BCE, which leaves -1 out, and its
+positive rates over known labels) and interval machinery. The arms differ only in the labels
+(and, for one source alone, the images) they train and validate with; the test split is
+always fully labelled and scored the same way. The baseline, not CAM-PAR: on these features
+the head study finds the two equal on every endpoint (64.83 and 64.76 test mA at 0.5, 18
+pairs), the baseline trains about four times faster, and the masking lives in the loss that
+both heads share (CAM-PAR adds a second, equally masked term), so the time buys more pairs.
 
-(a) ``hidden-<f>-masked``: a seeded share ``f`` (25, 50, 75 %) of the train and val labels
-    written as unknown (-1); ``hidden-<f>-negatives``: the same labels written as 0, as a
-    codebase without unknowns must; ``all``: every label.
-(b) two sources: PETA's subsets dealt alternately into two groups, each keeping a seeded two
-    thirds of the 35 evaluated attributes (the other third unknown on its images; a third of the
-    attributes is shared). ``joint`` trains on both groups in one attribute space; ``alone-a``
-    and ``alone-b`` on one group's images and attributes. Each alone model is compared with the
-    joint one on its own attributes (``mA_a``, ``mA_b``).
+(a) **Hidden labels** (all 105 attributes): one uniform draw per entry of the train and val
+    labels, fixed per (split, seed); the entries below ``f`` (25, 50, 75 %) are hidden, so the
+    hidden sets are nested and ``masked<f>`` (hidden = -1, left out by loss, checkpoint rule
+    and validation offset) and ``negatives<f>`` (hidden = 0, as a codebase without unknowns
+    must write them) hide exactly the same entries. ``all``: every label.
+(b) **Two sources** (the 35 evaluated attributes): PETA's subsets dealt into two groups of
+    about equal size (largest subset first, each into the group with fewer images: TownCentre
+    against the six others), and per (split, seed) two attribute groups of 23 (11 shared, the
+    35 covered). ``joint`` trains on both groups' images, each knowing its own attributes
+    (``joint_negatives``: the same, the other group's attributes written as 0);
+    ``alone_a``/``alone_b`` train on one group's images and attributes only; ``pooled``
+    on both groups with every label (the ceiling). A comparison is scored on the reference's
+    attributes (``joint`` vs ``alone_a`` on group a's 23).
 
-The hidden labels and attribute groups are drawn from the run's seed, so a seed is a new draw
-of the training data as well as of the network. Results (per seed, mean and std over seeds,
-and paired differences) go to ``bench/results/unknown_labels.{json,md}``; each finished
-(setting, seed) is kept, so an interrupted study resumes.
+Each arm's paired difference (same split, seed, initialisation and batch order) is reported
+on the head study's endpoints with its 95 % hierarchical bootstrap interval (splits, seeds,
+test persons) and the Wilcoxon signed-rank p. Each run keeps its val/test logits, the val
+labels it saw and the attributes it predicts, so :func:`aggregate` needs no training; a run
+whose file exists is skipped, and work goes seed by seed, so a partial benchmark is paired.
 
-    python -m bench.unknown_labels                                    # every setting, seeds 0 1
-    python -m bench.unknown_labels --settings all hidden-50-masked hidden-50-negatives \\
-        --epochs 1 --limit-images 600 --seeds 0 --runs /tmp/ul/runs --out /tmp/ul  # smoke
+    python -m bench.unknown_labels                        # train (resumable), then aggregate
+    python -m bench.unknown_labels --aggregate            # only aggregate finished runs
+    python -m bench.unknown_labels --limit-images 1500 --splits 1 --seeds 0 --epochs 2 \\
+        --runs /tmp/ul/runs --out /tmp/ul                 # smoke check
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
-import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from bench.common import RESULTS_DIR
-from bench.peta_ablation import PETA_ROOT, base_config, ensure_stage1, limited_manifest
-from campar_ray.data.converters import prepare
-from campar_ray.data.manifest import UNKNOWN, ManifestInfo, labels_matrix, read_manifest
-from campar_ray.data.manifest import write_manifest as save_manifest
-from campar_ray.decision import eval_columns, prediction_logits, probabilities, validation_threshold
-from campar_ray.metrics import par_metrics
-from campar_ray.run.layout import RunDir
-from campar_ray.run.logits import read_split_logits
+from bench import head_study
+from bench.common import RESULTS_DIR, publish_figures
+from bench.head_features import DEFAULT_CACHE
+from bench.head_study import ENDPOINTS, Split
 
 NAME = "unknown_labels"
-FRACTIONS = (0.25, 0.5, 0.75)
-SETTINGS = (
-    "all",
-    *(f"hidden-{round(100 * f)}-{how}" for f in FRACTIONS for how in ("masked", "negatives")),
-    "joint",
-    "alone-a",
-    "alone-b",
+ROW = head_study.ROW_BY_NAME["baseline"]
+FRACTIONS = (25, 50, 75)
+UNKNOWN = -1
+HIDE_STREAM, GROUP_STREAM = 1, 2
+"""Extra words of the (split, seed) seed of the hidden draw and the attribute groups, so
+neither repeats the head study's batch-order stream ``[split, seed]``."""
+ARMS = {
+    "all": "every label",
+    **{f"masked{p}": f"{p} % hidden, masked (-1)" for p in FRACTIONS},
+    **{f"negatives{p}": f"{p} % hidden, written as 0" for p in FRACTIONS},
+    "pooled": "two sources, every label",
+    "joint": "two sources jointly, masked",
+    "joint_negatives": "two sources jointly, unknowns written as 0",
+    "alone_a": "source a alone",
+    "alone_b": "source b alone",
+}
+COMPARISONS = (
+    *((f"masked{p}", f"negatives{p}") for p in FRACTIONS),
+    *((f"masked{p}", "all") for p in FRACTIONS),
+    *((f"negatives{p}", "all") for p in FRACTIONS),
+    ("joint", "joint_negatives"),
+    ("joint", "alone_a"),
+    ("joint", "alone_b"),
+    ("joint", "pooled"),
 )
+"""``(arm, reference)``, scored on the reference's attributes."""
+
+
+# --- The arms' labels ----------------------------------------------------------------------
+
+
+def hidden_mask(split: Split, seed: int, percent: int) -> np.ndarray:
+    """Which train and val entries (all attributes) are hidden at ``percent``: one uniform
+    draw per entry and (split, seed), so the shares are nested and every arm of one
+    (split, seed) and share hides the same entries. Test rows are never hidden."""
+    draw = np.random.default_rng([split.index, seed, HIDE_STREAM]).random(split.labels.shape)
+    annotated = np.zeros(len(split.labels), dtype=bool)
+    annotated[np.concatenate([split.parts["train"], split.parts["val"]])] = True
+    return (draw < percent / 100) & annotated[:, None]
+
+
+def source_groups(sources: np.ndarray) -> np.ndarray:
+    """``a`` or ``b`` per image: whole subsets, largest first, each into the group with fewer
+    images so far (ties to ``a``), so the two sources are about the same size."""
+    names, counts = np.unique(sources, return_counts=True)
+    size = {"a": 0, "b": 0}
+    group = {}
+    for index in np.argsort(-counts, kind="stable"):
+        side = min(size, key=size.get)
+        group[names[index]] = side
+        size[side] += counts[index]
+    return np.array([group[s] for s in sources])
+
+
+def attribute_groups(count: int, split: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two attribute groups (column indices, sorted) of about two thirds of ``count`` each,
+    covering all of them, drawn per (split, seed): what sources a and b annotate."""
+    order = np.random.default_rng([split, seed, GROUP_STREAM]).permutation(count)
+    size = round(2 * count / 3)
+    return np.sort(order[:size]), np.sort(order[count - size :])
+
+
+def arm_split(split: Split, arm: str, seed: int, sides: np.ndarray) -> tuple[Split, np.ndarray]:
+    """The split ``arm`` trains and validates on, and the evaluated attributes (indices into
+    ``split.eval_indices``) its outputs stand for. Test rows keep their labels."""
+    if arm == "all":
+        return split, np.arange(len(split.eval_indices))
+    if arm.startswith(("masked", "negatives")):
+        masked = arm.startswith("masked")
+        hidden = hidden_mask(
+            split, seed, int(arm.removeprefix("masked" if masked else "negatives"))
+        )
+        labels = split.labels.copy()
+        labels[hidden] = UNKNOWN if masked else 0
+        return dataclasses.replace(split, labels=labels), np.arange(len(split.eval_indices))
+    evaluated = split.labels[:, split.eval_indices]
+    count = evaluated.shape[1]
+    everything = np.arange(count)
+    if arm == "pooled":
+        return dataclasses.replace(split, labels=evaluated, eval_indices=everything), everything
+    groups = dict(zip("ab", attribute_groups(count, split.index, seed), strict=True))
+    if arm in ("joint", "joint_negatives"):
+        labels = evaluated.copy()
+        test = np.zeros(len(labels), dtype=bool)
+        test[split.parts["test"]] = True
+        for side, columns in groups.items():
+            unannotated = np.setdiff1d(everything, columns)
+            labels[np.ix_((sides == side) & ~test, unannotated)] = UNKNOWN if arm == "joint" else 0
+        return dataclasses.replace(split, labels=labels, eval_indices=everything), everything
+    if arm in ("alone_a", "alone_b"):
+        side, columns = arm[-1], groups[arm[-1]]
+        parts = {
+            part: rows[sides[rows] == side] if part != "test" else rows
+            for part, rows in split.parts.items()
+        }
+        if not all(len(parts[part]) for part in ("train", "val")):
+            raise ValueError(f"source {side} has no train or no val image in split {split.index}")
+        own = np.arange(len(columns))
+        return (
+            dataclasses.replace(split, parts=parts, labels=evaluated[:, columns], eval_indices=own),
+            columns,
+        )
+    raise ValueError(f"unknown arm {arm!r}; valid: {', '.join(ARMS)}")
+
+
+def image_sources(manifest: str | Path, images: np.ndarray) -> np.ndarray:
+    """Each cached image's ``source`` (its PETA subset), looked up in the cache's manifest."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(manifest, columns=["image", "source"])
+    source = dict(
+        zip(table.column("image").to_pylist(), table.column("source").to_pylist(), strict=True)
+    )
+    missing = [name for name in images if name not in source]
+    if missing:
+        raise SystemExit(f"{manifest} has no row for cached image {missing[0]!r}")
+    return np.array([source[name] for name in images])
+
+
+# --- Training ------------------------------------------------------------------------------
+
+
+def run_benchmark(args: argparse.Namespace) -> None:
+    """Train every missing run, seed-major, one line per run."""
+    cache, splits = head_study.open_study(args)
+    sides = source_groups(image_sources(args.manifest, cache.images[: len(splits[0].labels)]))
+    recipe = head_study.Recipe(args.epochs, args.lr, args.batch, args.rule, args.threads, 0)
+    runs = Path(args.runs)
+    started, trained = time.perf_counter(), 0
+    for seed in args.seeds:
+        for split in splits:
+            for arm in args.arms:
+                path = head_study.run_path(runs, split.index, seed, arm)
+                if path.exists():
+                    continue
+                trains_on, columns = arm_split(split, arm, seed, sides)
+                result = head_study.train_row(ROW, cache, trains_on, seed, recipe, False)
+                seen = trains_on.labels[trains_on.parts["val"]][:, trains_on.eval_indices]
+                extra = {"columns": columns, "val_labels": seen.astype(np.int8)}
+                head_study.save_run(path, result, trains_on.eval_indices, False, extra)
+                trained += 1
+                rate = trained / max((time.perf_counter() - started) / 60, 1e-9)
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] split {split.index} seed {seed} {arm}: "
+                    f"epoch {result['best_epoch']}, {result['seconds']:.1f} s "
+                    f"({rate:.2f} runs/min)",
+                    flush=True,
+                )
+
+
+# --- Aggregation ---------------------------------------------------------------------------
+
+
+def scoped(run: dict, columns: np.ndarray) -> dict[str, np.ndarray]:
+    """A run's val/test logits and val labels on ``columns`` (evaluated-attribute indices,
+    all among those the run predicts)."""
+    position = {int(c): i for i, c in enumerate(run["columns"])}
+    if any(int(c) not in position for c in columns):
+        raise ValueError("a comparison's attributes must be among those both arms predict")
+    keep = [position[int(c)] for c in columns]
+    return {
+        "val": run["val"][:, keep],
+        "test": run["test"][:, keep],
+        "val_labels": run["val_labels"][:, keep],
+    }
+
+
+def aggregate(
+    runs: Path, *, replicates: int = 200, samples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Per comparison and endpoint, on the reference's attributes: both arms' means, the
+    mean paired difference, its hierarchical-bootstrap 95 % interval, the pairs, the wins and
+    the Wilcoxon signed-rank p."""
+    rng = np.random.default_rng(seed)
+    found: dict[str, dict[tuple[int, int], dict]] = {arm: {} for arm in ARMS}
+    test_labels, weights = {}, {}
+    for split_dir in sorted(runs.glob("split*")):
+        if not (split_dir / "split.npz").exists():
+            continue
+        k = int(split_dir.name.removeprefix("split"))
+        with np.load(split_dir / "split.npz", allow_pickle=False) as data:
+            test_labels[k] = data["test_labels"]
+            weights[k] = head_study.person_weights(data["test_persons"], replicates, rng)
+        for seed_dir in sorted(split_dir.glob("seed*")):
+            for arm in ARMS:
+                path = seed_dir / f"{arm}.npz"
+                if path.exists():
+                    found[arm][(k, int(seed_dir.name.removeprefix("seed")))] = head_study.load_run(
+                        path
+                    )
+    scored: dict[tuple[str, tuple[int, int], bytes], dict] = {}
+
+    def score(name: str, pair: tuple[int, int], columns: np.ndarray) -> dict:
+        """The endpoints (and their person-bootstrap replicates) of one run on ``columns``;
+        each run is scored once per attribute set, however many comparisons it enters."""
+        key = (name, pair, columns.tobytes())
+        if key not in scored:
+            run, truth = scoped(found[name][pair], columns), test_labels[pair[0]][:, columns]
+            point = head_study.run_endpoints(run, {"val": run["val_labels"], "test": truth})
+            point["replicates"] = head_study.replicate_endpoints(point, truth, weights[pair[0]])
+            del point["predictions"], point["scores"]
+            scored[key] = point
+        return scored[key]
+
+    comparisons = []
+    for arm, reference in COMPARISONS:
+        pairs = sorted(set(found[arm]) & set(found[reference]))
+        if not pairs:
+            continue
+        scores = {
+            name: {p: score(name, p, found[reference][p]["columns"]) for p in pairs}
+            for name in (arm, reference)
+        }
+        entry: dict[str, Any] = {
+            "arm": arm,
+            "reference": reference,
+            "pairs": len(pairs),
+            "attributes": len(found[reference][pairs[0]]["columns"]),
+        }
+        for endpoint in ENDPOINTS:
+            entry[endpoint] = {
+                "arm_mean": float(np.mean([scores[arm][p][endpoint] for p in pairs])),
+                "reference_mean": float(np.mean([scores[reference][p][endpoint] for p in pairs])),
+                **head_study.paired_difference(
+                    scores[arm], scores[reference], pairs, endpoint, samples, rng
+                ),
+            }
+        comparisons.append(entry)
+    return {
+        "comparisons": comparisons,
+        "runs": {arm: len(done) for arm, done in found.items() if done},
+        "splits": sorted(weights),
+        "seeds": sorted({seed for done in found.values() for _, seed in done}),
+        "bootstrap": {"person_replicates": replicates, "hierarchical_samples": samples},
+    }
+
+
+def markdown(figures: dict[str, Any], recipe: str) -> str:
+    """One line per comparison: both means and the paired difference with its interval."""
+    pairs = max((entry["pairs"] for entry in figures["comparisons"]), default=0)
+    lines = [
+        f"Unknown labels on PETA (cached frozen EfficientNet-Lite0 levels, 12,039 images; the "
+        f"head study's baseline head, {recipe}): {len(figures['splits'])} person-disjoint "
+        f"40/20/40 splits x seeds {figures['seeds']}, up to {pairs} pairs per comparison. "
+        "Hidden labels are drawn per (split, seed) over the train and val entries of all 105 "
+        "attributes and are the same entries in the masked and the negatives arm; the two "
+        "sources are TownCentre and PETA's six other subsets, each annotating 23 of the 35 "
+        "evaluated attributes (11 shared, drawn per split and seed). The test split is fully "
+        "labelled; a comparison is scored on its reference's attributes. Cells: arm mean / "
+        "reference mean, paired difference in points with its 95 % hierarchical bootstrap "
+        "interval (splits, seeds, test persons) and the Wilcoxon p.",
+        "",
+        "| arm | vs | attributes | pairs | " + " | ".join(ENDPOINTS.values()) + " |",
+        "| --- | --- | --- | --- |" + " --- |" * len(ENDPOINTS),
+    ]
+    for entry in figures["comparisons"]:
+        cells = []
+        for endpoint in ENDPOINTS:
+            e = entry[endpoint]
+            cells.append(
+                f"{100 * e['arm_mean']:.2f} / {100 * e['reference_mean']:.2f}: "
+                + head_study.difference_cell(e)
+            )
+        lines.append(
+            f"| {ARMS[entry['arm']]} | {ARMS[entry['reference']]} | {entry['attributes']} "
+            f"| {entry['pairs']} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def publish(args: argparse.Namespace) -> dict[str, Any]:
+    figures = aggregate(Path(args.runs), replicates=args.replicates, samples=args.samples)
+    recipe = head_study.recipe_text(args)
+    figures["recipe"] = recipe
+    figures["runs_dir"] = os.path.abspath(args.runs)
+    publish_figures(NAME, figures, markdown(figures, recipe), Path(args.out))
+    return figures
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peta-root", default=str(PETA_ROOT), help="PETA folder (raw layout)")
-    parser.add_argument("--manifest", default=None, help="PETA manifest (else <runs>/...)")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--cpus-per-worker", type=float, default=2.0)
-    parser.add_argument("--decode-tasks", type=int, default=0)
-    parser.add_argument("--limit-images", type=int, default=0, help="0: every image")
-    parser.add_argument("--runs", default="runs/unknown_labels", help="folder of run dirs")
-    parser.add_argument("--out", default=str(RESULTS_DIR))
-    parser.set_defaults(init="scratch", classifier="thesis")  # base_config's other choices
+    head_study.add_study_arguments(parser)
+    parser.add_argument(
+        "--manifest", default=os.path.join(DEFAULT_CACHE, "manifest.parquet"),
+        help="the cache's manifest (each image's PETA subset)",
+    )  # fmt: skip
+    parser.add_argument("--runs", default="/work/cache/unknown_labels/runs", help="run files")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder of {NAME}.json/.md")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(5)))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     return parser
 
 
-def hidden_labels(table: pa.Table, fraction: float, seed: int, as_negatives: bool) -> np.ndarray:
-    """The labels with a seeded ``fraction`` of every train and val entry hidden: -1, or 0 with
-    ``as_negatives``; test labels stay as they are."""
-    labels = labels_matrix(table).copy()
-    scored = np.array(table.column("split").to_pylist()) == "test"
-    hidden = (np.random.default_rng(seed).random(labels.shape) < fraction) & ~scored[:, None]
-    labels[hidden] = 0 if as_negatives else UNKNOWN
-    return labels
-
-
-def attribute_groups(attributes: int, seed: int) -> tuple[list[int], list[int]]:
-    """Two seeded groups of attribute columns, each two thirds of them (a third in both):
-    what sources ``a`` and ``b`` annotate."""
-    order = np.random.default_rng(seed).permutation(attributes)
-    third = attributes // 3
-    return sorted(order[: 2 * third].tolist()), sorted(order[third:].tolist())
-
-
-def source_groups(table: pa.Table) -> np.ndarray:
-    """``a`` or ``b`` per row: PETA's subsets (``source``) dealt alternately in sorted order."""
-    sources = np.array(table.column("source").to_pylist())
-    names = sorted(set(sources))
-    group = {name: "ab"[i % 2] for i, name in enumerate(names)}
-    return np.array([group[s] for s in sources])
-
-
-def setting_manifest(
-    manifest: str, setting: str, seed: int
-) -> tuple[str, dict[str, list[str]] | None]:
-    """The manifest of ``setting`` (written next to ``manifest``, so its image paths hold)
-    and, for the two-source settings, the attributes each source annotates. Those settings
-    keep the evaluated attributes only: an attribute neither source annotates could not train."""
-    if setting == "all":
-        return manifest, None
-    table, info = read_manifest(manifest)
-    groups = None
-    if setting.startswith("hidden-"):
-        _, percent, how = setting.split("-")
-        labels = hidden_labels(table, int(percent) / 100, seed, how == "negatives")
-    else:
-        labels = labels_matrix(table)[:, info.eval_indices()]
-        info = ManifestInfo(info.dataset, info.eval_attributes, info.eval_attributes)
-        a, b = attribute_groups(len(info.attributes), seed)
-        groups = {"a": [info.attributes[j] for j in a], "b": [info.attributes[j] for j in b]}
-        side = source_groups(table)
-        scored = np.array(table.column("split").to_pylist()) == "test"
-        for name, keep in (("a", a), ("b", b)):
-            unannotated = [j for j in range(labels.shape[1]) if j not in keep]
-            labels[np.ix_((side == name) & ~scored, unannotated)] = UNKNOWN
-        if setting.startswith("alone-"):  # one source's train and val images, its attributes
-            keep = a if setting == "alone-a" else b
-            rows = (side == setting[-1]) | scored
-            table, labels = table.filter(pa.array(rows)), labels[rows][:, keep]
-            names = tuple(info.attributes[j] for j in keep)
-            info = ManifestInfo(info.dataset, names, names)
-    path = os.path.join(os.path.dirname(manifest), f"{setting}-seed{seed}.parquet")
-    if not os.path.exists(path):
-        column = pa.array(labels.tolist(), pa.list_(pa.int8()))
-        save_manifest(path, table.set_column(1, "labels", column), info)
-    return path, groups
-
-
-def figures(
-    run_dir: str, predict_from: str, groups: dict[str, list[str]] | None
-) -> dict[str, float]:
-    """Test mA, F1 at 0.5 and at one validation threshold; with ``groups``, mA over each
-    source's attributes too (named ``mA_a`` and ``mA_b``, at 0.5)."""
-    test = read_split_logits(RunDir(run_dir).logits("test"))
-    columns = eval_columns(test)
-    probs = probabilities(prediction_logits(test, predict_from))
-    threshold = validation_threshold(run_dir, predict_from, None).value
-    result = {}
-    for tag, value in (("05", 0.5), ("val", threshold)):
-        metrics = par_metrics(test.labels[:, columns], probs[:, columns], value)
-        result |= {f"mA_{tag}": metrics["mA"], f"f1_{tag}": metrics["f1"]}
-    for name, attributes in (groups or {}).items():
-        present = [test.attributes.index(a) for a in attributes if a in test.attributes]
-        if len(present) == len(attributes):
-            result[f"mA_{name}"] = par_metrics(test.labels[:, present], probs[:, present])["mA"]
-    return result
-
-
-def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
-    """Per setting and figure: the values over seeds (mean and std are written alongside)."""
-    table: dict[str, dict[str, list[float]]] = {}
-    for row in rows:
-        for key, value in row["figures"].items():
-            table.setdefault(row["setting"], {}).setdefault(key, []).append(value)
-    return table
-
-
-def _cell(values: list[float]) -> str:
-    mean = 100 * statistics.mean(values)
-    spread = 100 * statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{mean:.2f} +- {spread:.2f} (n={len(values)})"
-
-
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """Mean +- std over seeds for every setting, then the paired differences of the study."""
-    table = summarise(rows)
-    keys = ("mA_05", "mA_val", "f1_05", "mA_a", "mA_b")
-    lines = ["| setting | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for setting in SETTINGS:
-        if setting in table:
-            cells = [_cell(table[setting][k]) if k in table[setting] else "" for k in keys]
-            lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired differences (same seed), mean +- std over seeds:", ""]
-    by = {(r["setting"], r["seed"]): r["figures"] for r in rows}
-    pairs = [
-        (f"hidden-{round(100 * f)}-masked", f"hidden-{round(100 * f)}-negatives", "mA_05")
-        for f in FRACTIONS
-    ] + [("joint", "alone-a", "mA_a"), ("joint", "alone-b", "mA_b")]
-    for first, second, key in pairs:
-        seeds = sorted(s for (name, s) in by if name == first and (second, s) in by)
-        deltas = [by[first, s][key] - by[second, s][key] for s in seeds if key in by[second, s]]
-        if deltas:
-            lines.append(f"- {first} - {second}, {key}: {_cell(deltas)} points")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
-    args.runs = os.path.abspath(args.runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / f"{NAME}.json"
-    rows = json.loads(results.read_text())["rows"] if results.exists() else []
-    manifest = args.manifest or os.path.join(args.runs, "manifest.parquet")
-    if not os.path.exists(manifest):
-        print(prepare("peta", args.peta_root, manifest, seed=0).summary(), flush=True)
-    if args.limit_images:
-        manifest = limited_manifest(manifest, args.limit_images)
-    manifest = os.path.abspath(manifest)
-    for seed in args.seeds:
-        for setting in args.settings:
-            if any(r["setting"] == setting and r["seed"] == seed for r in rows):
-                continue
-            path, groups = setting_manifest(manifest, setting, seed)
-            config = base_config(args, path).override(
-                {
-                    "model.head": "campar",
-                    "model.fusion": False,
-                    "run.dir": os.path.join(args.runs, f"{setting}-seed{seed}"),
-                    "seed": seed,
-                }
-            )
-            best_epoch, seconds = ensure_stage1(config)
-            row = {
-                "setting": setting,
-                "seed": seed,
-                "best_epoch": best_epoch,
-                "train_seconds": seconds,
-                "figures": figures(config.run.dir, config.model.predict_from, groups),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            results.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-            (out / f"{NAME}.md").write_text(markdown(rows))
-    return rows
+    if not args.aggregate:
+        run_benchmark(args)
+    figures = publish(args)
+    print(markdown(figures, figures["recipe"]), flush=True)
+    return figures
 
 
 if __name__ == "__main__":
