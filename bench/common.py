@@ -78,50 +78,41 @@ def _write_record(path: Path, name: str, figures: dict[str, Any], program: str) 
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-README = RESULTS_DIR.parents[1] / "README.md"
 RESULTS_MD = RESULTS_DIR.parent / "RESULTS.md"
 
 
-def update_marked_block(name: str, text: str, readme: Path = README) -> None:
+def update_marked_block(name: str, text: str, document: Path = RESULTS_MD) -> None:
     """Replace what sits between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in
-    ``readme`` (the README or bench/RESULTS.md) with ``text``, so a table there is always the
-    one the script last wrote, never a hand copy of it. A file without the two markers is
-    refused: a silent no-op would leave a stale table in place."""
+    ``document`` (bench/RESULTS.md) with ``text``, so a table there is always the one the
+    script last wrote, never a hand copy of it. A file without the two markers is refused: a
+    silent no-op would leave a stale table in place."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    content = readme.read_text()
+    content = document.read_text()
     if (
         content.count(begin) != 1
         or content.count(end) != 1
         or content.index(begin) > content.index(end)
     ):
-        raise ValueError(f"{readme} needs one {begin} ... {end} block")
+        raise ValueError(f"{document} needs one {begin} ... {end} block")
     head, rest = content.split(begin)
     _, tail = rest.split(end)
-    readme.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+    document.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
 
 
 def publish_figures(
-    name: str,
-    figures: dict[str, Any],
-    table: str,
-    out: Path,
-    *,
-    documents: tuple[Path, ...] | None = None,
-    program: str | None = None,
+    name: str, figures: dict[str, Any], table: str, out: Path, program: str | None = None
 ) -> None:
     """A study's figures and Markdown ``table`` into ``out``: into bench/results (JSON
-    through :func:`write_results`, the table also into the marked ``name`` block of each of
-    ``documents``, by default the README and bench/RESULTS.md), or, for a trial, only into
-    ``out`` (no document touched). ``program`` is the command recorded (default
+    through :func:`write_results`, the table also into the marked ``name`` block of
+    bench/RESULTS.md; the README summarises it in words), or, for a trial, only into ``out``
+    (no document touched). ``program`` is the command recorded (default
     ``python -m bench.<name>``)."""
-    program = program or f"python -m bench.{name}"
     if out.resolve() == RESULTS_DIR.resolve():
         write_results(name, figures)
-        for document in (README, RESULTS_MD) if documents is None else documents:
-            update_marked_block(name, table, document)
+        update_marked_block(name, table)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        _write_record(out / f"{name}.json", name, figures, program)
+        _write_record(out / f"{name}.json", name, figures, program or f"python -m bench.{name}")
     (out / f"{name}.md").write_text(table)
 
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import RESULTS_DIR, RESULTS_MD, publish_figures
+from bench.common import RESULTS_DIR, publish_figures
 from bench.head_features import DEFAULT_CACHE, FeatureCache
 from campar_ray.decision import probabilities
 
@@ -93,7 +93,8 @@ class Row:
     lookup: str | None = None
 
 
-CFAR_PARENTS = ("campar_own", "campar_fusion")
+CFAR_PARENTS = ("baseline", "campar_own", "campar_fusion")
+"""Stage-1 rows CFAR refines (their runs keep every attribute's logits for it)."""
 STAGE1_ROWS = (
     Row("baseline", "baseline"),
     Row("fusion", "+ fusion", fusion=True),
@@ -126,14 +127,19 @@ CFAR_ROWS = tuple(
 )
 ROWS = STAGE1_ROWS + CFAR_ROWS
 ROW_BY_NAME = {row.name: row for row in ROWS}
-COMPARISONS = (
-    *((row.name, "baseline") for row in ROWS[1:]),
-    ("campar_own", "campar_shared"),
-    ("campar_own_affine", "campar_shared"),
-    ("campar_own_affine", "campar_own"),
-    *((row.name, row.parent) for row in CFAR_ROWS),
+COMPARISONS = tuple(
+    dict.fromkeys(
+        [
+            *((row.name, "baseline") for row in ROWS[1:]),
+            ("campar_own", "campar_shared"),
+            ("campar_own_affine", "campar_shared"),
+            ("campar_own_affine", "campar_own"),
+            *((row.name, row.parent) for row in CFAR_ROWS),
+            ("campar_own_cfar_dictionary", "baseline_cfar_dictionary"),
+        ]
+    )
 )
-"""``(row, reference)``: each paired difference the aggregation reports."""
+"""``(row, reference)``: each paired difference the aggregation reports, once."""
 
 
 # --- Splits ------------------------------------------------------------------------------
@@ -687,6 +693,12 @@ def difference_cell(figure: dict[str, Any]) -> str:
     return f"{100 * figure['difference']:+.2f} {interval} p={p}"
 
 
+def table_head(columns: list[str]) -> list[str]:
+    """A Markdown table's header and rule: ``columns``, then one column per endpoint."""
+    names = [*columns, *ENDPOINTS.values()]
+    return ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
+
+
 def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
     """The study's table: each row's means and its paired differences with 95 % intervals."""
     encoder = (
@@ -701,8 +713,7 @@ def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
         "AUC points, with a 95 % hierarchical bootstrap interval (splits, then "
         "seeds, then test persons) and the Wilcoxon signed-rank p over the pairs.",
         "",
-        "| row | vs | pairs | " + " | ".join(ENDPOINTS.values()) + " |",
-        "| --- | --- | --- |" + " --- |" * len(ENDPOINTS),
+        *table_head(["row", "vs", "pairs"]),
     ]
     for name, means in figures["rows"].items():
         cells = [f"{100 * means[e]:.2f}" for e in ENDPOINTS]
@@ -734,12 +745,10 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
     recipe = {"text": recipe_text(args, args.last_stage), "last_stage": args.last_stage}
     figures["recipe"] = recipe
     figures["runs_dir"] = os.path.abspath(args.runs)
-    # the frozen study is the README's headline table; part 5 lives in RESULTS.md only
-    name, documents = (LAST_STAGE_NAME, (RESULTS_MD,)) if args.last_stage else (NAME, None)
+    name = LAST_STAGE_NAME if args.last_stage else NAME
     publish_figures(
-        name, figures, markdown(figures, recipe), Path(args.out),
-        documents=documents, program="python -m bench.head_study",
-    )  # fmt: skip
+        name, figures, markdown(figures, recipe), Path(args.out), "python -m bench.head_study"
+    )
     return figures
 
 

@@ -307,8 +307,7 @@ def markdown(figures: dict[str, Any], recipe: str) -> str:
         "reference mean, paired difference in points with its 95 % hierarchical bootstrap "
         "interval (splits, seeds, test persons) and the Wilcoxon p.",
         "",
-        "| arm | vs | attributes | pairs | " + " | ".join(ENDPOINTS.values()) + " |",
-        "| --- | --- | --- | --- |" + " --- |" * len(ENDPOINTS),
+        *head_study.table_head(["arm", "vs", "attributes", "pairs"]),
     ]
     for entry in figures["comparisons"]:
         cells = []

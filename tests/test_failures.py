@@ -768,11 +768,13 @@ def test_a_full_disk_during_bundle_is_one_line_and_leaves_no_partial_file(
 
 @pytest.mark.ray
 def test_a_full_disk_during_train_is_one_line_and_the_last_checkpoint_stays_resumable(
-    tiny_run, full_disk, capsys
+    tiny_run, full_disk, tmp_path, capsys
 ):
     """A run resumed on a disk with room for its small files but not for epoch 2's checkpoint
     ends in one line that names the checkpoint folder, the fix and the checkpoint a re-run
-    resumes from; no half-written checkpoint is left or registered."""
+    resumes from; no half-written checkpoint is left or registered. It logs to an MLflow
+    store of its own: the copy is another run, which test_run_dir must not find in the tiny
+    run's store."""
     _resize(full_disk, 2**29)
     run_dir = Path(shutil.copytree(tiny_run.run_dir, full_disk / "run"))
     checkpoints = run_dir / "ray" / "stage1"
@@ -782,7 +784,8 @@ def test_a_full_disk_during_train_is_one_line_and_the_last_checkpoint_stays_resu
     used = shutil.disk_usage(full_disk).used
     _resize(full_disk, used + 4 * 2**20)  # logs, config and epoch logits fit; no checkpoint
     argv = ("--manifest", tiny_run.manifest, "--run-dir", str(run_dir), *tiny_run.argv)
-    code, _, err = run_campar(capsys, "train", *argv, "--epochs", "2")
+    tracking = ("--set", f"tracking.mlflow_uri=file://{tmp_path}/mlruns")
+    code, _, err = run_campar(capsys, "train", *argv, *tracking, "--epochs", "2")
     assert code == 1 and "Traceback" not in err, err
     assert re.fullmatch(
         rf"campar train: failed: WriteError: cannot write checkpoint {re.escape(str(checkpoints))}"

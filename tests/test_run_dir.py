@@ -24,7 +24,7 @@ from campar_ray.config import Config, ModelConfig
 from campar_ray.data import read_manifest
 from campar_ray.model import build_model
 from campar_ray.run.checkpoints import MODEL_FILE, resume_checkpoint, stage1_checkpoints
-from campar_ray.tracking import KEY_TAG, SUPERSEDED_TAG, run_key
+from campar_ray.tracking import KEY_TAG, RUN_DIR_TAG, SUPERSEDED_TAG, run_key
 from campar_ray.train.stage1 import check_run_dir
 
 
@@ -53,10 +53,14 @@ def _epochs(run_dir: Path) -> list[int]:
     return [meta["epoch"] for _, meta in stage1_checkpoints(str(run_dir))]
 
 
-def _mlflow_runs(uri: str) -> dict[str, tuple[object, list[int]]]:
-    """Run id -> (run, the epochs it logged) of every stage-1 MLflow run in the store."""
+def _mlflow_runs(uri: str, run_dir: Path) -> dict[str, tuple[object, list[int]]]:
+    """Run id -> (run, the epochs it logged) of every stage-1 MLflow run of ``run_dir`` in the
+    store (other tests train copies of the tiny run elsewhere)."""
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("campar").experiment_id])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("campar").experiment_id],
+        filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
+    )
     return {
         run.info.run_id: (
             run,
@@ -107,7 +111,7 @@ def test_more_epochs_resume_the_run_and_fresh_starts_over_in_place(tiny_run, cap
     assert [m["epoch"] for m in history] == [1, 2] and history[0] == tiny_run.epoch1
     assert all(0 < m["val_loss"] < math.inf for m in history)  # the report's val-loss curve
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 2
-    runs = _mlflow_runs(tiny_run.mlflow_uri)
+    runs = _mlflow_runs(tiny_run.mlflow_uri, run_dir)
     assert list(runs) == [first] and runs[first][1] == [1, 2]  # the same MLflow run goes on
 
     old = _checkpoint_folders(run_dir)
@@ -123,7 +127,7 @@ def test_more_epochs_resume_the_run_and_fresh_starts_over_in_place(tiny_run, cap
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["backbone"] == "resnet34"
     assert (run_dir / "logits" / "val.parquet").exists()
     # A new MLflow run; the old one keeps what it logged, marked as started over.
-    runs = _mlflow_runs(tiny_run.mlflow_uri)
+    runs = _mlflow_runs(tiny_run.mlflow_uri, run_dir)
     (new,) = set(runs) - {first}
     (old_run, old_epochs), (new_run, new_epochs) = runs[first], runs[new]
     assert old_epochs == [1, 2] and old_run.info.status == "FINISHED"

@@ -17,6 +17,7 @@ from campar_ray.config import ConfigError, DataConfig, TrackingConfig
 from campar_ray.data.concurrency import decode_tasks
 from campar_ray.tracking import (
     KEY_TAG,
+    RUN_DIR_TAG,
     SUPERSEDED_TAG,
     open_tracker,
     resolve_tracking,
@@ -123,7 +124,7 @@ def test_a_new_search_retires_the_old_trials_but_not_the_run_it_searches_from(st
 
 def _keyed(cfg: TrackingConfig, folder: str, experiment: str = "tests"):
     """The tracker of the run keyed by ``folder``, as stage 1 and search trials open theirs."""
-    tags = {"campar.run_dir": folder}
+    tags = {RUN_DIR_TAG: folder}
     return open_tracker(
         cfg, log_dir="", experiment=experiment, run_name="r", key=run_key(folder), tags=tags
     )

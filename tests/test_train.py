@@ -450,7 +450,10 @@ def test_run_reports_metrics_checkpoints_and_logits(killed_run, synthetic):
         assert (
             kept["logits"].shape == kept["labels"].shape == (sizes["val"], kept["labels"].shape[1])
         )
-    assert load_config(run_dir / "config.yaml") == resolve_config(config)
+    # config.yaml names the resize filter the run used, not "encoder"
+    assert config.data.interpolation == "encoder"
+    saved = resolve_config(config).override({"data.interpolation": "bilinear"})  # resnet18's
+    assert load_config(run_dir / "config.yaml") == saved
 
     assert result.skipped == {"train": [corrupt], "val": [], "test": []}
     info = read_manifest(manifest)[1]

@@ -1,27 +1,30 @@
 """A corpus with unknown labels through the whole command line, and today's figures without.
 
-Two synthetic datasets with partly different attribute names are merged (``campar prepare
-merge``; the second annotates five attributes, so the others are unknown on its images) and a
-quarter of the remaining labels are hidden. That manifest trains (one tiny run), fits CFAR on
-Ray actors, evaluates per data source, predicts and exports through ``campar``.
+Two sources of real PETA images (``../shared/datasets/peta``) with partly different attribute
+names are merged (``campar prepare merge``): 3DPeS with PETA's 105 attributes, and GRID with
+five of them, three renamed, so the others are unknown on its images; a quarter of the
+remaining labels is hidden too. That manifest trains (one tiny run), fits CFAR on Ray actors,
+evaluates per data source, predicts and exports through ``campar``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from cli_checks import TINY_TRAIN, one_line, run_campar
-from test_merge import two_datasets
 from test_unknown_labels import hide, reference_par_metrics
 
 from campar_ray.cfar.solver import fit_als
 from campar_ray.config import AlsSettings
 from campar_ray.data import labels_matrix, read_manifest
 from campar_ray.data.converters import prepare
-from campar_ray.data.manifest import UNKNOWN, write_manifest
+from campar_ray.data.manifest import UNKNOWN, ManifestInfo, write_manifest
 from campar_ray.decision import cfar_logits, eval_columns, prediction_logits, probabilities
 from campar_ray.evaluate.metrics_table import score_split
 from campar_ray.metrics import SUMMARY_KEYS, par_metrics, summary
@@ -31,14 +34,57 @@ CFAR = ("--set", "cfar.solver=ray", "--set", "cfar.actors=1", "--set", "cfar.key
         "--set", "cfar.factors=4", "--set", "cfar.fc2_epochs=20")  # fmt: skip
 
 
+GRID_KEEPS = ("personalMale", "accessoryHat", "carryingBackpack", "carryingOther", "hairLong")
+GRID_NAMES = {"personalMale": "male", "accessoryHat": "hat", "carryingBackpack": "backpack"}
+"""GRID's source annotates five of PETA's attributes and names three of them its own way."""
+
+
+def peta_source(
+    peta: tuple[pa.Table, ManifestInfo],
+    folder: Path,
+    subset: str,
+    per_split: dict[str, int],
+    keep: tuple[str, ...] | None = None,
+) -> str:
+    """A manifest of ``per_split`` real images of PETA's ``subset`` per split, copied into
+    ``folder`` (relative paths), with only the attributes in ``keep`` (renamed by
+    :data:`GRID_NAMES`) when given."""
+    table, info = peta
+    sources, splits = table.column("source").to_pylist(), table.column("split").to_pylist()
+    rows = [
+        row
+        for split, count in per_split.items()
+        for row in [r for r in range(table.num_rows) if (sources[r], splits[r]) == (subset, split)][
+            :count
+        ]
+    ]
+    table = table.take(rows)
+    names = []
+    for image in table.column("image").to_pylist():
+        names.append(f"{len(names)}{Path(image).suffix}")
+        shutil.copyfile(image, folder / names[-1])
+    table = table.set_column(0, "image", pa.array(names))
+    if keep is not None:
+        labels = labels_matrix(table)[:, [info.attributes.index(name) for name in keep]]
+        table = table.set_column(1, "labels", pa.array(labels.tolist(), pa.list_(pa.int8())))
+        renamed = tuple(GRID_NAMES.get(name, name) for name in keep)
+        info = ManifestInfo(subset, renamed, renamed)
+    path = str(folder / f"{subset}.parquet")
+    write_manifest(path, table, dataclasses.replace(info, dataset=subset))
+    return path
+
+
 @pytest.fixture(scope="module")
-def partial(tmp_path_factory) -> str:
+def partial(peta_root, tmp_path_factory) -> str:
     """The merged manifest with a quarter of its known labels hidden as well."""
     root = tmp_path_factory.mktemp("heterogeneous")
-    a, b = two_datasets(root)
-    (root / "map.yaml").write_text(
-        "datasets:\n  b: {isWoman: female, headwear: hat, bagOnBack: backpack}\n"
-    )
+    peta = read_manifest(prepare("peta", str(peta_root), str(root / "peta.parquet")).path)
+    for subset in ("3DPeS", "GRID"):
+        (root / subset).mkdir()
+    a = peta_source(peta, root / "3DPeS", "3DPeS", {"train": 16, "val": 8, "test": 8})
+    b = peta_source(peta, root / "GRID", "GRID", {"train": 12, "val": 4, "test": 4}, GRID_KEEPS)
+    mapping = ", ".join(f"{new}: {old}" for old, new in GRID_NAMES.items())
+    (root / "map.yaml").write_text(f"datasets:\n  GRID: {{{mapping}}}\n")
     merged = prepare("merge", "", str(root / "merged.parquet"), manifests=f"{a},{b}",
                      attribute_map=str(root / "map.yaml")).path  # fmt: skip
     table, info = read_manifest(merged)
@@ -52,6 +98,7 @@ def partial(tmp_path_factory) -> str:
 
 
 @pytest.mark.ray
+@pytest.mark.peta
 def test_unknown_labels_train_fit_cfar_evaluate_predict_and_export(
     ray_cluster, partial, tmp_path, capsys
 ):
@@ -85,7 +132,7 @@ def test_unknown_labels_train_fit_cfar_evaluate_predict_and_export(
     shared = document["sources"]["stage1_shared"]
     expected = par_metrics(test.labels[:, columns], probs[:, columns], 0.5)
     assert {key: shared[key] for key in SUMMARY_KEYS} == summary(expected)
-    assert set(shared["by_source"]) == {"synthetic", "cam_b"}
+    assert set(shared["by_source"]) == {"3DPeS", "GRID"}
     assert "Metrics per data source" in (out / "report.md").read_text()
 
     code, stdout, err = run_campar(capsys, "predict", "--model", run, "--input", partial,
@@ -96,6 +143,7 @@ def test_unknown_labels_train_fit_cfar_evaluate_predict_and_export(
     assert code == 0, err
 
 
+@pytest.mark.peta
 def test_an_attribute_no_training_image_annotates_is_refused_in_one_line(partial, tmp_path, capsys):
     table, info = read_manifest(partial)
     labels = labels_matrix(table).copy()

@@ -60,7 +60,7 @@ from campar_ray.metrics import summary
 from campar_ray.progress import Progress as PhaseProgress
 from campar_ray.run.layout import RunDir
 from campar_ray.run.logits import SplitLogits, read_split_logits
-from campar_ray.tracking import Tracker, markdown_table, open_tracker, resolve_tracking
+from campar_ray.tracking import RUN_DIR_TAG, Tracker, markdown_table, open_tracker, resolve_tracking
 
 STAGE = "cfar"
 """The stage's name in tracking: its TensorBoard folder, its MLflow run name and tag."""
@@ -196,7 +196,7 @@ def _open_tracker(run_dir: str, cfg: CfarConfig, seed: int, tracking: TrackingCo
         log_dir=storage.join(RunDir(run_dir).tensorboard(STAGE), fit),
         experiment=tracking.experiment,
         run_name=f"{os.path.basename(run_dir.rstrip('/'))}/{STAGE}",
-        tags={"campar.run_dir": run_dir, "campar.stage": STAGE},
+        tags={RUN_DIR_TAG: run_dir, "campar.stage": STAGE},
     )
     tracker.log_config({"cfar": dataclasses.asdict(cfg), "seed": seed})
     return tracker

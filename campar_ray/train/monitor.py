@@ -42,7 +42,7 @@ from campar_ray.progress import Progress
 from campar_ray.run.checkpoints import SCORE_KEY
 from campar_ray.run.layout import RunDir
 from campar_ray.runtime import is_quiet
-from campar_ray.tracking import Tracker, markdown_table, open_tracker, run_key
+from campar_ray.tracking import RUN_DIR_TAG, Tracker, markdown_table, open_tracker, run_key
 from campar_ray.train.progress import PROGRESS_KEY, progress_line
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class EpochMonitor:
             experiment=tracking.experiment,
             run_name=os.path.basename(run_dir.rstrip("/")),
             key=run_key(run_dir),
-            tags={"campar.run_dir": run_dir, "campar.stage": "stage1"},
+            tags={RUN_DIR_TAG: run_dir, "campar.stage": "stage1"},
         )
         tracker.log_config(config)
         for metrics in history:

@@ -21,7 +21,7 @@ from campar_ray.cfar.ray_als import ACTOR_CPUS
 from campar_ray.config import Config
 from campar_ray.data.concurrency import least_decode_tasks
 from campar_ray.run.layout import RunDir
-from campar_ray.tracking import Tracker, markdown_table, open_tracker, run_key
+from campar_ray.tracking import RUN_DIR_TAG, Tracker, markdown_table, open_tracker, run_key
 from campar_ray.tune.space import SearchSpace
 from campar_ray.tune.stage2 import fit_cfar_on_val
 
@@ -64,7 +64,7 @@ def open_trial_tracker(context: TrialContext, folder: str, trial_id: str) -> Tra
         experiment=context.experiment,
         run_name=trial_id,
         key=run_key(folder),
-        tags={"campar.run_dir": folder, "campar.stage": "trial"},
+        tags={RUN_DIR_TAG: folder, "campar.stage": "trial"},
     )
 
 
