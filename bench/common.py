@@ -78,6 +78,7 @@ def _write_record(path: Path, name: str, figures: dict[str, Any], program: str) 
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+README = RESULTS_DIR.parents[1] / "README.md"
 RESULTS_MD = RESULTS_DIR.parent / "RESULTS.md"
 
 
@@ -104,7 +105,7 @@ def publish_figures(
 ) -> None:
     """A study's figures and Markdown ``table`` into ``out``: into bench/results (JSON
     through :func:`write_results`, the table also into the marked ``name`` block of
-    bench/RESULTS.md; the README summarises it in words), or, for a trial, only into ``out``
+    bench/RESULTS.md; the README summarises it), or, for a trial, only into ``out``
     (no document touched). ``program`` is the command recorded (default
     ``python -m bench.<name>``)."""
     if out.resolve() == RESULTS_DIR.resolve():

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import RESULTS_DIR, publish_figures
+from bench.common import README, RESULTS_DIR, publish_figures, update_marked_block
 from bench.head_features import DEFAULT_CACHE, FeatureCache
 from campar_ray.decision import probabilities
 
@@ -731,6 +731,24 @@ def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(figures: dict[str, Any]) -> str:
+    """The README's table: each row's paired difference to the baseline (mean of the row, then
+    the difference with its 95 % interval and Wilcoxon p), in mA / AUC points."""
+    lines = [*table_head(["row (paired with the baseline)", "pairs"])]
+    means = figures["rows"]
+    for entry in figures["comparisons"]:
+        if entry["reference"] != "baseline":
+            continue
+        cells = [
+            f"{100 * means[entry['row']][e]:.2f}: {difference_cell(entry[e])}" for e in ENDPOINTS
+        ]
+        lines.append(
+            f"| {ROW_BY_NAME[entry['row']].label} | {entry['pairs']} | " + " | ".join(cells) + " |"
+        )
+    baseline = " / ".join(f"{100 * means['baseline'][e]:.2f}" for e in ENDPOINTS)
+    return "\n".join(lines) + f"\n\nBaseline means: {baseline}.\n"
+
+
 def recipe_text(args: argparse.Namespace, last_stage: bool = False) -> str:
     """The training recipe in words, for a table's caption."""
     return (
@@ -746,9 +764,10 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
     figures["recipe"] = recipe
     figures["runs_dir"] = os.path.abspath(args.runs)
     name = LAST_STAGE_NAME if args.last_stage else NAME
-    publish_figures(
-        name, figures, markdown(figures, recipe), Path(args.out), "python -m bench.head_study"
-    )
+    out = Path(args.out)
+    publish_figures(name, figures, markdown(figures, recipe), out, "python -m bench.head_study")
+    if not args.last_stage and out.resolve() == RESULTS_DIR.resolve():
+        update_marked_block(NAME, headline(figures), README)  # the README's headline table
     return figures
 
 

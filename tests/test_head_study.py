@@ -15,6 +15,7 @@ import pytest
 
 from bench import head_study
 from bench.head_features import FeatureCache, create_cache, write_chunk
+from bench.head_study import difference_cell
 from campar_ray.metrics import mean_auc, par_metrics
 
 SHAPES = [(4, 4, 2), (6, 2, 2), (8, 2, 1)]
@@ -110,6 +111,12 @@ def test_aggregation_finds_no_difference_in_a_copy_and_a_clear_one_in_a_perfect_
     assert better["auc"]["low"] > 0 and better["mA_05"]["low"] > 0
     assert better["auc"]["difference"] == pytest.approx(1 - mean_auc(labels, noisy), abs=1e-3)
     assert figures["rows"]["baseline"]["runs"] == 4
+    # The README's headline: every row against the baseline, and only those comparisons.
+    table = head_study.headline(figures).splitlines()
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in table[2:] if line.startswith("| ")]
+    assert rows == ["+ fusion", "+ CAM-PAR (own statistics)"]
+    own = difference_cell(better["mA_05"])
+    assert f"{100 * figures['rows']['campar_own']['mA_05']:.2f}: {own}" in table[3]
 
 
 def test_unit_bootstrap_weights_reproduce_the_plain_metrics():
