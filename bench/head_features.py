@@ -208,9 +208,12 @@ def main(argv: list[str] | None = None) -> FeatureCache:
     args = get_args_parser().parse_args(argv)
     import torch
 
-    from campar_ray.data.images import ANY_PATH, read_image
-    from campar_ray.data.transforms import normalize
+    from campar_ray.data.images import ImageLimits, read_image
     from campar_ray.model.backbone import build_backbone
+    from campar_ray.model.inputs import normalize
+
+    # The manifest is written into the cache folder; its rows name the PETA files beside it.
+    outside_cache = ImageLimits(allow_outside_root=True)
 
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> FeatureCache:
     started = last = time.perf_counter()
     for done, index in enumerate(todo, start=1):
         names = images[index * args.chunk : (index + 1) * args.chunk]
-        pixels = np.stack([read_image(name, info.root, ANY_PATH, size=size) for name in names])
+        pixels = np.stack([read_image(name, info.root, outside_cache, size=size) for name in names])
         views: dict[str, list[list[np.ndarray]]] = {view: [[], [], []] for view in VIEWS}
         with torch.no_grad():
             for start in range(0, len(names), args.batch):

@@ -170,3 +170,20 @@ def test_the_last_stage_of_part_5_is_exactly_what_lies_between_the_two_deepest_t
         assert [level.shape for level in model.backbone(levels[:2])] == [
             level.shape for level in levels
         ]
+
+
+@pytest.mark.peta
+def test_the_feature_cache_fills_from_real_peta_images_and_resumes(peta_root, tmp_path, capsys):
+    from bench import head_features
+
+    argv = ["--cache", str(tmp_path), "--peta-root", str(peta_root), "--limit-images", "6"]
+    argv += ["--chunk", "4", "--batch", "4"]
+    cache = head_features.main(argv)
+    assert cache.complete() and cache.count == 6
+    plain, flip = cache.levels("plain"), cache.levels("flip")
+    assert [level.shape[0] for level in plain] == [6, 6, 6]
+    assert np.isfinite(plain[2].astype(np.float32)).all()
+    assert not np.array_equal(plain[2], flip[2])  # the mirror image is its own view
+    assert "6 images, 2 chunks, 2 to do" in capsys.readouterr().out
+    head_features.main(argv)  # every chunk has its marker: nothing to recompute
+    assert "2 chunks, 0 to do" in capsys.readouterr().out
