@@ -112,3 +112,22 @@ def test_a_record_that_is_no_json_object_is_refused_and_never_loaded(tmp_path, c
     with pytest.raises(ResumeError, match="is not campar's trial record") as error:
         _read(tmp_path)
     assert "\n" not in str(error.value) and not marker.exists()
+
+
+class _Trial:
+    """What the record reads of a Tune trial: its id, sampled values and last result."""
+
+    def __init__(self, trial_id: str, last_result: dict):
+        self.trial_id, self.config, self.last_result = trial_id, {}, last_result
+
+
+def test_a_result_naming_another_trial_is_not_the_trials_own():
+    """Before its first report, a trial on a reused actor shows that actor's defaults, which
+    name the previous trial: a search stopped then wrote that trial twice, and ``--resume``
+    refused the record ("trial_id ... appears twice")."""
+    from campar_ray.tune.search import _own_result
+
+    own = {"trial_id": "b", "val_mA": 0.7, "complete": True}
+    assert _own_result(_Trial("b", own)) == own
+    assert _own_result(_Trial("b", {"trial_id": "a", "complete": True})) == {}
+    assert _own_result(_Trial("b", {})) == {}

@@ -208,17 +208,10 @@ def run_search(
         callbacks = [*callbacks, recorder]
         if progress and is_quiet():  # else Tune's own status tables show the progress
             callbacks.append(_TrialLines(num_samples, len(rows), metric))
-        tuner = _tuner(plan, replay, max_concurrent, callbacks, progress)
-        rows += [
-            report.trial_row(
-                result.metrics.get("trial_id") or os.path.basename(result.path),
-                result.config or {},
-                result.metrics or {},
-                result.error,
-                space,
-            )
-            for result in tuner.fit()
-        ]
+        _tuner(plan, replay, max_concurrent, callbacks, progress).fit()
+        # The rows by Tune's own trial objects, not by the result grid: a trial that had not
+        # reported when the search stopped carries its reused actor's previous trial_id there.
+        rows = recorder.rows
     write_record(tune_dir, rows, space)
     rows = report.in_report_order(rows)
     return _finish(rows, plan, started, progress)
@@ -320,7 +313,8 @@ def _searcher(plan: _Plan, replay: Replay) -> OptunaSearch:
 
 
 class _RecordTrials(ray.tune.Callback):
-    """Keeps ``trials.json`` current: rewritten when a trial starts, ends or fails.
+    """Keeps ``trials.json`` current: rewritten when a trial starts, ends or fails; every
+    started trial's row (its last result included) is :attr:`rows` when the search ends.
 
     Runs on the driver. ``earlier`` holds the rows of trials finished before a resume.
     """
@@ -329,21 +323,36 @@ class _RecordTrials(ray.tune.Callback):
         self._tune_dir, self._space = tune_dir, space
         self._rows = {row["trial_id"]: row for row in earlier}
 
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self._rows.values())
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._update(trial, None)
+        self._update(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, write=False)  # an interrupted trial keeps its last epoch's row
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._update(trial, None)
+        self._update(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, _TrialError(trial.get_error() or "the trial failed"))
 
-    def _update(self, trial: Any, error: BaseException | None) -> None:
+    def _update(self, trial: Any, error: BaseException | None = None, write: bool = True) -> None:
         row = report.trial_row(
-            trial.trial_id, trial.config or {}, trial.last_result or {}, error, self._space
+            trial.trial_id, trial.config or {}, _own_result(trial), error, self._space
         )
         self._rows[trial.trial_id] = row
-        write_record(self._tune_dir, list(self._rows.values()), self._space)
+        if write:
+            write_record(self._tune_dir, self.rows, self._space)
+
+
+def _own_result(trial: Any) -> dict[str, Any]:
+    """``trial.last_result`` when it is the trial's own. Before a trial's first report Tune
+    fills it from the actor's defaults, which on a reused actor name the previous trial."""
+    result = trial.last_result or {}
+    return result if result.get("trial_id", trial.trial_id) == trial.trial_id else {}
 
 
 class _TrialLines(ray.tune.Callback):
