@@ -6,8 +6,8 @@ inside a function counts as much as one at the top. A second check imports the m
 inference products in a fresh interpreter and requires that Ray was never loaded. A third
 checks that the names inside a run directory are spelled in ``run`` only (in the package, the
 bench scripts and the jobs). The last ones find import cycles between modules (imports inside
-functions count) and a second copy of the decision (``campar_ray.decision``) where the code
-shows it.
+functions count), a second copy of the decision (``campar_ray.decision``) where the code
+shows it, and names the bench scripts and jobs import from the package that no longer exist.
 """
 
 from __future__ import annotations
