@@ -161,6 +161,17 @@ def test_resume_keeps_the_stored_model_and_data_keys():
         check_run_dir(new, STORED.to_dict(), "match")
 
 
+def test_the_resize_filter_is_compared_as_resolved():
+    """A run saved with ``encoder`` (before config.yaml saved the resolved filter) matches the
+    same filter spelled out; ``--resume`` keeps the stored filter, resolved."""
+    encoder = STORED.override({"data.interpolation": "encoder"})  # resnet18: bilinear
+    bilinear = STORED.override({"data.interpolation": "bilinear"})
+    assert check_run_dir(bilinear, encoder.to_dict(), "match") == bilinear
+    assert check_run_dir(encoder, bilinear.to_dict(), "match") == encoder
+    bicubic = STORED.override({"data.interpolation": "bicubic"})
+    assert check_run_dir(bicubic, encoder.to_dict(), "resume").data.interpolation == "bilinear"
+
+
 @pytest.mark.parametrize(
     ("stored", "new", "existing", "message"),
     [
@@ -168,6 +179,7 @@ def test_resume_keeps_the_stored_model_and_data_keys():
         ({"train.scheduler": "cosine"}, {"train.epochs": 60}, "match", "train.epochs: 30 -> 60"),
         ({}, {"train.scheduler": "cosine"}, "resume", "train.scheduler: plateau -> cosine"),
         ({}, {"seed": 7}, "match", "seed: 0 -> 7"),
+        ({}, {"data.interpolation": "bicubic"}, "match", "interpolation: bilinear -> bicubic"),
     ],
 )
 def test_what_a_resume_cannot_honour_is_refused(stored, new, existing, message):

@@ -65,10 +65,15 @@ from campar_ray.train.worker import SETUP_KEY, InputError, WorkerSetup, worker_l
 
 logger = logging.getLogger(__name__)
 
-RUN_KEYS = ("model", "data.manifest", "data.image_size", "data.pad", "train.loss", "seed")
+RUN_KEYS = (
+    "model", "data.manifest", "data.image_size", "data.interpolation", "data.pad", "train.loss",
+    "seed",
+)  # fmt: skip
 """Config keys (a section name: all its keys) that shape the network and what it learns from.
 A run directory resumes only when its stored config matches on all of them (``--resume``
-keeps the stored values); the manifest's attribute list is checked against the checkpoint."""
+keeps the stored values); the manifest's attribute list is checked against the checkpoint.
+The resize filter is compared as resolved (``encoder`` is the encoder's own filter), so a
+run saved with either spelling matches the same filter."""
 STATE_KEYS = ("train.lr", "train.weight_decay", "train.scheduler")
 """Keys a checkpoint's optimiser and scheduler state fix: a resume keeps the stored values, so
 new ones are refused (so is a new ``train.epochs`` under ``cosine``, whose length is stored)."""
@@ -247,10 +252,10 @@ def check_run_dir(config: Config, stored: dict[str, Any] | None, existing_run: s
             raise ValueError(f"cannot --resume {run_dir}: it holds no run (drop --resume)")
         return config
     try:
-        old = _flat(Config().override(stored))
+        old = _flat(resolve_inputs(Config().override(stored)))
     except ConfigError as error:
         raise ConfigError(f"cannot resume {run_dir}: its stored config: {error}") from None
-    new = _flat(config)
+    new = _flat(resolve_inputs(config))
     state = [*STATE_KEYS, *(["train.epochs"] if old["train.scheduler"] == "cosine" else [])]
     run_diff, state_diff = _changed(old, new, RUN_KEYS), _changed(old, new, state)
     if existing_run == "resume" and state_diff:
