@@ -734,7 +734,7 @@ def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
 def headline(figures: dict[str, Any]) -> str:
     """The README's table: each row's paired difference to the baseline (mean of the row, then
     the difference with its 95 % interval and Wilcoxon p), in mA / AUC points."""
-    lines = [*table_head(["row (paired with the baseline)", "pairs"])]
+    lines = table_head(["row (paired with the baseline)", "pairs"])
     means = figures["rows"]
     for entry in figures["comparisons"]:
         if entry["reference"] != "baseline":

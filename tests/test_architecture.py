@@ -372,7 +372,8 @@ def missing_names(paths: list[Path], root: Path = ROOT) -> list[str]:
     missing = []
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
-            if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("campar_")):
+            package = (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else ""
+            if package != "campar_ray":
                 continue
             module = importlib.import_module(node.module)
             for alias in node.names:

@@ -51,13 +51,10 @@ def peta_source(
     :data:`GRID_NAMES`) when given."""
     table, info = peta
     sources, splits = table.column("source").to_pylist(), table.column("split").to_pylist()
-    rows = [
-        row
-        for split, count in per_split.items()
-        for row in [r for r in range(table.num_rows) if (sources[r], splits[r]) == (subset, split)][
-            :count
-        ]
-    ]
+    rows: list[int] = []
+    for split, count in per_split.items():
+        found = [r for r in range(table.num_rows) if (sources[r], splits[r]) == (subset, split)]
+        rows += found[:count]
     table = table.take(rows)
     names = []
     for image in table.column("image").to_pylist():
