@@ -4,7 +4,6 @@ server, real data locations."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,13 @@ from pathlib import Path
 
 import pytest
 from cli_checks import TINY_TRAIN, black_png
+from multinode import free_port
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PETA_ROOT = SHARED / "datasets" / "peta"
 
 # Tests run on 2-core machines: keep every library to a small, fixed thread budget.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 S3_BUCKET = "campar-test"

@@ -34,10 +34,21 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 OBJECT_STORE_BYTES = 150 * 1024 * 1024  # per node: four nodes share one small machine
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now and that this test process has not handed out before:
+    the OS may give a just-closed probe's port again, and two agents of a node on one port
+    make ``ray start`` fail (it did: ``--dashboard-agent-listen-port`` and
+    ``--runtime-env-agent-port`` both 37245)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass
@@ -84,6 +95,11 @@ class LocalCluster:
             # Ray's OOM killer reads the whole machine's memory, which on one shared test
             # machine is mostly other work's: it would kill this cluster's workers for it.
             "RAY_memory_monitor_refresh_ms": "0",
+            # A killed node is found dead after 3 failed health checks 1 s apart (Ray's
+            # defaults: 5, 3 s apart), as Ray's own node-failure tests shorten it; a node
+            # that only stalls still has 3 x 10 s before it is declared dead.
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
         }
 
     @property
