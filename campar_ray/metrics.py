@@ -16,7 +16,6 @@ decision threshold is obtained: the fixed 0.5 PAR papers report at, or chosen on
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 EPS = 1e-20
 
@@ -221,6 +220,8 @@ def _binary(
 def attribute_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """ROC AUC per attribute (Mann-Whitney, ties counted half) over the images that know it
     (labels -1 are left out); NaN where a class is absent."""
+    from scipy.stats import rankdata  # here: scipy.stats costs every importer 0.5 s
+
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)
     auc = np.full(labels.shape[1], np.nan)
