@@ -515,6 +515,27 @@ def save_run(
     os.replace(_partial(path), path)
 
 
+def write_evidence(runs: Path, evidence: Path) -> int:
+    """Copy what the aggregation reads into ``evidence`` (kept in the repository, where a
+    machine's cache folder is lost with the machine): each split's labels and person ids, and
+    each run's val/test logits of the evaluated attributes and its meta, without the all-
+    attribute logits CFAR trained on. ``--aggregate --runs EVIDENCE`` gives the same figures.
+    The number of runs copied."""
+    copied = 0
+    for split in sorted(runs.glob("split*/split.npz")):
+        (evidence / split.parent.name).mkdir(parents=True, exist_ok=True)
+        (evidence / split.parent.name / split.name).write_bytes(split.read_bytes())
+    for path in sorted(runs.glob("split*/seed*/*.npz")):
+        target = evidence / path.relative_to(runs)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with np.load(path, allow_pickle=False) as data:
+            kept = {key: data[key] for key in ("val", "test", "meta")}
+        np.savez_compressed(_partial(target), **kept)
+        os.replace(_partial(target), target)
+        copied += 1
+    return copied
+
+
 def load_run(path: Path) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as data:
         run = {key: data[key] for key in data.files if key != "meta"}
@@ -910,6 +931,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--device", default="cpu", help="where runs train (cuda: the whole encoder on a GPU)"
     )
     parser.add_argument("--cfar-keys", type=int, default=32, help="CFAR dictionary size")
+    parser.add_argument(
+        "--evidence", help="also copy what the aggregation reads (split labels, val/test "
+        "logits) into this folder, e.g. bench/results/head_study_last_stage_runs",
+    )  # fmt: skip
     return parser
 
 
@@ -924,6 +949,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.aggregate:
         run_study(args)
     figures = publish(args)
+    if args.evidence:
+        copied = write_evidence(Path(args.runs), Path(args.evidence))
+        print(f"{copied} runs' evaluation logits -> {args.evidence}", flush=True)
     print(markdown(figures, figures["recipe"]), flush=True)
     return figures
 

@@ -71,8 +71,13 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert written["figures"]["comparisons"] == figures["comparisons"]
     assert "| + CAM-PAR (own statistics) |" in (tmp_path / "out" / "head_study.md").read_text()
     capsys.readouterr()
-    head_study.main(argv)  # everything is there: nothing trains again
+    evidence = tmp_path / "evidence"
+    head_study.main([*argv, "--evidence", str(evidence)])  # everything is there: no training
     assert "runs/min" not in capsys.readouterr().out
+    kept = head_study.load_run(evidence / "split0" / "seed1" / "campar_own.npz")
+    assert set(kept) == {"val", "test", "meta"}  # not the all-attribute logits CFAR read
+    again = head_study.main([*argv, "--aggregate", "--runs", str(evidence)])
+    assert again["comparisons"] == figures["comparisons"]
 
 
 def _write_runs(root, rows: dict[str, np.ndarray], labels: np.ndarray, persons: np.ndarray):
