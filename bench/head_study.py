@@ -637,6 +637,14 @@ def run_endpoints(run: dict, labels: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
+def _epoch_kept(meta: dict[str, Any]) -> str | None:
+    """``"kept/trained"`` for a stage-1 run (``"8/8"``: still improving when training
+    stopped, so the budget, not the rule, chose it); None for a CFAR row."""
+    if not meta.get("history"):
+        return None
+    return f"{int(meta['best_epoch'])}/{len(meta['history'])}"
+
+
 def person_weights(persons: np.ndarray, replicates: int, rng: np.random.Generator) -> np.ndarray:
     """``replicates`` x N image weights: each test person drawn with replacement, every image
     of a drawn person counted as often as the person was drawn."""
@@ -760,7 +768,9 @@ def aggregate(
             for row in ROWS:
                 path = seed_dir / f"{row.name}.npz"
                 if path.exists():
-                    run = run_endpoints(load_run(path), labels)
+                    stored = load_run(path)
+                    run = run_endpoints(stored, labels)
+                    run["epoch_kept"] = _epoch_kept(stored["meta"])
                     run["replicates"] = replicate_endpoints(run, labels["test"], weights[k])
                     del run["predictions"], run["scores"]  # hundreds of runs: keep figures only
                     per_row[row.name][(k, seed_number)] = run
@@ -771,6 +781,7 @@ def aggregate(
                 endpoint: float(np.mean([run[endpoint] for run in found.values()]))
                 for endpoint in ENDPOINTS
             },
+            "epochs_kept": [found[pair]["epoch_kept"] for pair in sorted(found)],
         }
         for name, found in per_row.items()
         if found
@@ -832,7 +843,22 @@ def markdown(figures: dict[str, Any], recipe: dict[str, Any]) -> str:
             f"| {ROW_BY_NAME[entry['row']].label} | {ROW_BY_NAME[entry['reference']].label} "
             f"| {entry['pairs']} | " + " | ".join(cells) + " |"
         )
+    kept = [
+        f"{ROW_BY_NAME[name].label} {_last_epoch_share(means['epochs_kept'])}"
+        for name, means in figures["rows"].items()
+        if any(means.get("epochs_kept") or ())
+    ]
+    if kept:
+        lines += ["", "Runs whose checkpoint rule kept the last epoch: " + "; ".join(kept) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _last_epoch_share(kept: list[str]) -> str:
+    """``"3 of 5 (mean epoch kept 7.6 of 8)"`` from ``kept/trained`` strings."""
+    pairs = [tuple(int(part) for part in entry.split("/")) for entry in kept]
+    last = sum(epoch == trained for epoch, trained in pairs)
+    mean = np.mean([epoch for epoch, _ in pairs])
+    return f"{last} of {len(pairs)} (mean epoch kept {mean:.1f} of {pairs[0][1]})"
 
 
 def headline(figures: dict[str, Any]) -> str:

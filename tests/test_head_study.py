@@ -69,7 +69,10 @@ def test_a_tiny_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert not (persons[0] & persons[2]) and not (persons[1] & persons[2])
     written = json.loads((tmp_path / "out" / "head_study.json").read_text())
     assert written["figures"]["comparisons"] == figures["comparisons"]
-    assert "| + CAM-PAR (own statistics) |" in (tmp_path / "out" / "head_study.md").read_text()
+    table = (tmp_path / "out" / "head_study.md").read_text()
+    assert "| + CAM-PAR (own statistics) |" in table
+    assert figures["rows"]["baseline"]["epochs_kept"] == ["1/1", "1/1"]  # by (split, seed)
+    assert "kept the last epoch: baseline 2 of 2 (mean epoch kept 1.0 of 1)" in table
     capsys.readouterr()
     evidence = tmp_path / "evidence"
     head_study.main([*argv, "--evidence", str(evidence)])  # everything is there: no training
