@@ -42,6 +42,7 @@ whose file exists is skipped, so the study resumes where it stopped; work goes s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -289,10 +290,10 @@ class DecodedImages:
     (:func:`bench.head_features.decoded_pixels`), held where training runs (all of PETA is
     0.9 GB of uint8 on a GPU), each batch mirrored per image and normalised there."""
 
-    def __init__(self, cache: FeatureCache, device: str, workers: int):
+    def __init__(self, cache_folder: Path, device: str, workers: int):
         import torch
 
-        pixels = decoded_pixels(cache.root.parent, workers)
+        pixels = decoded_pixels(cache_folder, workers)
         self.pixels = torch.from_numpy(np.array(pixels)).to(device)  # off the read-only map
 
     def gather(self, rows: np.ndarray, flips: np.ndarray | None = None) -> tuple:
@@ -306,6 +307,13 @@ class DecodedImages:
             mirrored = torch.from_numpy(flips).to(device)
             images[mirrored] = torch.flip(images[mirrored], dims=[3])
         return images, np.arange(len(rows))
+
+
+@functools.cache
+def _decoded_images(cache_folder: Path, device: str) -> DecodedImages:
+    """One copy of the images per process and device, shared by every run (not 0.9 GB read
+    and moved to the GPU again for each)."""
+    return DecodedImages(cache_folder, device, os.cpu_count() or 1)
 
 
 def build_head_model(row: Row, channels: tuple[int, ...], attributes: int, last_stage=None):
@@ -439,7 +447,7 @@ def _study_model(row: Row, cache: FeatureCache, recipe: Recipe, attributes: int)
         from campar_ray.model import build_model
 
         model = build_model(row_config(row).model, attributes).to(recipe.device)
-        return model, model.backbone, DecodedImages(cache, recipe.device, os.cpu_count() or 1)
+        return model, model.backbone, _decoded_images(cache.root.parent, recipe.device)
     channels = tuple(shape[0] for shape in cache.meta["shapes"])
     stage = imagenet_last_stage(cache) if recipe.encoder == "last-stage" else None
     model = build_head_model(row, channels, attributes, stage)
